@@ -1,0 +1,532 @@
+"""Shared plumbing for the stages: arguments, set-up, data, tokenisation, log-probs, checkpoints.
+
+Nothing here is specific to one stage; each piece is small and used by at least two of
+sft.py, dpo.py, reward_model.py, rto.py, evaluate.py.
+
+Batch layout used everywhere (built by `collate`):
+
+    input_ids       (B, P + R)   [pad .. pad prompt | response pad .. pad]   prompt left-padded, response right-padded
+    attention_mask  (B, P + R)   1 on real tokens
+    response_mask   (B, R)       1 on response tokens (EOS included), 0 on padding
+    prompt_len      int          P, the same for the whole batch, so response token j sits at column P + j
+
+Left-padded prompts are what `generate` needs, so a rollout comes out of generation already in this layout.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+
+import toy_task
+
+TOY = "toy"  # --dataset name of the built-in task
+TINY = "tiny"  # --model_name_or_path of the small randomly initialised Llama
+
+
+# ============================================================================ errors and arguments
+def fail(msg):
+    """Bad input: one line on stderr, exit status 1, nothing written (callers validate before writing)."""
+    raise SystemExit(f"error: {msg}")
+
+
+def arg(default, help):
+    """A dataclass field with a --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunArgs:
+    """Flags every stage takes."""
+
+    output_dir: str = arg(None, "where the checkpoint folder and metrics.jsonl go")
+    seed: int = arg(0, "random seed (data order, initialisation, sampling)")
+    overwrite: bool = arg(False, "replace --output_dir if it already holds something")
+    report_to: str = arg("none", "Accelerate tracker for metrics besides metrics.jsonl: none | tensorboard | wandb")
+    skip_bad_rows: bool = arg(False, "skip data rows that cannot be parsed (counted) instead of failing on the first")
+    long_prompts: str = arg("skip", "prompts longer than --max_prompt_len: skip (counted) | fail")
+
+
+@dataclass
+class TrainArgs(RunArgs):
+    """Flags every training stage takes."""
+
+    max_steps: int = arg(-1, "stop after this many optimiser steps (-1: run the epochs)")
+    micro_batch_size: int = arg(None, "sequences per device per forward pass (default: --batch_size / processes)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
+    bf16: bool = arg(False, "bfloat16 mixed precision")
+    logging_steps: int = arg(10, "log training metrics every this many optimiser steps")
+
+
+def parse_args(args_class, argv=None):
+    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def batch_plan(batch_size, micro_batch_size):
+    """Gradient-accumulation steps so that micro × processes × accumulation = global batch, exactly."""
+    num_processes = PartialState().num_processes
+    micro = micro_batch_size or max(1, batch_size // num_processes)
+    if batch_size % (micro * num_processes):
+        fail(f"--batch_size {batch_size} is not divisible by --micro_batch_size {micro} × {num_processes} processes; "
+             "change one of them")
+    return micro, batch_size // (micro * num_processes)
+
+
+# ============================================================================ set-up and logging
+def setup(args, grad_accum=1):
+    """Accelerator + seed. Trackers start only when asked for (--report_to)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=grad_accum,
+        mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+def prepare_output_dir(args, accelerator, resume=False):
+    """Refuse to clobber a folder unless --overwrite; call only once all inputs are validated."""
+    out = args.output_dir
+    if os.path.exists(out) and os.listdir(out) and not (args.overwrite or resume):
+        fail(f"--output_dir {out} already exists and is not empty; pass --overwrite to replace it")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.overwrite and not resume and os.path.exists(out):
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if args.report_to != "none":
+        accelerator.init_trackers(os.path.basename(os.path.abspath(out)), config=_jsonable(asdict(args)))
+
+
+def _jsonable(d):
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in d.items()}
+
+
+def log_metrics(accelerator, output_dir, metrics, step):
+    """Append one JSON line to <output_dir>/metrics.jsonl and send the numbers to any tracker."""
+    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def progress(accelerator, total, desc):
+    return tqdm(total=total, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+# ============================================================================ models and tokenizers
+CHAT_TEMPLATE = (  # for the tiny tokenizers; real chat models bring their own
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIALS = ["<pad>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def build_tiny_tokenizer(dataset):
+    """Offline tokenizer: the built-in task's words (fast), or bytes (any text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if dataset == TOY:
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + toy_task.VOCAB)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    else:
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        tok = Tokenizer(models.BPE({c: i for i, c in enumerate(SPECIALS + sorted(alphabet))}, [], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        additional_special_tokens=SPECIALS[3:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(tokenizer, hidden=128, layers=4):
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+
+
+def check_model_path(name, flag):
+    if name != TINY and not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        fail(f"{flag} {name}: no such folder or file (and not a hub id of the form org/name)")
+
+
+def load_tokenizer(name, dataset=TOY, flag="--model_name_or_path"):
+    """A checkpoint's tokenizer; sets pad = EOS when the tokenizer has no pad token (masks compensate)."""
+    if name == TINY:
+        return build_tiny_tokenizer(dataset)
+    check_model_path(name, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0]})")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"note: tokenizer of {name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad", file=sys.stderr)
+    return tokenizer
+
+
+def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
+    """Any causal LM by hub id or folder, or `tiny`; dropout off (PPO's ratio must be 1 before any update)."""
+    if name == TINY:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_config(tokenizer))
+    else:
+        check_model_path(name, flag)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0]})")
+    return disable_dropout(model)
+
+
+def disable_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def frozen(model):
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ============================================================================ data
+def _messages_from_hh(text):
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{role, content}, ...]"""
+    msgs = []
+    for chunk in ("\n\n" + text.lstrip("\n")).split("\n\nHuman:")[1:]:
+        human, *assistants = chunk.split("\n\nAssistant:")
+        msgs.append({"role": "user", "content": human.strip()})
+        msgs += [{"role": "assistant", "content": a.strip()} for a in assistants]
+    return msgs
+
+
+def _as_prompt(value):
+    """A prompt column: a string (HH-style transcripts are split into turns) or a list of messages."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("Human:"):
+            msgs = _messages_from_hh(value)
+            if msgs:
+                return msgs
+        return [{"role": "user", "content": value}]
+    return _as_messages(value)
+
+
+def _as_messages(value):
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of {role, content} messages")
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+            raise ValueError("a message is not {role: system|user|assistant, content: str}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(value, column):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{column}' is not a non-empty string")
+    return value
+
+
+def detect_format(columns):
+    """The data layout, from the column names alone."""
+    cols = set(columns)
+    if "context_messages" in cols:
+        return "prompt_only"
+    if {"chosen", "rejected"} <= cols:
+        return "pairs"  # HH transcripts, UltraFeedback message lists, or generic prompt/chosen/rejected
+    if "prompt" in cols:
+        return "prompt_only"
+    return None
+
+
+def parse_row(row, fmt):
+    """One raw row -> {'prompt': messages, 'chosen': str, 'rejected': str} (or just 'prompt')."""
+    if fmt == "prompt_only":
+        return {"prompt": _as_prompt(row["context_messages"] if "context_messages" in row else row["prompt"])}
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        raise ValueError("'chosen' or 'rejected' is missing")
+    if isinstance(chosen, list):  # UltraFeedback: full conversations, the last message is the answer
+        chosen, rejected = _as_messages(chosen), _as_messages(rejected)
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise ValueError("the last message of 'chosen'/'rejected' is not the assistant's")
+        prompt = _as_prompt(row["prompt"]) if row.get("prompt") else chosen[:-1]
+        return {"prompt": prompt, "chosen": _text(chosen[-1]["content"], "chosen"),
+                "rejected": _text(rejected[-1]["content"], "rejected")}
+    chosen, rejected = _text(chosen, "chosen"), _text(rejected, "rejected")
+    if row.get("prompt") is not None:  # generic prompt/chosen/rejected
+        return {"prompt": _as_prompt(row["prompt"]), "chosen": chosen, "rejected": rejected}
+    # Anthropic HH-RLHF: two full transcripts that differ only after the last "Assistant:"
+    cut_c, cut_r = chosen.rfind("\n\nAssistant:"), rejected.rfind("\n\nAssistant:")
+    if cut_c < 0 or cut_r < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn in 'chosen'/'rejected'")
+    prompt = _messages_from_hh(chosen[:cut_c])
+    if not prompt:
+        raise ValueError("no '\\n\\nHuman:' turn before the last assistant turn")
+    return {"prompt": prompt, "chosen": _text(chosen[cut_c + 12:].strip(), "chosen"),
+            "rejected": _text(rejected[cut_r + 12:].strip(), "rejected")}
+
+
+def load_rows(dataset, split="train", skip_bad_rows=False):
+    """Rows of a hub dataset or a local json/jsonl(.gz)/parquet file, parsed into one layout."""
+    import datasets
+
+    local = os.path.exists(dataset)
+    if not local and (dataset.startswith((".", "/", "~")) or dataset.endswith((".json", ".jsonl", ".gz", ".parquet"))):
+        fail(f"--dataset {dataset}: no such file")
+    try:
+        if local:
+            kind = "parquet" if dataset.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(kind, data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # the datasets library raises many kinds; all mean the same to a user
+        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if len(ds) == 0:
+        fail(f"--dataset {dataset}: has no rows")
+    fmt = detect_format(ds.column_names)
+    if fmt is None:
+        fail(f"--dataset {dataset}: unknown format (columns {ds.column_names}); expected chosen/rejected "
+             "(HH-RLHF, UltraFeedback, or with prompt), or prompt / context_messages")
+    rows, bad = [], 0
+    for i, raw in enumerate(ds):
+        try:
+            rows.append(parse_row(raw, fmt))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            if not skip_bad_rows:
+                fail(f"--dataset {dataset} row {i}: {e} (pass --skip_bad_rows to skip such rows)")
+            bad += 1
+    if bad:
+        print(f"note: skipped {bad} of {len(ds)} rows of {dataset} that could not be parsed", file=sys.stderr)
+    if not rows:
+        fail(f"--dataset {dataset}: no usable rows")
+    return rows
+
+
+def split_eval(rows, eval_fraction, seed):
+    """Hold out a fixed, seeded fraction of a single file for evaluation."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_eval = max(1, int(len(rows) * eval_fraction)) if len(rows) > 1 else 0
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def load_pairs(dataset, args, eval_fraction=0.05):
+    """(train, eval) preference pairs: {prompt: messages, chosen: str, rejected: str}."""
+    if dataset == TOY:
+        return toy_task.preference_data("train", seed=args.seed), toy_task.preference_data("test", 500, args.seed)
+    rows = [r for r in load_rows(dataset, "train", args.skip_bad_rows) if "chosen" in r]
+    if not rows:
+        fail(f"--dataset {dataset}: holds prompts only; this stage needs chosen/rejected pairs")
+    same = [r for r in rows if r["chosen"] == r["rejected"]]
+    if same:
+        print(f"note: skipped {len(same)} pairs whose chosen equals rejected", file=sys.stderr)
+        rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    return split_eval(rows, eval_fraction, args.seed)
+
+
+def load_prompts(dataset, split, args, n=None):
+    """Prompts (lists of messages): a prompt-only set, or the prompts of a preference set."""
+    if dataset == TOY:
+        return toy_task.prompts(split, n or 2000, seed=args.seed)
+    prompts = [r["prompt"] for r in load_rows(dataset, split, args.skip_bad_rows)]
+    return prompts[:n] if n else prompts
+
+
+# ============================================================================ tokenisation and batches
+def format_prompt(tokenizer, messages):
+    """Prompt text ending where the assistant's answer starts; HH-style text when there is no chat template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    who = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{who[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def encode_prompt(tokenizer, messages):
+    return tokenizer(format_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text, max_len):
+    """Response ids + EOS, cut to max_len (EOS kept only if it fits); returns (ids, was_truncated)."""
+    prefix = "" if tokenizer.chat_template else " "  # "Assistant: answer" in the HH layout
+    ids = tokenizer(prefix + text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_len], len(ids) > max_len
+
+
+def encode_examples(tokenizer, rows, max_prompt_len, max_response_len, long_prompts="skip",
+                    keys=("chosen", "rejected")):
+    """Tokenise rows; responses are truncated (never prompts); over-long prompts skipped with a count or fatal."""
+    out, long, cut = [], 0, 0
+    for row in rows:
+        p = encode_prompt(tokenizer, row["prompt"])
+        if len(p) > max_prompt_len:
+            if long_prompts == "fail":
+                fail(f"a prompt has {len(p)} tokens > --max_prompt_len {max_prompt_len} (or pass --long_prompts skip)")
+            long += 1
+            continue
+        ex = {"prompt": p}
+        for k in keys:
+            ex[k], was_cut = encode_response(tokenizer, row[k], max_response_len)
+            cut += was_cut
+        out.append(ex)
+    if long or cut:
+        print(f"note: skipped {long} rows with prompts over {max_prompt_len} tokens; "
+              f"truncated {cut} responses to {max_response_len} tokens", file=sys.stderr)
+    if not out:
+        fail(f"no rows left after tokenisation (every prompt is over --max_prompt_len {max_prompt_len})")
+    return out
+
+
+def collate(prompts, responses, pad_id):
+    """Lists of token-id lists -> the batch layout in this module's docstring."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    B = len(prompts)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P + R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p):P], input_ids[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r, dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "response_mask": attention_mask[:, P:].float(), "prompt_len": P}
+
+
+def collate_prompts(prompts, pad_id):
+    """Left-padded prompts for generate: (B, P) ids and mask."""
+    b = collate(prompts, [[]] * len(prompts), pad_id)
+    return b["input_ids"], b["attention_mask"]
+
+
+# ============================================================================ log-probs and masked statistics
+def position_ids(attention_mask):
+    """Positions counted from the first real token, so left padding does not shift them (as generate does)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, batch, temperature=1.0):
+    """Logits that predict each response token: (B, R, V)."""
+    P = batch["prompt_len"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+    return out.logits[:, P - 1:-1].float() / temperature
+
+
+def logprobs_of(logits, tokens):
+    """log softmax(logits)[tokens] without materialising the full log-softmax: (B, R)."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def response_logprobs(model, batch, temperature=1.0):
+    """Per-token log-probs of the response tokens under `model`: (B, R); multiply by batch['response_mask']."""
+    tokens = batch["input_ids"][:, batch["prompt_len"]:]
+    return logprobs_of(response_logits(model, batch, temperature), tokens) * batch["response_mask"]
+
+
+def dpo_token_rewards(dpo_model, ref_logprobs, batch, beta):
+    """RTO's dense reward: beta * (log pi_dpo - log pi_ref) at every response token, (B, R), 0 on padding.
+
+    Summed over a response it equals DPO's sentence-level implicit reward (paper sec. 4.2)."""
+    return beta * (response_logprobs(dpo_model, batch) - ref_logprobs) * batch["response_mask"]
+
+
+def masked_sum(x, mask, dim=None):
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x, mask, dim=None):
+    return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1e-8)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the masked entries; 0 stays 0 outside the mask."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    var = var * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased, as torch.std
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+# ============================================================================ sampling
+def truncate_at_eos(responses, eos_id):
+    """Mask (B, R) that keeps tokens up to and including the first EOS; and whether an EOS was found (B,)."""
+    is_eos = responses == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).float(), is_eos.any(-1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False):
+    """Sample responses with the KV cache. prompt_ids: list of id lists.
+
+    Returns a batch in the common layout; tokens after the first EOS are padding and masked out."""
+    input_ids, attention_mask = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
+    P = input_ids.shape[1]
+    responses = out[:, P:]  # (B, R)
+    response_mask, ended = truncate_at_eos(responses, tokenizer.eos_token_id)
+    responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return {"input_ids": torch.cat([input_ids.to(device), responses], 1),
+            "attention_mask": torch.cat([attention_mask.to(device), response_mask.long()], 1),
+            "response_mask": response_mask, "prompt_len": P, "ended": ended}
+
+
+def decode_responses(tokenizer, batch):
+    P = batch["prompt_len"]
+    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
+            for ids, m in zip(batch["input_ids"][:, P:], batch["response_mask"])]
+
+
+@torch.no_grad()
+def oracle_score(model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
+    """Mean ground-truth reward of sampled responses to built-in-task prompts (messages)."""
+    torch.manual_seed(seed)
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        batch = sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
+        scores += [toy_task.oracle_reward(p, r) for p, r in zip(chunk, decode_responses(tokenizer, batch))]
+    return sum(scores) / len(scores)
+
+
+# ============================================================================ checkpoints
+def save_model(accelerator, model, tokenizer, out_dir, extra_config=None):
+    """save_pretrained (safetensors) + tokenizer, atomically: config.json is moved in last, so a crash
+    mid-save never leaves a folder that from_pretrained would load."""
+    accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    if extra_config:
+        for k, v in extra_config.items():
+            setattr(model.config, k, v)
+    tmp = os.path.join(out_dir, ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        os.remove(os.path.join(out_dir, "config.json"))  # the folder stops looking complete first
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)

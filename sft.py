@@ -1,0 +1,141 @@
+"""Stage 1: supervised fine-tuning. Cross-entropy on the response tokens only; the prompt is context.
+
+    python sft.py                                        # tiny model on the built-in task
+    accelerate launch sft.py --model_name_or_path EleutherAI/pythia-2.8b --dataset Anthropic/hh-rlhf
+
+On preference data the demonstration is the chosen response (ALGORITHM.md, stage 1).
+Writes a Hugging Face checkpoint folder (model + tokenizer) to --output_dir, and metrics.jsonl beside it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+import common
+import toy_task
+from common import TOY, arg
+
+
+@dataclass
+class Args(common.TrainArgs):
+    model_name_or_path: str = arg(common.TINY, "hub id, local folder, or 'tiny' (a small random Llama)")
+    dataset: str = arg(TOY, "'toy' (built-in task), a hub id, or a local json/jsonl/parquet file")
+    output_dir: str = arg("runs/sft", "checkpoint folder to write")
+    lr: float = arg(None, "AdamW learning rate (default: 1e-5, the paper's; 1e-3 on the built-in task)")
+    batch_size: int = arg(32, "sequences per optimiser step, over all processes (paper: 32)")
+    epochs: int = arg(None, "passes over the data (default: 1, the paper's; 3 on the built-in task)")
+    warmup_ratio: float = arg(0.03, "fraction of steps of linear warm-up, then linear decay to 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    max_prompt_len: int = arg(None, "prompt tokens (default 512; 24 on the built-in task)")
+    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut (default 512; 24 on toy)")
+    eval_fraction: float = arg(0.05, "held-out share of a --dataset file for the held-out loss")
+    eval_steps: int = arg(50, "held-out loss every this many steps")
+    oracle_prompts: int = arg(200, "built-in task only: test prompts sampled to measure the oracle reward")
+
+
+def fill_defaults(args):
+    toy = args.dataset == TOY
+    args.lr = args.lr or (1e-3 if toy else 1e-5)
+    args.epochs = args.epochs or (3 if toy else 1)
+    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
+    args.max_response_len = args.max_response_len or (24 if toy else 512)
+    return args
+
+
+def load_demonstrations(args, tokenizer):
+    """(train, eval) lists of {prompt: ids, response: ids}."""
+    if args.dataset == TOY:
+        train, held = toy_task.sft_data("train", seed=args.seed), toy_task.sft_data("test", 400, seed=args.seed)
+    else:
+        pairs, held_pairs = common.load_pairs(args.dataset, args, args.eval_fraction)
+        train, held = ([{"prompt": p["prompt"], "response": p["chosen"]} for p in ps] for ps in (pairs, held_pairs))
+    enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
+                                              args.long_prompts, keys=("response",))
+    return enc(train), enc(held)
+
+
+def sft_loss(model, batch):
+    """Mean negative log-likelihood of the response tokens (prompt tokens carry no loss)."""
+    logp = common.response_logprobs(model, batch)  # (B, R)
+    return -common.masked_mean(logp, batch["response_mask"])
+
+
+@torch.no_grad()
+def heldout_loss(model, loader):
+    model.eval()
+    losses = [sft_loss(model, b).item() for b in loader]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def oracle_reward(args, accelerator, model, tokenizer):
+    """Built-in task only: ground-truth reward of sampled responses to held-out prompts."""
+    if args.dataset != TOY:
+        return {}
+    prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed)
+    return {"oracle_reward": common.oracle_score(accelerator.unwrap_model(model), tokenizer, prompts,
+                                                 args.max_response_len, seed=args.seed)}
+
+
+def main(argv=None):
+    args = fill_defaults(common.parse_args(Args, argv))
+    micro, accum = common.batch_plan(args.batch_size, args.micro_batch_size)
+    accelerator = common.setup(args, accum)
+    tokenizer = common.load_tokenizer(args.model_name_or_path, args.dataset)
+    model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed)
+    train, held = load_demonstrations(args, tokenizer)
+    common.prepare_output_dir(args, accelerator)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    pad = tokenizer.pad_token_id
+    collate = lambda exs: common.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
+    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(args.seed))
+    held_loader = DataLoader(held, micro, collate_fn=collate)
+    steps = len(train_loader) // accum * args.epochs
+    steps = min(steps, args.max_steps) if args.max_steps > 0 else steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
+    model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, held_loader, scheduler)
+
+    before = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+    common.log_metrics(accelerator, args.output_dir, {"phase": "before", **before}, 0)
+    bar, step = common.progress(accelerator, steps, "sft"), 0
+    while step < steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss = sft_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0]}
+            if step % args.eval_steps == 0 or step == steps:
+                metrics["heldout_loss"] = heldout_loss(model, held_loader)
+            if step % args.logging_steps == 0 or "heldout_loss" in metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                common.log_metrics(accelerator, args.output_dir, metrics, step)
+            if step >= steps:
+                break
+
+    after = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+    common.log_metrics(accelerator, args.output_dir, {"phase": "after", **after}, step)
+    common.save_model(accelerator, model, tokenizer, args.output_dir)
+    accelerator.print(" | ".join(f"{k}: {before[k]:.3f} -> {after[k]:.3f}" for k in after))
+    accelerator.print(f"saved {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
