@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 import toy_task
 
@@ -127,6 +127,16 @@ def progress(accelerator, total, desc):
     return tqdm(total=total, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
 
 
+def progress_iter(accelerator, iterable, desc):
+    return tqdm(iterable, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
+
+
+def total_steps(batches_per_epoch, accum, epochs, max_steps):
+    """Optimiser steps of a run: the epochs, or --max_steps if that is smaller."""
+    steps = batches_per_epoch // accum * epochs
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
 # ============================================================================ models and tokenizers
 CHAT_TEMPLATE = (  # for the tiny tokenizers; real chat models bring their own
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
@@ -192,6 +202,17 @@ def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
         except (OSError, ValueError) as e:
             fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0]})")
+    return disable_dropout(model)
+
+
+def load_scorer(name, tokenizer, flag):
+    """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1."""
+    check_model_path(name, flag)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: cannot load as a sequence-classification model ({str(e).splitlines()[0]})")
+    model.config.pad_token_id = tokenizer.pad_token_id
     return disable_dropout(model)
 
 
@@ -408,6 +429,12 @@ def collate(prompts, responses, pad_id):
             "response_mask": attention_mask[:, P:].float(), "prompt_len": P}
 
 
+def collate_pairs(examples, pad_id):
+    """Chosen and rejected stacked into one batch of 2B: rows [0, B) chosen, [B, 2B) rejected."""
+    return collate([e["prompt"] for e in examples] * 2,
+                   [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+
+
 def collate_prompts(prompts, pad_id):
     """Left-padded prompts for generate: (B, P) ids and mask."""
     b = collate(prompts, [[]] * len(prompts), pad_id)
@@ -437,6 +464,28 @@ def response_logprobs(model, batch, temperature=1.0):
     """Per-token log-probs of the response tokens under `model`: (B, R); multiply by batch['response_mask']."""
     tokens = batch["input_ids"][:, batch["prompt_len"]:]
     return logprobs_of(response_logits(model, batch, temperature), tokens) * batch["response_mask"]
+
+
+def _hidden_states(model, batch):
+    """Last hidden states of a scalar-head model's backbone: (B, T, H)."""
+    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=position_ids(batch["attention_mask"]), use_cache=False).last_hidden_state
+
+
+def sequence_scores(model, batch):
+    """Reward-model score read at the last real token of prompt + response, whatever the padding: (B,).
+
+    Read from the attention mask rather than by looking for pad tokens, so it stays right when pad == EOS."""
+    hidden = _hidden_states(model, batch)
+    T = batch["attention_mask"].shape[1]
+    last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # index of the last 1 in each row
+    return model.score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+
+def token_values(critic, batch):
+    """Critic values V(s_h) for the state before each response token h: (B, R), 0 on padding."""
+    P = batch["prompt_len"]
+    return critic.score(_hidden_states(critic, batch)[:, P - 1:-1]).squeeze(-1).float() * batch["response_mask"]
 
 
 def dpo_token_rewards(dpo_model, ref_logprobs, batch, beta):

@@ -96,8 +96,7 @@ def main(argv=None):
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate,
                               generator=torch.Generator().manual_seed(args.seed))
     held_loader = DataLoader(held, micro, collate_fn=collate)
-    steps = len(train_loader) // accum * args.epochs
-    steps = min(steps, args.max_steps) if args.max_steps > 0 else steps
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
     model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(

@@ -1,0 +1,183 @@
+"""Stage 2: Direct Preference Optimisation, from the SFT model, with the SFT model as the reference.
+
+    L = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+
+with sequence log-probs summed over response tokens only (ALGORITHM.md, stage 2).
+
+    python dpo.py --sft_ckpt runs/sft
+    accelerate launch dpo.py --sft_ckpt <sft> --dataset Anthropic/hh-rlhf
+
+The result matters to RTO as a *token-level* reward model: beta * (log pi_dpo - log pi_ref) at every token
+(common.dpo_token_rewards), whose sum over a response is the implicit reward trained here.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+import common
+from common import TOY, arg
+
+
+@dataclass
+class Args(common.TrainArgs):
+    sft_ckpt: str = arg(None, "SFT checkpoint folder: the policy to train and, frozen, the reference")
+    dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
+    output_dir: str = arg("runs/dpo", "checkpoint folder to write")
+    beta: float = arg(0.1, "DPO beta (paper: 0.1)")
+    lr: float = arg(None, "AdamW learning rate (default: 5e-6, the paper's; 3e-4 on the built-in task)")
+    batch_size: int = arg(32, "pairs per optimiser step, over all processes (paper: 32)")
+    epochs: int = arg(None, "passes over the pairs (default: 1, the paper's; 2 on the built-in task)")
+    warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    max_prompt_len: int = arg(None, "prompt tokens (default 512; 24 on the built-in task)")
+    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut (default 512; 24 on toy)")
+    ref_logprobs: str = arg("precompute", "precompute: one pass of the reference before training, then free it; "
+                                          "live: keep the reference model and run it every step")
+    eval_fraction: float = arg(0.05, "held-out share of a --dataset file")
+    eval_steps: int = arg(50, "held-out metrics every this many steps")
+
+
+def fill_defaults(args):
+    if not args.sft_ckpt:
+        common.fail("--sft_ckpt is required: the SFT checkpoint folder written by sft.py")
+    if args.ref_logprobs not in ("precompute", "live"):
+        common.fail(f"--ref_logprobs {args.ref_logprobs}: expected precompute or live")
+    toy = args.dataset == TOY
+    args.lr = args.lr or (3e-4 if toy else 5e-6)
+    args.epochs = args.epochs or (2 if toy else 1)
+    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
+    args.max_response_len = args.max_response_len or (24 if toy else 512)
+    return args
+
+
+def pair_collate(pad_id):
+    """common.collate_pairs, plus the precomputed reference log-probs when there are some: (2B,)."""
+    def collate(exs):
+        batch = common.collate_pairs(exs, pad_id)
+        if "ref_chosen" in exs[0]:
+            batch["ref"] = torch.tensor([e["ref_chosen"] for e in exs] + [e["ref_rejected"] for e in exs])
+        return batch
+    return collate
+
+
+def sequence_logprobs(model, batch):
+    """log pi(y|x) summed over response tokens: (2B,)."""
+    return common.response_logprobs(model, batch).sum(-1)
+
+
+@torch.no_grad()
+def precompute_reference(accelerator, ref, examples, micro, pad_id):
+    """One pass of the frozen reference over every pair; stores its sequence log-probs in the examples."""
+    loader = accelerator.prepare_data_loader(DataLoader(examples, micro, collate_fn=pair_collate(pad_id)))
+    out = []
+    for batch in common.progress_iter(accelerator, loader, "reference log-probs"):
+        lp = sequence_logprobs(ref, batch)  # (2B,)
+        B = lp.shape[0] // 2
+        out.append(accelerator.gather_for_metrics(torch.stack([lp[:B], lp[B:]], 1)))  # (B, 2) in data order
+    out = torch.cat(out).tolist()
+    return [{**e, "ref_chosen": c, "ref_rejected": r} for e, (c, r) in zip(examples, out)]
+
+
+def dpo_loss(policy_logps, ref_logps, beta):
+    """Sigmoid DPO loss on (2B,) sequence log-probs; also the implicit rewards beta*(log pi - log pi_ref)."""
+    rewards = beta * (policy_logps - ref_logps)  # (2B,)
+    B = rewards.shape[0] // 2
+    chosen, rejected = rewards[:B], rewards[B:]
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def step_metrics(loss, chosen, rejected):
+    return {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
+            "margin": (chosen - rejected).mean().item()}
+
+
+def batch_loss(model, ref, batch, beta):
+    ref_logps = batch["ref"] if "ref" in batch else sequence_logprobs(ref, batch)
+    return dpo_loss(sequence_logprobs(model, batch), ref_logps, beta)
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, ref, loader, beta):
+    """Held-out loss, implicit-reward accuracy, mean rewards and margin over all pairs of all processes."""
+    model.eval()
+    parts = []
+    for batch in loader:
+        loss, c, r = batch_loss(model, ref, batch, beta)
+        parts.append(accelerator.gather_for_metrics(torch.stack([c, r], 1)))
+    model.train()
+    cr = torch.cat(parts)  # (N, 2)
+    c, r = cr[:, 0], cr[:, 1]
+    return {f"eval_{k}": v for k, v in step_metrics(-F.logsigmoid(c - r).mean(), c, r).items()}
+
+
+def main(argv=None):
+    args = fill_defaults(common.parse_args(Args, argv))
+    micro, accum = common.batch_plan(args.batch_size, args.micro_batch_size)
+    accelerator = common.setup(args, accum)
+    tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
+    model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")
+    ref = common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")).to(accelerator.device)
+    train, held = common.load_pairs(args.dataset, args, args.eval_fraction)
+    enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
+                                              args.long_prompts)
+    train, held = enc(train), enc(held)
+    common.prepare_output_dir(args, accelerator)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    pad = tokenizer.pad_token_id
+    if args.ref_logprobs == "precompute":  # the reference is used once and freed
+        train = precompute_reference(accelerator, ref, train, micro, pad)
+        held = precompute_reference(accelerator, ref, held, micro, pad)
+        ref = None
+    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad),
+                              generator=torch.Generator().manual_seed(args.seed))
+    held_loader = DataLoader(held, micro, collate_fn=pair_collate(pad))
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
+    model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, held_loader, scheduler)
+
+    common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, ref, held_loader, args.beta), 0)
+    bar, step = common.progress(accelerator, steps, "dpo"), 0
+    while step < steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss, chosen, rejected = batch_loss(model, ref, batch, args.beta)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            metrics = step_metrics(loss.detach(), chosen, rejected)
+            metrics = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                       for k, v in metrics.items()}
+            if step % args.eval_steps == 0 or step == steps:
+                metrics.update(evaluate(accelerator, model, ref, held_loader, args.beta))
+            if step % args.logging_steps == 0 or "eval_loss" in metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                common.log_metrics(accelerator, args.output_dir, metrics, step)
+            if step >= steps:
+                break
+
+    final = evaluate(accelerator, model, ref, held_loader, args.beta)
+    common.save_model(accelerator, model, tokenizer, args.output_dir, {"dpo_beta": args.beta})
+    accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in final.items()))
+    accelerator.print(f"saved {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Stage 3: a sentence-level reward model, trained with the Bradley-Terry loss from the SFT backbone.
+
+    L = -log sigmoid( r(x, y_w) - r(x, y_l) )
+
+r is a scalar head read at the last real (non-padding) token of prompt + response (ALGORITHM.md, stage 3).
+
+    python reward_model.py --sft_ckpt runs/sft
+    accelerate launch reward_model.py --sft_ckpt <sft> --dataset Anthropic/hh-rlhf
+
+The checkpoint loads with AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1). After
+training, the mean and std of the reward over the training responses are stored in its config
+(reward_mean, reward_std) so that rto.py can normalise rewards as the authors' code does.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+import common
+from common import TOY, arg
+
+
+@dataclass
+class Args(common.TrainArgs):
+    sft_ckpt: str = arg(None, "SFT checkpoint folder: the backbone (a fresh scalar head is put on it)")
+    dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
+    output_dir: str = arg("runs/rm", "checkpoint folder to write")
+    lr: float = arg(None, "AdamW learning rate (default: 1e-5, the paper's; 3e-4 on the built-in task)")
+    batch_size: int = arg(None, "pairs per optimiser step, over all processes (default: 128, the paper's; 32 on toy)")
+    epochs: int = arg(None, "passes over the pairs (default: 1, the paper's; 2 on the built-in task)")
+    warmup_ratio: float = arg(0.03, "fraction of steps of linear warm-up, then linear decay to 0")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    max_prompt_len: int = arg(None, "prompt tokens (default 512; 24 on the built-in task)")
+    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut (default 512; 24 on toy)")
+    eval_fraction: float = arg(0.05, "held-out share of a --dataset file")
+    eval_steps: int = arg(50, "held-out accuracy every this many steps")
+
+
+def fill_defaults(args):
+    if not args.sft_ckpt:
+        common.fail("--sft_ckpt is required: the SFT checkpoint folder written by sft.py")
+    toy = args.dataset == TOY
+    args.lr = args.lr or (3e-4 if toy else 1e-5)
+    args.batch_size = args.batch_size or (32 if toy else 128)
+    args.epochs = args.epochs or (2 if toy else 1)
+    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
+    args.max_response_len = args.max_response_len or (24 if toy else 512)
+    return args
+
+
+def bt_loss(rewards):
+    """Bradley-Terry loss on (2B,) rewards; also the chosen and rejected rewards."""
+    B = rewards.shape[0] // 2
+    chosen, rejected = rewards[:B], rewards[B:]
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader):
+    """Held-out loss and accuracy (chosen scored above rejected) over every pair of every process."""
+    model.eval()
+    parts = []
+    for batch in loader:
+        r = common.sequence_scores(model, batch)
+        B = r.shape[0] // 2
+        parts.append(accelerator.gather_for_metrics(torch.stack([r[:B], r[B:]], 1)))
+    model.train()
+    cr = torch.cat(parts)  # (N, 2)
+    return {"eval_loss": -F.logsigmoid(cr[:, 0] - cr[:, 1]).mean().item(),
+            "eval_accuracy": (cr[:, 0] > cr[:, 1]).float().mean().item()}
+
+
+@torch.no_grad()
+def reward_statistics(accelerator, model, loader):
+    """Mean and std of r over the training responses (chosen and rejected), for normalisation in RL."""
+    model.eval()
+    r = torch.cat([accelerator.gather_for_metrics(common.sequence_scores(model, b)) for b in loader])
+    return {"reward_mean": r.mean().item(), "reward_std": r.std().item()}
+
+
+def main(argv=None):
+    args = fill_defaults(common.parse_args(Args, argv))
+    micro, accum = common.batch_plan(args.batch_size, args.micro_batch_size)
+    accelerator = common.setup(args, accum)
+    tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
+    model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt")
+    train, held = common.load_pairs(args.dataset, args, args.eval_fraction)
+    enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
+                                              args.long_prompts)
+    train, held = enc(train), enc(held)
+    common.prepare_output_dir(args, accelerator)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    pad = tokenizer.pad_token_id
+    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=lambda exs: common.collate_pairs(exs, pad),
+                              generator=torch.Generator().manual_seed(args.seed))
+    held_loader = DataLoader(held, micro, collate_fn=lambda exs: common.collate_pairs(exs, pad))
+    stats_loader = DataLoader(train, micro, collate_fn=lambda exs: common.collate_pairs(exs, pad))
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
+    model, optimizer, train_loader, held_loader, stats_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, held_loader, stats_loader, scheduler)
+
+    common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, held_loader), 0)
+    bar, step = common.progress(accelerator, steps, "reward model"), 0
+    while step < steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss, chosen, rejected = bt_loss(common.sequence_scores(model, batch))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(),
+                       "accuracy": accelerator.reduce((chosen > rejected).float().mean(), "mean").item()}
+            if step % args.eval_steps == 0 or step == steps:
+                metrics.update(evaluate(accelerator, model, held_loader))
+            if step % args.logging_steps == 0 or "eval_loss" in metrics:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                common.log_metrics(accelerator, args.output_dir, metrics, step)
+            if step >= steps:
+                break
+
+    final = {**evaluate(accelerator, model, held_loader), **reward_statistics(accelerator, model, stats_loader)}
+    common.log_metrics(accelerator, args.output_dir, {"phase": "final", **final}, step)
+    common.save_model(accelerator, model, tokenizer, args.output_dir,
+                      {"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]})
+    accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in final.items()))
+    accelerator.print(f"saved {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
