@@ -244,6 +244,8 @@ def _as_prompt(value):
     if isinstance(value, str):
         if value.lstrip().startswith("Human:"):
             msgs = _messages_from_hh(value)
+            if msgs and msgs[-1] == {"role": "assistant", "content": ""}:
+                msgs.pop()  # a trailing "Assistant:" (Dahoas/rm-static layout) is the cue to answer, not a turn
             if msgs:
                 return msgs
         return [{"role": "user", "content": value}]
@@ -261,8 +263,10 @@ def _as_messages(value):
 
 
 def _text(value, column):
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"'{column}' is not a non-empty string")
+    # An empty reply is real data, not a broken row: HH-RLHF and UltraFeedback hold a few (the assistant said
+    # nothing); the response is then EOS alone.
+    if not isinstance(value, str):
+        raise ValueError(f"'{column}' is not a string")
     return value
 
 
@@ -313,6 +317,8 @@ def load_rows(dataset, split="train", skip_bad_rows=False):
     local = os.path.exists(dataset)
     if not local and (dataset.startswith((".", "/", "~")) or dataset.endswith((".json", ".jsonl", ".gz", ".parquet"))):
         fail(f"--dataset {dataset}: no such file")
+    if local and _is_empty_file(dataset):
+        fail(f"--dataset {dataset}: is empty (no rows)")
     try:
         if local:
             kind = "parquet" if dataset.endswith(".parquet") else "json"
@@ -320,7 +326,8 @@ def load_rows(dataset, split="train", skip_bad_rows=False):
         else:
             ds = datasets.load_dataset(dataset, split=split)
     except Exception as e:  # the datasets library raises many kinds; all mean the same to a user
-        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        why = (str(e).splitlines() or [""])[0][:200]  # some come with no message at all
+        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}{f': {why}' if why else ''})")
     if len(ds) == 0:
         fail(f"--dataset {dataset}: has no rows")
     fmt = detect_format(ds.column_names)
@@ -340,6 +347,20 @@ def load_rows(dataset, split="train", skip_bad_rows=False):
     if not rows:
         fail(f"--dataset {dataset}: no usable rows")
     return rows
+
+
+def _is_empty_file(path):
+    """A local json/jsonl(.gz) file with nothing but blanks or `[]` in it; the json reader fails on one with a
+    bare StopIteration or 'corresponds to no data', which tells a user nothing."""
+    import gzip
+
+    if not os.path.isfile(path) or path.endswith(".parquet"):
+        return False
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", errors="replace") as f:
+            return not any(line.strip(" \t\r\n[]") for line in f)
+    except OSError:  # not gzip after all, unreadable, ...: the datasets reader says what is wrong
+        return False
 
 
 def split_eval(rows, eval_fraction, seed):
@@ -435,10 +456,22 @@ def collate_pairs(examples, pad_id):
                    [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
 
 
-def collate_prompts(prompts, pad_id):
-    """Left-padded prompts for generate: (B, P) ids and mask."""
-    b = collate(prompts, [[]] * len(prompts), pad_id)
-    return b["input_ids"], b["attention_mask"]
+def collate_prompts(prompts, pad_id, width=None):
+    """Left-padded prompts for generate: (B, P) ids and mask, P = width or the longest prompt."""
+    P = width or max(map(len, prompts))
+    b = collate([[pad_id] * (P - len(p)) + p for p in prompts], [[]] * len(prompts), pad_id)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return b["input_ids"], mask
+
+
+def cat_batches(batches, pad_id):
+    """Concatenate batches of the common layout that share P but not R (responses right-padded to the longest)."""
+    R = max(b["response_mask"].shape[1] for b in batches)
+    out = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0)):
+        out[key] = torch.cat([F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches])
+    out["ended"] = torch.cat([b["ended"] for b in batches])
+    return {**out, "prompt_len": batches[0]["prompt_len"]}
 
 
 # ============================================================================ log-probs and masked statistics
@@ -521,11 +554,13 @@ def truncate_at_eos(responses, eos_id):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False):
+def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False,
+           prompt_width=None):
     """Sample responses with the KV cache. prompt_ids: list of id lists.
 
-    Returns a batch in the common layout; tokens after the first EOS are padding and masked out."""
-    input_ids, attention_mask = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    Returns a batch in the common layout plus 'ended' (B,): whether the response has an EOS.
+    Tokens after the first EOS are padding and masked out."""
+    input_ids, attention_mask = collate_prompts(prompt_ids, tokenizer.pad_token_id, prompt_width)
     device = next(model.parameters()).device
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                          do_sample=True, temperature=temperature, top_p=top_p, top_k=0,

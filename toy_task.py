@@ -105,10 +105,11 @@ def behaviour_response(prompt, rng):
     """A mediocre demonstrator: a per-response skill level, random length, sometimes no clean ending."""
     topic, skill = topic_of(prompt), rng.uniform(0.1, 0.9)
     words = []
-    for _ in range(rng.randint(3, 14)):
+    for _ in range(rng.randint(2, 12)):
         u = rng.random()
-        if u < skill:
-            words.append(rng.choice(TOPICS[topic]))  # on topic, but repeats happen
+        if u < skill:  # on topic: usually a word not said yet, sometimes a repeat
+            unused = [w for w in TOPICS[topic] if w not in words]
+            words.append(rng.choice(unused if unused and rng.random() < 0.8 else TOPICS[topic]))
         elif u < skill + (1 - skill) * 0.4:
             words.append(rng.choice(FILLER))
         elif u < skill + (1 - skill) * 0.7:
