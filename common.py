@@ -123,6 +123,18 @@ def log_metrics(accelerator, output_dir, metrics, step):
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
+def truncate_metrics(accelerator, output_dir, step):
+    """On resume: drop the lines a killed run wrote after its last checkpoint, so the log reads as one run."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if accelerator.is_main_process and os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    accelerator.wait_for_everyone()
+
+
 def progress(accelerator, total, desc):
     return tqdm(total=total, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
 

@@ -52,7 +52,7 @@ class Args(common.TrainArgs):
     output_dir: str = arg("runs/rto", "policy checkpoint folder (critic in <output_dir>/critic)")
     beta1: float = arg(0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)")
     dpo_reward_clip: float = arg(0.05, "clamp each DPO token reward to [-c, c] (0 = off)")
-    beta2: float = arg(0.01, "KL coefficient (init_kl_coef)")
+    beta2: float = arg(None, "KL coefficient, init_kl_coef (authors: 0.01; built-in task: 0.1)")
     kl_target: float = arg(None, "adapt beta2 toward this KL per response (Ziegler et al.); fixed when unset")
     kl_horizon: float = arg(10000, "horizon of the adaptive KL controller, in episodes")
     beta3: float = arg(1.0, "scale of the reward-model score at the last token (0 = paper v1: no reward model)")
@@ -90,6 +90,7 @@ def fill_defaults(args):
     args.max_new_tokens = args.max_new_tokens or (24 if toy else 512)
     args.actor_lr = args.actor_lr or (1e-4 if toy else 5e-6)
     args.critic_lr = args.critic_lr or (3e-4 if toy else 9e-6)
+    args.beta2 = args.beta2 if args.beta2 is not None else (0.1 if toy else 0.01)
     if args.reward_mode not in ("rto", "ppo", "dppo"):
         common.fail(f"--reward_mode {args.reward_mode}: expected rto, ppo or dppo")
     if not args.sft_ckpt:
@@ -356,6 +357,7 @@ def maybe_resume(accelerator, args):
     accelerator.load_state(path)
     with open(os.path.join(path, "rto_state.json")) as f:
         state = json.load(f)
+    common.truncate_metrics(accelerator, args.output_dir, state["iteration"])
     accelerator.print(f"resumed at iteration {state['iteration']} from {path}")
     return state["iteration"], state["beta2"]
 

@@ -109,7 +109,7 @@ def behaviour_response(prompt, rng):
         u = rng.random()
         if u < skill:  # on topic: usually a word not said yet, sometimes a repeat
             unused = [w for w in TOPICS[topic] if w not in words]
-            words.append(rng.choice(unused if unused and rng.random() < 0.8 else TOPICS[topic]))
+            words.append(rng.choice(unused if unused and rng.random() < 0.5 else TOPICS[topic]))
         elif u < skill + (1 - skill) * 0.4:
             words.append(rng.choice(FILLER))
         elif u < skill + (1 - skill) * 0.7:

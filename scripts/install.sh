@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up .venv with the runtime and test requirements. On a CPU-only machine torch==2.13.0 is the CPU build
+# (on machines of this project's kind it is a local file); on a GPU machine install torch as you usually do first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q "torch==2.13.0"
+fi
+.venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt

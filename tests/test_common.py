@@ -1,0 +1,160 @@
+"""common.py's numerical pieces and the built-in task, against hand computations and naive references."""
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+import toy_task
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = common.build_tiny_tokenizer(common.TOY)
+    return tok, common.load_causal_lm(common.TINY, tok, seed=0).eval()
+
+
+def encode(tok, prompt, response):
+    return common.encode_prompt(tok, [{"role": "user", "content": prompt}]), \
+        common.encode_response(tok, response, 64)[0]
+
+
+# ---------------------------------------------------------------------------- the built-in task
+def test_task_is_deterministic_and_splits_are_disjoint():
+    assert toy_task.preference_data("train", 50, seed=3) == toy_task.preference_data("train", 50, seed=3)
+    assert toy_task.sft_data("train", 50, seed=3) != toy_task.sft_data("train", 50, seed=4)
+    train = {p[0]["content"] for p in toy_task.prompts("train", 500)}
+    test = {p[0]["content"] for p in toy_task.prompts("test", 500)}
+    assert train and test and not train & test
+
+
+def test_oracle_prefers_what_it_should():
+    p = "please tell me about fruit"
+    r = lambda text: toy_task.oracle_reward(p, text)
+    assert r(toy_task.best_response(p)) == toy_task.best_reward() == 9.0
+    assert r("apple pear .") == 3.0  # two new on-topic words + clean ending
+    assert r("apple apple .") == 1.0  # a repeat costs what the first one gave
+    assert r("apple pear") == 2.0  # no clean ending
+    assert r("apple cat .") == 1.5  # another topic's word
+    assert r("apple asdf .") == 1.0  # junk
+    assert r("apple . pear .") == 1.0  # "." in the middle is junk (-1) and spoils the ending bonus
+    long = "apple pear plum grape mango lemon peach cherry the a and ."  # 12 words: 2 over the limit
+    assert r(long) == pytest.approx(8 - 0.3 + 1 - 1.0)
+    assert toy_task.topic_of([{"role": "user", "content": "hi describe space now"}]) == "space"
+
+
+def test_preference_labels_are_noisy_but_mostly_agree_with_the_oracle():
+    stats = toy_task.task_stats()
+    assert 0.8 < stats["label_agreement"] < 0.95  # Bradley-Terry labels: informative, not perfect
+    assert stats["demo_oracle_mean"] < stats["best_oracle"] - 5  # headroom above the demonstrations
+
+
+# ---------------------------------------------------------------------------- batches and log-probs
+def test_logprobs_do_not_depend_on_padding(tiny):
+    """A sequence alone, left-padded among longer prompts, right-padded among longer responses: same numbers."""
+    tok, model = tiny
+    a = encode(tok, "tell me about fruit", "apple pear .")
+    b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
+    alone = common.response_logprobs(model, common.collate([a[0]], [a[1]], tok.pad_token_id))
+    both = common.response_logprobs(model, common.collate([a[0], b[0]], [a[1], b[1]], tok.pad_token_id))
+    n = len(a[1])
+    torch.testing.assert_close(both[0, :n], alone[0], atol=1e-5, rtol=0)
+    assert (both[0, n:] == 0).all()
+    # the same numbers from a naive forward pass of the unpadded sequence
+    ids = torch.tensor([a[0] + a[1]])
+    naive = model(ids).logits.log_softmax(-1)[0, len(a[0]) - 1:-1].gather(-1, torch.tensor(a[1])[:, None])[:, 0]
+    torch.testing.assert_close(alone[0], naive, atol=1e-5, rtol=0)
+
+
+def test_position_ids_count_from_the_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert common.position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def test_truncate_at_eos():
+    eos = 9
+    mask, ended = common.truncate_at_eos(torch.tensor([[1, 9, 2, 9], [1, 2, 3, 4], [9, 1, 1, 1]]), eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_masked_statistics_against_hand_values():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert common.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert common.masked_mean(x, m, -1).tolist() == pytest.approx([1.5, 3.0])
+    w = common.masked_whiten(x, m)
+    assert w[m.bool()].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)  # std of (1,2,3) is 1
+    assert (w[~m.bool()] == 0).all()
+
+
+def test_sample_masks_everything_after_the_first_eos(tiny):
+    tok, model = tiny
+    torch.manual_seed(0)
+    prompts = [encode(tok, "tell me about fruit", "")[0], encode(tok, "hi list some space now", "")[0]]
+    b = common.sample(model, tok, prompts, max_new_tokens=12)
+    resp = b["input_ids"][:, b["prompt_len"]:]
+    for row, m, ended in zip(resp, b["response_mask"], b["ended"]):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # one contiguous run from the first token
+        assert (row[n:] == tok.pad_token_id).all()
+        assert ended == (row[n - 1] == tok.eos_token_id) and (row[:n - 1] != tok.eos_token_id).all()
+
+
+# ---------------------------------------------------------------------------- scores and checkpoints
+def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny, tmp_path):
+    tok, model = tiny
+    model.save_pretrained(tmp_path)
+    rm = common.load_scorer(str(tmp_path), tok, "--rm_ckpt").eval()
+    a = encode(tok, "tell me about fruit", "apple .")
+    b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
+    alone = common.sequence_scores(rm, common.collate([a[0]], [a[1]], tok.pad_token_id))
+    batch = common.collate([b[0], a[0]], [b[1], a[1]], tok.pad_token_id)  # a: left- and right-padded
+    torch.testing.assert_close(common.sequence_scores(rm, batch)[1], alone[0], atol=1e-5, rtol=0)
+    # all-right-padded layout (prompt+response packed to the left) gives the same score
+    ids = a[0] + a[1]
+    right = {"input_ids": torch.tensor([ids + [tok.pad_token_id] * 3]),
+             "attention_mask": torch.tensor([[1] * len(ids) + [0] * 3]), "response_mask": None, "prompt_len": 1}
+    torch.testing.assert_close(common.sequence_scores(rm, right)[0], alone[0], atol=1e-5, rtol=0)
+    # and it is what transformers' own pooling gives when pad != EOS
+    hf = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=common.position_ids(batch["attention_mask"])).logits[:, 0]
+    torch.testing.assert_close(hf, common.sequence_scores(rm, batch), atol=1e-5, rtol=0)
+
+
+def test_dpo_token_rewards_sum_to_the_sentence_level_implicit_reward(tiny):
+    tok, ref = tiny
+    torch.manual_seed(1)
+    dpo = common.load_causal_lm(common.TINY, tok, seed=1).eval()
+    rows = [encode(tok, "tell me about fruit", "apple pear ."), encode(tok, "describe tools", "saw drill hammer .")]
+    batch = common.collate([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+    ref_lp = common.response_logprobs(ref, batch)
+    token = common.dpo_token_rewards(dpo, ref_lp, batch, beta=0.1)  # (B, R)
+    for i, (p, r) in enumerate(rows):  # DPO's implicit reward, from unpadded single-sequence passes
+        ids = torch.tensor([p + r])
+        seq = lambda m: m(ids).logits.log_softmax(-1)[0, len(p) - 1:-1].gather(-1, torch.tensor(r)[:, None]).sum()
+        assert token[i].sum().item() == pytest.approx(0.1 * (seq(dpo) - seq(ref)).item(), abs=1e-5)
+    assert (token * (1 - batch["response_mask"]) == 0).all()
+
+
+def test_checkpoint_round_trip_reloads_identical_logits(tiny, tmp_path):
+    from accelerate import Accelerator
+
+    tok, model = tiny
+    common.save_model(Accelerator(cpu=True), model, tok, str(tmp_path / "ck"))
+    assert not (tmp_path / "ck" / ".saving").exists()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "ck")
+    ids = torch.tensor([encode(tok, "tell me about fruit", "apple pear .")[0]])
+    assert tok2.get_vocab() == tok.get_vocab() and tok2.chat_template == tok.chat_template
+    assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_byte_level_tiny_tokenizer_round_trips_any_text():
+    tok = common.build_tiny_tokenizer("some/file.jsonl")
+    text = "Héllo, wörld! 👋 \n\tdone"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.pad_token_id != tok.eos_token_id

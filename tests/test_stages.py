@@ -1,0 +1,99 @@
+"""End to end on the built-in task: each stage learns what it should and writes a checkpoint that reloads.
+
+The `pipeline` fixture (conftest.py) runs sft.py -> dpo.py -> reward_model.py once with default settings."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common
+import dpo
+import reward_model
+import toy_task
+from conftest import read_metrics, run_stage
+
+LABEL_AGREEMENT = toy_task.task_stats()["label_agreement"]
+
+
+def phase(metrics, name):
+    return next(m for m in metrics if m.get("phase") == name)
+
+
+# ---------------------------------------------------------------------------- losses by hand
+def test_dpo_loss_by_hand():
+    policy = torch.tensor([-3.0, -5.0, -4.0, -4.5])  # chosen (2), then rejected (2)
+    ref = torch.tensor([-4.0, -5.0, -3.0, -5.5])
+    loss, chosen, rejected = dpo.dpo_loss(policy, ref, beta=0.1)
+    # implicit rewards: chosen 0.1*(1, 0) = (0.1, 0); rejected 0.1*(-1, 1) = (-0.1, 0.1)
+    assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
+    by_hand = -(torch.log(torch.sigmoid(torch.tensor(0.2))) + torch.log(torch.sigmoid(torch.tensor(-0.1)))) / 2
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
+
+
+def test_bradley_terry_loss_by_hand():
+    loss, chosen, rejected = reward_model.bt_loss(torch.tensor([2.0, 0.0, 1.0, 0.5]))
+    by_hand = (-torch.log(torch.sigmoid(torch.tensor(1.0))) - torch.log(torch.sigmoid(torch.tensor(-0.5)))) / 2
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert chosen.tolist() == [2.0, 0.0] and rejected.tolist() == [1.0, 0.5]
+
+
+# ---------------------------------------------------------------------------- sft.py
+def test_sft_learns_the_task(pipeline):
+    m = read_metrics(pipeline["sft"])
+    before, after = phase(m, "before"), phase(m, "after")
+    print(f"SFT held-out loss {before['heldout_loss']:.3f} -> {after['heldout_loss']:.3f}, "
+          f"oracle reward {before['oracle_reward']:.3f} -> {after['oracle_reward']:.3f}")
+    assert after["heldout_loss"] < before["heldout_loss"] - 1.0
+    assert after["oracle_reward"] > before["oracle_reward"] + 5.0  # the untrained model writes junk
+    model = AutoModelForCausalLM.from_pretrained(pipeline["sft"])
+    tok = AutoTokenizer.from_pretrained(pipeline["sft"])
+    assert model.config.vocab_size == len(tok) and tok.chat_template
+
+
+# ---------------------------------------------------------------------------- dpo.py and reward_model.py
+def heldout_pairs(tok):
+    rows = toy_task.preference_data("test", 500, seed=0)
+    ex = common.encode_examples(tok, rows, 24, 24)
+    return DataLoader(ex, 64, collate_fn=lambda e: common.collate_pairs(e, tok.pad_token_id))
+
+
+@torch.no_grad()
+def test_dpo_accuracy_and_reload(pipeline):
+    final = [m for m in read_metrics(pipeline["dpo"]) if "eval_accuracy" in m][-1]
+    print(f"DPO held-out implicit-reward accuracy {final['eval_accuracy']:.3f} (label agreement {LABEL_AGREEMENT:.3f})")
+    assert final["eval_accuracy"] > 0.65 and final["eval_accuracy"] > LABEL_AGREEMENT - 0.15
+    # the saved folder is the trained model: recomputing the held-out numbers from it gives the logged ones
+    tok = AutoTokenizer.from_pretrained(pipeline["dpo"])
+    policy = AutoModelForCausalLM.from_pretrained(pipeline["dpo"]).eval()
+    ref = AutoModelForCausalLM.from_pretrained(pipeline["sft"]).eval()
+    assert policy.config.dpo_beta == 0.1
+    again = dpo.evaluate(Accelerator(cpu=True), policy, ref, heldout_pairs(tok), 0.1)
+    assert again["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
+    assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-5)
+
+
+@torch.no_grad()
+def test_reward_model_accuracy_statistics_and_reload(pipeline):
+    final = phase(read_metrics(pipeline["rm"]), "final")
+    print(f"RM held-out accuracy {final['eval_accuracy']:.3f} (label agreement {LABEL_AGREEMENT:.3f})")
+    assert final["eval_accuracy"] > 0.65 and final["eval_accuracy"] > LABEL_AGREEMENT - 0.15
+    rm = AutoModelForSequenceClassification.from_pretrained(pipeline["rm"], num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(pipeline["rm"])
+    assert rm.config.reward_mean == pytest.approx(final["reward_mean"]) and rm.config.reward_std > 0
+    again = reward_model.evaluate(Accelerator(cpu=True), rm, heldout_pairs(tok))
+    assert again["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
+
+
+def test_dpo_precomputed_and_live_reference_agree(pipeline, tmp_path):
+    """--ref_logprobs precompute and live are the same computation, done at different times."""
+    out = {}
+    for mode in ("precompute", "live"):
+        run_stage("dpo.py", "--sft_ckpt", pipeline["sft"], "--output_dir", tmp_path / mode, "--max_steps", 3,
+                  "--ref_logprobs", mode, "--logging_steps", 1)
+        out[mode] = [m["loss"] for m in read_metrics(tmp_path / mode) if "loss" in m]
+    assert len(out["live"]) == 3 and out["live"] == pytest.approx(out["precompute"], abs=1e-5)
