@@ -13,6 +13,7 @@ Batch layout used everywhere (built by `collate`):
 Left-padded prompts are what `generate` needs, so a rollout comes out of generation already in this layout.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -85,6 +86,12 @@ def batch_plan(batch_size, micro_batch_size):
 # ============================================================================ set-up and logging
 def setup(args, grad_accum=1):
     """Accelerator + seed. Trackers start only when asked for (--report_to)."""
+    trackers = {"none": None, "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    if args.report_to not in trackers:
+        fail(f"--report_to {args.report_to}: expected one of {', '.join(trackers)}")
+    if trackers[args.report_to] and not any(importlib.util.find_spec(p) for p in trackers[args.report_to]):
+        fail(f"--report_to {args.report_to}: the {trackers[args.report_to][0]} package is not installed "
+             f"(pip install {trackers[args.report_to][0]})")
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
         mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
