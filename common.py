@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
@@ -66,6 +66,10 @@ class TrainArgs(RunArgs):
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     bf16: bool = arg(False, "bfloat16 mixed precision")
     logging_steps: int = arg(10, "log training metrics every this many optimiser steps")
+    save_every: int = arg(0, "write resumable state every N optimiser steps (0: only the final model)")
+    save_total_limit: int = arg(1, "resumable checkpoints to keep, newest first")
+    resume: bool = arg(False, "continue from the newest checkpoint-<step> in --output_dir")
+    skip_nonfinite: bool = arg(False, "skip a step whose loss or gradient is not finite (counted) instead of stopping")
 
 
 def parse_args(args_class, argv=None):
@@ -94,6 +98,8 @@ def setup(args, grad_accum=1):
              f"(pip install {trackers[args.report_to][0]})")
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
+        # each epoch's shuffle depends only on (seed, epoch), so a resumed run sees the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
@@ -102,9 +108,9 @@ def setup(args, grad_accum=1):
     return accelerator
 
 
-def prepare_output_dir(args, accelerator, resume=False):
+def prepare_output_dir(args, accelerator):
     """Refuse to clobber a folder unless --overwrite; call only once all inputs are validated."""
-    out = args.output_dir
+    out, resume = args.output_dir, getattr(args, "resume", False)
     if os.path.exists(out) and os.listdir(out) and not (args.overwrite or resume):
         fail(f"--output_dir {out} already exists and is not empty; pass --overwrite to replace it")
     accelerator.wait_for_everyone()
@@ -130,6 +136,93 @@ def log_metrics(accelerator, output_dir, metrics, step):
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
+# ============================================================================ the training step and resumable state
+def all_finite(accelerator, x):
+    """True on every process iff x is finite on every process (so that all ranks take the same branch)."""
+    bad = (~torch.isfinite(x.detach().float())).any().float()
+    return accelerator.reduce(bad.to(accelerator.device), "sum").item() == 0
+
+
+def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, step):
+    """backward; at the accumulation boundary clip, step and zero (Accelerate holds the step back before it).
+
+    Lists of models/optimizers/schedulers, so that rto.py's actor and critic share it. A non-finite loss or
+    gradient norm stops the run with one line, or with --skip_nonfinite drops the micro-batch (the step) and
+    returns False so the caller can count it."""
+    if not all_finite(accelerator, loss):
+        return nonfinite(args, "loss", step, optimizers)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        norms = torch.stack([accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm) for m in models])
+        if not all_finite(accelerator, norms):
+            return nonfinite(args, "gradient norm", step, optimizers)
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return True
+
+
+def nonfinite(args, what, step, optimizers):
+    if not args.skip_nonfinite:
+        fail(f"non-finite {what} at step {step + 1}; lower the learning rate, or pass --skip_nonfinite to skip it")
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    return False
+
+
+def train_batches(accelerator, loader, epochs, start_step, accum):
+    """Every batch of the run, epoch after epoch; on resume, starting where step `start_step` left off."""
+    skip = start_step * accum
+    for epoch in range(skip // len(loader), epochs):
+        loader.set_epoch(epoch)
+        done = skip - epoch * len(loader) if epoch == skip // len(loader) else 0
+        yield from accelerator.skip_first_batches(loader, done) if done else loader
+
+
+def save_state(accelerator, args, step, extra=None):
+    """Models, optimisers, schedulers, RNG (+ `extra`) in <output_dir>/checkpoint-<step>, written atomically;
+    only the newest --save_total_limit are kept."""
+    path = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, ".checkpoint.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, **(extra or {})}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        for old in checkpoints(args.output_dir)[:-max(1, args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def checkpoints(output_dir):
+    """Complete checkpoint folders, oldest first."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, "state.json")):
+            found.append(os.path.join(output_dir, name))
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def load_state(accelerator, args):
+    """With --resume: restore the newest checkpoint and return its state.json; otherwise None."""
+    if not args.resume:
+        return None
+    found = checkpoints(args.output_dir)
+    if not found:
+        fail(f"--resume: no checkpoint-<step> folder in {args.output_dir} (save some with --save_every N)")
+    accelerator.load_state(found[-1])
+    with open(os.path.join(found[-1], "state.json")) as f:
+        state = json.load(f)
+    truncate_metrics(accelerator, args.output_dir, state["step"])
+    accelerator.print(f"resumed from {found[-1]}")
+    return state
+
+
 def truncate_metrics(accelerator, output_dir, step):
     """On resume: drop the lines a killed run wrote after its last checkpoint, so the log reads as one run."""
     path = os.path.join(output_dir, "metrics.jsonl")
@@ -142,8 +235,9 @@ def truncate_metrics(accelerator, output_dir, step):
     accelerator.wait_for_everyone()
 
 
-def progress(accelerator, total, desc):
-    return tqdm(total=total, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+def progress(accelerator, total, desc, initial=0):
+    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True)
 
 
 def progress_iter(accelerator, iterable, desc):
@@ -595,9 +689,15 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
 
 
 def decode_responses(tokenizer, batch):
+    """Response texts without the final EOS. Other special tokens stay in the text: a policy that learns to
+    emit <unk> or a role marker is writing junk, and a judge must be able to see it."""
     P = batch["prompt_len"]
-    return [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
-            for ids, m in zip(batch["input_ids"][:, P:], batch["response_mask"])]
+    texts = []
+    for ids, m in zip(batch["input_ids"][:, P:], batch["response_mask"]):
+        ids = ids[m.bool()].tolist()
+        ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False).strip())
+    return texts
 
 
 @torch.no_grad()

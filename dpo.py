@@ -136,8 +136,7 @@ def main(argv=None):
         train = precompute_reference(accelerator, ref, train, micro, pad)
         held = precompute_reference(accelerator, ref, held, micro, pad)
         ref = None
-    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad),
-                              generator=torch.Generator().manual_seed(args.seed))
+    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad))
     held_loader = DataLoader(held, micro, collate_fn=pair_collate(pad))
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -145,32 +144,29 @@ def main(argv=None):
     model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, held_loader, scheduler)
 
-    common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, ref, held_loader, args.beta), 0)
-    bar, step = common.progress(accelerator, steps, "dpo"), 0
-    while step < steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss, chosen, rejected = batch_loss(model, ref, batch, args.beta)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            metrics = step_metrics(loss.detach(), chosen, rejected)
-            metrics = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                       for k, v in metrics.items()}
-            if step % args.eval_steps == 0 or step == steps:
-                metrics.update(evaluate(accelerator, model, ref, held_loader, args.beta))
-            if step % args.logging_steps == 0 or "eval_loss" in metrics:
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-                common.log_metrics(accelerator, args.output_dir, metrics, step)
-            if step >= steps:
-                break
+    step = (common.load_state(accelerator, args) or {"step": 0})["step"]
+    if step == 0:
+        common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, ref, held_loader, args.beta), 0)
+    bar, skipped = common.progress(accelerator, steps, "dpo", step), 0
+    for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
+        with accelerator.accumulate(model):
+            loss, chosen, rejected = batch_loss(model, ref, batch, args.beta)
+            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        metrics = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                   for k, v in step_metrics(loss.detach(), chosen, rejected).items()}
+        if step % args.eval_steps == 0 or step == steps:
+            metrics.update(evaluate(accelerator, model, ref, held_loader, args.beta))
+        if step % args.logging_steps == 0 or "eval_loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            common.log_metrics(accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step)
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            common.save_state(accelerator, args, step)
+        if step >= steps:
+            break
 
     final = evaluate(accelerator, model, ref, held_loader, args.beta)
     common.save_model(accelerator, model, tokenizer, args.output_dir, {"dpo_beta": args.beta})

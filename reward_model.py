@@ -96,41 +96,39 @@ def main(argv=None):
         model.gradient_checkpointing_enable()
 
     pad = tokenizer.pad_token_id
-    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=lambda exs: common.collate_pairs(exs, pad),
-                              generator=torch.Generator().manual_seed(args.seed))
-    held_loader = DataLoader(held, micro, collate_fn=lambda exs: common.collate_pairs(exs, pad))
-    stats_loader = DataLoader(train, micro, collate_fn=lambda exs: common.collate_pairs(exs, pad))
+    collate = lambda exs: common.collate_pairs(exs, pad)
+    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
+    held_loader = DataLoader(held, micro, collate_fn=collate)
+    stats_loader = DataLoader(train, micro, collate_fn=collate)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
     model, optimizer, train_loader, held_loader, stats_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, held_loader, stats_loader, scheduler)
 
-    common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, held_loader), 0)
-    bar, step = common.progress(accelerator, steps, "reward model"), 0
-    while step < steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss, chosen, rejected = bt_loss(common.sequence_scores(model, batch))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(),
-                       "accuracy": accelerator.reduce((chosen > rejected).float().mean(), "mean").item()}
-            if step % args.eval_steps == 0 or step == steps:
-                metrics.update(evaluate(accelerator, model, held_loader))
-            if step % args.logging_steps == 0 or "eval_loss" in metrics:
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-                common.log_metrics(accelerator, args.output_dir, metrics, step)
-            if step >= steps:
-                break
+    step = (common.load_state(accelerator, args) or {"step": 0})["step"]
+    if step == 0:
+        common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, held_loader), 0)
+    bar, skipped = common.progress(accelerator, steps, "reward model", step), 0
+    for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
+        with accelerator.accumulate(model):
+            loss, chosen, rejected = bt_loss(common.sequence_scores(model, batch))
+            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(),
+                   "accuracy": accelerator.reduce((chosen > rejected).float().mean(), "mean").item()}
+        if step % args.eval_steps == 0 or step == steps:
+            metrics.update(evaluate(accelerator, model, held_loader))
+        if step % args.logging_steps == 0 or "eval_loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            common.log_metrics(accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step)
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            common.save_state(accelerator, args, step)
+        if step >= steps:
+            break
 
     final = {**evaluate(accelerator, model, held_loader), **reward_statistics(accelerator, model, stats_loader)}
     common.log_metrics(accelerator, args.output_dir, {"phase": "final", **final}, step)

@@ -26,10 +26,8 @@ A rollout is a dict of tensors (B = rollout prompts on this process, P = prompt 
     rewards, advantages, returns (B, R)
 """
 
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -76,8 +74,8 @@ class Args(common.TrainArgs):
     max_grad_norm: float = arg(1.0, "gradient clipping")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
     num_episodes: int = arg(None, "alternative to --num_iterations: total prompts to roll out")
-    save_every: int = arg(0, "write policy, critic and resumable state every N iterations (0 = only at the end)")
-    resume: bool = arg(False, "continue from <output_dir>/checkpoint (policy, critic, optimisers, beta2, RNG)")
+    save_every: int = arg(0, "write policy, critic and resumable state every N iterations (0 = only at the end); "
+                             "--resume continues from the newest (optimisers, beta2, RNG, iteration)")
     sample_every: int = arg(10, "print a small table of (prompt, response, reward) every N iterations (0 = never)")
     oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward before and after")
 
@@ -227,7 +225,7 @@ def micro_batches(ro, size, order=None):
         yield {k: v[idx] if torch.is_tensor(v) else v for k, v in ro.items()}
 
 
-def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes):
+def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
     """ppo_epochs x (local rollout / local mini-batch) optimiser steps for both actor and critic."""
     policy, critic = models["policy"], models["critic"]
     stats = []
@@ -240,17 +238,12 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes):
                 pl, ps = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["response_mask"], args.eps_clip)
                 vl, vs = value_loss(common.token_values(critic, mb), mb["values"], mb["returns"],
                                     mb["response_mask"], args.value_clip)
-                accelerator.backward(pl + vl)  # separate models and optimisers: the sum only saves a backward call
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                    accelerator.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                for opt, sched in zip(optimizers, schedulers):
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad()
+                # separate models and optimisers: the sum only saves a backward call
+                ok = common.optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers, args, it)
             with torch.no_grad():
                 entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mb["response_mask"])
-            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "entropy": entropy, **ps, **vs})
+            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "entropy": entropy,
+                          "skipped_nonfinite": torch.tensor(float(not ok)), **ps, **vs})
     return {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), "mean").item() for k in stats[0]}
 
 
@@ -337,29 +330,7 @@ def save(accelerator, models, tokenizer, args, iteration, beta2):
     """Policy (a causal-LM folder), critic beside it, and resumable state, each written atomically."""
     common.save_model(accelerator, models["policy"], tokenizer, args.output_dir)
     common.save_model(accelerator, models["critic"], tokenizer, os.path.join(args.output_dir, "critic"))
-    final, tmp = os.path.join(args.output_dir, "checkpoint"), os.path.join(args.output_dir, ".checkpoint.tmp")
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "rto_state.json"), "w") as f:
-            json.dump({"iteration": iteration, "beta2": beta2}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-
-
-def maybe_resume(accelerator, args):
-    """(first iteration, beta2): from <output_dir>/checkpoint with --resume, else (0, --beta2)."""
-    path = os.path.join(args.output_dir, "checkpoint")
-    if not args.resume:
-        return 0, args.beta2
-    if not os.path.exists(os.path.join(path, "rto_state.json")):
-        common.fail(f"--resume: no checkpoint in {path} (run with --save_every N first)")
-    accelerator.load_state(path)
-    with open(os.path.join(path, "rto_state.json")) as f:
-        state = json.load(f)
-    common.truncate_metrics(accelerator, args.output_dir, state["iteration"])
-    accelerator.print(f"resumed at iteration {state['iteration']} from {path}")
-    return state["iteration"], state["beta2"]
+    common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
 
 def main(argv=None):
@@ -373,7 +344,7 @@ def main(argv=None):
     if not all(keep) and args.long_prompts == "fail":
         common.fail(f"{keep.count(False)} prompts exceed --max_prompt_len {args.max_prompt_len}")
     prompts = [p for p, k in zip(prompts, keep) if k] or common.fail("no prompt fits --max_prompt_len")
-    common.prepare_output_dir(args, accelerator, resume=args.resume)
+    common.prepare_output_dir(args, accelerator)
     n_iter = num_iterations(args, len(prompts))
 
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
@@ -387,7 +358,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         for m in ("policy", "critic"):
             accelerator.unwrap_model(models[m]).gradient_checkpointing_enable()
-    start, beta2 = maybe_resume(accelerator, args)
+    state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
+    start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     oracle = lambda: common.oracle_score(accelerator.unwrap_model(models["policy"]), tokenizer,
                                          toy_task.prompts("test", args.oracle_prompts, seed=args.seed),
@@ -395,8 +367,7 @@ def main(argv=None):
     if start == 0 and args.dataset == TOY:
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0)
 
-    bar = common.progress(accelerator, n_iter, args.reward_mode)
-    bar.update(start)
+    bar = common.progress(accelerator, n_iter, args.reward_mode, start)
     for it in range(start, n_iter):
         first = (it * args.rollout_batch_size + accelerator.process_index * sizes["rollout"]) % len(prompts)
         batch_prompts = [prompts[order[(first + i) % len(prompts)]] for i in range(sizes["rollout"])]
@@ -405,10 +376,13 @@ def main(argv=None):
         t1 = time.perf_counter()
         ro = score(ro, models, args, sizes["micro"])  # 2.
         ro["rewards"] = token_rewards(ro, args, beta2)  # 3.
+        if not common.all_finite(accelerator, ro["rewards"]):  # a broken DPO or reward-model checkpoint
+            common.nonfinite(args, "reward", it, optimizers)
+            continue
         ro["advantages"], ro["returns"] = gae(ro["rewards"], ro["values"], ro["response_mask"], args.gamma, args.lam)
         ro["advantages"] = whiten(accelerator, ro["advantages"], ro["response_mask"])  # 4.
         t2 = time.perf_counter()
-        train_stats = ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes)  # 5.
+        train_stats = ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it)  # 5.
         t3 = time.perf_counter()
 
         metrics = {**rollout_metrics(accelerator, ro, tokenizer, batch_prompts, beta2, args), **train_stats,

@@ -93,8 +93,7 @@ def main(argv=None):
 
     pad = tokenizer.pad_token_id
     collate = lambda exs: common.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
-    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(args.seed))
+    train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -102,36 +101,34 @@ def main(argv=None):
     model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, held_loader, scheduler)
 
-    before = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
-    common.log_metrics(accelerator, args.output_dir, {"phase": "before", **before}, 0)
-    bar, step = common.progress(accelerator, steps, "sft"), 0
-    while step < steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss = sft_loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0]}
-            if step % args.eval_steps == 0 or step == steps:
-                metrics["heldout_loss"] = heldout_loss(model, held_loader)
-            if step % args.logging_steps == 0 or "heldout_loss" in metrics:
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                common.log_metrics(accelerator, args.output_dir, metrics, step)
-            if step >= steps:
-                break
+    step = (common.load_state(accelerator, args) or {"step": 0})["step"]
+    if step == 0:
+        before = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+        common.log_metrics(accelerator, args.output_dir, {"phase": "before", **before}, 0)
+    bar, skipped = common.progress(accelerator, steps, "sft", step), 0
+    for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
+        with accelerator.accumulate(model):
+            loss = sft_loss(model, batch)
+            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0]}
+        if step % args.eval_steps == 0 or step == steps:
+            metrics["heldout_loss"] = heldout_loss(model, held_loader)
+        if step % args.logging_steps == 0 or "heldout_loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            common.log_metrics(accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step)
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            common.save_state(accelerator, args, step)
+        if step >= steps:
+            break
 
     after = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
     common.log_metrics(accelerator, args.output_dir, {"phase": "after", **after}, step)
     common.save_model(accelerator, model, tokenizer, args.output_dir)
-    accelerator.print(" | ".join(f"{k}: {before[k]:.3f} -> {after[k]:.3f}" for k in after))
+    accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in after.items()))
     accelerator.print(f"saved {args.output_dir}")
     accelerator.end_training()
 

@@ -158,3 +158,13 @@ def test_byte_level_tiny_tokenizer_round_trips_any_text():
     text = "Héllo, wörld! 👋 \n\tdone"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_decoded_responses_keep_junk_special_tokens_but_not_the_final_eos():
+    tok = common.build_tiny_tokenizer(common.TOY)
+    p = common.encode_prompt(tok, [{"role": "user", "content": "tell me about fruit"}])
+    r = tok("apple <unk> pear", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    batch = common.collate([p, p], [r, r[:1]], tok.pad_token_id)
+    texts = common.decode_responses(tok, batch)
+    assert texts == ["apple <unk> pear", "apple"]
+    assert toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0  # <unk> is junk to the judge

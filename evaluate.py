@@ -1,0 +1,417 @@
+"""Evaluation: pairwise win rates between trained models, the layout of the paper's Table 1; RL curves.
+
+    python evaluate.py --models sft=runs/sft dpo=runs/dpo ppo=runs/ppo dppo=runs/dppo rto=runs/rto \
+        --judge oracle --num_prompts 400 --output_dir results/eval
+    python evaluate.py --curves runs/rto runs/ppo runs/dppo --output_dir results/curves
+
+Protocol (ALGORITHM.md, "What the paper reports"): every model samples one response to each of the same
+held-out prompts with the same settings (each model with its own fixed seed); one judge scores every response;
+the win rate of row model a over column model b is the fraction of prompts where a's response scores higher,
+ties counting half.
+
+Judges (--judge):
+    oracle                    the built-in task's ground truth, toy_task.oracle_reward (built-in prompts only)
+    rm:<dir>                  a sequence-classification reward model, read at the last real token
+    dpo:<dpo_dir>,<ref_dir>   DPO's implicit reward beta * sum_h (log pi_dpo - log pi_ref)
+
+Writes winrates.md, winrates.json, responses.jsonl; token_rewards.html with --show_token_rewards; curves.png
+(or curves.csv without matplotlib) with --curves. One process (python, not accelerate launch).
+"""
+
+import csv
+import html
+import json
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import set_seed
+
+import common
+import toy_task
+from common import TOY, arg
+
+
+@dataclass
+class Args(common.RunArgs):
+    models: list[str] = field(default_factory=list, metadata={"help": "name=checkpoint_dir ... (row/column order of "
+                              "the table); every model must share the first one's vocabulary"})
+    judge: str = arg(None, "oracle | rm:<dir> | dpo:<dpo_dir>,<ref_dir> (default: oracle on the built-in task)")
+    dataset: str = arg(TOY, "held-out prompts: 'toy' (the built-in task's test prompts), a hub id or a file")
+    split: str = arg("test", "split of a hub dataset")
+    num_prompts: int = arg(400, "prompts to evaluate on (paper: 400)")
+    max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts) (default 512; toy 24)")
+    max_new_tokens: int = arg(None, "response length limit (default 512; 24 on the built-in task)")
+    temperature: float = arg(1.0, "sampling temperature, the same for every model")
+    top_p: float = arg(1.0, "nucleus sampling, the same for every model")
+    batch_size: int = arg(64, "prompts per generate call (and per judge forward pass)")
+    dpo_beta: float = arg(0.1, "beta of a DPO model whose config has no dpo_beta")
+    show_token_rewards: int = arg(0, "show the per-token DPO reward of this many responses of every model")
+    token_reward_dpo: str = arg(None, "<dpo_dir>,<ref_dir> for --show_token_rewards (default: a dpo: judge's)")
+    curves: list[str] = field(default_factory=list, metadata={"help": "rto.py run folders whose metrics.jsonl to "
+                              "plot, one line per run"})
+    output_dir: str = arg("results/eval", "where the tables, responses and plots go")
+
+
+CURVE_METRICS = ["sentence_reward", "oracle_reward", "dpo_reward_per_response", "kl_per_token", "response_length"]
+
+
+def fill_defaults(args):
+    toy = args.dataset == TOY
+    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
+    args.max_new_tokens = args.max_new_tokens or (24 if toy else 512)
+    args.judge = args.judge or ("oracle" if toy else None)
+    if not args.models and not args.curves:
+        common.fail("nothing to do: pass --models name=dir ... and/or --curves run_dir ...")
+    if args.models and not args.judge:
+        common.fail("--judge is required off the built-in task: rm:<dir> or dpo:<dpo_dir>,<ref_dir>")
+    for flag in ("num_prompts", "batch_size", "max_new_tokens", "max_prompt_len"):
+        if getattr(args, flag) < 1:
+            common.fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.token_reward_dpo and not is_pair(args.token_reward_dpo):
+        common.fail(f"--token_reward_dpo {args.token_reward_dpo}: expected <dpo_dir>,<ref_dir>")
+    if args.show_token_rewards and not (args.token_reward_dpo or (args.judge or "").startswith("dpo:")):
+        common.fail("--show_token_rewards needs a DPO model: --judge dpo:<dpo>,<ref> or --token_reward_dpo <dpo>,<ref>")
+    return args
+
+
+# ============================================================================ parsing --models and --judge
+def parse_models(entries):
+    """['sft=runs/sft', ...] -> {'sft': 'runs/sft', ...}, in the order given."""
+    models = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not (sep and name.strip() and path.strip()):
+            common.fail(f"--models {entry}: expected name=checkpoint_dir")
+        if name in models:
+            common.fail(f"--models: the name {name!r} is given twice")
+        models[name] = path
+    return models
+
+
+def parse_judge(spec, dataset):
+    """'oracle' | 'rm:<dir>' | 'dpo:<dpo_dir>,<ref_dir>' -> {'kind', 'path'}; models are loaded later."""
+    kind, _, path = spec.partition(":")
+    if kind == "oracle" and not path:
+        if dataset != TOY:  # the oracle knows only the built-in task's topics
+            common.fail(f"--judge oracle: only for the built-in task's prompts (--dataset toy), not {dataset}")
+        return {"kind": "oracle"}
+    if kind == "rm" and path or kind == "dpo" and is_pair(path):
+        return {"kind": kind, "path": path}
+    common.fail(f"--judge {spec}: expected oracle, rm:<dir> or dpo:<dpo_dir>,<ref_dir>")
+
+
+def is_pair(spec):
+    return spec is not None and len(spec.split(",")) == 2 and all(spec.split(","))
+
+
+def same_vocab(path, tokenizer, flag, args):
+    """Token ids mean the same to every model (the judge reads the policies' token ids as they are)."""
+    if common.load_tokenizer(path, args.dataset, flag).get_vocab() != tokenizer.get_vocab():
+        common.fail(f"{flag} {path}: its tokenizer differs from the first model's; all must share one vocabulary")
+
+
+def load_dpo_pair(spec, tokenizer, flag, args, device):
+    """{'dpo', 'ref', 'beta'} from '<dpo_dir>,<ref_dir>'; beta is the one the DPO model was trained with."""
+    paths = spec.split(",")
+    for path in paths:
+        same_vocab(path, tokenizer, flag, args)
+    dpo, ref = (common.frozen(common.load_causal_lm(p, tokenizer, flag)).to(device) for p in paths)
+    return {"dpo": dpo, "ref": ref, "beta": getattr(dpo.config, "dpo_beta", None) or args.dpo_beta}
+
+
+def load_judge(judge, tokenizer, args, device):
+    if judge["kind"] == "rm":
+        same_vocab(judge["path"], tokenizer, "--judge rm:", args)
+        judge["rm"] = common.frozen(common.load_scorer(judge["path"], tokenizer, "--judge rm:")).to(device)
+    if judge["kind"] == "dpo":
+        judge.update(load_dpo_pair(judge["path"], tokenizer, "--judge dpo:", args, device))
+    return judge
+
+
+# ============================================================================ judges: one function per kind
+def oracle_scores(judge, batch, prompts, texts):
+    return [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]
+
+
+def rm_scores(judge, batch, prompts, texts):
+    return common.sequence_scores(judge["rm"], batch).tolist()
+
+
+def dpo_scores(judge, batch, prompts, texts):
+    return dpo_token_rewards(judge, batch).sum(-1).tolist()  # DPO's sentence-level implicit reward
+
+
+JUDGES = {"oracle": oracle_scores, "rm": rm_scores, "dpo": dpo_scores}
+
+
+@torch.no_grad()
+def judge_scores(judge, batch, prompts, texts):
+    """One score per response. batch: common.py's layout (prompt + sampled response ids); texts: decoded."""
+    return JUDGES[judge["kind"]](judge, batch, prompts, texts)
+
+
+def dpo_token_rewards(pair, batch):
+    """beta * (log pi_dpo - log pi_ref) of every response token: (B, R), 0 on padding."""
+    ref_logprobs = common.response_logprobs(pair["ref"], batch)
+    return common.dpo_token_rewards(pair["dpo"], ref_logprobs, batch, pair["beta"])
+
+
+# ============================================================================ sampling and scoring
+def load_eval_prompts(args, tokenizer):
+    """(prompts as messages, their token ids); over-long prompts skipped (counted) or fatal (--long_prompts)."""
+    if args.dataset == TOY:
+        prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed)
+    else:
+        prompts = common.load_prompts(args.dataset, args.split, args, args.num_prompts)
+    ids = [common.encode_prompt(tokenizer, p) for p in prompts]
+    long = sum(len(i) > args.max_prompt_len for i in ids)
+    if long and args.long_prompts == "fail":
+        common.fail(f"{long} prompts exceed --max_prompt_len {args.max_prompt_len} (or pass --long_prompts skip)")
+    if long:
+        print(f"note: skipped {long} prompts over {args.max_prompt_len} tokens", file=sys.stderr)
+    keep = [k for k, i in enumerate(ids) if len(i) <= args.max_prompt_len]
+    if not keep:
+        common.fail(f"no prompt fits --max_prompt_len {args.max_prompt_len}")
+    return [prompts[k] for k in keep], [ids[k] for k in keep]
+
+
+@torch.no_grad()
+def sample_and_score(accelerator, model, tokenizer, prompts, ids, judge, args, name):
+    """One response per prompt, scored: rows {prompt, response, score, length, ended, ids}."""
+    # Reseeded per model, from --seed and the model's name: a model's samples do not depend on which other models
+    # are in the table, and models draw independent samples as in the paper (one shared stream would make
+    # similar models write identical responses to many prompts: ties, not independent draws)
+    set_seed(args.seed + zlib.crc32(name.encode()) % 2**20)
+    width = max(map(len, ids))  # one prompt width for all batches and models
+    rows, bar = [], common.progress(accelerator, len(ids), f"{name}: sample + judge")
+    for i in range(0, len(ids), args.batch_size):
+        batch = common.sample(model, tokenizer, ids[i:i + args.batch_size], args.max_new_tokens, args.temperature,
+                              args.top_p, prompt_width=width)
+        texts = common.decode_responses(tokenizer, batch)
+        scores = judge_scores(judge, batch, prompts[i:i + args.batch_size], texts)
+        responses = batch["input_ids"][:, batch["prompt_len"]:]  # (b, R), right-padded after the first EOS
+        for k, (text, score) in enumerate(zip(texts, scores)):
+            mask = batch["response_mask"][k].bool()
+            rows.append({"prompt": prompts[i + k], "response": text, "score": score, "length": int(mask.sum()),
+                         "ended": bool(batch["ended"][k]), "ids": responses[k][mask].tolist()})
+        bar.update(len(texts))
+    bar.close()
+    return rows
+
+
+# ============================================================================ win rates and the summary
+def win_rates(scores, tie_tol=1e-6):
+    """{name: [score per prompt]} (same prompts, same order) -> {row: {col: P(row's response scores higher)}}.
+
+    Ties count half, so W[a][b] + W[b][a] = 1 and W[a][a] = 0.5. Scores within tie_tol are a tie: a model
+    judge scores the same text to float noise that depends on the batch's padding."""
+    def beats(x, y):
+        return 0.5 if abs(x - y) <= tie_tol else float(x > y)
+    return {a: {b: sum(map(beats, sa, sb)) / len(sa) for b, sb in scores.items()} for a, sa in scores.items()}
+
+
+def mean_ci(xs):
+    """(mean, half-width of the 95% normal-approximation interval 1.96 * std / sqrt(n)), std with n - 1."""
+    n, mean = len(xs), sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return mean, 1.96 * std / math.sqrt(n)
+
+
+def summarise(rows):
+    mean, ci = mean_ci([r["score"] for r in rows])
+    return {"mean_score": mean, "ci95": ci, "mean_length": sum(r["length"] for r in rows) / len(rows),
+            "eos_rate": sum(r["ended"] for r in rows) / len(rows)}
+
+
+def markdown(wins, summary, judge, n):
+    names = list(wins)
+    lines = [f"Win rates, judge `{judge}`, {n} prompts: row beats column (ties count half)", "",
+             "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {a} | " + " | ".join(f"{wins[a][b]:.3f}" for b in names) + " |" for a in names]
+    lines += ["", "| model | mean score | 95% CI | mean length (tokens, EOS included) | EOS rate |", "|---" * 5 + "|"]
+    lines += [f"| {m} | {s['mean_score']:.3f} | ±{s['ci95']:.3f} | {s['mean_length']:.1f} | {s['eos_rate']:.3f} |"
+              for m, s in summary.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out, results, args):
+    """winrates.md/.json (the table and the per-model summary) and responses.jsonl; returns the markdown."""
+    wins = win_rates({m: [r["score"] for r in rows] for m, rows in results.items()})
+    summary = {m: summarise(rows) for m, rows in results.items()}
+    n = len(next(iter(results.values())))
+    text = markdown(wins, summary, args.judge, n)
+    with open(os.path.join(out, "winrates.md"), "w") as f:
+        f.write(text)
+    settings = {k: getattr(args, k) for k in ("dataset", "seed", "temperature", "top_p", "max_new_tokens")}
+    with open(os.path.join(out, "winrates.json"), "w") as f:
+        json.dump({"judge": args.judge, "num_prompts": n, "models": parse_models(args.models), **settings,
+                   "win_rates": wins, "summary": summary}, f, indent=2)
+    with open(os.path.join(out, "responses.jsonl"), "w") as f:
+        for model, rows in results.items():
+            for k, r in enumerate(rows):
+                f.write(json.dumps({"prompt_index": k, "prompt": r["prompt"], "model": model, "response": r["response"],
+                                    "score": r["score"], "length": r["length"], "ended": r["ended"]}) + "\n")
+    return text, summary
+
+
+# ============================================================================ per-token DPO rewards, shown
+def token_pieces(tokenizer, ids):
+    """The text each token adds to the decoded response (spaces included), special tokens shown."""
+    pieces, prev = [], ""
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[:k + 1])
+        pieces.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode(ids[k:k + 1]))
+        prev = text
+    return pieces
+
+
+def colour(value, scale):
+    """Green for credit, red for blame, from white at 0 to full at |value| = scale: (r, g, b)."""
+    a = min(1.0, abs(value) / scale)
+    full = (60, 190, 60) if value > 0 else (225, 70, 70)
+    return tuple(round(255 + a * (c - 255)) for c in full)
+
+
+def print_token_rewards(items, scale):
+    tty = sys.stdout.isatty()
+    for it in items:
+        if tty:
+            body = "".join("\x1b[30;48;2;{};{};{}m".format(*colour(v, scale)) + t + "\x1b[0m"
+                           for t, v in zip(it["tokens"], it["values"]))
+        else:
+            body = " ".join(f"{t.strip() or repr(t)}[{v:+.3f}]" for t, v in zip(it["tokens"], it["values"]))
+        print(f"[{it['model']}] {it['prompt']!r} (sum {sum(it['values']):+.3f}): {body}")
+
+
+def token_rewards_html(items, scale, beta):
+    """A self-contained page: every token a <span> coloured by its reward, the value in its tooltip."""
+    blocks = []
+    for it in items:
+        spans = "".join(f'<span style="background:rgb{colour(v, scale)}" title="{v:+.4f}">{html.escape(t)}</span>'
+                        for t, v in zip(it["tokens"], it["values"]))
+        blocks.append(f"<div class=r><b>{html.escape(it['model'])}</b> &mdash; {html.escape(it['prompt'])} "
+                      f"(sum {sum(it['values']):+.3f})<p class=t>{spans}</p></div>")
+    return ("<!doctype html><html><head><meta charset=utf-8><title>DPO token rewards</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:2em auto} .r{margin:1.5em 0} "
+            ".t{font-family:monospace;white-space:pre-wrap;line-height:1.8}</style></head><body>"
+            f"<h1>Per-token DPO reward &beta;&middot;(log &pi;<sub>dpo</sub> &minus; log &pi;<sub>ref</sub>), "
+            f"&beta; = {beta}</h1><p>Green: credit, red: blame; full colour at |reward| &ge; {scale:.3f}. "
+            "Hover over a token for its value.</p>" + "".join(blocks) + "</body></html>\n")
+
+
+@torch.no_grad()
+def show_token_rewards(pair, tokenizer, results, prompt_ids, n, out, device):
+    """The first n responses of every model, token by token: on stdout and in token_rewards.html."""
+    items = []
+    for model, rows in results.items():
+        batch = common.collate(prompt_ids[:n], [r["ids"] for r in rows[:n]], tokenizer.pad_token_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        rewards = dpo_token_rewards(pair, batch)  # (n, R)
+        items += [{"model": model, "prompt": r["prompt"][-1]["content"], "tokens": token_pieces(tokenizer, r["ids"]),
+                   "values": rewards[k, :len(r["ids"])].tolist()} for k, r in enumerate(rows[:n])]
+    scale = max((abs(v) for it in items for v in it["values"]), default=0.0) or 1.0  # one scale for all models
+    print_token_rewards(items, scale)
+    with open(os.path.join(out, "token_rewards.html"), "w") as f:
+        f.write(token_rewards_html(items, scale, pair["beta"]))
+
+
+# ============================================================================ training curves
+def read_curves(run_dirs):
+    """{run label (folder name): iteration lines of its metrics.jsonl} for rto.py runs."""
+    curves = {}
+    for d in run_dirs:
+        path = os.path.join(d, "metrics.jsonl")
+        try:
+            with open(path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            common.fail(f"--curves {d}: cannot read {path} ({type(e).__name__})")
+        lines = [m for m in lines if "policy_loss" in m]  # iteration lines, not before/after summaries
+        if not lines:
+            common.fail(f"--curves {d}: {path} has no RL iteration lines (is it an rto.py run?)")
+        label = os.path.basename(os.path.normpath(d))
+        curves[d if label in curves else label] = lines  # two runs/rto folders: the second goes by its path
+    return curves
+
+
+def plot_curves(curves, out):
+    """curves.png, one subplot per metric and one line per run; curves.csv (long format) without matplotlib."""
+    metrics = [m for m in CURVE_METRICS if any(m in line for lines in curves.values() for line in lines)]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        path = os.path.join(out, "curves.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "step", "metric", "value"])
+            w.writerows([run, line["step"], m, line[m]] for run, lines in curves.items() for line in lines
+                        for m in metrics if m in line)
+        print(f"matplotlib is not installed, so the curves went to {path} (pip install -r requirements-plot.txt)")
+        return path
+    cols, rows = min(3, len(metrics)), math.ceil(len(metrics) / 3)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows + 0.5), squeeze=False)
+    colours = {run: f"C{k}" for k, run in enumerate(curves)}  # a run keeps its colour where others have no line
+    for ax, m in zip(axes.flat, metrics):
+        for run, lines in curves.items():
+            points = [(line["step"], line[m]) for line in lines if m in line]
+            if points:
+                ax.plot(*zip(*points), color=colours[run])
+        ax.set(title=m, xlabel="iteration")
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    fig.legend([plt.Line2D([], [], color=c) for c in colours.values()], list(colours), loc="upper center",
+               ncol=len(colours), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    args = fill_defaults(common.parse_args(Args, argv))
+    models = parse_models(args.models)
+    judge = parse_judge(args.judge, args.dataset) if models else None
+    curves = read_curves(args.curves)
+    accelerator = common.setup(args)
+    if accelerator.num_processes > 1:  # every process would sample everything and write the same files
+        common.fail("evaluate.py runs in one process: start it with python, not accelerate launch")
+    device = accelerator.device
+    if models:  # every input is checked and every model found before anything is written
+        first = next(iter(models.values()))
+        tokenizer = common.load_tokenizer(first, args.dataset, "--models")
+        for path in models.values():
+            same_vocab(path, tokenizer, "--models", args)
+        prompts, prompt_ids = load_eval_prompts(args, tokenizer)
+        judge = load_judge(judge, tokenizer, args, device)
+        pair = judge  # the token rewards come from the dpo: judge unless --token_reward_dpo names another pair
+        if args.show_token_rewards and args.token_reward_dpo:
+            pair = load_dpo_pair(args.token_reward_dpo, tokenizer, "--token_reward_dpo", args, device)
+    common.prepare_output_dir(args, accelerator)
+
+    if models:
+        results = {}
+        for name, path in models.items():  # one policy in memory at a time
+            model = common.frozen(common.load_causal_lm(path, tokenizer, "--models")).to(device)
+            results[name] = sample_and_score(accelerator, model, tokenizer, prompts, prompt_ids, judge, args, name)
+            del model
+        text, summary = write_results(args.output_dir, results, args)
+        print(text)
+        common.log_metrics(accelerator, args.output_dir, {f"{m}/{k}": v for m, s in summary.items()
+                                                          for k, v in s.items()}, 0)
+        if args.show_token_rewards:
+            show_token_rewards(pair, tokenizer, results, prompt_ids, args.show_token_rewards, args.output_dir, device)
+    if curves:
+        plot_curves(curves, args.output_dir)
+    print(f"wrote {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

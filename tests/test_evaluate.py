@@ -1,0 +1,184 @@
+"""evaluate.py: win-rate and interval arithmetic by hand, each judge against a naive computation, the token-reward
+page, the curves, then one end-to-end run and bad input in subprocesses (tiny random checkpoints, 16 prompts)."""
+
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import evaluate
+import toy_task
+from conftest import run_stage
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # token-by-token generation of a tiny model is slower with 2 busy threads
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two tiny random causal LMs (seeds 1 and 2) saved as checkpoints; 'a' carries dpo_beta 0.25 in its config."""
+    root, tok = tmp_path_factory.mktemp("tiny"), common.build_tiny_tokenizer("toy")
+    for name, seed in (("a", 1), ("b", 2)):
+        model = common.load_causal_lm("tiny", tok, seed=seed)
+        if name == "a":
+            model.config.dpo_beta = 0.25
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return SimpleNamespace(tok=tok, a=root / "a", b=root / "b")
+
+
+def hand_batch(tok):
+    """Two toy prompts with responses of different lengths, in common.py's layout; and the unpadded sequences."""
+    prompts = [common.encode_prompt(tok, p) for p in toy_task.prompts("test", 2)]
+    responses = [tok.convert_tokens_to_ids(["apple", "pear", ".", "</s>"]), tok.convert_tokens_to_ids(["cat", "</s>"])]
+    return common.collate(prompts, responses, tok.pad_token_id), list(zip(prompts, responses))
+
+
+# ---------------------------------------------------------------------------- arithmetic by hand
+def test_win_rates_by_hand():
+    scores = {"a": [1.0, 2.0, 3.0, 0.0], "b": [1.0, 1.0, 4.0, 2.0], "c": [0.0, 5.0, 3.0 + 1e-9, 1.0]}
+    w = evaluate.win_rates(scores)
+    # a vs b: tie, win, loss, loss -> 1.5/4; a vs c: win, loss, tie (within 1e-6), loss -> 1.5/4;
+    # b vs c: win, loss, win, win -> 3/4
+    assert w["a"]["b"] == 0.375 and w["a"]["c"] == 0.375 and w["b"]["c"] == 0.75
+    for x in scores:
+        assert w[x][x] == 0.5
+        for y in scores:
+            assert w[x][y] + w[y][x] == pytest.approx(1.0)
+    assert evaluate.win_rates({"a": [1, 1], "b": [1, 1]})["a"]["b"] == 0.5  # all ties: half each
+
+
+def test_confidence_interval_by_hand():
+    mean, ci = evaluate.mean_ci([1.0, 2.0, 3.0, 4.0])
+    # sample variance ((1.5^2 + 0.5^2) * 2) / 3 = 5/3; 1.96 * sqrt(5/3) / sqrt(4)
+    assert mean == 2.5 and ci == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+    assert evaluate.mean_ci([7.0]) == (7.0, 0.0)
+
+
+# ---------------------------------------------------------------------------- judges
+def test_oracle_judge():
+    prompts = [[{"role": "user", "content": "tell me about fruit"}]] * 2
+    scores = evaluate.judge_scores({"kind": "oracle"}, None, prompts, ["apple pear .", "apple apple asdf"])
+    assert scores == [3.0, -1.0]  # +1 +1 and a clean end +1;  +1, repeat -1, junk -1
+
+
+@torch.no_grad()
+def test_rm_judge(tiny):
+    judge = evaluate.load_judge({"kind": "rm", "path": str(tiny.a)}, tiny.tok, SimpleNamespace(dataset="toy"), "cpu")
+    batch, seqs = hand_batch(tiny.tok)
+    scores = evaluate.judge_scores(judge, batch, None, None)
+    assert scores == common.sequence_scores(judge["rm"], batch).tolist()
+    for score, (p, r) in zip(scores, seqs):  # the head read at the last token of the unpadded sequence
+        alone = judge["rm"](input_ids=torch.tensor([p + r])).logits[0, -1].item()
+        assert score == pytest.approx(alone, abs=1e-4)
+
+
+@torch.no_grad()
+def test_dpo_judge_is_beta_times_sequence_log_ratio(tiny):
+    args = SimpleNamespace(dataset="toy", dpo_beta=0.1)
+    judge = evaluate.load_judge({"kind": "dpo", "path": f"{tiny.a},{tiny.b}"}, tiny.tok, args, "cpu")
+    assert judge["beta"] == 0.25  # from the DPO checkpoint's config, not --dpo_beta
+    batch, seqs = hand_batch(tiny.tok)
+    scores = evaluate.judge_scores(judge, batch, None, None)
+
+    def seq_logp(model, p, r):  # naive: one unpadded sequence, sum of log-probs of the response tokens
+        logp = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
+        return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
+
+    for score, (p, r) in zip(scores, seqs):
+        naive = 0.25 * (seq_logp(judge["dpo"], p, r) - seq_logp(judge["ref"], p, r))
+        assert score == pytest.approx(naive, abs=1e-4)
+
+
+def test_token_reward_page_has_one_span_per_token_and_escapes():
+    items = [{"model": "m<1>", "prompt": "tell me", "tokens": ["apple", " <script>", " </s>"],
+              "values": [0.3, -0.2, 0.0]},
+             {"model": "m2", "prompt": "hi & bye", "tokens": ["x"], "values": [-1.0]}]
+    page = evaluate.token_rewards_html(items, scale=1.0, beta=0.1)
+    assert page.count("<span") == 4 and page.count('title="') == 4
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;/s&gt;" in page and "m&lt;1&gt;" in page
+    assert 'title="+0.3000"' in page and "rgb(225, 70, 70)" in page  # full red at |value| = scale
+
+
+# ---------------------------------------------------------------------------- curves
+def fake_runs(tmp_path):
+    """Two rto.py-like metrics.jsonl files: a 'before' line, 2 iteration lines (one run has no oracle), 'after'."""
+    dirs = []
+    for name, oracle in (("rto", True), ("ppo", False)):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        lines = [{"step": 0, "phase": "before", "oracle_reward_test": 1.0}]
+        for step in (1, 2):
+            line = {"step": step, "policy_loss": 0.1, "kl_per_token": 0.01 * step, "response_length": 9.0 + step}
+            lines.append({**line, "oracle_reward": 0.5 * step} if oracle else line)
+        lines.append({"step": 2, "phase": "after", "oracle_reward_test": 2.0})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        dirs.append(str(d))
+    return dirs
+
+
+def test_curves_csv_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    path = evaluate.plot_curves(evaluate.read_curves(fake_runs(tmp_path)), str(tmp_path))
+    assert path.endswith("curves.csv") and "matplotlib is not installed" in capsys.readouterr().out
+    rows = [line.split(",") for line in open(path).read().splitlines()]
+    assert rows[0] == ["run", "step", "metric", "value"]
+    assert ["rto", "2", "oracle_reward", "1.0"] in rows and ["ppo", "1", "kl_per_token", "0.01"] in rows
+    assert len(rows) == 1 + 2 * 3 + 2 * 2  # rto: 3 metrics x 2 iterations; ppo: 2 x 2; no before/after lines
+
+
+def test_curves_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = evaluate.plot_curves(evaluate.read_curves(fake_runs(tmp_path)), str(tmp_path))
+    assert path.endswith("curves.png") and open(path, "rb").read(4) == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------- end to end, and bad input
+def test_end_to_end(tiny, tmp_path):
+    out = tmp_path / "eval"
+    run_stage("evaluate.py", "--models", f"a={tiny.a}", f"b={tiny.b}", "--judge", "oracle", "--num_prompts", 16,
+              "--show_token_rewards", 2, "--token_reward_dpo", f"{tiny.a},{tiny.b}", "--curves", *fake_runs(tmp_path),
+              "--output_dir", out, env={**ONE_THREAD, "MPLBACKEND": "Agg"})
+    for name in ("winrates.md", "winrates.json", "responses.jsonl", "token_rewards.html"):
+        assert (out / name).exists(), name
+    assert (out / "curves.png").exists() or (out / "curves.csv").exists()
+    w = json.loads((out / "winrates.json").read_text())["win_rates"]
+    assert w["a"]["a"] == w["b"]["b"] == 0.5 and w["a"]["b"] + w["b"]["a"] == pytest.approx(1.0)
+    rows = [json.loads(line) for line in open(out / "responses.jsonl")]
+    assert len(rows) == 32 and {r["model"] for r in rows} == {"a", "b"}
+    shown = sum(r["length"] for r in rows if r["prompt_index"] < 2)  # 2 responses of each model, token by token
+    assert (out / "token_rewards.html").read_text().count("<span") == shown
+
+
+def test_models_and_vocabulary_checks(tiny, tmp_path):
+    assert evaluate.parse_models(["sft=runs/sft", "rto=x=y"]) == {"sft": "runs/sft", "rto": "x=y"}
+    for entries, says in ((["a=x", "a=y"], "given twice"), (["=x"], "expected name=checkpoint_dir")):
+        with pytest.raises(SystemExit, match=says):
+            evaluate.parse_models(entries)
+    byte_level = common.build_tiny_tokenizer("other")  # another vocabulary
+    byte_level.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="tokenizer differs"):
+        evaluate.same_vocab(str(tmp_path / "other"), tiny.tok, "--judge rm:", SimpleNamespace(dataset="toy"))
+
+
+def bad_input(tmp_path, case):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is the capital of France?"}) + "\n")
+    return {"unknown judge": (["--judge", "foo:bar"], "--judge foo:bar"),
+            "malformed --models": (["--judge", "oracle"], "--models nopath"),
+            "oracle off the built-in task": (["--judge", "oracle", "--dataset", prompts], "--judge oracle")}[case]
+
+
+@pytest.mark.parametrize("case", ["unknown judge", "malformed --models", "oracle off the built-in task"])
+def test_bad_input_fails_cleanly(tiny, tmp_path, case):
+    flags, names = bad_input(tmp_path, case)
+    models = ["nopath"] if case == "malformed --models" else [f"a={tiny.a}"]
+    out = tmp_path / "out"
+    proc = run_stage("evaluate.py", "--models", *models, *flags, "--output_dir", out, check=False, env=ONE_THREAD)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("error:") and names in lines[-1], proc.stderr
+    assert not out.exists()

@@ -1,0 +1,46 @@
+"""Hardening: kill -9 a training stage mid-way, rerun with --resume, end with the metrics of an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, read_metrics, run_stage
+
+STAGES = {
+    "sft.py": ["--max_steps", 40, "--eval_steps", 20, "--oracle_prompts", 8, "--logging_steps", 5],
+    "dpo.py": ["--max_steps", 40, "--eval_steps", 20, "--logging_steps", 5],
+    "reward_model.py": ["--max_steps", 40, "--eval_steps", 20, "--logging_steps", 5],
+}
+
+
+def kill_after_checkpoint(cmd, checkpoint):
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (checkpoint / "state.json").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_kill_and_resume_gives_the_uninterrupted_run(stage, pipeline, tmp_path):
+    args = [*STAGES[stage], "--save_every", 10, "--save_total_limit", 2]
+    if stage != "sft.py":
+        args += ["--sft_ckpt", pipeline["sft"]]
+    run_stage(stage, *args, "--output_dir", tmp_path / "clean")
+    out = tmp_path / "killed"
+    kill_after_checkpoint([sys.executable, str(ROOT / stage), *map(str, args), "--output_dir", str(out)],
+                          out / "checkpoint-20")
+    assert not (out / "config.json").exists()  # the killed run never looked complete
+    run_stage(stage, *args, "--output_dir", out, "--resume")
+    assert read_metrics(out) == read_metrics(tmp_path / "clean")
+    # --save_total_limit 2: only the two newest checkpoints are kept
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+
+
+def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
+    proc = run_stage("sft.py", "--output_dir", tmp_path, "--resume", "--max_steps", 1, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --resume")
