@@ -55,6 +55,7 @@ class RunArgs:
     report_to: str = arg("none", "Accelerate tracker for metrics besides metrics.jsonl: none | tensorboard | wandb")
     skip_bad_rows: bool = arg(False, "skip data rows that cannot be parsed (counted) instead of failing on the first")
     long_prompts: str = arg("skip", "prompts longer than --max_prompt_len: skip (counted) | fail")
+    trust_remote_code: bool = arg(False, "let checkpoints run their own Python code (off: only built-in models)")
 
 
 @dataclass
@@ -96,6 +97,7 @@ def setup(args, grad_accum=1):
     if trackers[args.report_to] and not any(importlib.util.find_spec(p) for p in trackers[args.report_to]):
         fail(f"--report_to {args.report_to}: the {trackers[args.report_to][0]} package is not installed "
              f"(pip install {trackers[args.report_to][0]})")
+    LOAD_OPTIONS["trust_remote_code"] = args.trust_remote_code
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum,
         # each epoch's shuffle depends only on (seed, epoch), so a resumed run sees the same batches
@@ -255,6 +257,9 @@ CHAT_TEMPLATE = (  # for the tiny tokenizers; real chat models bring their own
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# Every from_pretrained call: weights from safetensors only (no pickle), remote code only with --trust_remote_code
+# (setup() sets it from the flag).
+LOAD_OPTIONS = {"trust_remote_code": False}
 SPECIALS = ["<pad>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -295,7 +300,7 @@ def load_tokenizer(name, dataset=TOY, flag="--model_name_or_path"):
         return build_tiny_tokenizer(dataset)
     check_model_path(name, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0]})")
     if tokenizer.pad_token is None:
@@ -312,7 +317,7 @@ def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
     else:
         check_model_path(name, flag)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True, **LOAD_OPTIONS)
         except (OSError, ValueError) as e:
             fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0]})")
     return disable_dropout(model)
@@ -322,7 +327,8 @@ def load_scorer(name, tokenizer, flag):
     """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1."""
     check_model_path(name, flag)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch.float32,
+                                                                   use_safetensors=True, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load as a sequence-classification model ({str(e).splitlines()[0]})")
     model.config.pad_token_id = tokenizer.pad_token_id
