@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
+                          LlamaConfig, LlamaForCausalLM, get_scheduler)
 
 import toy_task
 
@@ -78,18 +79,19 @@ def parse_args(args_class, argv=None):
     return args
 
 
-def batch_plan(batch_size, micro_batch_size):
-    """Gradient-accumulation steps so that micro × processes × accumulation = global batch, exactly."""
-    num_processes = PartialState().num_processes
+def batch_plan(accelerator, batch_size, micro_batch_size):
+    """Micro-batch and gradient-accumulation steps so that micro × processes × accumulation = global batch."""
+    num_processes = accelerator.num_processes
     micro = micro_batch_size or max(1, batch_size // num_processes)
     if batch_size % (micro * num_processes):
         fail(f"--batch_size {batch_size} is not divisible by --micro_batch_size {micro} × {num_processes} processes; "
              "change one of them")
-    return micro, batch_size // (micro * num_processes)
+    accelerator.gradient_accumulation_steps = batch_size // (micro * num_processes)
+    return micro, accelerator.gradient_accumulation_steps
 
 
 # ============================================================================ set-up and logging
-def setup(args, grad_accum=1):
+def setup(args):
     """Accelerator + seed. Trackers start only when asked for (--report_to)."""
     trackers = {"none": None, "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
     if args.report_to not in trackers:
@@ -99,7 +101,6 @@ def setup(args, grad_accum=1):
              f"(pip install {trackers[args.report_to][0]})")
     LOAD_OPTIONS["trust_remote_code"] = args.trust_remote_code
     accelerator = Accelerator(
-        gradient_accumulation_steps=grad_accum,
         # each epoch's shuffle depends only on (seed, epoch), so a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
@@ -171,6 +172,14 @@ def nonfinite(args, what, step, optimizers):
     for optimizer in optimizers:
         optimizer.zero_grad()
     return False
+
+
+def lr_schedule(accelerator, optimizer, name, warmup_steps, steps, **kwargs):
+    """A prepared transformers schedule over `steps` optimiser steps. Accelerate steps a prepared scheduler once
+    per process at every optimiser step, so its length is counted in process-steps."""
+    n = accelerator.num_processes
+    return accelerator.prepare(get_scheduler(name, optimizer, warmup_steps * n, steps * n,
+                                             scheduler_specific_kwargs=kwargs or None))
 
 
 def train_batches(accelerator, loader, epochs, start_step, accum):
@@ -290,19 +299,71 @@ def tiny_config(tokenizer, hidden=128, layers=4):
 
 
 def check_model_path(name, flag):
+    if name.endswith(".gguf") and not os.path.isfile(name):
+        fail(f"{flag} {name}: no such .gguf file")
     if name != TINY and not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         fail(f"{flag} {name}: no such folder or file (and not a hub id of the form org/name)")
 
 
+def pretrained(name, flag, model=False):
+    """from_pretrained's (path, extra kwargs) for a hub id, a folder, or a local .gguf file (llama.cpp's format).
+
+    A .gguf file is read from its folder with gguf_file=. A model's weights are unpacked into a plain dense one:
+    otherwise transformers 5 marks the model as GGUF-quantised (and, with a matmul kernel installed, may keep the
+    weights in packed blocks that cannot train), and save_pretrained refuses it ("quantized with gguf and is not
+    serializable"). GgufConfig(dequantize=True) unpacks every weight and drops the mark, so the checkpoint a stage
+    writes is an ordinary safetensors folder. transformers 4 always unpacks GGUF and has no GgufConfig."""
+    if not name.endswith(".gguf"):
+        return name, {}
+    if importlib.util.find_spec("gguf") is None:
+        fail(f"{flag} {name}: reading a .gguf file needs the gguf package (pip install gguf)")
+    kwargs = {"gguf_file": os.path.basename(name)}
+    if model:
+        try:
+            from transformers import GgufConfig
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:
+            pass
+    return os.path.dirname(os.path.abspath(name)), kwargs
+
+
+def end_of_turn_token(tokenizer):
+    """The special token the chat template writes right after an assistant message (ChatML: <|im_end|>), or None."""
+    if not tokenizer.chat_template:
+        return None
+    mark = "RESPONSE_ENDS_HERE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+    except Exception:  # a template may reject this conversation (jinja raise_exception); then it tells us nothing
+        return None
+    after = text.split(mark, 1)[1].lstrip() if mark in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    special = ids and getattr(tokenizer.added_tokens_decoder.get(ids[0]), "special", False)
+    return tokenizer.convert_ids_to_tokens(ids[0]) if special else None
+
+
 def load_tokenizer(name, dataset=TOY, flag="--model_name_or_path"):
-    """A checkpoint's tokenizer; sets pad = EOS when the tokenizer has no pad token (masks compensate)."""
+    """A checkpoint's tokenizer (hub id, folder or .gguf file).
+
+    EOS is the token that ends a response: encode_response appends it and sampling stops at it. When the chat
+    template ends an assistant turn with another special token (a base model's <|endoftext|> under a ChatML
+    template that ends turns with <|im_end|>), that token becomes EOS, so that responses end the way the
+    template's turns do and an instruct model stops where it was taught to. Sets pad = EOS when the tokenizer
+    has no pad token (masks compensate)."""
     if name == TINY:
         return build_tiny_tokenizer(dataset)
     check_model_path(name, flag)
+    path, kwargs = pretrained(name, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **LOAD_OPTIONS)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0]})")
+    eot = end_of_turn_token(tokenizer)
+    if eot and eot != tokenizer.eos_token:
+        print(f"note: the chat template of {name} ends an assistant turn with {eot!r}, not its EOS "
+              f"{tokenizer.eos_token!r}; using {eot!r} as EOS", file=sys.stderr)
+        tokenizer.eos_token = eot
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         print(f"note: tokenizer of {name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad", file=sys.stderr)
@@ -310,27 +371,37 @@ def load_tokenizer(name, dataset=TOY, flag="--model_name_or_path"):
 
 
 def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
-    """Any causal LM by hub id or folder, or `tiny`; dropout off (PPO's ratio must be 1 before any update)."""
+    """Any causal LM by hub id, folder or .gguf file, or `tiny`; float32, dropout off (PPO's ratio must be 1
+    before any update)."""
     if name == TINY:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config(tokenizer))
     else:
         check_model_path(name, flag)
+        path, kwargs = pretrained(name, flag, model=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True, **LOAD_OPTIONS)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **kwargs,
+                                                         **LOAD_OPTIONS)
         except (OSError, ValueError) as e:
             fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0]})")
+        if getattr(model, "is_quantized", False):
+            fail(f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an "
+                 "unquantised checkpoint")
     return disable_dropout(model)
 
 
 def load_scorer(name, tokenizer, flag):
     """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1."""
     check_model_path(name, flag)
+    path, kwargs = pretrained(name, flag, model=True)  # a .gguf file works too (a fresh head on its backbone)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch.float32,
-                                                                   use_safetensors=True, **LOAD_OPTIONS)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   use_safetensors=True, **kwargs, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load as a sequence-classification model ({str(e).splitlines()[0]})")
+    if getattr(model, "is_quantized", False):
+        fail(f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an unquantised "
+             "checkpoint")
     model.config.pad_token_id = tokenizer.pad_token_id
     return disable_dropout(model)
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 import common
 from common import TOY, arg
@@ -118,8 +117,8 @@ def evaluate(accelerator, model, ref, loader, beta):
 
 def main(argv=None):
     args = fill_defaults(common.parse_args(Args, argv))
-    micro, accum = common.batch_plan(args.batch_size, args.micro_batch_size)
-    accelerator = common.setup(args, accum)
+    accelerator = common.setup(args)
+    micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
     model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")
     ref = common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")).to(accelerator.device)
@@ -138,26 +137,27 @@ def main(argv=None):
         ref = None
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad))
     held_loader = DataLoader(held, micro, collate_fn=pair_collate(pad))
-    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
-    model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, held_loader, scheduler)
+    model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
+    scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
 
     step = (common.load_state(accelerator, args) or {"step": 0})["step"]
     if step == 0:
         common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, ref, held_loader, args.beta), 0)
-    bar, skipped = common.progress(accelerator, steps, "dpo", step), 0
+    bar, skipped, window = common.progress(accelerator, steps, "dpo", step), 0, []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss, chosen, rejected = batch_loss(model, ref, batch, args.beta)
             skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+        window.append(step_metrics(loss.detach(), chosen, rejected))
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        metrics = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                   for k, v in step_metrics(loss.detach(), chosen, rejected).items()}
+        metrics = {k: accelerator.reduce(torch.tensor([w[k] for w in window]).mean().to(accelerator.device),
+                                         "mean").item() for k in window[0]}  # the step's means
+        window = []
         if step % args.eval_steps == 0 or step == steps:
             metrics.update(evaluate(accelerator, model, ref, held_loader, args.beta))
         if step % args.logging_steps == 0 or "eval_loss" in metrics:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 import common
 from common import TOY, arg
@@ -83,8 +82,8 @@ def reward_statistics(accelerator, model, loader):
 
 def main(argv=None):
     args = fill_defaults(common.parse_args(Args, argv))
-    micro, accum = common.batch_plan(args.batch_size, args.micro_batch_size)
-    accelerator = common.setup(args, accum)
+    accelerator = common.setup(args)
+    micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
     model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt")
     train, held = common.load_pairs(args.dataset, args, args.eval_fraction)
@@ -100,26 +99,27 @@ def main(argv=None):
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
     stats_loader = DataLoader(train, micro, collate_fn=collate)
-    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
-    model, optimizer, train_loader, held_loader, stats_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, held_loader, stats_loader, scheduler)
+    model, optimizer, train_loader, held_loader, stats_loader = accelerator.prepare(
+        model, optimizer, train_loader, held_loader, stats_loader)
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
+    scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
 
     step = (common.load_state(accelerator, args) or {"step": 0})["step"]
     if step == 0:
         common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, held_loader), 0)
-    bar, skipped = common.progress(accelerator, steps, "reward model", step), 0
+    bar, skipped, window = common.progress(accelerator, steps, "reward model", step), 0, []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss, chosen, rejected = bt_loss(common.sequence_scores(model, batch))
             skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+        window.append(torch.stack([loss.detach(), (chosen > rejected).float().mean()]))
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(),
-                   "accuracy": accelerator.reduce((chosen > rejected).float().mean(), "mean").item()}
+        mean, window = accelerator.reduce(torch.stack(window).mean(0), "mean").tolist(), []  # the step's means
+        metrics = {"loss": mean[0], "accuracy": mean[1]}
         if step % args.eval_steps == 0 or step == steps:
             metrics.update(evaluate(accelerator, model, held_loader))
         if step % args.logging_steps == 0 or "eval_loss" in metrics:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import get_scheduler
 
 import common
 import toy_task
@@ -350,11 +349,10 @@ def main(argv=None):
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
     optimizers = [torch.optim.Adam(models[m].parameters(), lr=lr, betas=(0.9, 0.95))
                   for m, lr in (("policy", args.actor_lr), ("critic", args.critic_lr))]
-    schedulers = [get_scheduler("cosine_with_min_lr", o, math.ceil(0.03 * steps), steps,
-                                scheduler_specific_kwargs={"min_lr_rate": 0.1}) for o in optimizers]
-    models["policy"], models["critic"], *rest = accelerator.prepare(models["policy"], models["critic"],
-                                                                     *optimizers, *schedulers)
-    optimizers, schedulers = rest[:2], rest[2:]
+    models["policy"], models["critic"], *optimizers = accelerator.prepare(models["policy"], models["critic"],
+                                                                           *optimizers)
+    schedulers = [common.lr_schedule(accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps,
+                                     min_lr_rate=0.1) for o in optimizers]  # authors': cosine to 0.1 x lr
     if args.gradient_checkpointing:
         for m in ("policy", "critic"):
             accelerator.unwrap_model(models[m]).gradient_checkpointing_enable()

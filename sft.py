@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 import common
 import toy_task
@@ -64,11 +63,17 @@ def sft_loss(model, batch):
 
 
 @torch.no_grad()
-def heldout_loss(model, loader):
+def heldout_loss(accelerator, model, loader):
+    """Token-mean NLL over every held-out response of every process (gather_for_metrics drops the padding
+    that evens out the last batch across processes)."""
     model.eval()
-    losses = [sft_loss(model, b).item() for b in loader]
+    sums = []
+    for b in loader:
+        nll = -common.response_logprobs(model, b).sum(-1)  # (B,)
+        sums.append(accelerator.gather_for_metrics(torch.stack([nll, b["response_mask"].sum(-1)], 1)))
     model.train()
-    return sum(losses) / len(losses)
+    total = torch.cat(sums).sum(0)
+    return (total[0] / total[1]).item()
 
 
 def oracle_reward(args, accelerator, model, tokenizer):
@@ -82,8 +87,8 @@ def oracle_reward(args, accelerator, model, tokenizer):
 
 def main(argv=None):
     args = fill_defaults(common.parse_args(Args, argv))
-    micro, accum = common.batch_plan(args.batch_size, args.micro_batch_size)
-    accelerator = common.setup(args, accum)
+    accelerator = common.setup(args)
+    micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.dataset)
     model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed)
     train, held = load_demonstrations(args, tokenizer)
@@ -95,28 +100,29 @@ def main(argv=None):
     collate = lambda exs: common.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
-    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_scheduler("linear", optimizer, int(args.warmup_ratio * steps), steps)
-    model, optimizer, train_loader, held_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, held_loader, scheduler)
+    model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
+    scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
 
     step = (common.load_state(accelerator, args) or {"step": 0})["step"]
     if step == 0:
-        before = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+        before = {"heldout_loss": heldout_loss(accelerator, model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", **before}, 0)
-    bar, skipped = common.progress(accelerator, steps, "sft", step), 0
+    bar, skipped, window = common.progress(accelerator, steps, "sft", step), 0, []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss = sft_loss(model, batch)
             skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+        window.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        metrics = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": scheduler.get_last_lr()[0]}
+        loss, window = accelerator.reduce(torch.stack(window).mean(), "mean").item(), []  # the step's mean loss
+        metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
         if step % args.eval_steps == 0 or step == steps:
-            metrics["heldout_loss"] = heldout_loss(model, held_loader)
+            metrics["heldout_loss"] = heldout_loss(accelerator, model, held_loader)
         if step % args.logging_steps == 0 or "heldout_loss" in metrics:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             common.log_metrics(accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step)
@@ -125,7 +131,7 @@ def main(argv=None):
         if step >= steps:
             break
 
-    after = {"heldout_loss": heldout_loss(model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+    after = {"heldout_loss": heldout_loss(accelerator, model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
     common.log_metrics(accelerator, args.output_dir, {"phase": "after", **after}, step)
     common.save_model(accelerator, model, tokenizer, args.output_dir)
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in after.items()))
