@@ -689,26 +689,37 @@ def response_logprobs(model, batch, temperature=1.0):
     return logprobs_of(response_logits(model, batch, temperature), tokens) * batch["response_mask"]
 
 
-def _hidden_states(model, batch):
-    """Last hidden states of a scalar-head model's backbone: (B, T, H)."""
-    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=position_ids(batch["attention_mask"]), use_cache=False).last_hidden_state
+def scores_per_position(model, batch):
+    """The scalar head's output at every position, (B, T), from a forward pass of the whole model.
+
+    transformers' sequence-classification models apply the head to every position and then pool; we catch
+    the head's output with a hook, so the forward goes through any DDP/FSDP wrapper (gradients stay in sync)."""
+    head = model
+    while hasattr(head, "module"):  # DDP / FSDP1 wrappers
+        head = head.module
+    caught = []
+    hook = head.score.register_forward_hook(lambda module, inputs, output: caught.append(output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+    finally:
+        hook.remove()
+    return caught[0].squeeze(-1).float()
 
 
 def sequence_scores(model, batch):
     """Reward-model score read at the last real token of prompt + response, whatever the padding: (B,).
 
     Read from the attention mask rather than by looking for pad tokens, so it stays right when pad == EOS."""
-    hidden = _hidden_states(model, batch)
     T = batch["attention_mask"].shape[1]
     last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # index of the last 1 in each row
-    return model.score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+    return scores_per_position(model, batch).gather(1, last[:, None]).squeeze(1)
 
 
 def token_values(critic, batch):
     """Critic values V(s_h) for the state before each response token h: (B, R), 0 on padding."""
     P = batch["prompt_len"]
-    return critic.score(_hidden_states(critic, batch)[:, P - 1:-1]).squeeze(-1).float() * batch["response_mask"]
+    return scores_per_position(critic, batch)[:, P - 1:-1] * batch["response_mask"]
 
 
 def dpo_token_rewards(dpo_model, ref_logprobs, batch, beta):
