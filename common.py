@@ -107,8 +107,25 @@ def setup(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    fsdp_on_cpu(accelerator)
+    # said out loud because a wrong launch command silently runs one process
+    accelerator.print(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})")
     set_seed(args.seed)
     return accelerator
+
+
+def fsdp_on_cpu(accelerator):
+    """Accelerate ignores an FSDP config when there is no GPU (and falls back to DDP); apply it by hand, so that
+    the FSDP code paths run in tests on CPU processes. A no-op wherever Accelerate already set FSDP up."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or accelerator.is_fsdp2 or \
+            accelerator.distributed_type == DistributedType.FSDP:
+        return
+    for state in (accelerator.state, PartialState()):
+        state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
 
 
 def prepare_output_dir(args, accelerator):
@@ -142,6 +159,7 @@ def log_metrics(accelerator, output_dir, metrics, step):
 # ============================================================================ the training step and resumable state
 def all_finite(accelerator, x):
     """True on every process iff x is finite on every process (so that all ranks take the same branch)."""
+    x = x.full_tensor() if hasattr(x, "full_tensor") else x  # FSDP2's gradient norm is a DTensor
     bad = (~torch.isfinite(x.detach().float())).any().float()
     return accelerator.reduce(bad.to(accelerator.device), "sum").item() == 0
 
@@ -332,9 +350,9 @@ def end_of_turn_token(tokenizer):
     if not tokenizer.chat_template:
         return None
     mark = "RESPONSE_ENDS_HERE"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
     except Exception:  # a template may reject this conversation (jinja raise_exception); then it tells us nothing
         return None
     after = text.split(mark, 1)[1].lstrip() if mark in text else ""
@@ -418,6 +436,21 @@ def frozen(model):
     return model
 
 
+def place_frozen(accelerator, model):
+    """Put a frozen model (reference, DPO, reward model) where it runs: sharded like the trained models under
+    FSDP2 (each decoder layer, then the whole), otherwise one copy per device. Accelerate's prepare() refuses
+    a model that has no optimiser under FSDP2, hence fully_shard by hand."""
+    if not accelerator.is_fsdp2:
+        return model.to(accelerator.device)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 # ============================================================================ data
 def _messages_from_hh(text):
     """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{role, content}, ...]"""
@@ -474,6 +507,15 @@ def detect_format(columns):
 
 def parse_row(row, fmt):
     """One raw row -> {'prompt': messages, 'chosen': str, 'rejected': str} (or just 'prompt')."""
+    parsed = _parse_layout(row, fmt)
+    # A prompt without any text (an empty prompt column, a bare "Human:", a conversation that is only the answer)
+    # leaves nothing to respond to: a broken row, not a question
+    if not any(m["content"].strip() for m in parsed["prompt"]):
+        raise ValueError("the prompt is empty")
+    return parsed
+
+
+def _parse_layout(row, fmt):
     if fmt == "prompt_only":
         return {"prompt": _as_prompt(row["context_messages"] if "context_messages" in row else row["prompt"])}
     chosen, rejected = row.get("chosen"), row.get("rejected")
@@ -483,7 +525,8 @@ def parse_row(row, fmt):
         chosen, rejected = _as_messages(chosen), _as_messages(rejected)
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise ValueError("the last message of 'chosen'/'rejected' is not the assistant's")
-        prompt = _as_prompt(row["prompt"]) if row.get("prompt") else chosen[:-1]
+        # no prompt column (or an empty one): the conversation before the answer; any other value must be a prompt
+        prompt = chosen[:-1] if row.get("prompt") in (None, "") else _as_prompt(row["prompt"])
         return {"prompt": prompt, "chosen": _text(chosen[-1]["content"], "chosen"),
                 "rejected": _text(rejected[-1]["content"], "rejected")}
     chosen, rejected = _text(chosen, "chosen"), _text(rejected, "rejected")
@@ -502,55 +545,104 @@ def parse_row(row, fmt):
 
 def load_rows(dataset, split="train", skip_bad_rows=False):
     """Rows of a hub dataset or a local json/jsonl(.gz)/parquet file, parsed into one layout."""
-    import datasets
-
     local = os.path.exists(dataset)
     if not local and (dataset.startswith((".", "/", "~")) or dataset.endswith((".json", ".jsonl", ".gz", ".parquet"))):
         fail(f"--dataset {dataset}: no such file")
-    if local and _is_empty_file(dataset):
-        fail(f"--dataset {dataset}: is empty (no rows)")
-    try:
-        if local:
-            kind = "parquet" if dataset.endswith(".parquet") else "json"
-            ds = datasets.load_dataset(kind, data_files=dataset, split="train")
-        else:
-            ds = datasets.load_dataset(dataset, split=split)
-    except Exception as e:  # the datasets library raises many kinds; all mean the same to a user
-        why = (str(e).splitlines() or [""])[0][:200]  # some come with no message at all
-        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}{f': {why}' if why else ''})")
-    if len(ds) == 0:
+    if local and not dataset.endswith(".parquet"):
+        columns, raws = _read_json(dataset)
+    else:
+        columns, raws = _read_with_datasets(dataset, split, local)
+    if len(raws) == 0:
         fail(f"--dataset {dataset}: has no rows")
-    fmt = detect_format(ds.column_names)
+    fmt = detect_format(columns)
     if fmt is None:
-        fail(f"--dataset {dataset}: unknown format (columns {ds.column_names}); expected chosen/rejected "
+        fail(f"--dataset {dataset}: unknown format (columns {columns}); expected chosen/rejected "
              "(HH-RLHF, UltraFeedback, or with prompt), or prompt / context_messages")
     rows, bad = [], 0
-    for i, raw in enumerate(ds):
+    for i in range(len(raws)):
         try:
+            raw = raws[i]  # by index: a parquet string that is not UTF-8 raises as its row is read, not before
+            if isinstance(raw, ValueError):  # a JSON line that is not an object (see _read_json)
+                raise raw
             rows.append(parse_row(raw, fmt))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
+            why = "not valid UTF-8 text" if isinstance(e, UnicodeDecodeError) else e
             if not skip_bad_rows:
-                fail(f"--dataset {dataset} row {i}: {e} (pass --skip_bad_rows to skip such rows)")
+                fail(f"--dataset {dataset} row {i}: {why} (pass --skip_bad_rows to skip such rows)")
             bad += 1
     if bad:
-        print(f"note: skipped {bad} of {len(ds)} rows of {dataset} that could not be parsed", file=sys.stderr)
+        print(f"note: skipped {bad} of {len(raws)} rows of {dataset} that could not be parsed", file=sys.stderr)
     if not rows:
         fail(f"--dataset {dataset}: no usable rows")
     return rows
 
 
-def _is_empty_file(path):
-    """A local json/jsonl(.gz) file with nothing but blanks or `[]` in it; the json reader fails on one with a
-    bare StopIteration or 'corresponds to no data', which tells a user nothing."""
-    import gzip
+def _read_with_datasets(dataset, split, local):
+    """A parquet file or a hub dataset: (column names, rows)."""
+    import datasets
 
-    if not os.path.isfile(path) or path.endswith(".parquet"):
-        return False
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", errors="replace") as f:
-            return not any(line.strip(" \t\r\n[]") for line in f)
-    except OSError:  # not gzip after all, unreadable, ...: the datasets reader says what is wrong
-        return False
+        if local:
+            ds = datasets.load_dataset("parquet", data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # the datasets library raises many kinds; all mean the same to a user
+        why = (str(e).splitlines() or [""])[0][:200]  # some come with no message at all
+        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}{f': {why}' if why else ''})")
+    return ds.column_names, ds
+
+
+def _read_json(path):
+    """A local JSON-lines file, or one JSON array, either possibly gzipped: (column names, rows), where a row is a
+    dict holding every column (None where it lacks one) or the ValueError that says why its line is not a row.
+
+    The json module rather than the datasets library's JSON reader, which changes values where it should let
+    parse_row refuse them: past its first 10 MB it casts a column to the type seen so far (an int `chosen` comes
+    back as "5", a dict as its JSON text); a column of mixed types is stored as JSON, so that an answer which
+    happens to read as JSON ("[1, 2]", '"yes"') comes back as a list or loses its quotes; it lets invalid UTF-8
+    through; and its pyarrow (26) crashes the interpreter on a file whose first row is `null`."""
+    import gzip
+    import zlib
+
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read().removeprefix(b"\xef\xbb\xbf")
+    except (OSError, EOFError, zlib.error) as e:  # a folder, not gzip after all, gzip cut short, ...
+        fail(f"--dataset {path}: cannot be read ({type(e).__name__}: {str(e)[:200]})")
+    if data.lstrip().startswith(b"["):  # one JSON array: it stands or falls as a whole
+        values = _json_value(data)
+        if isinstance(values, ValueError):
+            fail(f"--dataset {path}: cannot be read as a dataset (a JSON array that is {values})")
+        rows = [_json_object(v) for v in values]
+    else:
+        rows = [_json_object(_json_value(line)) for line in data.splitlines() if line.strip()]
+    if not rows:
+        fail(f"--dataset {path}: is empty (no rows)")
+    if not any(isinstance(r, dict) for r in rows):
+        what = "one JSON object over many lines" if isinstance(_json_value(data), dict) else f"row 0: {rows[0]}"
+        fail(f"--dataset {path}: cannot be read as a dataset ({what}; expected an object per line or an array of "
+             "objects)")
+    columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+    return columns, [{c: r.get(c) for c in columns} if isinstance(r, dict) else r for r in rows]
+
+
+def _json_value(text):
+    """Bytes of JSON -> the value, or a ValueError saying why not."""
+    try:
+        value = json.loads(text.decode())  # strict UTF-8
+        if b"\\ud" in text.lower():  # escapes of lone surrogates ("\ud800") parse, but no tokenizer takes them
+            json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeError:
+        return ValueError("not valid UTF-8 text")
+    except (ValueError, RecursionError) as e:
+        return ValueError(f"not valid JSON ({str(e)[:200]})")
+    return value
+
+
+def _json_object(value):
+    if isinstance(value, (dict, ValueError)):
+        return value
+    return ValueError(f"{json.dumps(value)[:40]} is not a JSON object")
 
 
 def split_eval(rows, eval_fraction, seed):
@@ -572,6 +664,8 @@ def load_pairs(dataset, args, eval_fraction=0.05):
     if same:
         print(f"note: skipped {len(same)} pairs whose chosen equals rejected", file=sys.stderr)
         rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    if not rows:  # else an empty training set, and a crash far from its cause
+        fail(f"--dataset {dataset}: every pair has chosen equal to rejected; nothing to learn from")
     return split_eval(rows, eval_fraction, args.seed)
 
 
@@ -789,14 +883,18 @@ def decode_responses(tokenizer, batch):
 
 
 @torch.no_grad()
-def oracle_score(model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
-    """Mean ground-truth reward of sampled responses to built-in-task prompts (messages)."""
-    torch.manual_seed(seed)
+def oracle_score(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
+    """Mean ground-truth reward of sampled responses to built-in-task prompts (messages). Every process
+    samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
+    model = accelerator.unwrap_model(model)
     scores = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        batch = sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
-        scores += [toy_task.oracle_reward(p, r) for p, r in zip(chunk, decode_responses(tokenizer, batch))]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            batch = sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens,
+                           synced_gpus=accelerator.num_processes > 1)
+            scores += [toy_task.oracle_reward(p, r) for p, r in zip(chunk, decode_responses(tokenizer, batch))]
     return sum(scores) / len(scores)
 
 

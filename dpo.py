@@ -121,7 +121,8 @@ def main(argv=None):
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
     model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")
-    ref = common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")).to(accelerator.device)
+    ref = common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"))
+    ref = common.place_frozen(accelerator, ref)
     train, held = common.load_pairs(args.dataset, args, args.eval_fraction)
     enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
                                               args.long_prompts)

@@ -302,7 +302,7 @@ def load_models(args, accelerator):
                         "reward_model.py) — or pass --no_normalize_reward")
     for name in ("ref", "dpo", "rm"):
         if name in models:
-            models[name].to(accelerator.device)
+            models[name] = common.place_frozen(accelerator, models[name])
     return tokenizer, models
 
 
@@ -349,8 +349,8 @@ def main(argv=None):
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
     optimizers = [torch.optim.Adam(models[m].parameters(), lr=lr, betas=(0.9, 0.95))
                   for m, lr in (("policy", args.actor_lr), ("critic", args.critic_lr))]
-    models["policy"], models["critic"], *optimizers = accelerator.prepare(models["policy"], models["critic"],
-                                                                           *optimizers)
+    for i, name in enumerate(("policy", "critic")):  # one model per prepare() call, as FSDP2 requires
+        models[name], optimizers[i] = accelerator.prepare(models[name], optimizers[i])
     schedulers = [common.lr_schedule(accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps,
                                      min_lr_rate=0.1) for o in optimizers]  # authors': cosine to 0.1 x lr
     if args.gradient_checkpointing:
@@ -359,7 +359,7 @@ def main(argv=None):
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
     start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    oracle = lambda: common.oracle_score(accelerator.unwrap_model(models["policy"]), tokenizer,
+    oracle = lambda: common.oracle_score(accelerator, models["policy"], tokenizer,
                                          toy_task.prompts("test", args.oracle_prompts, seed=args.seed),
                                          args.max_new_tokens, seed=args.seed) if args.dataset == TOY else None
     if start == 0 and args.dataset == TOY:

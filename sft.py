@@ -19,7 +19,8 @@ from common import TOY, arg
 
 @dataclass
 class Args(common.TrainArgs):
-    model_name_or_path: str = arg(common.TINY, "hub id, local folder, or 'tiny' (a small random Llama)")
+    model_name_or_path: str = arg(common.TINY, "hub id, local folder, local .gguf file (needs the gguf package; "
+                                               "de-quantised to float32), or 'tiny' (a small random Llama)")
     dataset: str = arg(TOY, "'toy' (built-in task), a hub id, or a local json/jsonl/parquet file")
     output_dir: str = arg("runs/sft", "checkpoint folder to write")
     lr: float = arg(None, "AdamW learning rate (default: 1e-5, the paper's; 1e-3 on the built-in task)")
@@ -81,7 +82,7 @@ def oracle_reward(args, accelerator, model, tokenizer):
     if args.dataset != TOY:
         return {}
     prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed)
-    return {"oracle_reward": common.oracle_score(accelerator.unwrap_model(model), tokenizer, prompts,
+    return {"oracle_reward": common.oracle_score(accelerator, model, tokenizer, prompts,
                                                  args.max_response_len, seed=args.seed)}
 
 
