@@ -56,6 +56,7 @@ class RunArgs:
     report_to: str = arg("none", "Accelerate tracker for metrics besides metrics.jsonl: none | tensorboard | wandb")
     skip_bad_rows: bool = arg(False, "skip data rows that cannot be parsed (counted) instead of failing on the first")
     long_prompts: str = arg("skip", "prompts longer than --max_prompt_len: skip (counted) | fail")
+    dataset_split: str = arg("train", "split of a hub --dataset to train on (UltraFeedback: train_prefs)")
     trust_remote_code: bool = arg(False, "let checkpoints run their own Python code (off: only built-in models)")
 
 
@@ -75,7 +76,10 @@ class TrainArgs(RunArgs):
 
 
 def parse_args(args_class, argv=None):
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # leftover arguments: an unknown flag
+        fail(f"{str(e).splitlines()[0]} (see --help)")
     return args
 
 
@@ -657,7 +661,7 @@ def load_pairs(dataset, args, eval_fraction=0.05):
     """(train, eval) preference pairs: {prompt: messages, chosen: str, rejected: str}."""
     if dataset == TOY:
         return toy_task.preference_data("train", seed=args.seed), toy_task.preference_data("test", 500, args.seed)
-    rows = [r for r in load_rows(dataset, "train", args.skip_bad_rows) if "chosen" in r]
+    rows = [r for r in load_rows(dataset, args.dataset_split, args.skip_bad_rows) if "chosen" in r]
     if not rows:
         fail(f"--dataset {dataset}: holds prompts only; this stage needs chosen/rejected pairs")
     same = [r for r in rows if r["chosen"] == r["rejected"]]

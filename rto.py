@@ -338,7 +338,7 @@ def main(argv=None):
     sizes = batch_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = sizes["accum"]
     tokenizer, models = load_models(args, accelerator)
-    prompts = common.load_prompts(args.dataset, "train", args)
+    prompts = common.load_prompts(args.dataset, args.dataset_split, args)
     keep = [len(common.encode_prompt(tokenizer, p)) <= args.max_prompt_len for p in prompts]
     if not all(keep) and args.long_prompts == "fail":
         common.fail(f"{keep.count(False)} prompts exceed --max_prompt_len {args.max_prompt_len}")
