@@ -1,0 +1,150 @@
+"""The paper's comparison in miniature, on the built-in task, over several seeds.
+
+    python scripts/reproduce.py --out results/reproduce            # tune, 3 seeds, sample efficiency (~25 min)
+
+1. tune:   for each method (rto, ppo, dppo) the same small grid of actor lr x KL coefficient beta2, on a tuning
+           seed that is not an evaluation seed; the score is the oracle reward of the method's own training
+           rollouts over its last 5 iterations (train prompts), never the held-out test prompts.
+2. seeds:  for each seed, SFT -> DPO -> reward model -> RTO, PPO, DPPO with their tuned settings -> evaluate.py
+           with the oracle judge on 400 held-out prompts; the win-rate matrices are averaged over seeds, with a
+           95% interval across seeds, and each seed's matrix is kept.
+3. budget: RTO and PPO trained on 1/8, 1/4, 1/2 and all of the RL prompts (--num_episodes), final oracle reward
+           on the held-out prompts, per seed.
+Writes <out>/summary.md and <out>/summary.json; every run folder stays under <out> for inspection.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["rto", "ppo", "dppo"]
+GRID = [(lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)]
+PROMPTS = 2000  # the built-in task's RL prompts
+
+
+def run(script, *args):
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def metrics(folder):
+    return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
+
+
+def preference_stages(out, seed):
+    d = out / f"seed{seed}"
+    if not (d / "rm" / "config.json").exists():
+        run("sft.py", "--seed", seed, "--output_dir", d / "sft", "--overwrite")
+        run("dpo.py", "--seed", seed, "--sft_ckpt", d / "sft", "--output_dir", d / "dpo", "--overwrite")
+        run("reward_model.py", "--seed", seed, "--sft_ckpt", d / "sft", "--output_dir", d / "rm", "--overwrite")
+    return d
+
+
+def rl(d, method, seed, lr, beta2, name=None, *extra):
+    folder = d / (name or method)
+    if not (folder / "config.json").exists():
+        run("rto.py", "--reward_mode", method, "--seed", seed, "--sft_ckpt", d / "sft", "--dpo_ckpt", d / "dpo",
+            "--rm_ckpt", d / "rm", "--actor_lr", lr, "--beta2", beta2, "--sample_every", 0, "--output_dir", folder,
+            "--overwrite", *extra)
+    return folder
+
+
+def train_score(folder):
+    it = [m["oracle_reward"] for m in metrics(folder) if "policy_loss" in m]
+    return sum(it[-5:]) / len(it[-5:])
+
+
+def test_score(folder):
+    return next(m["oracle_reward_test"] for m in metrics(folder) if m.get("phase") == "after")
+
+
+def ci95(xs):
+    return 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="results/reproduce")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tune_seed", type=int, default=100)
+    p.add_argument("--skip_budget", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"grid": GRID, "seeds": a.seeds, "tune_seed": a.tune_seed}
+
+    # 1. tune every method with the same grid
+    d = preference_stages(out, a.tune_seed)
+    tuning = {m: {f"{lr:g},{b2:g}": train_score(rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}"))
+                  for lr, b2 in GRID} for m in METHODS}
+    best = {m: max(tuning[m], key=tuning[m].get) for m in METHODS}
+    summary.update(tuning=tuning, best=best)
+
+    # 2. the comparison, one pipeline per seed
+    matrices, scores = [], {m: [] for m in ["sft", *METHODS]}
+    for seed in a.seeds:
+        d = preference_stages(out, seed)
+        folders = {m: rl(d, m, seed, *map(float, best[m].split(","))) for m in METHODS}
+        ev = d / "eval"
+        if not (ev / "winrates.json").exists():
+            run("evaluate.py", "--models", f"sft={d / 'sft'}", f"dpo={d / 'dpo'}",
+                *[f"{m}={f}" for m, f in folders.items()], "--judge", "oracle", "--num_prompts", 400, "--seed", seed,
+                "--output_dir", ev, "--overwrite")
+        matrices.append(json.load(open(ev / "winrates.json")))
+    summary["per_seed"] = matrices
+
+    # 3. sample efficiency: RTO vs PPO on a fraction of the prompts
+    if not a.skip_budget:
+        budget = {}
+        for m in ("rto", "ppo"):
+            lr, b2 = map(float, best[m].split(","))
+            for frac in (8, 4, 2, 1):
+                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, f"{m}_frac{frac}",
+                                                         "--num_episodes", PROMPTS // frac)) for s in a.seeds]
+        summary["budget"] = budget
+    json.dump(summary, open(out / "summary.json", "w"), indent=1)
+    (out / "summary.md").write_text(report(summary))
+    print(report(summary))
+
+
+def report(s):
+    names = list(s["per_seed"][0]["models"])
+    lines = ["## Tuning (tuning seed %d; oracle reward of training rollouts, last 5 iterations)" % s["tune_seed"], "",
+             "| method | " + " | ".join(f"lr {k.split(',')[0]}, β2 {k.split(',')[1]}" for k in s["tuning"]["rto"]) +
+             " | chosen |", "|---" * (len(s["tuning"]["rto"]) + 2) + "|"]
+    for m, row in s["tuning"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in row.values()) + f" | {s['best'][m]} |")
+    lines += ["", f"## Win rates, oracle judge, mean over seeds {s['seeds']} ± 95% interval across seeds "
+                  "(row beats column)", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, a in enumerate(names):
+        cells = []
+        for j in range(len(names)):
+            xs = [m["win_rates"][a][names[j]] for m in s["per_seed"]]
+            cells.append(f"{statistics.mean(xs):.3f} ± {ci95(xs):.3f}" if i != j else "0.500")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "Row beats column in how many seeds (win rate > 0.5):", "", "| | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    for i, a in enumerate(names):
+        lines.append(f"| {a} | " + " | ".join("-" if a == b else str(sum(m["win_rates"][a][b] > 0.5 for m in s["per_seed"]))
+                                           for b in names) + " |")
+    lines += ["", "Mean oracle score per seed:", "", "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |",
+              "|---" * (len(s["seeds"]) + 1) + "|"]
+    for i, a in enumerate(names):
+        lines.append(f"| {a} | " + " | ".join(f"{m['summary'][a]['mean_score']:.3f}" for m in s["per_seed"]) + " |")
+    if "budget" in s:
+        lines += ["", "## Sample efficiency: held-out oracle reward after training on a fraction of the RL prompts",
+                  "", "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |",
+                  "|---" * (len(s["seeds"]) + 2) + "|"]
+        for k, xs in s["budget"].items():
+            lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
