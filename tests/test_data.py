@@ -197,7 +197,7 @@ def test_load_pairs_skips_ties_and_splits(tmp_path, capsys):
     for i in (3, 17, 29):
         rows[i]["rejected"] = rows[i]["chosen"]
     path = write_rows(tmp_path / "pairs.jsonl", rows)
-    args = SimpleNamespace(seed=0, skip_bad_rows=False)
+    args = SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
     train, held = common.load_pairs(path, args, eval_fraction=0.25)
     assert "note: skipped 3 pairs whose chosen equals rejected" in capsys.readouterr().err
     assert (len(train), len(held)) == (28, 9)  # int(37 * 0.25) held out
@@ -210,11 +210,11 @@ def test_load_pairs_skips_ties_and_splits(tmp_path, capsys):
 def test_load_pairs_refuses_a_prompt_only_file(tmp_path):
     path = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "q"}])
     with pytest.raises(SystemExit, match="holds prompts only"):
-        common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False))
+        common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
 
 
 def test_load_prompts_from_pairs_and_prompt_files(tmp_path):
-    args = SimpleNamespace(seed=0, skip_bad_rows=False)
+    args = SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
     pairs = write_rows(tmp_path / "pairs.jsonl", [CASES[1][1]] * 3)
     prompts = write_rows(tmp_path / "prompts.jsonl", [{"context_messages": [U(f"q{i}")]} for i in range(5)])
     assert common.load_prompts(pairs, "train", args) == [CASES[1][2]["prompt"]] * 3
@@ -326,7 +326,7 @@ def test_real_layouts_agree():
 @needs_data
 def test_real_load_pairs(capsys):
     path = str(DATA / "hh_rlhf" / "test_mixed_1000.split.jsonl")
-    train, held = common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False))
+    train, held = common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
     assert "note: skipped 6 pairs whose chosen equals rejected" in capsys.readouterr().err
     assert (len(train), len(held)) == (945, 49)
     key = lambda r: json.dumps(r, sort_keys=True)
