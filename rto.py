@@ -329,7 +329,8 @@ def save(accelerator, models, tokenizer, args, iteration, beta2):
     """Policy (a causal-LM folder), critic beside it, and resumable state, each written atomically."""
     common.save_model(accelerator, models["policy"], tokenizer, args.output_dir)
     common.save_model(accelerator, models["critic"], tokenizer, os.path.join(args.output_dir, "critic"))
-    common.save_state(accelerator, args, iteration, {"beta2": beta2})
+    if args.save_every:  # resumable state (both models' optimisers too) is large: only when asked for
+        common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
 
 def main(argv=None):
