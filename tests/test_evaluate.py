@@ -3,6 +3,7 @@ page, the curves, then one end-to-end run and bad input in subprocesses (tiny ra
 
 import json
 import math
+import os
 import sys
 from types import SimpleNamespace
 
@@ -202,3 +203,15 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
                                                                            "--long_prompts", "fail"]))
     with pytest.raises(SystemExit, match="tokens > --max_prompt_len 30"):
         evaluate.load_eval_prompts(args, tok)
+
+
+def test_the_main_pipeline_end_to_end_with_a_minimal_budget(tmp_path):
+    """scripts/pipeline.sh (what the README's first command runs), a few steps per stage."""
+    import subprocess
+    from conftest import ROOT
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PY": sys.executable}
+    subprocess.run(["bash", str(ROOT / "scripts" / "pipeline.sh")], env=env, check=True, capture_output=True)
+    wins = json.loads((tmp_path / "eval" / "winrates.json").read_text())["win_rates"]
+    assert list(wins) == ["sft", "dpo", "ppo", "dppo", "rto"] and wins["rto"]["rto"] == 0.5
+    assert (tmp_path / "eval" / "token_rewards.html").exists()
+    assert (tmp_path / "eval" / "curves.png").exists() or (tmp_path / "eval" / "curves.csv").exists()
