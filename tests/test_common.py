@@ -168,3 +168,38 @@ def test_decoded_responses_keep_junk_special_tokens_but_not_the_final_eos():
     texts = common.decode_responses(tok, batch)
     assert texts == ["apple <unk> pear", "apple"]
     assert toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0  # <unk> is junk to the judge
+
+
+def test_a_non_finite_loss_or_gradient_stops_the_run_or_is_skipped_by_flag():
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = model.weight.detach().clone()
+    nan_loss = model(torch.ones(1, 2)).sum() * float("nan")
+    with pytest.raises(SystemExit, match="non-finite loss at step 8"):
+        common.optimizer_step(acc, [model], nan_loss, [opt], [sched], SimpleNamespace(skip_nonfinite=False), 7)
+    skip = SimpleNamespace(skip_nonfinite=True, max_grad_norm=1.0)
+    assert common.optimizer_step(acc, [model], nan_loss, [opt], [sched], skip, 7) is False
+    inf_loss = model(torch.tensor([[float("inf"), 1.0]])).sum()
+    assert common.optimizer_step(acc, [model], inf_loss, [opt], [sched], skip, 7) is False
+    assert torch.equal(model.weight, before)  # nothing was applied
+    ok = model(torch.ones(1, 2)).sum()
+    assert common.optimizer_step(acc, [model], ok, [opt], [sched], skip, 7) is True
+    assert not torch.equal(model.weight, before)
+
+
+def test_rto_refuses_checkpoints_with_another_vocabulary(tmp_path):
+    import rto
+    toy, other = common.build_tiny_tokenizer(common.TOY), common.build_tiny_tokenizer("bytes")
+    for name, tok in (("sft", toy), ("dpo", other)):
+        common.load_causal_lm(common.TINY, tok).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    args = rto.fill_defaults(common.parse_args(rto.Args, ["--sft_ckpt", str(tmp_path / "sft"), "--dpo_ckpt",
+                                                          str(tmp_path / "dpo"), "--beta3", "0", "--output_dir", "x"]))
+    from accelerate import Accelerator
+    with pytest.raises(SystemExit, match="--dpo_ckpt .* tokenizer differs"):
+        rto.load_models(args, Accelerator(cpu=True))
