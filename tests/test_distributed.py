@@ -17,11 +17,17 @@ SMALL = {"sft.py": ["--max_steps", 4, "--eval_steps", 2, "--oracle_prompts", 8],
          "reward_model.py": ["--max_steps", 4, "--eval_steps", 2]}
 
 
-def launch(config, script, *args, timeout=400):
+def launch(config, script, *args, timeout=180):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
-           str(ROOT / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+           str(ROOT / script), *map(str, args), "--overwrite"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # KNOWN ISSUE (open): a 2-process gloo run on CPU has hung once in ~20 runs (dpo.py, cause not yet
+        # found); one retry keeps CI usable, and a second hang still fails the test.
+        print(f"warning: {script} under {config} hung for {timeout} s; retrying once", file=sys.stderr)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stdout, proc.stdout[-2000:]  # not a silent single-process fallback
     return proc
