@@ -3,6 +3,8 @@
 Each run asserts that 2 ranks really ran: the obvious launch commands silently run one process on CPU."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -21,16 +23,34 @@ def launch(config, script, *args, timeout=180):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
            str(ROOT / script), *map(str, args), "--overwrite"]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # KNOWN ISSUE (open): a 2-process gloo run on CPU has hung once in ~20 runs (dpo.py, cause not yet
-        # found); one retry keeps CI usable, and a second hang still fails the test.
+    proc = run_group(cmd, env, timeout)
+    if proc is None:
+        # KNOWN ISSUE (open, #6): a 2-process gloo run on CPU has hung a few times in ~100 runs (dpo.py, cause not
+        # yet found); the stacks of the hung ranks were printed above. One retry keeps CI usable; a second hang fails.
         print(f"warning: {script} under {config} hung for {timeout} s; retrying once", file=sys.stderr)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = run_group(cmd, env, timeout)
+        assert proc is not None, f"{script} under {config} hung twice"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2" in proc.stdout, proc.stdout[-2000:]  # not a silent single-process fallback
     return proc
+
+
+def run_group(cmd, env, timeout):
+    """Run the launcher in its own process group; on a hang print every rank's Python stack (py-spy, when
+    installed), kill the whole group (the launcher and its workers, so no rank is orphaned) and return None."""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            pids = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split()
+            for pid in pids if shutil.which("py-spy") else []:
+                dump = subprocess.run(["py-spy", "dump", "--pid", pid], capture_output=True, text=True, timeout=60)
+                print(f"--- stack of pid {pid} ---\n{dump.stdout}{dump.stderr}", file=sys.stderr)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            return None
 
 
 def numbers(folder):
@@ -82,16 +102,17 @@ total = sum(p.numel() for p in model.parameters())
 model = common.place_frozen(acc, model)
 local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
 ids = __import__("torch").arange(5, 25)[None]
-print("SHARD", acc.process_index, local, total, float(model(ids).logits.sum()))
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open({out!r} + f"/shard-{{acc.process_index}}.txt", "w") as f:
+    print(acc.process_index, local, total, float(model(ids).logits.sum()), file=f)
 """
 
 
 def test_frozen_models_are_sharded_under_fsdp(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(SHARD_PROBE.format(root=str(ROOT), out=str(tmp_path)))
-    out = launch("cpu_fsdp.yaml", probe).stdout
-    rows = [line.split() for line in out.splitlines() if line.startswith("SHARD")]
-    assert len(rows) == 2
-    for _, _, local, total, _ in rows:
+    launch("cpu_fsdp.yaml", probe)
+    rows = [(tmp_path / f"shard-{rank}.txt").read_text().split() for rank in (0, 1)]
+    for _, local, total, _ in rows:
         assert int(local) <= int(total) // 2 + 1000  # about half of the parameters per rank, not a replica
-    assert rows[0][4] == rows[1][4]  # and the sharded model still computes the same thing on both ranks
+    assert rows[0][3] == rows[1][3]  # and the sharded model still computes the same thing on both ranks
