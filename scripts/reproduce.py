@@ -10,6 +10,11 @@
            95% interval across seeds, and each seed's matrix is kept.
 3. budget: RTO and PPO trained on 1/8, 1/4, 1/2 and all of the RL prompts (--num_episodes), final oracle reward
            on the held-out prompts, per seed.
+4. why:    scripts/reward_signal.py per seed, on the SFT model's responses and on the RTO policy's: how well the
+           reward model, the DPO implicit reward and the DPO token rewards track the oracle, and at what scale.
+5. ablate: RTO variants with RTO's tuned settings, held-out oracle reward per seed: without the clip on the DPO
+           token reward, and without the reward model (beta3 0, no clip: the paper's first version, which uses the
+           same information as DPPO, dense instead of at the last token).
 Writes <out>/summary.md and <out>/summary.json; every run folder stays under <out> for inspection.
 """
 
@@ -23,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["rto", "ppo", "dppo"]
+VARIANTS = {"rto_noclip": ["--dpo_reward_clip", 0], "rto_dpo_only": ["--beta3", 0, "--dpo_reward_clip", 0]}
 GRID = [(1e-4, b2) for b2 in (0.05, 0.1)]  # a small grid: what fitted in the time we had (README)
 PROMPTS = 2000  # the built-in task's RL prompts
 
@@ -109,6 +115,22 @@ def main():
                 budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name,
                                                          "--num_episodes", PROMPTS // frac)) for s in a.seeds]
         summary["budget"] = budget
+
+    # 4. why: how well each reward signal tracks the oracle, on SFT's responses and on RTO's
+    signal = {}
+    for policy in ("sft", "rto"):
+        for seed in a.seeds:
+            f = out / f"seed{seed}" / f"reward_signal_{policy}.json"
+            if not f.exists():
+                run("scripts/reward_signal.py", "--run", out / f"seed{seed}", "--policy", policy, "--json", f)
+            signal.setdefault(policy, []).append(json.load(open(f)))
+    summary["signal"] = signal
+
+    # 5. ablations of RTO's reward, with RTO's tuned settings
+    lr, b2 = map(float, best["rto"].split(","))
+    summary["ablation"] = {name: [test_score(rl(out / f"seed{s}", "rto", s, lr, b2, name, *extra))
+                                  for s in a.seeds] for name, extra in VARIANTS.items()}
+    summary["ablation"].update({m: [test_score(out / f"seed{s}" / m) for s in a.seeds] for m in METHODS})
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     (out / "summary.md").write_text(report(summary))
     print(report(summary))
@@ -143,6 +165,32 @@ def report(s):
                   "", "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |",
                   "|---" * (len(s["seeds"]) + 2) + "|"]
         for k, xs in s["budget"].items():
+            lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
+    if "signal" in s:
+        rows = [("reward-model score vs oracle, correlation", "corr_oracle_rm"),
+                ("DPO implicit reward vs oracle, correlation", "corr_oracle_dpo_sum"),
+                ("sum of clipped DPO token rewards vs oracle, correlation", "corr_oracle_dpo_clipped_sum"),
+                ("DPO token reward vs the oracle's credit for the word, correlation", "corr_token_reward_credit"),
+                ("share of DPO token rewards at the clip", "token_reward_at_clip"),
+                ("std over responses: reward-model score", "std_rm_score"),
+                ("std over responses: sum of clipped DPO token rewards", "std_dpo_clipped_sum")]
+        lines += ["", "## Why: each reward signal against the oracle (scripts/reward_signal.py; mean over seeds, "
+                      "min..max)", "", "| | on SFT's responses | on RTO's responses |", "|---|---|---|"]
+        cell = lambda xs: f"{statistics.mean(xs):.3f} ({min(xs):.3f}..{max(xs):.3f})"
+        for label, key in rows:
+            lines.append(f"| {label} | " + " | ".join(cell([x[key] for x in s["signal"][p]]) for p in ("sft", "rto"))
+                         + " |")
+        lines += ["", "Mean DPO token reward by kind of word (mean over seeds):", "",
+                  "| word | on SFT's responses | on RTO's responses |", "|---|---|---|"]
+        for kind in s["signal"]["sft"][0]["by_kind"]:
+            lines.append(f"| {kind} | " + " | ".join(
+                f"{statistics.mean(x['by_kind'][kind]['mean_reward'] for x in s['signal'][p]):+.4f}"
+                for p in ("sft", "rto")) + " |")
+    if "ablation" in s:
+        lines += ["", "## Ablations of RTO's reward: held-out oracle reward (200 prompts) per seed", "",
+                  "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |", "|---" * (len(s["seeds"]) + 2)
+                  + "|"]
+        for k, xs in s["ablation"].items():
             lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
     return "\n".join(lines) + "\n"
 
