@@ -142,6 +142,9 @@ def prepare_output_dir(args, accelerator):
         if args.overwrite and not resume and os.path.exists(out):
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json.tmp"), "w") as f:  # what produced this folder, defaults filled in
+            json.dump(asdict(args), f, indent=1, default=str)
+        os.replace(os.path.join(out, "args.json.tmp"), os.path.join(out, "args.json"))
     accelerator.wait_for_everyone()
     if args.report_to != "none":
         accelerator.init_trackers(os.path.basename(os.path.abspath(out)), config=_jsonable(asdict(args)))

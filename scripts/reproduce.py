@@ -2,8 +2,8 @@
 
     python scripts/reproduce.py --out results/reproduce            # tune, 3 seeds, sample efficiency (~25 min)
 
-1. tune:   for each method (rto, ppo, dppo) the same small grid of KL coefficient beta2 (actor lr 1e-4), on a tuning
-           seed that is not an evaluation seed; the score is the oracle reward of the method's own training
+1. tune:   for each method (rto, ppo, dppo) the same small grid of actor learning rate x KL coefficient beta2, on
+           a tuning seed that is not an evaluation seed; the score is the oracle reward of the method's own training
            rollouts over its last 5 iterations (train prompts), never the held-out test prompts.
 2. seeds:  for each seed, SFT -> DPO -> reward model -> RTO, PPO, DPPO with their tuned settings -> evaluate.py
            with the oracle judge on 400 held-out prompts; the win-rate matrices are averaged over seeds, with a
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["rto", "ppo", "dppo"]
 VARIANTS = {"rto_noclip": ["--dpo_reward_clip", 0], "rto_dpo_only": ["--beta3", 0, "--dpo_reward_clip", 0]}
-GRID = [(1e-4, b2) for b2 in (0.05, 0.1)]  # a small grid: what fitted in the time we had (README)
+GRID = [(lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)]  # actor lr x KL coefficient, the same for all
 PROMPTS = 2000  # the built-in task's RL prompts
 
 
@@ -53,12 +53,24 @@ def preference_stages(out, seed):
 
 
 def rl(d, method, seed, lr, beta2, name=None, *extra):
+    """One rto.py run; an existing folder is reused only if its args.json says it ran with these settings."""
     folder = d / (name or method)
-    if not (folder / "config.json").exists():
-        run("rto.py", "--reward_mode", method, "--seed", seed, "--sft_ckpt", d / "sft", "--dpo_ckpt", d / "dpo",
+    args = ["--reward_mode", method, "--seed", seed, "--sft_ckpt", d / "sft", "--dpo_ckpt", d / "dpo",
             "--rm_ckpt", d / "rm", "--actor_lr", lr, "--beta2", beta2, "--sample_every", 0, "--output_dir", folder,
-            "--overwrite", *extra)
+            *extra]
+    done = (folder / "config.json").exists() and (folder / "args.json").exists()
+    if not done or not same_settings(json.load(open(folder / "args.json")), args):
+        run("rto.py", *args, "--overwrite")
     return folder
+
+
+def same_settings(saved, args):
+    def value(v):  # 1e-4 == 0.0001 and 0 == 0.0, as rto.py parses them
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return str(v)
+    return all(value(saved.get(flag[2:])) == value(v) for flag, v in zip(args[::2], args[1::2]))
 
 
 def train_score(folder):
@@ -93,12 +105,14 @@ def main():
     summary.update(tuning=tuning, best=best)
 
     # 2. the comparison, one pipeline per seed
-    matrices, scores = [], {m: [] for m in ["sft", *METHODS]}
+    matrices = []
     for seed in a.seeds:
         d = preference_stages(out, seed)
         folders = {m: rl(d, m, seed, *map(float, best[m].split(","))) for m in METHODS}
         ev = d / "eval"
-        if not (ev / "winrates.json").exists():
+        done = ev / "winrates.json"
+        if not done.exists() or any((f / "config.json").stat().st_mtime > done.stat().st_mtime
+                                    for f in folders.values()):
             run("evaluate.py", "--models", f"sft={d / 'sft'}", f"dpo={d / 'dpo'}",
                 *[f"{m}={f}" for m, f in folders.items()], "--judge", "oracle", "--num_prompts", 400, "--seed", seed,
                 "--output_dir", ev, "--overwrite")
@@ -111,18 +125,19 @@ def main():
         for m in ("rto", "ppo"):
             lr, b2 = map(float, best[m].split(","))
             for frac in (8, 4, 2, 1):
-                name = m if frac == 1 else f"{m}_frac{frac}"  # all the prompts: the run of step 2
-                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name,
-                                                         "--num_episodes", PROMPTS // frac)) for s in a.seeds]
+                # all the prompts: the run of step 2
+                name, extra = (m, []) if frac == 1 else (f"{m}_frac{frac}", ["--num_episodes", PROMPTS // frac])
+                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name, *extra))
+                                           for s in a.seeds]
         summary["budget"] = budget
+        plot_budget(budget, a.seeds, out)
 
     # 4. why: how well each reward signal tracks the oracle, on SFT's responses and on RTO's
     signal = {}
     for policy in ("sft", "rto"):
         for seed in a.seeds:
-            f = out / f"seed{seed}" / f"reward_signal_{policy}.json"
-            if not f.exists():
-                run("scripts/reward_signal.py", "--run", out / f"seed{seed}", "--policy", policy, "--json", f)
+            f = out / f"seed{seed}" / f"reward_signal_{policy}.json"  # always redone: the policy may have changed
+            run("scripts/reward_signal.py", "--run", out / f"seed{seed}", "--policy", policy, "--json", f)
             signal.setdefault(policy, []).append(json.load(open(f)))
     summary["signal"] = signal
 
@@ -134,6 +149,39 @@ def main():
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     (out / "summary.md").write_text(report(summary))
     print(report(summary))
+
+
+def plot_budget(budget, seeds, out):
+    """budget.csv, and budget.png when matplotlib is installed (requirements-plot.txt)."""
+    with open(out / "budget.csv", "w") as f:
+        f.write("run,fraction," + ",".join(f"seed{s}" for s in seeds) + ",mean\n")
+        for k, xs in budget.items():
+            m, frac = k.split(" ")
+            f.write(f"{m},{frac}," + ",".join(f"{x:.4f}" for x in xs) + f",{statistics.mean(xs):.4f}\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {out / 'budget.csv'} (pip install -r requirements-plot.txt for budget.png)")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in ("rto", "ppo"):
+        rows = [(PROMPTS // int(k.split("/")[1]), xs) for k, xs in budget.items() if k.startswith(m + " ")]
+        x = [n for n, _ in rows]
+        line, = ax.plot(x, [statistics.mean(xs) for _, xs in rows], marker="o", label=m)
+        for n, xs in rows:
+            ax.scatter([n] * len(xs), xs, color=line.get_color(), alpha=0.35, s=12)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(n) for n in x])
+    ax.minorticks_off()
+    ax.set_xlabel("RL prompts used")
+    ax.set_ylabel("held-out oracle reward")
+    ax.set_title("Sample efficiency (mean over seeds; dots: seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "budget.png", dpi=120)
+    print(f"wrote {out / 'budget.png'}")
 
 
 def report(s):

@@ -55,6 +55,13 @@ def test_sft_learns_the_task(pipeline):
     assert model.config.vocab_size == len(tok) and tok.chat_template
 
 
+def test_every_stage_writes_the_settings_it_ran_with(pipeline):
+    """args.json: every flag with the defaults filled in, so a checkpoint says what produced it."""
+    sft, dpo_args = (json.loads((pipeline[n] / "args.json").read_text()) for n in ("sft", "dpo"))
+    assert sft["lr"] == 1e-3 and sft["dataset"] == "toy" and sft["output_dir"] == str(pipeline["sft"])
+    assert dpo_args["lr"] == 3e-4 and dpo_args["beta"] == 0.1 and dpo_args["sft_ckpt"] == str(pipeline["sft"])
+
+
 # ---------------------------------------------------------------------------- dpo.py and reward_model.py
 def heldout_pairs(tok):
     rows = toy_task.preference_data("test", 500, seed=0)
