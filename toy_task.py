@@ -76,6 +76,18 @@ def word_rewards(topic, words):
     return out
 
 
+def token_credit(prompt, words):
+    """The oracle's credit for each word: word_rewards, plus the clean-ending bonus on the final ".", plus the
+    length penalty on each word past MAX_GOOD_WORDS. Sums to oracle_reward (the exact per-token credit that a
+    dense reward would ideally give; scripts/reward_signal.py and scripts/oracle_credit.py use it)."""
+    credit = word_rewards(topic_of(prompt), words)
+    if words and words[-1] == END and words.count(END) == 1:
+        credit[-1] += 1.0
+    for i in range(MAX_GOOD_WORDS, len(words)):
+        credit[i] -= 0.5
+    return credit
+
+
 def oracle_reward(prompt, response):
     """Ground-truth quality of `response` (str) to `prompt` (str or messages)."""
     words = response.split()

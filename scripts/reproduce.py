@@ -1,6 +1,6 @@
 """The paper's comparison in miniature, on the built-in task, over several seeds.
 
-    python scripts/reproduce.py --out results/reproduce            # tune, 3 seeds, sample efficiency (~25 min)
+    python scripts/reproduce.py --out results/reproduce     # tune, 3 seeds, sample efficiency, analysis (~30 min)
 
 1. tune:   for each method (rto, ppo, dppo) the same small grid of actor learning rate x KL coefficient beta2, on
            a tuning seed that is not an evaluation seed; the score is the oracle reward of the method's own training
@@ -15,6 +15,8 @@
 5. ablate: RTO variants with RTO's tuned settings, held-out oracle reward per seed: without the clip on the DPO
            token reward, and without the reward model (beta3 0, no clip: the paper's first version, which uses the
            same information as DPPO, dense instead of at the last token).
+6. control: scripts/oracle_credit.py with RTO's settings: the oracle's exact per-token credit paid at every token
+           vs its sum paid at the last token — does dense credit help here when it is right?
 Writes <out>/summary.md and <out>/summary.json; every run folder stays under <out> for inspection.
 """
 
@@ -52,15 +54,16 @@ def preference_stages(out, seed):
     return d
 
 
-def rl(d, method, seed, lr, beta2, name=None, *extra):
-    """One rto.py run; an existing folder is reused only if its args.json says it ran with these settings."""
+def rl(d, method, seed, lr, beta2, name=None, *extra, script="rto.py", pre=()):
+    """One rto.py run (or a fork of it: `script`, taking `pre` first); an existing folder is reused only if its
+    args.json says it ran with these settings."""
     folder = d / (name or method)
     args = ["--reward_mode", method, "--seed", seed, "--sft_ckpt", d / "sft", "--dpo_ckpt", d / "dpo",
             "--rm_ckpt", d / "rm", "--actor_lr", lr, "--beta2", beta2, "--sample_every", 0, "--output_dir", folder,
             *extra]
     done = (folder / "config.json").exists() and (folder / "args.json").exists()
     if not done or not same_settings(json.load(open(folder / "args.json")), args):
-        run("rto.py", *args, "--overwrite")
+        run(script, *pre, *args, "--overwrite")
     return folder
 
 
@@ -146,6 +149,11 @@ def main():
     summary["ablation"] = {name: [test_score(rl(out / f"seed{s}", "rto", s, lr, b2, name, *extra))
                                   for s in a.seeds] for name, extra in VARIANTS.items()}
     summary["ablation"].update({m: [test_score(out / f"seed{s}" / m) for s in a.seeds] for m in METHODS})
+
+    # 6. control: the oracle's exact credit, paid per token (dense) or at the last token (sparse)
+    summary["control"] = {f"oracle credit, {c}": [
+        test_score(rl(out / f"seed{s}", "ppo", s, lr, b2, f"oracle_{c}", script="scripts/oracle_credit.py",
+                      pre=("--credit", c))) for s in a.seeds] for c in ("dense", "sparse")}
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     (out / "summary.md").write_text(report(summary))
     print(report(summary))
@@ -238,7 +246,7 @@ def report(s):
         lines += ["", "## Ablations of RTO's reward: held-out oracle reward (200 prompts) per seed", "",
                   "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |", "|---" * (len(s["seeds"]) + 2)
                   + "|"]
-        for k, xs in s["ablation"].items():
+        for k, xs in {**s["ablation"], **s.get("control", {})}.items():
             lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -15,8 +15,7 @@ from --policy for each held-out prompt; then, against the oracle (toy_task.py):
   scale           the spread (std over responses) of each signal as it enters RTO's reward: how much of RTO's
                   return is the dense part
 
-The oracle's credit per token is exact: toy_task.word_rewards for each word, the +1 for a single final "." on
-that ".", the -0.5 per word past MAX_GOOD_WORDS on those words, 0 on EOS; it sums to oracle_reward.
+The oracle's credit per token is exact (toy_task.token_credit, 0 on EOS); it sums to oracle_reward.
 """
 
 import argparse
@@ -35,12 +34,7 @@ KINDS = ["on-topic, new", "on-topic, repeat", "other topic", "filler", "junk or 
 
 def token_credit(prompt, words):
     """The oracle's credit for each word (list of floats, summing to oracle_reward) and each word's kind."""
-    topic = toy_task.topic_of(prompt)
-    credit = toy_task.word_rewards(topic, words)
-    if words and words[-1] == toy_task.END and words.count(toy_task.END) == 1:
-        credit[-1] += 1.0
-    for i in range(toy_task.MAX_GOOD_WORDS, len(words)):
-        credit[i] -= 0.5
+    topic, credit = toy_task.topic_of(prompt), toy_task.token_credit(prompt, words)
     kinds, seen = [], set()
     for i, w in enumerate(words):
         if w in toy_task.TOPICS[topic]:

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import oracle_credit  # noqa: E402
 import reproduce  # noqa: E402
 import reward_signal  # noqa: E402
 import toy_task  # noqa: E402
@@ -75,3 +77,53 @@ def test_reproduce_report_renders_means_and_seed_counts():
     assert "| rto | 0.550 ± 0.294 | 0.500 |" in md  # mean of 0.7 and 0.4; 1.96 * stdev / sqrt(2)
     assert "| rto | 1 | - |" in md  # rto beats sft in one seed of two
     assert "| rto_dpo_only | 1.000 | 2.000 | 1.500 |" in md
+
+
+def test_oracle_credit_pays_the_same_total_densely_or_at_the_end(monkeypatch):
+    credit = torch.tensor([[1.0, -0.5, 2.0, 0.0], [-1.0, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    lp, ref = torch.tensor([[-1.0, -2, -1, -1], [-1, -1, 0, 0]]), torch.tensor([[-1.5, -2, -1, -0.5], [-1, -2, 0, 0]])
+    ro = {"credit": credit * mask, "response_mask": mask, "logprobs": lp * mask, "ref_logprobs": ref * mask}
+    kl = -0.1 * (lp - ref) * mask
+    monkeypatch.setattr(oracle_credit, "CREDIT", "dense")
+    torch.testing.assert_close(oracle_credit.token_rewards(ro, None, 0.1), kl + credit * mask)
+    monkeypatch.setattr(oracle_credit, "CREDIT", "sparse")
+    sparse = oracle_credit.token_rewards(ro, None, 0.1)
+    torch.testing.assert_close(sparse, kl + torch.tensor([[0, 0, 0, 2.5], [0, -0.5, 0, 0]]))
+
+
+DRIVER = """
+import json, sys
+sys.path[:0] = [{scripts!r}, {root!r}]
+import common, oracle_credit, toy_task
+rows, rollout = [], oracle_credit.rollout
+def spy(accelerator, policy, tokenizer, prompts, args):  # what each rollout's credit adds up to, per response
+    ro = rollout(accelerator, policy, tokenizer, prompts, args)
+    for p, text, credit in zip(prompts, common.decode_responses(tokenizer, ro), ro["credit"]):
+        rows.append([float(credit.sum()), toy_task.oracle_reward(p, text)])
+    return ro
+oracle_credit.rollout = spy
+oracle_credit.main(sys.argv[1:])
+json.dump(rows, open({out!r}, "w"))
+"""
+
+
+def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(scripts=str(ROOT / "scripts"), root=str(ROOT), out=str(tmp_path / "rows.json")))
+    out = subprocess.run([sys.executable, driver, "--credit", "sparse", "--sft_ckpt", pipeline["sft"], "--rm_ckpt",
+                          pipeline["rm"], "--output_dir", tmp_path / "run", "--num_iterations", "1",
+                          "--rollout_batch_size", "16", "--oracle_prompts", "8", "--sample_every", "0"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert len(rows) == 16
+    for paid, oracle in rows:
+        assert paid == pytest.approx(oracle, abs=1e-5)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["reward_mode"] == "ppo"
+
+
+def test_oracle_credit_refuses_a_run_without_a_credit_mode(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "oracle_credit.py"), "--sft_ckpt", tmp_path],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: --credit")
