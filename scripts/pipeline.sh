@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in task: SFT -> DPO -> reward model -> rto.py as RTO, PPO and DPPO (same budget
 # and seed) -> evaluate.py with the oracle judge, the training curves and the token-reward page.
-#   OUT=results PY=python bash scripts/pipeline.sh      # what scripts/demo.sh runs (~5 min on 2 CPU cores)
+#   OUT=results PY=python bash scripts/pipeline.sh      # what scripts/demo.sh runs (146 s on 2 CPU cores)
 #   QUICK=1 ...                                         # a few steps per stage (the smoke test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
