@@ -421,7 +421,7 @@ def main(argv=None):
     if curves:
         plot_curves(curves, args.output_dir)
     print(f"wrote {args.output_dir}")
-    accelerator.end_training()
+    common.finish(accelerator)
 
 
 if __name__ == "__main__":

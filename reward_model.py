@@ -136,7 +136,7 @@ def main(argv=None):
                       {"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]})
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in final.items()))
     accelerator.print(f"saved {args.output_dir}")
-    accelerator.end_training()
+    common.finish(accelerator)
 
 
 if __name__ == "__main__":

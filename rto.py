@@ -402,7 +402,7 @@ def main(argv=None):
         common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter)
         accelerator.print(f"oracle reward on held-out prompts after RL: {after:.3f}")
     accelerator.print(f"saved {args.output_dir}")
-    accelerator.end_training()
+    common.finish(accelerator)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def main(argv=None):
     common.save_model(accelerator, model, tokenizer, args.output_dir)
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in after.items()))
     accelerator.print(f"saved {args.output_dir}")
-    accelerator.end_training()
+    common.finish(accelerator)
 
 
 if __name__ == "__main__":
