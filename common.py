@@ -136,7 +136,7 @@ def finish(accelerator):
     """End a stage: trackers closed, process group destroyed. With several processes, each then exits at once,
     skipping Python's teardown: there a DDP model's reducer, freed after the group is gone, destroys the gloo
     group while holding the GIL that a gloo worker thread needs to free its last tensors, and the rank hangs
-    for ever (seen here about once in 30 CPU runs; pytorch/pytorch#56297). Everything is saved by now."""
+    for ever (seen here about once in 40 two-process CPU runs; pytorch/pytorch#56297). Everything is saved by now."""
     accelerator.end_training()
     if accelerator.num_processes > 1:
         sys.stdout.flush()
