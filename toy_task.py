@@ -4,7 +4,7 @@ Every stage runs on it with no hub access, and every claim about learning can be
 `oracle_reward`, which plays the part of a human's true preference.
 
 The judge is built like real helpfulness: a response's quality is mostly a sum of local, token-level
-contributions plus a few global terms, so per-token credit assignment matters.
+contributions plus a few global terms, so the exact credit of every token is known (`token_credit`).
 
     per word:   new on-topic word +1.0   repeated on-topic word -1.0   word of another topic -0.5
                 filler word (the, and, ...) -0.1   junk word or anything unknown -1.0
