@@ -76,8 +76,8 @@ def measure(run, policy_dir, n, beta1, clip, seed, batch=100):
             words, L = text.split(), int(mask[j].sum())
             credit, kinds = token_credit(p, words)
             if len(words) != L - bool(b["ended"][j]):  # one token per word (+ EOS): true on the built-in task
-                raise SystemExit(f"error: response {text!r} does not map one word to one token; "
-                                 "this analysis needs the built-in task's word-level tokenizer")
+                common.fail(f"response {text!r} does not map one word to one token; this analysis needs the "
+                            "built-in task's word-level tokenizer")
             credit, kinds = credit + [0.0] * (L - len(words)), kinds + [KINDS[6]] * (L - len(words))
             seq["oracle"].append(toy_task.oracle_reward(p, text))
             seq["rm"].append(float(score[j]))
@@ -146,8 +146,8 @@ def main():
     policy = run / a.policy if (run / a.policy).is_dir() else Path(a.policy)
     for d in (run / "sft", run / "dpo", run / "rm", policy):
         if not (d / "config.json").exists():
-            raise SystemExit(f"error: {d} is not a checkpoint folder; --run needs sft/, dpo/ and rm/ (as written "
-                             "by scripts/reproduce.py) and --policy a checkpoint")
+            common.fail(f"{d} is not a checkpoint folder; --run needs sft/, dpo/ and rm/ (as written by "
+                        "scripts/reproduce.py) and --policy a checkpoint")
     seq, tok = measure(run, policy, a.num_prompts, a.beta1, a.dpo_reward_clip, a.seed)
     s = summarise(seq, tok, a.dpo_reward_clip)
     print(report(s, a.beta1, a.dpo_reward_clip))
