@@ -8,7 +8,7 @@ with sequence log-probs summed over response tokens only (ALGORITHM.md, stage 2)
     accelerate launch dpo.py --sft_ckpt <sft> --dataset Anthropic/hh-rlhf
 
 The result matters to RTO as a *token-level* reward model: beta * (log pi_dpo - log pi_ref) at every token
-(common.dpo_token_rewards), whose sum over a response is the implicit reward trained here.
+(rto.py's frozen_pass and token_rewards), whose sum over a response is the implicit reward trained here.
 """
 
 from dataclasses import dataclass
@@ -18,45 +18,52 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import common
+import data
 from common import TOY, arg
 
 
+# flag: (the built-in task, real models / the paper); these flags default to None in Args
+DEFAULTS = {
+    "lr": (3e-4, 5e-6),
+    "epochs": (2, 1),
+    "max_prompt_len": (24, 512),
+    "max_response_len": (24, 512),
+}
+
+
 @dataclass
-class Args(common.TrainArgs):
+class Args(common.OfflineTrainArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint folder: the policy to train and, frozen, the reference")
     dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/dpo", "checkpoint folder to write")
     beta: float = arg(0.1, "DPO beta (paper: 0.1)")
-    lr: float = arg(None, "AdamW learning rate (default: 5e-6, the paper's; 3e-4 on the built-in task)")
+    lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(32, "pairs per optimiser step, over all processes (paper: 32)")
-    epochs: int = arg(None, "passes over the pairs (default: 1, the paper's; 2 on the built-in task)")
+    epochs: int = arg(None, "passes over the pairs")
     warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    max_prompt_len: int = arg(None, "prompt tokens (default 512; 24 on the built-in task)")
-    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut (default 512; 24 on toy)")
+    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut")
     ref_logprobs: str = arg("precompute", "precompute: one pass of the reference before training, then free it; "
                                           "live: keep the reference model and run it every step")
-    eval_fraction: float = arg(0.05, "held-out share of a --dataset file")
-    eval_steps: int = arg(50, "held-out metrics every this many steps")
 
 
-def fill_defaults(args):
+def validate(args):
+    """Every bad value fails here, with one line, before anything is loaded or written."""
     if not args.sft_ckpt:
         common.fail("--sft_ckpt is required: the SFT checkpoint folder written by sft.py")
     if args.ref_logprobs not in ("precompute", "live"):
         common.fail(f"--ref_logprobs {args.ref_logprobs}: expected precompute or live")
-    toy = args.dataset == TOY
-    args.lr = args.lr or (3e-4 if toy else 5e-6)
-    args.epochs = args.epochs or (2 if toy else 1)
-    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
-    args.max_response_len = args.max_response_len or (24 if toy else 512)
+    common.validate_shared(args)
+    common.check_positive(args, "lr", "beta")
+    common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len")
+    common.check_between(args, "warmup_ratio", 0, 1)
     return args
 
 
 def pair_collate(pad_id):
-    """common.collate_pairs, plus the precomputed reference log-probs when there are some: (2B,)."""
+    """data.collate_pairs, plus the precomputed reference log-probs when there are some: (2B,)."""
     def collate(exs):
-        batch = common.collate_pairs(exs, pad_id)
+        batch = data.collate_pairs(exs, pad_id)
         if "ref_chosen" in exs[0]:
             batch["ref"] = torch.tensor([e["ref_chosen"] for e in exs] + [e["ref_rejected"] for e in exs])
         return batch
@@ -116,18 +123,20 @@ def evaluate(accelerator, model, ref, loader, beta):
 
 
 def main(argv=None):
-    args = fill_defaults(common.parse_args(Args, argv))
+    args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
-    tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
+    tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")
     ref = common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"))
     ref = common.place_frozen(accelerator, ref)
-    train, held = common.load_pairs(args.dataset, args, args.eval_fraction)
-    enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
-                                              args.long_prompts)
+    train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
+    enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
+                                            args.long_prompts)
     train, held = enc(train), enc(held)
-    common.prepare_output_dir(args, accelerator)
+    common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
+                                                  "gradient_accumulation_steps": accum, "train_pairs": len(train),
+                                                  "heldout_pairs": len(held)})
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 

@@ -31,20 +31,29 @@ import torch
 from accelerate.utils import set_seed
 
 import common
+import data
 import toy_task
 from common import TOY, arg
+
+
+# flag: (the built-in task, real models); these flags default to None in Args
+DEFAULTS = {
+    "judge": ("oracle", None),
+    "max_prompt_len": (24, 512),
+    "max_new_tokens": (24, 512),
+}
 
 
 @dataclass
 class Args(common.RunArgs):
     models: list[str] = field(default_factory=list, metadata={"help": "name=checkpoint_dir ... (row/column order of "
                               "the table); every model must share the first one's vocabulary"})
-    judge: str = arg(None, "oracle | rm:<dir> | dpo:<dpo_dir>,<ref_dir> (default: oracle on the built-in task)")
+    judge: str = arg(None, "oracle | rm:<dir> | dpo:<dpo_dir>,<ref_dir>")
     dataset: str = arg(TOY, "held-out prompts: 'toy' (the built-in task's test prompts), a hub id or a file")
     split: str = arg("test", "split of a hub dataset")
     num_prompts: int = arg(400, "prompts to evaluate on (paper: 400)")
-    max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts) (default 512; toy 24)")
-    max_new_tokens: int = arg(None, "response length limit (default 512; 24 on the built-in task)")
+    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_new_tokens: int = arg(None, "response length limit")
     temperature: float = arg(1.0, "sampling temperature, the same for every model")
     top_p: float = arg(1.0, "nucleus sampling, the same for every model")
     batch_size: int = arg(64, "prompts per generate call (and per judge forward pass)")
@@ -59,18 +68,18 @@ class Args(common.RunArgs):
 CURVE_METRICS = ["sentence_reward", "oracle_reward", "dpo_reward_per_response", "kl_per_token", "response_length"]
 
 
-def fill_defaults(args):
-    toy = args.dataset == TOY
-    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
-    args.max_new_tokens = args.max_new_tokens or (24 if toy else 512)
-    args.judge = args.judge or ("oracle" if toy else None)
+def validate(args):
+    """Every bad value fails here, with one line, before anything is loaded or written."""
     if not args.models and not args.curves:
         common.fail("nothing to do: pass --models name=dir ... and/or --curves run_dir ...")
     if args.models and not args.judge:
         common.fail("--judge is required off the built-in task: rm:<dir> or dpo:<dpo_dir>,<ref_dir>")
-    for flag in ("num_prompts", "batch_size", "max_new_tokens", "max_prompt_len"):
-        if getattr(args, flag) < 1:
-            common.fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    common.validate_shared(args)
+    common.check_at_least(args, 1, "num_prompts", "batch_size", "max_new_tokens", "max_prompt_len")
+    common.check_at_least(args, 0, "show_token_rewards")
+    common.check_positive(args, "temperature", "dpo_beta")
+    if not 0 < args.top_p <= 1:
+        common.fail(f"--top_p {args.top_p}: must be greater than 0 and at most 1")
     if args.token_reward_dpo and not is_pair(args.token_reward_dpo):
         common.fail(f"--token_reward_dpo {args.token_reward_dpo}: expected <dpo_dir>,<ref_dir>")
     if args.show_token_rewards and not (args.token_reward_dpo or (args.judge or "").startswith("dpo:")):
@@ -108,24 +117,18 @@ def is_pair(spec):
     return spec is not None and len(spec.split(",")) == 2 and all(spec.split(","))
 
 
-def same_vocab(path, tokenizer, flag, args):
-    """Token ids mean the same to every model (the judge reads the policies' token ids as they are)."""
-    if common.load_tokenizer(path, args.dataset, flag).get_vocab() != tokenizer.get_vocab():
-        common.fail(f"{flag} {path}: its tokenizer differs from the first model's; all must share one vocabulary")
-
-
 def load_dpo_pair(spec, tokenizer, flag, args, device):
     """{'dpo', 'ref', 'beta'} from '<dpo_dir>,<ref_dir>'; beta is the one the DPO model was trained with."""
     paths = spec.split(",")
     for path in paths:
-        same_vocab(path, tokenizer, flag, args)
+        common.same_vocab(path, tokenizer, flag, "the first model")  # the judge reads the policies' ids as they are
     dpo, ref = (common.frozen(common.load_causal_lm(p, tokenizer, flag)).to(device) for p in paths)
     return {"dpo": dpo, "ref": ref, "beta": getattr(dpo.config, "dpo_beta", None) or args.dpo_beta}
 
 
 def load_judge(judge, tokenizer, args, device):
     if judge["kind"] == "rm":
-        same_vocab(judge["path"], tokenizer, "--judge rm:", args)
+        common.same_vocab(judge["path"], tokenizer, "--judge rm:", "the first model")
         judge["rm"] = common.frozen(common.load_scorer(judge["path"], tokenizer, "--judge rm:")).to(device)
     if judge["kind"] == "dpo":
         judge.update(load_dpo_pair(judge["path"], tokenizer, "--judge dpo:", args, device))
@@ -150,14 +153,14 @@ JUDGES = {"oracle": oracle_scores, "rm": rm_scores, "dpo": dpo_scores}
 
 @torch.no_grad()
 def judge_scores(judge, batch, prompts, texts):
-    """One score per response. batch: common.py's layout (prompt + sampled response ids); texts: decoded."""
+    """One score per response. batch: data.py's layout (prompt + sampled response ids); texts: decoded."""
     return JUDGES[judge["kind"]](judge, batch, prompts, texts)
 
 
 def dpo_token_rewards(pair, batch):
     """beta * (log pi_dpo - log pi_ref) of every response token: (B, R), 0 on padding."""
     ref_logprobs = common.response_logprobs(pair["ref"], batch)
-    return common.dpo_token_rewards(pair["dpo"], ref_logprobs, batch, pair["beta"])
+    return pair["beta"] * (common.response_logprobs(pair["dpo"], batch) - ref_logprobs)
 
 
 # ============================================================================ sampling and scoring
@@ -167,23 +170,8 @@ def load_eval_prompts(args, tokenizer):
     if args.dataset == TOY:
         prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed)
     else:
-        prompts = common.load_prompts(args.dataset, args.split, args)
-    keep, long = [], 0
-    for p in prompts:
-        if len(keep) == args.num_prompts:
-            break
-        ids = common.encode_prompt(tokenizer, p)
-        if len(ids) <= args.max_prompt_len:
-            keep.append((p, ids))
-        elif args.long_prompts == "fail":
-            common.fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {args.max_prompt_len} "
-                        "(or pass --long_prompts skip)")
-        else:
-            long += 1
-    if long:
-        print(f"note: skipped {long} prompts over {args.max_prompt_len} tokens", file=sys.stderr)
-    if not keep:
-        common.fail(f"no prompt fits --max_prompt_len {args.max_prompt_len}")
+        prompts = data.load_prompts(args.dataset, args.split, args)
+    keep = data.fit_prompts(tokenizer, prompts, args.max_prompt_len, args.long_prompts, limit=args.num_prompts)
     if len(keep) < args.num_prompts:
         print(f"note: only {len(keep)} prompts fit --max_prompt_len (--num_prompts {args.num_prompts})",
               file=sys.stderr)
@@ -202,7 +190,7 @@ def sample_and_score(accelerator, model, tokenizer, prompts, ids, judge, args, n
     for i in range(0, len(ids), args.batch_size):
         batch = common.sample(model, tokenizer, ids[i:i + args.batch_size], args.max_new_tokens, args.temperature,
                               args.top_p, prompt_width=width)
-        texts = common.decode_responses(tokenizer, batch)
+        texts = data.decode_responses(tokenizer, batch)
         scores = judge_scores(judge, batch, prompts[i:i + args.batch_size], texts)
         responses = batch["input_ids"][:, batch["prompt_len"]:]  # (b, R), right-padded after the first EOS
         for k, (text, score) in enumerate(zip(texts, scores)):
@@ -319,7 +307,7 @@ def show_token_rewards(pair, tokenizer, results, prompt_ids, n, out, device):
     """The first n responses of every model, token by token: on stdout and in token_rewards.html."""
     items = []
     for model, rows in results.items():
-        batch = common.collate(prompt_ids[:n], [r["ids"] for r in rows[:n]], tokenizer.pad_token_id)
+        batch = data.collate(prompt_ids[:n], [r["ids"] for r in rows[:n]], tokenizer.pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         rewards = dpo_token_rewards(pair, batch)  # (n, R)
         items += [{"model": model, "prompt": r["prompt"][-1]["content"], "tokens": token_pieces(tokenizer, r["ids"]),
@@ -386,7 +374,7 @@ def plot_curves(curves, out):
 
 
 def main(argv=None):
-    args = fill_defaults(common.parse_args(Args, argv))
+    args = validate(common.parse_args(Args, argv, DEFAULTS))
     models = parse_models(args.models)
     judge = parse_judge(args.judge, args.dataset) if models else None
     curves = read_curves(args.curves)
@@ -396,15 +384,15 @@ def main(argv=None):
     device = accelerator.device
     if models:  # every input is checked and every model found before anything is written
         first = next(iter(models.values()))
-        tokenizer = common.load_tokenizer(first, args.dataset, "--models")
+        tokenizer = common.load_tokenizer(first, "--models")
         for path in models.values():
-            same_vocab(path, tokenizer, "--models", args)
+            common.same_vocab(path, tokenizer, "--models", "the first model")
         prompts, prompt_ids = load_eval_prompts(args, tokenizer)
         judge = load_judge(judge, tokenizer, args, device)
         pair = judge  # the token rewards come from the dpo: judge unless --token_reward_dpo names another pair
         if args.show_token_rewards and args.token_reward_dpo:
             pair = load_dpo_pair(args.token_reward_dpo, tokenizer, "--token_reward_dpo", args, device)
-    common.prepare_output_dir(args, accelerator)
+    common.prepare_output_dir(args, accelerator, {"prompts": len(prompt_ids)} if models else None)
 
     if models:
         results = {}

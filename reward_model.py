@@ -19,34 +19,41 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import common
+import data
 from common import TOY, arg
 
 
+# flag: (the built-in task, real models / the paper); these flags default to None in Args
+DEFAULTS = {
+    "lr": (3e-4, 1e-5),
+    "batch_size": (32, 128),
+    "epochs": (2, 1),
+    "max_prompt_len": (24, 512),
+    "max_response_len": (24, 512),
+}
+
+
 @dataclass
-class Args(common.TrainArgs):
+class Args(common.OfflineTrainArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint folder: the backbone (a fresh scalar head is put on it)")
     dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/rm", "checkpoint folder to write")
-    lr: float = arg(None, "AdamW learning rate (default: 1e-5, the paper's; 3e-4 on the built-in task)")
-    batch_size: int = arg(None, "pairs per optimiser step, over all processes (default: 128, the paper's; 32 on toy)")
-    epochs: int = arg(None, "passes over the pairs (default: 1, the paper's; 2 on the built-in task)")
+    lr: float = arg(None, "AdamW learning rate")
+    batch_size: int = arg(None, "pairs per optimiser step, over all processes")
+    epochs: int = arg(None, "passes over the pairs")
     warmup_ratio: float = arg(0.03, "fraction of steps of linear warm-up, then linear decay to 0")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    max_prompt_len: int = arg(None, "prompt tokens (default 512; 24 on the built-in task)")
-    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut (default 512; 24 on toy)")
-    eval_fraction: float = arg(0.05, "held-out share of a --dataset file")
-    eval_steps: int = arg(50, "held-out accuracy every this many steps")
+    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut")
 
 
-def fill_defaults(args):
+def validate(args):
+    """Every bad value fails here, with one line, before anything is loaded or written."""
     if not args.sft_ckpt:
         common.fail("--sft_ckpt is required: the SFT checkpoint folder written by sft.py")
-    toy = args.dataset == TOY
-    args.lr = args.lr or (3e-4 if toy else 1e-5)
-    args.batch_size = args.batch_size or (32 if toy else 128)
-    args.epochs = args.epochs or (2 if toy else 1)
-    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
-    args.max_response_len = args.max_response_len or (24 if toy else 512)
+    common.validate_shared(args)
+    common.check_positive(args, "lr")
+    common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len")
+    common.check_between(args, "warmup_ratio", 0, 1)
     return args
 
 
@@ -81,21 +88,23 @@ def reward_statistics(accelerator, model, loader):
 
 
 def main(argv=None):
-    args = fill_defaults(common.parse_args(Args, argv))
+    args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
-    tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
+    tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt")
-    train, held = common.load_pairs(args.dataset, args, args.eval_fraction)
-    enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
-                                              args.long_prompts)
+    train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
+    enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
+                                            args.long_prompts)
     train, held = enc(train), enc(held)
-    common.prepare_output_dir(args, accelerator)
+    common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
+                                                  "gradient_accumulation_steps": accum, "train_pairs": len(train),
+                                                  "heldout_pairs": len(held)})
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
     pad = tokenizer.pad_token_id
-    collate = lambda exs: common.collate_pairs(exs, pad)
+    collate = lambda exs: data.collate_pairs(exs, pad)
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
     stats_loader = DataLoader(train, micro, collate_fn=collate)

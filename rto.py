@@ -6,24 +6,31 @@
 RTO (Zhong et al., "DPO Meets PPO", ICML 2025) models RLHF as a token-level MDP. A DPO model trained on the
 preference pairs is a token-level reward model: beta1 * (log pi_dpo - log pi_ref) at every token. PPO then
 optimises those dense rewards (plus the KL penalty and, optionally, a sentence-level reward model) instead of
-a single reward at the last token. One iteration:
+a single reward at the last token. One iteration, each step a function of this file, in this order:
 
-    1. rollout()        sample responses from pi_theta; cut each at its first EOS
-    2. score()          one no-grad pass of every model: old log-probs, pi_ref, pi_dpo, critic values, r_MLE
+    1. rollout()        sample a response per prompt from pi_theta; cut each at its first EOS
+    2. frozen_pass()    one no-grad pass of every model: old log-probs, pi_ref, pi_dpo, critic values V(s_h), r_MLE
     3. token_rewards()  the reward of every token — the only place where RTO, PPO and DPPO differ
-    4. gae()            advantages and returns; advantages whitened over the whole rollout batch
+    4. gae(), whiten()  advantages and returns; advantages whitened over the whole rollout batch (all processes)
     5. ppo_update()     ppo_epochs x mini-batches x micro-batches of the clipped policy and value losses
 
 A rollout is a dict of tensors (B = rollout prompts on this process, P = prompt width, R = longest response):
 
-    input_ids, attention_mask  (B, P+R)  prompts left-padded, responses right-padded (common.py's layout)
+    input_ids, attention_mask  (B, P+R)  prompts left-padded, responses right-padded
     response_mask              (B, R)    1 up to and including the first EOS; everything else is masked out
     ended                      (B,)      the response has an EOS (not cut by --max_new_tokens)
-    logprobs, ref_logprobs     (B, R)    log pi_old (the sampling policy) and log pi_ref of each response token
-    dpo_rewards                (B, R)    beta1 * (log pi_dpo - log pi_ref)                     [rto, dppo]
-    score                      (B,)      r_MLE(x, y), normalised and clamped                     [beta3 > 0]
+    logprobs, ref_logprobs     (B, R)    log pi_old (the sampling policy) and log pi_ref, both at --temperature T
+    dpo_log_ratio              (B, R)    log pi_dpo - log pi_ref, both at T = 1                 [rto, dppo]
+    rm_score                   (B,)      r_MLE(x, y), normalised and clamped                     [beta3 > 0]
     values                     (B, R)    V_old(s_h), the critic before the update
     rewards, advantages, returns (B, R)
+
+Temperature T: tokens are drawn from softmax(logits / T) (then top-p). The PPO ratio and the KL penalty use
+log-probs at T (the distribution that drew the tokens, and the equally tempered reference: KL 0 at the start).
+The DPO token reward is a property of two models, not of sampling: T = 1, so it sums to DPO's implicit reward.
+
+To fork an ablation, edit a function marked "edit here", or replace it from a script and call main()
+(scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
 import math
@@ -33,10 +40,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 import common
+import data
 import toy_task
-from common import TOY, arg, masked_mean
+from common import TOY, arg
 
 
 @dataclass
@@ -49,11 +59,11 @@ class Args(common.TrainArgs):
     output_dir: str = arg("runs/rto", "policy checkpoint folder (critic in <output_dir>/critic)")
     beta1: float = arg(0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)")
     dpo_reward_clip: float = arg(0.05, "clamp each DPO token reward to [-c, c] (0 = off)")
-    beta2: float = arg(None, "KL coefficient, init_kl_coef (authors: 0.01; built-in task: 0.1)")
-    kl_target: float = arg(None, "adapt beta2 toward this KL per response (Ziegler et al.); fixed when unset")
-    kl_horizon: float = arg(10000, "horizon of the adaptive KL controller, in episodes")
+    beta2: float = arg(None, "KL coefficient, init_kl_coef")
+    kl_target: float = arg(None, "adapt beta2 toward this KL *per response* (Ziegler; OpenRLHF: per token); unset: fixed")
+    kl_horizon: float = arg(10000, "horizon of the adaptive KL controller, in prompts (episodes)")
     beta3: float = arg(1.0, "scale of the reward-model score at the last token (0 = paper v1: no reward model)")
-    normalize_reward: bool = arg(True, "normalise the reward model's score with the mean/std in its config")
+    normalize_reward: bool = arg(True, "normalise r_MLE and the critic started from it by the RM's reward_mean/std")
     reward_clip: float = arg(10.0, "clamp the (normalised) reward-model score to [-c, c]")
     missing_eos_penalty: float = arg(0.0, "subtracted from the last-token reward of responses with no EOS")
     gamma: float = arg(1.0, "discount")
@@ -61,33 +71,37 @@ class Args(common.TrainArgs):
     eps_clip: float = arg(0.2, "PPO ratio clip")
     value_clip: float = arg(0.2, "value clip around the old values")
     ppo_epochs: int = arg(2, "passes over each rollout batch (paper: 2)")
-    rollout_batch_size: int = arg(None, "prompts per iteration, all processes (paper: 256; built-in task: 64)")
-    mini_batch_size: int = arg(None, "sequences per optimiser step, all processes (paper: 16; toy: 16)")
+    rollout_batch_size: int = arg(None, "prompts per iteration, all processes")
+    mini_batch_size: int = arg(None, "sequences per optimiser step, all processes")
+    forward_batch_size: int = arg(None, "sequences per forward pass of frozen_pass, per process, grouped by length")
     generation_batch_size: int = arg(64, "prompts per generate call on each process (bounds KV-cache memory)")
-    max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts) (default 512; toy 24)")
-    max_new_tokens: int = arg(None, "response length limit (default 512; 24 on the built-in task)")
-    temperature: float = arg(1.0, "sampling temperature (log-probs are taken at the same temperature)")
+    max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts)")
+    max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
+    temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
     top_p: float = arg(1.0, "nucleus sampling")
-    actor_lr: float = arg(None, "policy learning rate (paper: 5e-6; built-in task: 1e-4)")
-    critic_lr: float = arg(None, "critic learning rate (authors: 9e-6; built-in task: 3e-4)")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
+    actor_lr: float = arg(None, "policy learning rate")
+    critic_lr: float = arg(None, "critic learning rate")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
-    num_episodes: int = arg(None, "alternative to --num_iterations: total prompts to roll out")
-    save_every: int = arg(0, "write policy, critic and resumable state every N iterations (0 = only at the end); "
-                             "--resume continues from the newest (optimisers, beta2, RNG, iteration)")
+    num_episodes: int = arg(None, "or: total prompts to roll out (OpenRLHF's --num_episodes counts passes instead)")
+    save_every: int = arg(0, "write models and resumable state (optimisers, beta2, RNG) every N iterations")
     sample_every: int = arg(10, "print a small table of (prompt, response, reward) every N iterations (0 = never)")
     oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward before and after")
 
 
-def fill_defaults(args):
-    toy = args.dataset == TOY
-    args.rollout_batch_size = args.rollout_batch_size or (64 if toy else 256)
-    args.mini_batch_size = args.mini_batch_size or 16
-    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
-    args.max_new_tokens = args.max_new_tokens or (24 if toy else 512)
-    args.actor_lr = args.actor_lr or (1e-4 if toy else 5e-6)
-    args.critic_lr = args.critic_lr or (3e-4 if toy else 9e-6)
-    args.beta2 = args.beta2 if args.beta2 is not None else (0.1 if toy else 0.01)
+DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pythia/HH settings (ALGORITHM.md)
+    "beta2": (0.1, 0.01),  # authors' Llama-3 script: 0.01
+    "rollout_batch_size": (64, 256),
+    "mini_batch_size": (16, 16),
+    "forward_batch_size": (64, 8),
+    "max_prompt_len": (24, 512),
+    "max_new_tokens": (24, 512),
+    "actor_lr": (1e-4, 5e-6),
+    "critic_lr": (3e-4, 9e-6),  # authors: 9e-6
+}
+
+
+def validate(args):
+    common.validate_shared(args)
     if args.reward_mode not in ("rto", "ppo", "dppo"):
         common.fail(f"--reward_mode {args.reward_mode}: expected rto, ppo or dppo")
     if not args.sft_ckpt:
@@ -99,6 +113,12 @@ def fill_defaults(args):
                     "(or pass --beta3 0 to run without a reward model)")
     if args.reward_mode == "ppo" and args.beta3 <= 0:
         common.fail("--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's")
+    for flag in ("rollout_batch_size", "mini_batch_size", "forward_batch_size", "generation_batch_size",
+                 "max_prompt_len", "max_new_tokens", "ppo_epochs"):
+        if getattr(args, flag) < 1:
+            common.fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        common.fail(f"--temperature {args.temperature} --top_p {args.top_p}: need temperature > 0, 0 < top_p <= 1")
     return args
 
 
@@ -107,69 +127,156 @@ def uses_reward_model(args):
 
 
 # ============================================================================ 1. rollout
+def draw_with_own_generators(generators, temperature, top_p):
+    """generate()'s next-token rule: a sample of softmax(logits / T) within the top-p nucleus, drawn with each
+    prompt's own generator (Gumbel-max: generate() takes the argmax of logits + Gumbel noise). A response then
+    depends on its prompt, seed and the policy only, not on the other prompts of its batch or process."""
+    def pick(input_ids, logits):  # (b, V) logits of the next token
+        logits = logits.float() / temperature
+        if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
+            p, idx = logits.softmax(-1).sort(-1, descending=True)
+            outside = (p.cumsum(-1) - p) >= top_p  # the top token is always kept
+            logits = logits.masked_fill(outside.scatter(-1, idx, outside), -math.inf)
+        gumbel = torch.stack([-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators])
+        return logits + gumbel
+    return pick
+
+
+def cut_at_eos(responses, eos_id):
+    """(b, R) sampled tokens -> mask keeping them up to and including the first EOS, and whether there is one. A
+    response cut by --max_new_tokens keeps its last sampled token and is scored as it is, with no EOS (ended =
+    False; --missing_eos_penalty charges for it). The authors' code writes an EOS over that token instead."""
+    is_eos = (responses == eos_id).long()
+    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_first_eos).float(), is_eos.bool().any(-1)
+
+
 @torch.no_grad()
-def rollout(accelerator, policy, tokenizer, prompts, args):
-    """Sample one response per prompt from the current policy, in chunks; cut at the first EOS."""
-    policy = accelerator.unwrap_model(policy)
-    policy.eval()
-    ids = [common.encode_prompt(tokenizer, p) for p in prompts]
-    width = max(map(len, ids))  # one prompt width for the whole rollout
-    chunks = [common.sample(policy, tokenizer, ids[i:i + args.generation_batch_size], args.max_new_tokens,
-                            args.temperature, args.top_p, synced_gpus=accelerator.num_processes > 1,
-                            prompt_width=width)
-              for i in range(0, len(ids), args.generation_batch_size)]
-    policy.train()
-    return common.cat_batches(chunks, tokenizer.pad_token_id)
+def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
+    """One response per prompt (prompt i drawn with seed seeds[i]), --generation_batch_size per generate call."""
+    model = accelerator.unwrap_model(policy)
+    model.eval()
+    ids = [data.encode_prompt(tokenizer, p) for p in prompts]
+    width, pad, eos = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id
+    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad,
+                              eos_token_id=eos)  # greedy over Gumbel-perturbed logits = sampling
+    chunks = []
+    with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, not one per layer per token
+        for i in range(0, len(ids), args.generation_batch_size):
+            input_ids, attention_mask = (t.to(accelerator.device) for t in data.collate_prompts(
+                ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
+            generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p)])
+            responses = out[:, width:]  # (b, R_chunk)
+            response_mask, ended = cut_at_eos(responses, eos)
+            chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
+                           "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
+                           "response_mask": response_mask, "ended": ended, "prompt_len": width})
+    model.train()
+    return data.cat_batches(chunks, pad)
 
 
-# ============================================================================ 2. score
-@torch.no_grad()
-def score(ro, models, args, micro):
-    """Every frozen number the update needs, computed once per rollout (never again in the PPO epochs)."""
-    parts = []
-    for mb in micro_batches(ro, micro):
-        out = {"logprobs": common.response_logprobs(models["policy"], mb, args.temperature),
-               "ref_logprobs": common.response_logprobs(models["ref"], mb, args.temperature),
-               "values": common.token_values(models["critic"], mb)}
-        if "dpo" in models:
-            out["dpo_rewards"] = common.dpo_token_rewards(models["dpo"], out["ref_logprobs"], mb, args.beta1)
-        if "rm" in models:
-            out["score"] = reward_model_score(models["rm"], mb, args)
-        parts.append(out)
-    return {**ro, **{k: torch.cat([p[k] for p in parts]) for k in parts[0]}}
+# ============================================================================ 2. frozen pass: log-probs and values
+def response_logits(model, batch, temperature=1.0):
+    """Logits predicting each response token, (b, R, V): token j (column P + j) is predicted at column P + j - 1.
+    Positions count from each row's first real token, so left padding does not shift them (as in generate), and
+    only these R columns go through the LM head (logits_to_keep), not the (b, P + R, V) of the whole batch."""
+    P, R = batch["prompt_len"], batch["response_mask"].shape[1]
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
+                use_cache=False, logits_to_keep=R + 1)  # columns P - 1 .. P + R - 1
+    return out.logits[:, :-1].float() / temperature
 
 
-def reward_model_score(rm, batch, args):
-    """r_MLE at the last real token, normalised with the mean/std measured after RM training, clamped: (B,)."""
-    r = common.sequence_scores(rm, batch)
+def logprobs_of(logits, tokens):
+    """log softmax(logits)[tokens], (b, R), without materialising the full log-softmax."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def head_outputs(model, batch):
+    """A scalar-head model's output at every position, (b, P + R). transformers' sequence-classification models
+    apply the head (.score) everywhere, then pool; a hook catches it all, through any DDP/FSDP wrapper."""
+    inner, caught = getattr(model, "module", model), []  # DDP wraps the model
+    hook = inner.score.register_forward_hook(lambda module, inputs, output: caught.append(output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    finally:
+        hook.remove()
+    out, config = caught[0].squeeze(-1).float(), inner.config
+    if getattr(config, "normalize_values", False):  # a critic started from a normalised reward model
+        out = (out - config.reward_mean) / config.reward_std
+    return out
+
+
+def critic_values(critic, batch):
+    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns of response_logits."""
+    P = batch["prompt_len"]
+    return head_outputs(critic, batch)[:, P - 1:-1] * batch["response_mask"]
+
+
+def rm_score(rm, batch, args):
+    """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
+    T = batch["attention_mask"].shape[1]
+    last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # (b,) column of the last real token
+    r = head_outputs(rm, batch).gather(1, last[:, None]).squeeze(1)
     if args.normalize_reward:
         r = (r - rm.config.reward_mean) / rm.config.reward_std
     return r.clamp(-args.reward_clip, args.reward_clip)
 
 
-# ============================================================================ 3. token rewards
+@torch.no_grad()
+def frozen_pass(accelerator, ro, models, args):
+    """Every number the update needs from a model that stays fixed during it (the policy and critic as they
+    sampled, pi_ref, pi_dpo, r_MLE), once per rollout, --forward_batch_size sequences of similar length at a time."""
+    mask = ro["response_mask"]  # (B, R)
+    out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
+    out["rm_score"] = torch.zeros_like(mask[:, 0])
+    by_length = ro["attention_mask"].sum(-1).argsort()
+    with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
+        for idx, mb in micro_batches(ro, args.forward_batch_size, by_length):
+            tokens, m, r = mb["input_ids"][:, mb["prompt_len"]:], mb["response_mask"], mb["response_mask"].shape[1]
+            ref_logits = response_logits(models["ref"], mb)  # (b, r, V) at T = 1
+            policy_logits = response_logits(models["policy"], mb, args.temperature)
+            out["logprobs"][idx, :r] = logprobs_of(policy_logits, tokens) * m  # 0 after the first EOS
+            out["ref_logprobs"][idx, :r] = logprobs_of(ref_logits / args.temperature, tokens) * m
+            out["values"][idx, :r] = critic_values(models["critic"], mb)
+            if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
+                dpo_logits = response_logits(models["dpo"], mb)
+                out["dpo_log_ratio"][idx, :r] = (logprobs_of(dpo_logits, tokens) - logprobs_of(ref_logits, tokens)) * m
+            if "rm" in models:
+                out["rm_score"][idx] = rm_score(models["rm"], mb, args)
+    for name in ("ref", "dpo", "rm"):  # FSDP2: give back the frozen models' gathered weights before training
+        if name in models:
+            common.reshard(models[name])
+    used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
+    return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}}
+
+
+# ============================================================================ 3. token rewards   <- edit here
 def token_rewards(ro, args, beta2):
     """The reward of every response token, (B, R). This is the function to edit for a reward ablation.
 
-        ppo :                      - beta2 * lr_theta(h) + 1[h=H] * beta3 * r_MLE(x, y)
-        dppo:                      - beta2 * lr_theta(h) + 1[h=H] * beta1 * sum_h' lr_dpo(h')
-        rto : beta1 * lr_dpo(h)    - beta2 * lr_theta(h) + 1[h=H] * beta3 * r_MLE(x, y)
+        ppo :                          - beta2 * kl(h) + 1[h=H] * beta3 * r_MLE(x, y)
+        dppo:                          - beta2 * kl(h) + 1[h=H] * beta1 * sum_h' dpo(h')
+        rto : clip(beta1 * dpo(h))     - beta2 * kl(h) + 1[h=H] * beta3 * r_MLE(x, y)
 
-    with lr_M(h) = log M(a_h|s_h) - log pi_ref(a_h|s_h), lr_theta from the sampling policy (k1 estimator),
-    H the last real token (EOS included). ro['dpo_rewards'] already holds beta1 * lr_dpo(h).
+    with dpo(h) = log pi_dpo(a_h|s_h) - log pi_ref(a_h|s_h) (ro['dpo_log_ratio']), kl(h) = log pi_old - log pi_ref
+    of the sampling policy (the k1 estimator, no gradient), H the last real token (EOS included).
     """
     mask = ro["response_mask"]
     last = F.one_hot(mask.sum(-1).long() - 1, mask.shape[1]).float()  # (B, R): 1 at h = H
     rewards = -beta2 * (ro["logprobs"] - ro["ref_logprobs"])
     if args.reward_mode == "rto":
-        dense = ro["dpo_rewards"]
+        dense = args.beta1 * ro["dpo_log_ratio"]
         if args.dpo_reward_clip > 0:  # "do not let DPO token rewards dominate" (authors' code)
             dense = dense.clamp(-args.dpo_reward_clip, args.dpo_reward_clip)
         rewards = rewards + dense
-    if args.reward_mode == "dppo":
-        rewards = rewards + last * ro["dpo_rewards"].sum(-1, keepdim=True)
+    if args.reward_mode == "dppo":  # DPO's sentence-level implicit reward, paid at the end
+        rewards = rewards + last * args.beta1 * ro["dpo_log_ratio"].sum(-1, keepdim=True)
     if uses_reward_model(args):
-        rewards = rewards + last * args.beta3 * ro["score"][:, None]
+        rewards = rewards + last * args.beta3 * ro["rm_score"][:, None]
     if args.missing_eos_penalty:
         rewards = rewards - last * args.missing_eos_penalty * (~ro["ended"]).float()[:, None]
     return rewards * mask
@@ -177,7 +284,8 @@ def token_rewards(ro, args, beta2):
 
 # ============================================================================ 4. advantages
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation over (B, R); V after the last real token is 0."""
+    """Generalised advantage estimation over (B, R); V after the last real token is 0.
+    delta_h = r_h + gamma V(s_h+1) - V(s_h),  A_h = delta_h + gamma lam A_h+1,  returns = A + V."""
     values = values * mask
     advantages = torch.zeros_like(rewards)
     next_value, next_adv = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
@@ -190,119 +298,139 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def whiten(accelerator, x, mask):
-    """(x - mean) / std over the masked entries of the whole rollout batch, all processes together."""
+    """(x - mean) / std over the masked entries of the whole rollout batch, all processes together (unbiased
+    variance, as torch.std); 0 outside the mask."""
     n = accelerator.reduce(mask.sum(), "sum")
     mean = accelerator.reduce((x * mask).sum(), "sum") / n
     var = accelerator.reduce((((x - mean) * mask) ** 2).sum(), "sum") / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-# ============================================================================ 5. PPO update
+# ============================================================================ 5. PPO update   <- edit here for a loss
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum() / mask.sum().clamp(min=1) if dim is None else (x * mask).sum(dim) / mask.sum(dim)
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)  # (B, R)
-    stats = {"clip_frac": masked_mean(((ratio - 1).abs() > eps).float(), mask),
-             "approx_kl": masked_mean((ratio - 1) - (logprobs - old_logprobs), mask),  # k3, old -> new
-             "ratio": masked_mean(ratio, mask)}
-    return masked_mean(surrogate, mask, -1).mean(), stats
+    surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)  # (b, R)
+    token_stats = {"clip_frac": ((ratio - 1).abs() > eps).float(), "ratio": ratio,
+                   "approx_kl": (ratio - 1) - (logprobs - old_logprobs)}  # k3 estimate of KL(old || new)
+    return masked_mean(surrogate, mask, -1).mean(), token_stats
 
 
 def value_loss(values, old_values, returns, mask, clip):
     """0.5 * max of the clipped and unclipped squared errors; same aggregation as the policy loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    stats = {"value_clip_frac": masked_mean(((values - old_values).abs() > clip).float(), mask)}
-    return masked_mean(loss, mask, -1).mean(), stats
+    return masked_mean(loss, mask, -1).mean(), {"value_clip_frac": ((values - old_values).abs() > clip).float()}
 
 
-def micro_batches(ro, size, order=None):
-    """Slices of a rollout (all its (B, ...) tensors) of `size` sequences, in `order` if given."""
-    order = torch.arange(ro["input_ids"].shape[0]) if order is None else order
-    for i in range(0, len(order), size):
-        idx = order[i:i + size]
-        yield {k: v[idx] if torch.is_tensor(v) else v for k, v in ro.items()}
+def entropy(logits):
+    """Entropy of softmax(logits) at each position, (b, R), a few positions at a time: never a (b, R, V) softmax."""
+    return torch.cat([torch.special.entr(chunk.softmax(-1)).sum(-1) for chunk in logits.split(16, dim=1)], 1)
 
 
 def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
-    """ppo_epochs x (local rollout / local mini-batch) optimiser steps for both actor and critic."""
+    """ppo_epochs x mini-batches x micro-batches. One optimiser step per mini-batch for actor and critic each, its
+    gradient accumulated over sizes['accum'] micro-batches. Returns the statistics as means over all tokens (or
+    sequences for the losses) of every process."""
     policy, critic = models["policy"], models["critic"]
-    stats = []
-    for _ in range(args.ppo_epochs):
-        order = torch.randperm(ro["input_ids"].shape[0])
-        for mb in micro_batches(ro, sizes["micro"], order):  # `accumulate` steps once per local mini-batch
-            with accelerator.accumulate(policy, critic):
-                logits = common.response_logits(policy, mb, args.temperature)  # (b, R, V)
-                logprobs = common.logprobs_of(logits, mb["input_ids"][:, mb["prompt_len"]:])
-                pl, ps = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["response_mask"], args.eps_clip)
-                vl, vs = value_loss(common.token_values(critic, mb), mb["values"], mb["returns"],
-                                    mb["response_mask"], args.value_clip)
-                # separate models and optimisers: the sum only saves a backward call
-                ok = common.optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers, args, it)
-            with torch.no_grad():
-                entropy = masked_mean(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), mb["response_mask"])
-            stats.append({"policy_loss": pl.detach(), "value_loss": vl.detach(), "entropy": entropy,
-                          "skipped_nonfinite": torch.tensor(float(not ok)), **ps, **vs})
-    return {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), "mean").item() for k in stats[0]}
+    sums, skipped = {}, 0
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(sizes["rollout"])  # same seed on every process
+        for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
+            for _, mb in micro_batches(ro, sizes["micro"], order[start:start + sizes["mini"]]):  # ... in micro-batches
+                mask = mb["response_mask"]
+                with accelerator.accumulate(policy, critic):
+                    logits = response_logits(policy, mb, args.temperature)  # (b, R, V)
+                    logprobs = logprobs_of(logits, mb["input_ids"][:, mb["prompt_len"]:])
+                    pl, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, args.eps_clip)
+                    vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], mask,
+                                            args.value_clip)
+                    skipped += not optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers,
+                                                  args, it)
+                with torch.no_grad():
+                    stats = {**stats, **vstats, "entropy": entropy(logits)}
+                    for k, v in stats.items():  # token sums, divided by the token count at the end
+                        sums[k] = sums.get(k, 0) + (v * mask).sum()
+                    for k, v in (("tokens", mask.sum()), ("sequences", len(mask)),
+                                 ("policy_loss", pl * len(mask)), ("value_loss", vl * len(mask))):
+                        sums[k] = sums.get(k, 0) + v
+    totals = {k: accelerator.reduce(torch.as_tensor(v, dtype=torch.float, device=accelerator.device), "sum").item()
+              for k, v in sums.items()}
+    out = {k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
+           for k in totals if k not in ("tokens", "sequences")}
+    return {**out, "skipped_nonfinite": accelerator.reduce(torch.tensor(float(skipped)), "sum").item()}
 
 
-def update_kl_coef(beta2, kl_per_response, args, n_episodes):
-    """Adaptive KL (Ziegler et al. 2019): move beta2 toward --kl_target; fixed when no target is set."""
+def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, it):
+    """backward; on the last micro-batch of a mini-batch also clip, step and zero (before it, Accelerate's prepared
+    optimisers and schedulers do nothing). A non-finite loss or gradient norm: see skip_nonfinite."""
+    if not common.all_finite(accelerator, loss):
+        return skip_nonfinite(args, "loss", it, optimizers)
+    accelerator.backward(loss)  # separate models and optimisers: the summed loss only saves a backward call
+    if accelerator.sync_gradients:  # the gradient of the whole mini-batch is there: clip it
+        norms = torch.stack([accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm) for m in models])
+        if not common.all_finite(accelerator, norms):
+            return skip_nonfinite(args, "gradient norm", it, optimizers)
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+    return True
+
+
+def skip_nonfinite(args, what, it, optimizers):  # stop with one line, or with --skip_nonfinite drop the step
+    if not args.skip_nonfinite:
+        common.fail(f"non-finite {what} at iteration {it + 1}; lower the learning rate, or pass --skip_nonfinite")
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    return False
+
+
+def update_kl_coef(beta2, kl_per_response, args, n_prompts):
+    """Adaptive KL (Ziegler et al. 2019): beta2 *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_prompts / horizon,
+    with KL the mean KL per response of this iteration. Fixed when no --kl_target is set."""
     if args.kl_target is None:
         return beta2
     error = max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
-    return beta2 * (1 + error * n_episodes / args.kl_horizon)
+    return beta2 * (1 + error * n_prompts / args.kl_horizon)
 
 
-# ============================================================================ logging, set-up, checkpoints
-def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
-    """What the iteration's rollout looked like; the oracle reward too on the built-in task."""
-    mask = ro["response_mask"]
-    mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()
-    token_mean = lambda x: (accelerator.reduce((x * mask).sum(), "sum") /
-                            accelerator.reduce(mask.sum(), "sum")).item()
-    kl = (ro["logprobs"] - ro["ref_logprobs"]) * mask
-    m = {"reward_total": mean(ro["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
-         "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
-         "eos_rate": mean(ro["ended"]), "value_mean": token_mean(ro["values"]),
-         "explained_variance": 1 - (token_mean((ro["returns"] - ro["values"]) ** 2) /
-                                    max(token_mean((ro["returns"] - token_mean(ro["returns"])) ** 2), 1e-8))}
-    if "score" in ro:
-        m["sentence_reward"] = mean(ro["score"])
-    if "dpo_rewards" in ro:
-        m["dpo_reward_per_token"] = token_mean(ro["dpo_rewards"])
-        m["dpo_reward_per_response"] = mean(ro["dpo_rewards"].sum(-1))
-    if args.dataset == TOY:
-        texts = common.decode_responses(tokenizer, ro)
-        m["oracle_reward"] = mean(torch.tensor([toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]))
-    return m
-
-
-def print_samples(accelerator, ro, tokenizer, prompts, n=3):
-    texts = common.decode_responses(tokenizer, ro)
-    for p, t, r in list(zip(prompts, texts, ro["rewards"].sum(-1).tolist()))[:n]:
-        accelerator.print(f"  [{r:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
+# ============================================================================ plumbing: batches, models, logging
+def micro_batches(ro, size, order):
+    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each slice cut to its own longest
+    sequence: columns that are padding in every row go (prompt_len shrinks with the left ones)."""
+    for i in range(0, len(order), size):
+        idx = order[i:i + size]
+        mb = {k: v[idx] if torch.is_tensor(v) else v for k, v in ro.items()}
+        real = mb["attention_mask"].any(0).nonzero()
+        first, end = real.min().item(), real.max().item() + 1
+        P, R = mb["prompt_len"], mb["response_mask"].shape[1]
+        for k, v in mb.items():
+            if torch.is_tensor(v) and v.dim() == 2:
+                mb[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]
+        yield idx, {**mb, "prompt_len": P - first}
 
 
 def load_models(args, accelerator):
     """Policy and critic (trained); reference, DPO and reward model (frozen, loaded only when used)."""
-    tokenizer = common.load_tokenizer(args.sft_ckpt, args.dataset, "--sft_ckpt")
+    tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
-        if path and common.load_tokenizer(path, args.dataset, flag).get_vocab() != tokenizer.get_vocab():
-            common.fail(f"{flag} {path}: its tokenizer differs from --sft_ckpt's; token rewards need one vocabulary")
-    models = {"policy": common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"),
-              "critic": common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt"),
-              "ref": common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"))}
+        if path:
+            common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
+    critic = common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt")
+    # as the authors' (OpenRLHF's) critic: from the RM, on the normalised rewards' scale; saved in its config
+    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)
+    models = {"policy": common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"), "critic": critic,
+              "ref": common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)}
     if args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = common.frozen(common.load_causal_lm(args.dpo_ckpt, tokenizer, "--dpo_ckpt"))
+        models["dpo"] = common.load_frozen(accelerator, args.dpo_ckpt, tokenizer, "--dpo_ckpt", args.bf16)
+    if critic.config.normalize_values and getattr(critic.config, "reward_std", None) is None:
+        common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
+                    "reward_model.py) — or pass --no_normalize_reward")
     if uses_reward_model(args):
-        models["rm"] = common.frozen(common.load_scorer(args.rm_ckpt, tokenizer, "--rm_ckpt"))
-        if args.normalize_reward and getattr(models["rm"].config, "reward_std", None) is None:
-            common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
-                        "reward_model.py) — or pass --no_normalize_reward")
-    for name in ("ref", "dpo", "rm"):
-        if name in models:
-            models[name] = common.place_frozen(accelerator, models[name])
+        models["rm"] = common.load_frozen(accelerator, args.rm_ckpt, tokenizer, "--rm_ckpt", args.bf16, scorer=True)
     return tokenizer, models
 
 
@@ -325,6 +453,38 @@ def num_iterations(args, n_prompts):
     return min(n, math.ceil(args.max_steps / steps_per_iteration)) if args.max_steps > 0 else n
 
 
+def iteration_prompts(prompts, order, it, args, process_index, local):
+    """This process's prompts of iteration `it` and their seeds. The run walks through one shuffle of the prompts
+    (`order`), --rollout_batch_size per iteration, wrapping around, so every prompt is used once per pass;
+    process k takes the k-th slice. A prompt's seed is its place in that walk."""
+    first = it * args.rollout_batch_size + process_index * local
+    positions = range(first, first + local)
+    return [prompts[order[p % len(prompts)]] for p in positions], [args.seed * 2**32 + p for p in positions]
+
+
+def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
+    """What the iteration's rollout looked like (means over all processes); the oracle reward on the built-in task."""
+    mask = ro["response_mask"]
+    mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()
+    token_mean = lambda x: (accelerator.reduce((x * mask).sum(), "sum") /
+                            accelerator.reduce(mask.sum(), "sum")).item()
+    kl = (ro["logprobs"] - ro["ref_logprobs"]) * mask
+    m = {"reward_total": mean(ro["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
+         "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
+         "eos_rate": mean(ro["ended"]), "value_mean": token_mean(ro["values"]),
+         "explained_variance": 1 - (token_mean((ro["returns"] - ro["values"]) ** 2) /
+                                    max(token_mean((ro["returns"] - token_mean(ro["returns"])) ** 2), 1e-8))}
+    if "rm_score" in ro:
+        m["sentence_reward"] = mean(ro["rm_score"])
+    if "dpo_log_ratio" in ro:
+        m["dpo_reward_per_token"] = token_mean(args.beta1 * ro["dpo_log_ratio"])
+        m["dpo_reward_per_response"] = mean(args.beta1 * ro["dpo_log_ratio"].sum(-1))
+    if args.dataset == TOY:
+        texts = data.decode_responses(tokenizer, ro)
+        m["oracle_reward"] = mean(torch.tensor([toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]))
+    return m
+
+
 def save(accelerator, models, tokenizer, args, iteration, beta2):
     """Policy (a causal-LM folder), critic beside it, and resumable state, each written atomically."""
     common.save_model(accelerator, models["policy"], tokenizer, args.output_dir)
@@ -334,17 +494,17 @@ def save(accelerator, models, tokenizer, args, iteration, beta2):
 
 
 def main(argv=None):
-    args = fill_defaults(common.parse_args(Args, argv))
+    args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     sizes = batch_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = sizes["accum"]
     tokenizer, models = load_models(args, accelerator)
-    prompts = common.load_prompts(args.dataset, args.dataset_split, args)
-    keep = [len(common.encode_prompt(tokenizer, p)) <= args.max_prompt_len for p in prompts]
-    if not all(keep) and args.long_prompts == "fail":
-        common.fail(f"{keep.count(False)} prompts exceed --max_prompt_len {args.max_prompt_len}")
-    prompts = [p for p, k in zip(prompts, keep) if k] or common.fail("no prompt fits --max_prompt_len")
-    common.prepare_output_dir(args, accelerator)
+    prompts = [p for p, _ in data.fit_prompts(tokenizer, data.load_prompts(args.dataset, args.dataset_split, args),
+                                              args.max_prompt_len, args.long_prompts)]
+    if len(prompts) < args.rollout_batch_size:
+        common.fail(f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: an iteration "
+                    "would use a prompt twice")
+    common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
 
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
@@ -360,23 +520,22 @@ def main(argv=None):
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
     start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    oracle = lambda: common.oracle_score(accelerator, models["policy"], tokenizer,
-                                         toy_task.prompts("test", args.oracle_prompts, seed=args.seed),
-                                         args.max_new_tokens, seed=args.seed) if args.dataset == TOY else None
-    if start == 0 and args.dataset == TOY:
+    held_out = toy_task.prompts("test", args.oracle_prompts, seed=args.seed) if args.dataset == TOY else None
+    oracle = lambda: data.oracle_score(accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens,
+                                       seed=args.seed)
+    if start == 0 and held_out:
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0)
 
-    bar = common.progress(accelerator, n_iter, args.reward_mode, start)
+    bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode, disable=not accelerator.is_local_main_process)
     for it in range(start, n_iter):
-        first = (it * args.rollout_batch_size + accelerator.process_index * sizes["rollout"]) % len(prompts)
-        batch_prompts = [prompts[order[(first + i) % len(prompts)]] for i in range(sizes["rollout"])]
+        batch_prompts, seeds = iteration_prompts(prompts, order, it, args, accelerator.process_index, sizes["rollout"])
         t0 = time.perf_counter()
-        ro = rollout(accelerator, models["policy"], tokenizer, batch_prompts, args)  # 1.
+        ro = rollout(accelerator, models["policy"], tokenizer, batch_prompts, seeds, args)  # 1.
         t1 = time.perf_counter()
-        ro = score(ro, models, args, sizes["micro"])  # 2.
+        ro = frozen_pass(accelerator, ro, models, args)  # 2.
         ro["rewards"] = token_rewards(ro, args, beta2)  # 3.
         if not common.all_finite(accelerator, ro["rewards"]):  # a broken DPO or reward-model checkpoint
-            common.nonfinite(args, "reward", it, optimizers)
+            skip_nonfinite(args, "reward", it, optimizers)
             continue
         ro["advantages"], ro["returns"] = gae(ro["rewards"], ro["values"], ro["response_mask"], args.gamma, args.lam)
         ro["advantages"] = whiten(accelerator, ro["advantages"], ro["response_mask"])  # 4.
@@ -385,19 +544,18 @@ def main(argv=None):
         t3 = time.perf_counter()
 
         metrics = {**rollout_metrics(accelerator, ro, tokenizer, batch_prompts, beta2, args), **train_stats,
-                   "time_generate": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
+                   "time_generate": t1 - t0, "time_frozen_pass": t2 - t1, "time_update": t3 - t2}
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
         common.log_metrics(accelerator, args.output_dir, metrics, it + 1)
         bar.update(1)
-        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("oracle_reward", "sentence_reward", "dpo_reward_per_response",
-                                                          "kl_per_token") if k in metrics})
-        if args.sample_every and (it + 1) % args.sample_every == 0:
-            print_samples(accelerator, ro, tokenizer, batch_prompts)
+        if args.sample_every and (it + 1) % args.sample_every == 0:  # a few (reward, prompt, response)
+            for p, t, r in list(zip(batch_prompts, data.decode_responses(tokenizer, ro), ro["rewards"].sum(-1)))[:3]:
+                accelerator.print(f"  [{r:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
 
     save(accelerator, models, tokenizer, args, n_iter, beta2)
-    if args.dataset == TOY:
+    if held_out:
         after = oracle()
         common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter)
         accelerator.print(f"oracle reward on held-out prompts after RL: {after:.3f}")

@@ -13,35 +13,43 @@ import torch
 from torch.utils.data import DataLoader
 
 import common
+import data
 import toy_task
 from common import TOY, arg
 
 
+# flag: (the built-in task, real models / the paper); these flags default to None in Args
+DEFAULTS = {
+    "lr": (1e-3, 1e-5),
+    "epochs": (3, 1),
+    "max_prompt_len": (24, 512),
+    "max_response_len": (24, 512),
+}
+
+
 @dataclass
-class Args(common.TrainArgs):
+class Args(common.OfflineTrainArgs):
     model_name_or_path: str = arg(common.TINY, "hub id, local folder, local .gguf file (needs the gguf package; "
                                                "de-quantised to float32), or 'tiny' (a small random Llama)")
     dataset: str = arg(TOY, "'toy' (built-in task), a hub id, or a local json/jsonl/parquet file")
     output_dir: str = arg("runs/sft", "checkpoint folder to write")
-    lr: float = arg(None, "AdamW learning rate (default: 1e-5, the paper's; 1e-3 on the built-in task)")
+    lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(32, "sequences per optimiser step, over all processes (paper: 32)")
-    epochs: int = arg(None, "passes over the data (default: 1, the paper's; 3 on the built-in task)")
+    epochs: int = arg(None, "passes over the data")
     warmup_ratio: float = arg(0.03, "fraction of steps of linear warm-up, then linear decay to 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    max_prompt_len: int = arg(None, "prompt tokens (default 512; 24 on the built-in task)")
-    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut (default 512; 24 on toy)")
-    eval_fraction: float = arg(0.05, "held-out share of a --dataset file for the held-out loss")
-    eval_steps: int = arg(50, "held-out loss every this many steps")
+    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut")
     oracle_prompts: int = arg(200, "built-in task only: test prompts sampled to measure the oracle reward")
 
 
-def fill_defaults(args):
-    toy = args.dataset == TOY
-    args.lr = args.lr or (1e-3 if toy else 1e-5)
-    args.epochs = args.epochs or (3 if toy else 1)
-    args.max_prompt_len = args.max_prompt_len or (24 if toy else 512)
-    args.max_response_len = args.max_response_len or (24 if toy else 512)
+def validate(args):
+    """Every bad value fails here, with one line, before anything is loaded or written."""
+    common.validate_shared(args)
+    common.check_positive(args, "lr")
+    common.check_at_least(args, 0, "weight_decay")
+    common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len", "oracle_prompts")
+    common.check_between(args, "warmup_ratio", 0, 1)
     return args
 
 
@@ -50,10 +58,10 @@ def load_demonstrations(args, tokenizer):
     if args.dataset == TOY:
         train, held = toy_task.sft_data("train", seed=args.seed), toy_task.sft_data("test", 400, seed=args.seed)
     else:
-        pairs, held_pairs = common.load_pairs(args.dataset, args, args.eval_fraction)
+        pairs, held_pairs = data.load_pairs(args.dataset, args, args.eval_fraction)
         train, held = ([{"prompt": p["prompt"], "response": p["chosen"]} for p in ps] for ps in (pairs, held_pairs))
-    enc = lambda rows: common.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
-                                              args.long_prompts, keys=("response",))
+    enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
+                                            args.long_prompts, keys=("response",))
     return enc(train), enc(held)
 
 
@@ -82,23 +90,26 @@ def oracle_reward(args, accelerator, model, tokenizer):
     if args.dataset != TOY:
         return {}
     prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed)
-    return {"oracle_reward": common.oracle_score(accelerator, model, tokenizer, prompts,
-                                                 args.max_response_len, seed=args.seed)}
+    return {"oracle_reward": data.oracle_score(accelerator, model, tokenizer, prompts,
+                                               args.max_response_len, seed=args.seed)}
 
 
 def main(argv=None):
-    args = fill_defaults(common.parse_args(Args, argv))
+    args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
-    tokenizer = common.load_tokenizer(args.model_name_or_path, args.dataset)
+    tokenizer = (data.build_tiny_tokenizer(args.dataset) if args.model_name_or_path == common.TINY
+                 else common.load_tokenizer(args.model_name_or_path))
     model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed)
     train, held = load_demonstrations(args, tokenizer)
-    common.prepare_output_dir(args, accelerator)
+    common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
+                                                  "gradient_accumulation_steps": accum, "train_examples": len(train),
+                                                  "heldout_examples": len(held)})
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
     pad = tokenizer.pad_token_id
-    collate = lambda exs: common.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
+    collate = lambda exs: data.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -22,13 +22,14 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import data  # noqa: E402
 import rto  # noqa: E402
 import toy_task  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # noqa: E402
 
 
 def build(hidden, layers):
-    tok = common.build_tiny_tokenizer(common.TOY)
+    tok = data.build_tiny_tokenizer(common.TOY)
     cfg = common.tiny_config(tok, hidden, layers)
     torch.manual_seed(0)
     lm = lambda: common.disable_dropout(LlamaForCausalLM(cfg))
@@ -43,8 +44,9 @@ def build(hidden, layers):
 def args_for(rollout, new_tokens):
     a = common.parse_args(rto.Args, ["--sft_ckpt", "x", "--dpo_ckpt", "x", "--rm_ckpt", "x", "--output_dir", "x",
                                      "--rollout_batch_size", str(rollout), "--mini_batch_size", "16",
-                                     "--max_new_tokens", str(new_tokens), "--generation_batch_size", str(rollout)])
-    return rto.fill_defaults(a)
+                                     "--max_new_tokens", str(new_tokens), "--generation_batch_size", str(rollout)],
+                          rto.DEFAULTS)
+    return rto.validate(a)
 
 
 def timed(fn):
@@ -56,9 +58,9 @@ def timed(fn):
 def one_iteration(acc, tok, models, opts, scheds, args, sizes, prompts, seed):
     """rto.py's loop body, phase by phase, as main() runs it."""
     torch.manual_seed(seed)
-    ro, t_gen = timed(lambda: rto.rollout(acc, models["policy"], tok, prompts, args))
+    ro, t_gen = timed(lambda: rto.rollout(acc, models["policy"], tok, prompts, [seed] * len(prompts), args))
     t0 = time.perf_counter()
-    ro = rto.score(ro, models, args, sizes["micro"])
+    ro = rto.frozen_pass(acc, ro, models, args)
     ro["rewards"] = rto.token_rewards(ro, args, args.beta2)
     ro["advantages"], ro["returns"] = rto.gae(ro["rewards"], ro["values"], ro["response_mask"], 1.0, 0.95)
     ro["advantages"] = rto.whiten(acc, ro["advantages"], ro["response_mask"])
@@ -70,7 +72,7 @@ def one_iteration(acc, tok, models, opts, scheds, args, sizes, prompts, seed):
 def alone(tok, models, opts, args, sizes, prompts, ro, seed):
     """The same work without rto.py around it: one generate call, bare forward passes, bare train steps."""
     policy = models["policy"]
-    ids, mask = common.collate_prompts([common.encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    ids, mask = data.collate_prompts([data.encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
     torch.manual_seed(seed)
     with torch.no_grad():
         _, t_gen = timed(lambda: policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,

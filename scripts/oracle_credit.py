@@ -29,9 +29,9 @@ import toy_task  # noqa: E402
 rollout_as_in_rto = rto.rollout
 
 
-def rollout(accelerator, policy, tokenizer, prompts, args):
+def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     """rto.rollout, plus ro['credit'] (B, R): the oracle's credit for each response token (0 on EOS, padding)."""
-    ro = rollout_as_in_rto(accelerator, policy, tokenizer, prompts, args)
+    ro = rollout_as_in_rto(accelerator, policy, tokenizer, prompts, seeds, args)
     P, mask = ro["prompt_len"], ro["response_mask"]
     credit = torch.zeros_like(mask)
     for i, (p, ids, m) in enumerate(zip(prompts, ro["input_ids"][:, P:], mask)):

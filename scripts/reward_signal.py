@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import data  # noqa: E402
 import toy_task  # noqa: E402
 
 KINDS = ["on-topic, new", "on-topic, repeat", "other topic", "filler", "junk or unknown", 'final "."', "EOS"]
@@ -68,11 +69,11 @@ def measure(run, policy_dir, n, beta1, clip, seed, batch=100):
     tok = {"credit": [], "reward": [], "kind": []}
     for i in range(0, n, batch):
         chunk = prompts[i:i + batch]
-        b = common.sample(policy, tokenizer, [common.encode_prompt(tokenizer, p) for p in chunk], 24)
+        b = common.sample(policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], 24)
         mask = b["response_mask"]  # (B, R)
-        r = common.dpo_token_rewards(dpo, common.response_logprobs(ref, b), b, beta1)  # (B, R)
+        r = beta1 * (common.response_logprobs(dpo, b) - common.response_logprobs(ref, b))  # (B, R) token rewards
         score = (common.sequence_scores(rm, b) - rm.config.reward_mean) / rm.config.reward_std  # (B,)
-        for j, (p, text) in enumerate(zip(chunk, common.decode_responses(tokenizer, b))):
+        for j, (p, text) in enumerate(zip(chunk, data.decode_responses(tokenizer, b))):
             words, L = text.split(), int(mask[j].sum())
             credit, kinds = token_credit(p, words)
             if len(words) != L - bool(b["ended"][j]):  # one token per word (+ EOS): true on the built-in task

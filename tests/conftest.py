@@ -32,7 +32,10 @@ def read_metrics(folder):
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """SFT -> DPO -> reward model on the built-in task with the default settings, once per test session."""
+    """SFT -> DPO -> reward model on the built-in task with the default settings, once per test session.
+    RTO_TEST_PIPELINE=<dir> reuses the three folders in <dir> instead (while working on later stages)."""
+    if os.environ.get("RTO_TEST_PIPELINE"):
+        return {name: Path(os.environ["RTO_TEST_PIPELINE"]) / name for name in ("sft", "dpo", "rm")}
     root = tmp_path_factory.mktemp("pipeline")
     run_stage("sft.py", "--output_dir", root / "sft")
     run_stage("dpo.py", "--sft_ckpt", root / "sft", "--output_dir", root / "dpo")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import common
+import data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_output_dir_not_empty_without_overwrite(tmp_path):
 def test_skip_bad_rows_skips_and_counts(tmp_path, capsys):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {"prompt": "q", "chosen": "a"}, GOOD, {"chosen": 5,
                                                                                             "rejected": "r"}])
-    rows = common.load_rows(str(path), skip_bad_rows=True)
+    rows = data.load_rows(str(path), skip_bad_rows=True)
     assert rows == [{"prompt": [{"role": "user", "content": "Capital of France?"}],
                      "chosen": "Paris.", "rejected": "Rome."}] * 2
     assert f"note: skipped 2 of 4 rows of {path} that could not be parsed" in capsys.readouterr().err
@@ -96,4 +96,4 @@ def test_skip_bad_rows_skips_and_counts(tmp_path, capsys):
 def test_skip_bad_rows_with_nothing_left(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": None}] * 2)
     with pytest.raises(SystemExit, match=r"^error: --dataset .*pairs\.jsonl: no usable rows$"):
-        common.load_rows(str(path), skip_bad_rows=True)
+        data.load_rows(str(path), skip_bad_rows=True)

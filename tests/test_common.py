@@ -8,18 +8,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
+import data
 import toy_task
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = common.build_tiny_tokenizer(common.TOY)
+    tok = data.build_tiny_tokenizer(common.TOY)
     return tok, common.load_causal_lm(common.TINY, tok, seed=0).eval()
 
 
 def encode(tok, prompt, response):
-    return common.encode_prompt(tok, [{"role": "user", "content": prompt}]), \
-        common.encode_response(tok, response, 64)[0]
+    return data.encode_prompt(tok, [{"role": "user", "content": prompt}]), \
+        data.encode_response(tok, response, 64)[0]
 
 
 # ---------------------------------------------------------------------------- the built-in task
@@ -58,8 +59,8 @@ def test_logprobs_do_not_depend_on_padding(tiny):
     tok, model = tiny
     a = encode(tok, "tell me about fruit", "apple pear .")
     b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
-    alone = common.response_logprobs(model, common.collate([a[0]], [a[1]], tok.pad_token_id))
-    both = common.response_logprobs(model, common.collate([a[0], b[0]], [a[1], b[1]], tok.pad_token_id))
+    alone = common.response_logprobs(model, data.collate([a[0]], [a[1]], tok.pad_token_id))
+    both = common.response_logprobs(model, data.collate([a[0], b[0]], [a[1], b[1]], tok.pad_token_id))
     n = len(a[1])
     torch.testing.assert_close(both[0, :n], alone[0], atol=1e-5, rtol=0)
     assert (both[0, n:] == 0).all()
@@ -86,9 +87,6 @@ def test_masked_statistics_against_hand_values():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert common.masked_mean(x, m).item() == pytest.approx(2.0)
     assert common.masked_mean(x, m, -1).tolist() == pytest.approx([1.5, 3.0])
-    w = common.masked_whiten(x, m)
-    assert w[m.bool()].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)  # std of (1,2,3) is 1
-    assert (w[~m.bool()] == 0).all()
 
 
 def test_sample_masks_everything_after_the_first_eos(tiny):
@@ -111,8 +109,8 @@ def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny
     rm = common.load_scorer(str(tmp_path), tok, "--rm_ckpt").eval()
     a = encode(tok, "tell me about fruit", "apple .")
     b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
-    alone = common.sequence_scores(rm, common.collate([a[0]], [a[1]], tok.pad_token_id))
-    batch = common.collate([b[0], a[0]], [b[1], a[1]], tok.pad_token_id)  # a: left- and right-padded
+    alone = common.sequence_scores(rm, data.collate([a[0]], [a[1]], tok.pad_token_id))
+    batch = data.collate([b[0], a[0]], [b[1], a[1]], tok.pad_token_id)  # a: left- and right-padded
     torch.testing.assert_close(common.sequence_scores(rm, batch)[1], alone[0], atol=1e-5, rtol=0)
     # all-right-padded layout (prompt+response packed to the left) gives the same score
     ids = a[0] + a[1]
@@ -123,21 +121,6 @@ def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny
     hf = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             position_ids=common.position_ids(batch["attention_mask"])).logits[:, 0]
     torch.testing.assert_close(hf, common.sequence_scores(rm, batch), atol=1e-5, rtol=0)
-
-
-def test_dpo_token_rewards_sum_to_the_sentence_level_implicit_reward(tiny):
-    tok, ref = tiny
-    torch.manual_seed(1)
-    dpo = common.load_causal_lm(common.TINY, tok, seed=1).eval()
-    rows = [encode(tok, "tell me about fruit", "apple pear ."), encode(tok, "describe tools", "saw drill hammer .")]
-    batch = common.collate([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
-    ref_lp = common.response_logprobs(ref, batch)
-    token = common.dpo_token_rewards(dpo, ref_lp, batch, beta=0.1)  # (B, R)
-    for i, (p, r) in enumerate(rows):  # DPO's implicit reward, from unpadded single-sequence passes
-        ids = torch.tensor([p + r])
-        seq = lambda m: m(ids).logits.log_softmax(-1)[0, len(p) - 1:-1].gather(-1, torch.tensor(r)[:, None]).sum()
-        assert token[i].sum().item() == pytest.approx(0.1 * (seq(dpo) - seq(ref)).item(), abs=1e-5)
-    assert (token * (1 - batch["response_mask"]) == 0).all()
 
 
 def test_checkpoint_round_trip_reloads_identical_logits(tiny, tmp_path):
@@ -154,18 +137,18 @@ def test_checkpoint_round_trip_reloads_identical_logits(tiny, tmp_path):
 
 
 def test_byte_level_tiny_tokenizer_round_trips_any_text():
-    tok = common.build_tiny_tokenizer("some/file.jsonl")
+    tok = data.build_tiny_tokenizer("some/file.jsonl")
     text = "Héllo, wörld! 👋 \n\tdone"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert tok.pad_token_id != tok.eos_token_id
 
 
 def test_decoded_responses_keep_junk_special_tokens_but_not_the_final_eos():
-    tok = common.build_tiny_tokenizer(common.TOY)
-    p = common.encode_prompt(tok, [{"role": "user", "content": "tell me about fruit"}])
+    tok = data.build_tiny_tokenizer(common.TOY)
+    p = data.encode_prompt(tok, [{"role": "user", "content": "tell me about fruit"}])
     r = tok("apple <unk> pear", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    batch = common.collate([p, p], [r, r[:1]], tok.pad_token_id)
-    texts = common.decode_responses(tok, batch)
+    batch = data.collate([p, p], [r, r[:1]], tok.pad_token_id)
+    texts = data.decode_responses(tok, batch)
     assert texts == ["apple <unk> pear", "apple"]
     assert toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0  # <unk> is junk to the judge
 
@@ -194,12 +177,13 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_or_is_skipped_by_flag():
 
 def test_rto_refuses_checkpoints_with_another_vocabulary(tmp_path):
     import rto
-    toy, other = common.build_tiny_tokenizer(common.TOY), common.build_tiny_tokenizer("bytes")
+    toy, other = data.build_tiny_tokenizer(common.TOY), data.build_tiny_tokenizer("bytes")
     for name, tok in (("sft", toy), ("dpo", other)):
         common.load_causal_lm(common.TINY, tok).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    args = rto.fill_defaults(common.parse_args(rto.Args, ["--sft_ckpt", str(tmp_path / "sft"), "--dpo_ckpt",
-                                                          str(tmp_path / "dpo"), "--beta3", "0", "--output_dir", "x"]))
+    args = rto.validate(common.parse_args(rto.Args, ["--sft_ckpt", str(tmp_path / "sft"), "--dpo_ckpt",
+                                                     str(tmp_path / "dpo"), "--beta3", "0", "--output_dir", "x"],
+                                          rto.DEFAULTS))
     from accelerate import Accelerator
     with pytest.raises(SystemExit, match="--dpo_ckpt .* tokenizer differs"):
         rto.load_models(args, Accelerator(cpu=True))

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import common
+import data
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data samples at {DATA}")
@@ -117,19 +117,19 @@ CASE_IDS = [c[0] for c in CASES]
     ([], None),
 ])
 def test_detect_format(columns, fmt):
-    assert common.detect_format(columns) == fmt
+    assert data.detect_format(columns) == fmt
 
 
 @pytest.mark.parametrize("raw, expected", [c[1:] for c in CASES], ids=CASE_IDS)
 def test_parse_row(raw, expected):
-    assert common.parse_row(raw, common.detect_format(raw)) == expected
+    assert data.parse_row(raw, data.detect_format(raw)) == expected
 
 
 @pytest.mark.parametrize("raw, expected", [c[1:] for c in CASES], ids=CASE_IDS)
 def test_load_rows_each_layout(tmp_path, raw, expected):
     # a second row so that a column missing from one row is not the whole story
     path = write_rows(tmp_path / "data.jsonl", [raw, raw])
-    assert common.load_rows(path) == [expected, expected]
+    assert data.load_rows(path) == [expected, expected]
 
 
 @pytest.mark.parametrize("name", ["data.jsonl.gz", "data.json", "data.parquet"])
@@ -138,7 +138,7 @@ def test_load_rows_each_layout(tmp_path, raw, expected):
 def test_load_rows_file_kinds(tmp_path, name, case):
     _, raw, expected = CASES[CASE_IDS.index(case)]
     path = write_rows(tmp_path / name, [raw] * 3)
-    assert common.load_rows(path) == [expected] * 3
+    assert data.load_rows(path) == [expected] * 3
 
 
 @pytest.mark.parametrize("raw, why", [
@@ -156,18 +156,18 @@ def test_load_rows_file_kinds(tmp_path, name, case):
 ])
 def test_parse_row_rejects_broken_rows(raw, why):
     with pytest.raises(ValueError, match=why):
-        common.parse_row(raw, common.detect_format(raw))
+        data.parse_row(raw, data.detect_format(raw))
 
 
 def test_bad_row_fails_or_is_skipped_with_a_count(tmp_path, capsys):
     good = {"prompt": "p", "chosen": "c", "rejected": "r"}
     path = write_rows(tmp_path / "pairs.jsonl", [good, {"prompt": "p", "chosen": "c"}, good])
     with pytest.raises(SystemExit) as e:
-        common.load_rows(path)
+        data.load_rows(path)
     msg = str(e.value.code)
     assert msg.startswith("error:") and path in msg and "row 1" in msg and "--skip_bad_rows" in msg
     capsys.readouterr()
-    rows = common.load_rows(path, skip_bad_rows=True)
+    rows = data.load_rows(path, skip_bad_rows=True)
     assert rows == [{"prompt": [U("p")], "chosen": "c", "rejected": "r"}] * 2
     assert f"note: skipped 1 of 3 rows of {path}" in capsys.readouterr().err
 
@@ -179,16 +179,16 @@ def test_empty_file_is_one_clear_error(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        common.load_rows(str(path))
+        data.load_rows(str(path))
     assert str(e.value.code) == f"error: --dataset {path}: is empty (no rows)"
 
 
 def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --dataset .*nope\.jsonl: no such file$"):
-        common.load_rows(str(tmp_path / "nope.jsonl"))
+        data.load_rows(str(tmp_path / "nope.jsonl"))
     (tmp_path / "junk.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match=r"^error: --dataset .*junk\.jsonl: cannot be read as a dataset"):
-        common.load_rows(str(tmp_path / "junk.jsonl"))
+        data.load_rows(str(tmp_path / "junk.jsonl"))
 
 
 # ============================================================================ pairs, prompts, held-out split
@@ -198,42 +198,42 @@ def test_load_pairs_skips_ties_and_splits(tmp_path, capsys):
         rows[i]["rejected"] = rows[i]["chosen"]
     path = write_rows(tmp_path / "pairs.jsonl", rows)
     args = SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
-    train, held = common.load_pairs(path, args, eval_fraction=0.25)
+    train, held = data.load_pairs(path, args, eval_fraction=0.25)
     assert "note: skipped 3 pairs whose chosen equals rejected" in capsys.readouterr().err
     assert (len(train), len(held)) == (28, 9)  # int(37 * 0.25) held out
     assert all(r["chosen"] != r["rejected"] for r in train + held)
     prompts = [r["prompt"][0]["content"] for r in train + held]
     assert sorted(prompts) == sorted(f"q{i}" for i in range(40) if i not in (3, 17, 29))
-    assert common.load_pairs(path, args, eval_fraction=0.25) == (train, held)  # deterministic
+    assert data.load_pairs(path, args, eval_fraction=0.25) == (train, held)  # deterministic
 
 
 def test_load_pairs_refuses_a_prompt_only_file(tmp_path):
     path = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "q"}])
     with pytest.raises(SystemExit, match="holds prompts only"):
-        common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
+        data.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
 
 
 def test_load_prompts_from_pairs_and_prompt_files(tmp_path):
     args = SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
     pairs = write_rows(tmp_path / "pairs.jsonl", [CASES[1][1]] * 3)
     prompts = write_rows(tmp_path / "prompts.jsonl", [{"context_messages": [U(f"q{i}")]} for i in range(5)])
-    assert common.load_prompts(pairs, "train", args) == [CASES[1][2]["prompt"]] * 3
-    assert common.load_prompts(prompts, "train", args, n=2) == [[U("q0")], [U("q1")]]
+    assert data.load_prompts(pairs, "train", args) == [CASES[1][2]["prompt"]] * 3
+    assert data.load_prompts(prompts, "train", args, n=2) == [[U("q0")], [U("q1")]]
 
 
 @pytest.mark.parametrize("n, fraction", [(100, 0.05), (10, 0.5), (7, 0.01), (2, 0.05)])
 def test_split_eval_deterministic_disjoint_complete(n, fraction):
     rows = list(range(n))
-    train, held = common.split_eval(rows, fraction, seed=1)
-    assert (train, held) == common.split_eval(rows, fraction, seed=1)
+    train, held = data.split_eval(rows, fraction, seed=1)
+    assert (train, held) == data.split_eval(rows, fraction, seed=1)
     assert not set(train) & set(held)
     assert sorted(train + held) == rows
     assert len(held) == max(1, int(n * fraction))
 
 
 def test_split_eval_edge_cases():
-    assert common.split_eval(["only"], 0.05, seed=0) == (["only"], [])
-    a, b = common.split_eval(list(range(100)), 0.1, seed=0), common.split_eval(list(range(100)), 0.1, seed=1)
+    assert data.split_eval(["only"], 0.05, seed=0) == (["only"], [])
+    a, b = data.split_eval(list(range(100)), 0.1, seed=0), data.split_eval(list(range(100)), 0.1, seed=1)
     assert a != b  # the seed matters
 
 
@@ -265,7 +265,7 @@ PROMPT_ENDS_WITH_ASSISTANT = {"hh_rlhf/harmless-base_test.jsonl.gz": 4, "hh_rlhf
 @needs_data
 @pytest.mark.parametrize("name", REAL_FILES)
 def test_real_file_loads(name):
-    rows = common.load_rows(str(DATA / name))
+    rows = data.load_rows(str(DATA / name))
     assert len(rows) == EXPECTED_ROWS.get(name, len(rows))
     pairs = not name.startswith("ultrafeedback_prompts/")
     odd, empty = 0, 0
@@ -289,9 +289,9 @@ def test_real_hh_transcripts_rejoin():
     path = DATA / "hh_rlhf" / "harmless-base_test.jsonl.gz"
     with gzip.open(path, "rt") as f:
         raws = [json.loads(line) for line in f]
-    rows = common.load_rows(str(path))
+    rows = data.load_rows(str(path))
     assert len(rows) == len(raws)
-    hh = common.build_tiny_tokenizer("other")
+    hh = data.build_tiny_tokenizer("other")
     hh.chat_template = None  # format_prompt then writes the HH layout "\n\nHuman: ...\n\nAssistant:"
     exact = 0
     for raw, row in zip(raws, rows):
@@ -300,10 +300,10 @@ def test_real_hh_transcripts_rejoin():
             assert row[key] == text[text.rfind("\n\nAssistant:") + len("\n\nAssistant:"):].strip()
         last_user = [m for m in row["prompt"] if m["role"] == "user"][-1]["content"]
         assert last_user in raw["chosen"] and last_user in raw["rejected"]
-        head = common.format_prompt(hh, row["prompt"])
+        head = data.format_prompt(hh, row["prompt"])
         exact += head + " " + row["chosen"] == raw["chosen"] and head + " " + row["rejected"] == raw["rejected"]
     for raw, row in list(zip(raws, rows))[:5]:  # well-formed rows: prompt + " " + answer is the transcript
-        assert common.format_prompt(hh, row["prompt"]) + " " + row["chosen"] == raw["chosen"]
+        assert data.format_prompt(hh, row["prompt"]) + " " + row["chosen"] == raw["chosen"]
     assert exact >= 0.99 * len(rows)  # the rest differ only in whitespace, or are malformed in the source
     assert [i for i, r in enumerate(rows) if not r["chosen"]] == [86, 516, 925, 1103]  # empty in the source too
 
@@ -311,7 +311,7 @@ def test_real_hh_transcripts_rejoin():
 @needs_data
 def test_real_layouts_agree():
     """The same data in two layouts parses to the same rows."""
-    load = lambda name: common.load_rows(str(DATA / name))
+    load = lambda name: data.load_rows(str(DATA / name))
     assert load("hh_rlhf/test_mixed_1000.split.jsonl") == load("hh_rlhf/test_mixed_1000.hh_format.jsonl")
     uf = "ultrafeedback_binarized/"
     trl = load(uf + "trl_train_clean_1000.jsonl") + load(uf + "trl_eval_clean_200.jsonl")
@@ -326,7 +326,7 @@ def test_real_layouts_agree():
 @needs_data
 def test_real_load_pairs(capsys):
     path = str(DATA / "hh_rlhf" / "test_mixed_1000.split.jsonl")
-    train, held = common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
+    train, held = data.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
     assert "note: skipped 6 pairs whose chosen equals rejected" in capsys.readouterr().err
     assert (len(train), len(held)) == (945, 49)
     key = lambda r: json.dumps(r, sort_keys=True)
@@ -336,12 +336,12 @@ def test_real_load_pairs(capsys):
 # ============================================================================ tokenisation
 @pytest.fixture(scope="module")
 def toy_tok():
-    return common.build_tiny_tokenizer("toy")
+    return data.build_tiny_tokenizer("toy")
 
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    return common.build_tiny_tokenizer("other")
+    return data.build_tiny_tokenizer("other")
 
 
 def ids(tok, text):
@@ -350,11 +350,11 @@ def ids(tok, text):
 
 def test_format_prompt(toy_tok):
     msgs = [U("hi"), A("hello"), U("tell me about fruit")]
-    assert common.format_prompt(toy_tok, msgs) == (
+    assert data.format_prompt(toy_tok, msgs) == (
         "<|user|> hi <|assistant|> hello <|user|> tell me about fruit <|assistant|>")
-    plain = common.build_tiny_tokenizer("toy")
+    plain = data.build_tiny_tokenizer("toy")
     plain.chat_template = None
-    assert common.format_prompt(plain, [S("be kind"), *msgs]) == (
+    assert data.format_prompt(plain, [S("be kind"), *msgs]) == (
         "\n\nSystem: be kind\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me about fruit\n\nAssistant:")
 
 
@@ -362,9 +362,9 @@ def test_encode_examples_toy(toy_tok, capsys):
     rows = [{"prompt": [U("tell me about fruit")], "chosen": "apple pear .", "rejected": "asdf"},
             {"prompt": [U("hi please tell me about space now")], "chosen": "star", "rejected": "moon"},
             {"prompt": [U("describe music")], "chosen": "drum piano violin flute guitar .", "rejected": "song"}]
-    out = common.encode_examples(toy_tok, rows, max_prompt_len=6, max_response_len=4)
+    out = data.encode_examples(toy_tok, rows, max_prompt_len=6, max_response_len=4)
     err = capsys.readouterr().err
-    assert "skipped 1 rows with prompts over 6 tokens" in err and "truncated 1 responses to 4 tokens" in err
+    assert "skipped 1 prompts over 6 tokens" in err and "truncated 1 responses to 4 tokens" in err
     eos = toy_tok.eos_token_id
     assert out == [
         {"prompt": ids(toy_tok, "<|user|> tell me about fruit <|assistant|>"),
@@ -377,7 +377,7 @@ def test_encode_examples_toy(toy_tok, capsys):
 
 def test_encode_examples_keys_and_limits_are_inclusive(toy_tok, capsys):
     rows = [{"prompt": [U("describe music")], "response": "drum piano ."}]  # prompt 4 tokens, response 3 + EOS
-    out = common.encode_examples(toy_tok, rows, max_prompt_len=4, max_response_len=4, keys=("response",))
+    out = data.encode_examples(toy_tok, rows, max_prompt_len=4, max_response_len=4, keys=("response",))
     assert out == [{"prompt": ids(toy_tok, "<|user|> describe music <|assistant|>"),
                     "response": ids(toy_tok, "drum piano .") + [toy_tok.eos_token_id]}]
     assert capsys.readouterr().err == ""  # nothing skipped, nothing cut
@@ -386,39 +386,39 @@ def test_encode_examples_keys_and_limits_are_inclusive(toy_tok, capsys):
 def test_encode_examples_long_prompt_fail(toy_tok):
     rows = [{"prompt": [U("tell me about fruit")], "chosen": "apple", "rejected": "pear"}]
     with pytest.raises(SystemExit, match=r"^error: a prompt has 6 tokens > --max_prompt_len 5"):
-        common.encode_examples(toy_tok, rows, 5, 8, long_prompts="fail")
-    with pytest.raises(SystemExit, match=r"^error: no rows left after tokenisation"):
-        common.encode_examples(toy_tok, rows, 5, 8, long_prompts="skip")
+        data.encode_examples(toy_tok, rows, 5, 8, long_prompts="fail")
+    with pytest.raises(SystemExit, match=r"^error: no prompt fits --max_prompt_len 5"):
+        data.encode_examples(toy_tok, rows, 5, 8, long_prompts="skip")
 
 
 def test_encode_examples_bytes(byte_tok, capsys):
     content, answer = "héllo wörld", "ça va"
     prompt_len = 2 + len(f" {content} ".encode())  # <|user|> + bytes + <|assistant|>
     rows = [{"prompt": [U(content)], "chosen": answer, "rejected": ""}]
-    out = common.encode_examples(byte_tok, rows, prompt_len, 64)
+    out = data.encode_examples(byte_tok, rows, prompt_len, 64)
     eos = byte_tok.eos_token_id
     assert len(out[0]["prompt"]) == prompt_len
-    assert byte_tok.decode(out[0]["prompt"]) == common.format_prompt(byte_tok, [U(content)])
+    assert byte_tok.decode(out[0]["prompt"]) == data.format_prompt(byte_tok, [U(content)])
     assert out[0]["chosen"][-1] == eos and byte_tok.decode(out[0]["chosen"][:-1]) == answer
     assert len(out[0]["chosen"]) == len(answer.encode()) + 1
     assert out[0]["rejected"] == [eos]  # an empty reply is EOS alone
-    short = common.encode_examples(byte_tok, rows, prompt_len, 3)
+    short = data.encode_examples(byte_tok, rows, prompt_len, 3)
     assert short[0]["chosen"] == out[0]["chosen"][:3] and short[0]["prompt"] == out[0]["prompt"]
 
 
 def test_encode_examples_bytes_prompt_limit(byte_tok, capsys):
     rows = [{"prompt": [U("a" * 10)], "chosen": "x", "rejected": "y"},
             {"prompt": [U("a" * 11)], "chosen": "x", "rejected": "y"}]
-    out = common.encode_examples(byte_tok, rows, 2 + 12, 8)  # <|user|> " " + 10 × a + " " <|assistant|>
+    out = data.encode_examples(byte_tok, rows, 2 + 12, 8)  # <|user|> " " + 10 × a + " " <|assistant|>
     assert [len(e["prompt"]) for e in out] == [14]
-    assert "skipped 1 rows with prompts over 14 tokens; truncated 0 responses" in capsys.readouterr().err
+    assert "skipped 1 prompts over 14 tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="15 tokens > --max_prompt_len 14"):
-        common.encode_examples(byte_tok, rows, 14, 8, long_prompts="fail")
+        data.encode_examples(byte_tok, rows, 14, 8, long_prompts="fail")
 
 
 # ============================================================================ batches
 def test_collate_layout():
-    batch = common.collate([[11, 12, 13], [14]], [[21], [22, 23, 24]], pad_id=0)
+    batch = data.collate([[11, 12, 13], [14]], [[21], [22, 23, 24]], pad_id=0)
     assert batch["prompt_len"] == 3
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 0, 0],
                                            [0, 0, 14, 22, 23, 24]]
@@ -430,13 +430,13 @@ def test_collate_layout():
 
 def test_collate_pad_equal_to_eos_is_masked_by_position():
     eos = 2  # pad == EOS (tokenizers without a pad token): the mask, not the id, says what is real
-    batch = common.collate([[5, 6], [7]], [[8, eos], [eos]], pad_id=eos)
+    batch = data.collate([[5, 6], [7]], [[8, eos], [eos]], pad_id=eos)
     assert batch["input_ids"].tolist() == [[5, 6, 8, eos], [eos, 7, eos, eos]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
     assert batch["response_mask"].tolist() == [[1, 1], [1, 0]]
 
 
 def test_collate_prompts():
-    input_ids, mask = common.collate_prompts([[1, 2], [3], [4, 5, 6]], pad_id=9)
+    input_ids, mask = data.collate_prompts([[1, 2], [3], [4, 5, 6]], pad_id=9)
     assert input_ids.tolist() == [[9, 1, 2], [9, 9, 3], [4, 5, 6]]
     assert mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]

@@ -89,42 +89,97 @@ def test_ddp_and_fsdp_train_like_one_process_on_the_global_batch(stage, pipeline
         torch.testing.assert_close(logits["fsdp"], logits["one"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("config", ["cpu_ddp.yaml", "cpu_fsdp.yaml"])
-def test_rto_runs_on_two_ranks_whose_responses_differ_in_length(config, pipeline, tmp_path):
-    """Different prompts per rank give different response lengths; generation must keep ranks in step."""
-    launch(config, "rto.py", "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
-           "--output_dir", tmp_path / "rto", "--num_iterations", 2, "--rollout_batch_size", 16,
-           "--mini_batch_size", 8, "--oracle_prompts", 8, "--sample_every", 0, "--save_every", 1)
-    it = [m for m in read_metrics(tmp_path / "rto") if "policy_loss" in m]
-    assert len(it) == 2 and all(abs(m["policy_loss"]) < 10 for m in it)
-    AutoModelForCausalLM.from_pretrained(tmp_path / "rto")
-    assert (tmp_path / "rto" / "checkpoint-2" / "state.json").exists()
+def rto_numbers(folder):
+    """Every number an rto.py iteration logged (times aside), in order."""
+    return [(m["step"], k, v) for m in read_metrics(folder) if "phase" not in m for k, v in sorted(m.items())
+            if isinstance(v, float) and not k.startswith("time_")]
+
+
+def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, tmp_path):
+    """2 iterations, 16 prompts each, 2 PPO epochs over one mini-batch of 16 accumulated over 2 micro-batches: one
+    process, then DDP and FSDP2 on 2 ranks (8 prompts each). Each prompt's response is drawn with its own seed, so
+    the rollouts are the same; advantages are whitened over both ranks, losses and statistics are global means:
+    every logged number must match. The ranks' responses differ in length, and generation must not hang."""
+    run = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
+           "--num_iterations", 2, "--rollout_batch_size", 16, "--mini_batch_size", 16, "--oracle_prompts", 8,
+           "--sample_every", 0]
+    run_stage("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
+    one = rto_numbers(tmp_path / "one")
+    assert len({v for _, k, v in one if k == "response_length"}) == 2  # two iterations, different rollouts
+    for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
+        out = tmp_path / config
+        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1)
+        two = rto_numbers(out)
+        assert [x[:2] for x in two] == [x[:2] for x in one]
+        assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
+        AutoModelForCausalLM.from_pretrained(out)
+        assert (out / "checkpoint-2" / "state.json").exists()
+
+
+def test_bf16_under_fsdp_policy_and_reference_compute_alike(pipeline, tmp_path):
+    """--bf16 under FSDP2: the trained models keep fp32 master weights and compute in bf16 (the FSDP mixed-precision
+    policy), the frozen ones are stored in bf16; at the first iteration the policy is the reference, so the KL is
+    exactly 0 (with an fp32 reference it was not)."""
+    launch("cpu_fsdp.yaml", "rto.py", "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt",
+           pipeline["rm"], "--num_iterations", 1, "--rollout_batch_size", 8, "--mini_batch_size", 8,
+           "--oracle_prompts", 4, "--sample_every", 0, "--bf16", "--output_dir", tmp_path / "bf16")
+    (it,) = [m for m in read_metrics(tmp_path / "bf16") if "phase" not in m]
+    assert it["kl_per_token"] == 0 and it["response_length"] > 1
 
 
 SHARD_PROBE = """
 import sys, types
 sys.path.insert(0, {root!r})
-import common
+import torch
+import common, data, rto
 args = types.SimpleNamespace(report_to="none", trust_remote_code=False, seed=0, output_dir={out!r}, bf16=False)
 acc = common.setup(args)
-tok = common.build_tiny_tokenizer("toy")
+tok = data.build_tiny_tokenizer("toy")
 model = common.frozen(common.load_causal_lm("tiny", tok))
 total = sum(p.numel() for p in model.parameters())
 model = common.place_frozen(acc, model)
 local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
-ids = __import__("torch").arange(5, 25)[None]
+gathered = lambda: sum(not m._get_fsdp_state()._fsdp_param_group.is_sharded for m in common.fsdp_modules(model))
+with torch.no_grad():
+    logits = float(model(torch.arange(5, 25)[None]).logits.sum())
+after_forward = gathered()  # a no-grad forward leaves the root's weights (embeddings, LM head) gathered
+common.reshard(model)  # as rto.frozen_pass does after scoring
+# whitening: each rank holds half of the same rollout; rto.whiten must see the whole of it
+g = torch.Generator().manual_seed(0)
+x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
+rank = acc.process_index
+torch.save(rto.whiten(acc, x[3 * rank:3 * rank + 3], mask[3 * rank:3 * rank + 3]), {out!r} + f"/whiten-{{rank}}.pt")
+# gradient accumulation under FSDP2: the first of two micro-batches is reduce-scattered at once (sync_each_batch),
+# so no rank ever holds a whole gradient
+trained = common.load_causal_lm("tiny", tok)
+trained, opt = acc.prepare(trained, torch.optim.Adam(trained.parameters()))
+acc.gradient_accumulation_steps = 2
+with acc.accumulate(trained):
+    acc.backward(trained(torch.arange(5, 25)[None]).logits.float().pow(2).mean())
+grads = [p.grad for p in trained.parameters()]
+sharded = all(g is not None and hasattr(g, "to_local") for g in grads)
+local_grad = sum(g.to_local().numel() for g in grads) if sharded else -1
 # one file per rank: two ranks printing to one pipe can interleave their lines
-with open({out!r} + f"/shard-{{acc.process_index}}.txt", "w") as f:
-    print(acc.process_index, local, total, float(model(ids).logits.sum()), file=f)
+with open({out!r} + f"/shard-{{rank}}.txt", "w") as f:
+    print(rank, local, total, logits, after_forward, gathered(), int(sharded), local_grad, file=f)
 common.finish(acc)  # as the stages end: a rank exiting with gloo threads alive can abort ("terminate called")
 """
 
 
-def test_frozen_models_are_sharded_under_fsdp(tmp_path):
+def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans_both_ranks(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(SHARD_PROBE.format(root=str(ROOT), out=str(tmp_path)))
     launch("cpu_fsdp.yaml", probe)
     rows = [(tmp_path / f"shard-{rank}.txt").read_text().split() for rank in (0, 1)]
-    for _, local, total, _ in rows:
+    for _, local, total, _, after_forward, after_reshard, sharded, local_grad in rows:
         assert int(local) <= int(total) // 2 + 1000  # about half of the parameters per rank, not a replica
+        assert int(after_forward) >= 1 and int(after_reshard) == 0  # only its shard once scoring is done
+        assert sharded == "1" and int(local_grad) <= int(total) // 2 + 1000  # a shard of the gradient, mid-accumulation
     assert rows[0][3] == rows[1][3]  # and the sharded model still computes the same thing on both ranks
+    import rto
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
+    one = rto.whiten(SimpleNamespace(reduce=lambda t, op: t), x, mask)  # one process, all of the data
+    two = torch.cat([torch.load(tmp_path / f"whiten-{rank}.pt") for rank in (0, 1)])
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import data
 import evaluate
 import toy_task
 from conftest import run_stage
@@ -21,7 +22,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # token-by-token generation of a tiny mod
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Two tiny random causal LMs (seeds 1 and 2) saved as checkpoints; 'a' carries dpo_beta 0.25 in its config."""
-    root, tok = tmp_path_factory.mktemp("tiny"), common.build_tiny_tokenizer("toy")
+    root, tok = tmp_path_factory.mktemp("tiny"), data.build_tiny_tokenizer("toy")
     for name, seed in (("a", 1), ("b", 2)):
         model = common.load_causal_lm("tiny", tok, seed=seed)
         if name == "a":
@@ -32,10 +33,10 @@ def tiny(tmp_path_factory):
 
 
 def hand_batch(tok):
-    """Two toy prompts with responses of different lengths, in common.py's layout; and the unpadded sequences."""
-    prompts = [common.encode_prompt(tok, p) for p in toy_task.prompts("test", 2)]
+    """Two toy prompts with responses of different lengths, in data.py's batch layout; and the unpadded sequences."""
+    prompts = [data.encode_prompt(tok, p) for p in toy_task.prompts("test", 2)]
     responses = [tok.convert_tokens_to_ids(["apple", "pear", ".", "</s>"]), tok.convert_tokens_to_ids(["cat", "</s>"])]
-    return common.collate(prompts, responses, tok.pad_token_id), list(zip(prompts, responses))
+    return data.collate(prompts, responses, tok.pad_token_id), list(zip(prompts, responses))
 
 
 # ---------------------------------------------------------------------------- arithmetic by hand
@@ -159,10 +160,10 @@ def test_models_and_vocabulary_checks(tiny, tmp_path):
     for entries, says in ((["a=x", "a=y"], "given twice"), (["=x"], "expected name=checkpoint_dir")):
         with pytest.raises(SystemExit, match=says):
             evaluate.parse_models(entries)
-    byte_level = common.build_tiny_tokenizer("other")  # another vocabulary
+    byte_level = data.build_tiny_tokenizer("other")  # another vocabulary
     byte_level.save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit, match="tokenizer differs"):
-        evaluate.same_vocab(str(tmp_path / "other"), tiny.tok, "--judge rm:", SimpleNamespace(dataset="toy"))
+        common.same_vocab(str(tmp_path / "other"), tiny.tok, "--judge rm:", "the first model")
 
 
 def bad_input(tmp_path, case):
@@ -191,16 +192,16 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
     texts = ["long " * 20, "one", "long " * 20, "two", "three", "four"]
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     argv = ["--models", "a=x", "--judge", "rm:x", "--dataset", str(path), "--max_prompt_len", "30"]
-    tok = common.build_tiny_tokenizer("bytes")
-    args = evaluate.fill_defaults(common.parse_args(evaluate.Args, argv + ["--num_prompts", "3"]))
+    tok = data.build_tiny_tokenizer("bytes")
+    args = evaluate.validate(common.parse_args(evaluate.Args, argv + ["--num_prompts", "3"], evaluate.DEFAULTS))
     prompts, ids = evaluate.load_eval_prompts(args, tok)
     assert [p[-1]["content"] for p in prompts] == ["one", "two", "three"] and all(len(i) <= 30 for i in ids)
     assert "skipped 2 prompts over 30 tokens" in capsys.readouterr().err
-    args = evaluate.fill_defaults(common.parse_args(evaluate.Args, argv + ["--num_prompts", "9"]))
+    args = evaluate.validate(common.parse_args(evaluate.Args, argv + ["--num_prompts", "9"], evaluate.DEFAULTS))
     assert len(evaluate.load_eval_prompts(args, tok)[0]) == 4
     assert "only 4 prompts fit" in capsys.readouterr().err
-    args = evaluate.fill_defaults(common.parse_args(evaluate.Args, argv + ["--num_prompts", "1",
-                                                                           "--long_prompts", "fail"]))
+    args = evaluate.validate(common.parse_args(evaluate.Args, argv + ["--num_prompts", "1", "--long_prompts", "fail"],
+                                               evaluate.DEFAULTS))
     with pytest.raises(SystemExit, match="tokens > --max_prompt_len 30"):
         evaluate.load_eval_prompts(args, tok)
 

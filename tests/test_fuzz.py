@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import pytest
 
 import common
+import data
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data samples at {DATA}")
@@ -63,7 +64,7 @@ def quiet_private_datasets_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    return [common.build_tiny_tokenizer(common.TOY), common.build_tiny_tokenizer("bytes")]
+    return [data.build_tiny_tokenizer(common.TOY), data.build_tiny_tokenizer("bytes")]
 
 
 _real, _clean = {}, {}
@@ -79,7 +80,7 @@ def real_rows(name):
 def clean_parse(name, tmp_path):
     """What the loader makes of the first rows before any corruption."""
     if name not in _clean:
-        _clean[name] = common.load_rows(write_lines(tmp_path / "clean.jsonl", [dumps(r) for r in real_rows(name)]))
+        _clean[name] = data.load_rows(write_lines(tmp_path / "clean.jsonl", [dumps(r) for r in real_rows(name)]))
     return _clean[name]
 
 
@@ -327,7 +328,7 @@ def check_load_rows(path, skip, capsys, clean, touched, must_reject, leaves, pai
     """load_rows: well-formed rows (untouched ones as in the clean file) with skips counted, or one error line."""
     capsys.readouterr()
     try:
-        rows = common.load_rows(path, skip_bad_rows=skip)
+        rows = data.load_rows(path, skip_bad_rows=skip)
     except SystemExit as e:
         assert_clean_exit(e, path)
         return e.code
@@ -359,7 +360,7 @@ def check_stage_loaders(path, skip, rows, capsys, tokenizers, pairs):
     args = SimpleNamespace(seed=0, skip_bad_rows=skip, dataset_split="train")
     capsys.readouterr()
     try:
-        train, held = common.load_pairs(path, args)
+        train, held = data.load_pairs(path, args)
     except SystemExit as e:
         assert_clean_exit(e, path)
         if isinstance(rows, list):  # load_rows worked: only a prompt-only file or nothing but ties may stop it
@@ -372,20 +373,20 @@ def check_stage_loaders(path, skip, rows, capsys, tokenizers, pairs):
         assert train and sorted(map(json.dumps, train + held)) == sorted(map(json.dumps, expected))
         encode_all(tokenizers, train + held)
     try:
-        prompts = common.load_prompts(path, "train", args)
+        prompts = data.load_prompts(path, "train", args)
     except SystemExit as e:
         assert_clean_exit(e, path)
         assert e.code == rows
     else:
         assert prompts == [r["prompt"] for r in rows]
         for tok in tokenizers:  # as rto.py and evaluate.py encode them
-            assert all(type(i) is int for p in prompts for i in common.encode_prompt(tok, p))
+            assert all(type(i) is int for p in prompts for i in data.encode_prompt(tok, p))
 
 
 def encode_all(tokenizers, rows):
     for tok in tokenizers:
         try:
-            out = common.encode_examples(tok, rows, max_prompt_len=48, max_response_len=8)
+            out = data.encode_examples(tok, rows, max_prompt_len=48, max_response_len=8)
         except SystemExit as e:
             assert_clean_exit(e, None)
             continue
@@ -459,7 +460,7 @@ def test_corrupted_file(tmp_path, capsys, tokenizers, case):
     path = whole_file(tmp_path, case)
     for skip in (False, True):
         try:
-            rows = common.load_rows(path, skip_bad_rows=skip)
+            rows = data.load_rows(path, skip_bad_rows=skip)
         except SystemExit as e:
             assert_clean_exit(e, path)
             assert SAYS.get(case, "") in e.code
@@ -473,7 +474,7 @@ def test_corrupted_file(tmp_path, capsys, tokenizers, case):
 def test_directory_with_a_data_file_name(tmp_path):
     (tmp_path / "data.jsonl").mkdir()
     with pytest.raises(SystemExit) as e:
-        common.load_rows(str(tmp_path / "data.jsonl"))
+        data.load_rows(str(tmp_path / "data.jsonl"))
     assert_clean_exit(e.value, str(tmp_path / "data.jsonl"))
 
 
@@ -494,8 +495,8 @@ def test_wrong_type_past_the_first_10_mb_is_refused_not_turned_into_text(tmp_pat
     path = write_jsonl(tmp_path / "big.jsonl", [big] * 11_000 + [dict(GOOD, chosen=SENTINEL),
                                                                   dict(GOOD, rejected={"zqx": 1})])
     with pytest.raises(SystemExit, match=r"row 11000: 'chosen' is not a string"):
-        common.load_rows(path)
-    rows = common.load_rows(path, skip_bad_rows=True)
+        data.load_rows(path)
+    rows = data.load_rows(path, skip_bad_rows=True)
     assert len(rows) == 11_000 and all(r["chosen"] == big["chosen"] and r["rejected"] == "Rome." for r in rows)
     assert f"note: skipped 2 of 11002 rows of {path}" in capsys.readouterr().err
 
@@ -505,7 +506,7 @@ def test_answers_that_read_as_json_stay_text_beside_a_mixed_column(tmp_path):
     # were decoded: "[1, 2]" became a list (the row was lost), '"yes"' lost its quotes, "null" became None
     answers = ["[1, 2]", '"yes"', "5", "null", "{\"a\": 1}", "true"]
     path = write_jsonl(tmp_path / "mixed.jsonl", [dict(GOOD, chosen=a) for a in answers] + [dict(GOOD, chosen=5)])
-    assert [r["chosen"] for r in common.load_rows(path, skip_bad_rows=True)] == answers
+    assert [r["chosen"] for r in data.load_rows(path, skip_bad_rows=True)] == answers
 
 
 @pytest.mark.parametrize("line, why", [
@@ -520,29 +521,29 @@ def test_a_broken_line_is_one_skippable_row(tmp_path, capsys, line, why):
     if line.startswith(b"["):  # a line that opens with "[" only counts as a row after the first line
         path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, line])
     with pytest.raises(SystemExit) as e:
-        common.load_rows(path)
+        data.load_rows(path)
     assert_clean_exit(e.value, path)
     assert why in e.value.code and "--skip_bad_rows" in e.value.code
-    assert len(common.load_rows(path, skip_bad_rows=True)) == 2
+    assert len(data.load_rows(path, skip_bad_rows=True)) == 2
     assert f"note: skipped 1 of 3 rows of {path}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("data", [b"null\n", b"\n null\n" + dumps(GOOD), b"[null, null]",
+@pytest.mark.parametrize("raw", [b"null\n", b"\n null\n" + dumps(GOOD), b"[null, null]",
                                   gzip.compress(b"x" * 99)[:12]],
                          ids=["null_rows", "null_first", "array_of_null", "gzip_header_only"])
-def test_files_that_crashed_the_interpreter_or_raised(tmp_path, data):
+def test_files_that_crashed_the_interpreter_or_raised(tmp_path, raw):
     # pyarrow segfaulted on a first row `null`; a gzip cut inside its header raised EOFError (a traceback)
-    path = tmp_path / ("data.jsonl.gz" if data.startswith(b"\x1f\x8b") else "data.jsonl")
-    path.write_bytes(data)
+    path = tmp_path / ("data.jsonl.gz" if raw.startswith(b"\x1f\x8b") else "data.jsonl")
+    path.write_bytes(raw)
     with pytest.raises(SystemExit) as e:
-        common.load_rows(str(path))
+        data.load_rows(str(path))
     assert_clean_exit(e.value, str(path))
     try:
-        rows = common.load_rows(str(path), skip_bad_rows=True)
+        rows = data.load_rows(str(path), skip_bad_rows=True)
     except SystemExit as e:
         assert_clean_exit(e, str(path))
     else:
-        assert rows == [common.parse_row(GOOD, "pairs")]  # the null row skipped
+        assert rows == [data.parse_row(GOOD, "pairs")]  # the null row skipped
 
 
 @pytest.mark.parametrize("row", [
@@ -555,7 +556,7 @@ def test_files_that_crashed_the_interpreter_or_raised(tmp_path, data):
 ])
 def test_a_prompt_without_text_or_of_the_wrong_type_is_refused(row):
     with pytest.raises(ValueError, match="prompt is empty|non-empty list"):
-        common.parse_row(row, common.detect_format(row))
+        data.parse_row(row, data.detect_format(row))
 
 
 def test_parquet_string_that_is_not_utf8_is_one_skippable_row(tmp_path, capsys):
@@ -567,15 +568,15 @@ def test_parquet_string_that_is_not_utf8_is_one_skippable_row(tmp_path, capsys):
     path = str(tmp_path / "pairs.parquet")
     pq.write_table(pa.table({"prompt": ["q"] * 3, "chosen": chosen, "rejected": ["Rome."] * 3}), path)
     with pytest.raises(SystemExit, match="row 1: not valid UTF-8 text") as e:
-        common.load_rows(path)
+        data.load_rows(path)
     assert_clean_exit(e.value, path)
-    assert [r["chosen"] for r in common.load_rows(path, skip_bad_rows=True)] == ["Paris.", "Paris."]
+    assert [r["chosen"] for r in data.load_rows(path, skip_bad_rows=True)] == ["Paris.", "Paris."]
     assert f"note: skipped 1 of 3 rows of {path}" in capsys.readouterr().err
 
 
 def test_only_ties_is_an_error_not_an_empty_training_set(tmp_path):
     path = write_jsonl(tmp_path / "ties.jsonl", [dict(GOOD, rejected="Paris.")] * 3)
     with pytest.raises(SystemExit) as e:
-        common.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
+        data.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
     assert_clean_exit(e.value, path)
     assert "chosen equal to rejected" in e.value.code

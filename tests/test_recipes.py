@@ -1,4 +1,5 @@
-"""The recipes' command lines parse with the stages' own argument parsers: a recipe never names a missing flag."""
+"""The recipes' and the README's command lines parse with the stages' own argument parsers (neither names a
+missing flag), and the README shows the recipes' commands as the recipes run them."""
 
 import os
 import shlex
@@ -8,15 +9,18 @@ import pytest
 
 import common
 import dpo
+import evaluate
 import reward_model
 import rto
 import sft
 from conftest import ROOT
 
-PARSERS = {"sft.py": sft.Args, "dpo.py": dpo.Args, "reward_model.py": reward_model.Args, "rto.py": rto.Args}
+PARSERS = {"sft.py": sft.Args, "dpo.py": dpo.Args, "reward_model.py": reward_model.Args, "rto.py": rto.Args,
+           "evaluate.py": evaluate.Args}
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.sh"))
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.sh")))
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_command_lines_parse(recipe):
     out = subprocess.run(["bash", str(ROOT / "recipes" / recipe)], env={**os.environ, "DRY_RUN": "1"},
                          capture_output=True, text=True, check=True).stdout
@@ -26,10 +30,86 @@ def test_recipe_command_lines_parse(recipe):
         args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
         assert args.output_dir and args.bf16
         if script == "rto.py":
-            rto.fill_defaults(args)  # the mode has the models it needs
+            rto.validate(common.apply_defaults(args, rto.DEFAULTS))  # the mode has the models it needs
             rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
 
 
 def test_an_unknown_flag_is_refused():
     with pytest.raises(SystemExit):
         common.parse_args(sft.Args, ["--no_such_flag", "1"])
+
+
+# ---------------------------------------------------------------------------- the README's command lines
+def recipe_lines(recipe):
+    """[script, *argv] of each stage a recipe runs, with the recipe's own defaults for OUT, DATA, ..."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "DATA", "SFT", "RM", "CONFIG")}
+    out = subprocess.run(["bash", str(ROOT / "recipes" / recipe)], env={**env, "DRY_RUN": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+def readme_lines():
+    """[script, *argv] of every stage command in README.md's shell code blocks: `python <stage>.py ...` or
+    `accelerate launch [its own flags] <stage>.py ...`, after any VAR=value, continuation lines joined, comments
+    dropped. The launcher's flags are not kept."""
+    blocks, fence, body = [], None, []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if not line.startswith("```"):
+            body.append(line)
+        elif fence is None:
+            fence, body = line[3:].strip(), []
+        else:
+            if fence in ("bash", "sh", "shell", "console"):
+                blocks.append("\n".join(body).replace("\\\n", " "))
+            fence = None
+    commands = []
+    for line in "\n".join(blocks).splitlines():
+        words = shlex.split(line, comments=True)
+        while words and "=" in words[0] and not words[0].startswith("-"):
+            words = words[1:]
+        if words[:2] == ["accelerate", "launch"]:
+            commands.append(words[next(i for i, w in enumerate(words) if w in PARSERS):])
+        elif words and os.path.basename(words[0]) in ("python", "python3") and words[1:2] and words[1] in PARSERS:
+            commands.append(words[1:])
+    return commands
+
+
+def flags(argv):
+    """{--flag: (values...)} of a command line; a flag given twice would hide a drift, so it is refused."""
+    out, flag = {}, None
+    for w in argv[1:]:
+        if w.startswith("--"):
+            flag, *value = w.split("=", 1)
+            assert flag not in out, f"{argv[0]}: {flag} given twice"
+            out[flag] = tuple(value)
+        else:
+            out[flag] += (w,)
+    return out
+
+
+def output_dir(argv):
+    return flags(argv).get("--output_dir", ("",))[0]
+
+
+def test_readme_command_lines_parse():
+    commands = readme_lines()
+    assert {script for script, *_ in commands} == set(PARSERS)  # every stage is shown, and was found
+    for script, *argv in commands:
+        args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
+        if script == "rto.py":
+            rto.validate(common.apply_defaults(args, rto.DEFAULTS))  # the mode has the models it needs
+            rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
+
+
+def test_readme_shows_the_recipes_commands():
+    """A README command that writes under a recipe's OUT is that recipe's command: same stage, flags and values."""
+    recipes = {output_dir(line): (f"recipes/{name}", line) for name in RECIPES for line in recipe_lines(name)}
+    outs = {os.path.dirname(d) for d in recipes}  # each recipe's default OUT
+    shown = [c for c in readme_lines() if os.path.dirname(output_dir(c)) in outs]
+    for command in shown:
+        name, line = recipes.get(output_dir(command), ("no recipe (none writes there)", [None]))
+        assert (command[0], flags(command)) == (line[0], flags(line)), \
+            f"README.md's {command[0]} --output_dir {output_dir(command)} is not the command of {name}"
+    pythia_rto = [line for line in recipe_lines("pythia28b_hh.sh")
+                  if line[0] == "rto.py" and flags(line).get("--reward_mode") == ("rto",)]
+    assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(output_dir, shown)  # the paper's RTO run is shown

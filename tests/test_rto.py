@@ -1,5 +1,7 @@
-"""rto.py: token rewards, GAE, PPO losses against hand computations and naive loops; then end-to-end runs."""
+"""rto.py: token rewards, GAE, whitening, PPO losses against hand computations and naive loops; then its pieces
+with real (tiny) models, in process; then end-to-end runs."""
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -7,7 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import common
+import data
 import rto
+import toy_task
 from conftest import read_metrics, run_stage
 
 
@@ -24,9 +29,9 @@ def rollout():
         "ended": torch.tensor([True, False]),
         "logprobs": torch.tensor([[-1.0, -2.0, -0.5, 7.0], [-1.0, -1.0, 7.0, 7.0]]),
         "ref_logprobs": torch.tensor([[-1.5, -1.0, -0.5, 3.0], [-2.0, -0.5, 3.0, 3.0]]),
-        # beta1 * (log pi_dpo - log pi_ref) with beta1 = 0.5; padding is 0 as common.dpo_token_rewards gives it
-        "dpo_rewards": torch.tensor([[0.5, -0.25, 0.1, 0.0], [-1.0, 0.2, 0.0, 0.0]]),
-        "score": torch.tensor([1.5, -0.5]),
+        # log pi_dpo - log pi_ref; padding is 0 as frozen_pass gives it. beta1 = 0.5 halves it
+        "dpo_log_ratio": torch.tensor([[1.0, -0.5, 0.2, 0.0], [-2.0, 0.4, 0.0, 0.0]]),
+        "rm_score": torch.tensor([1.5, -0.5]),
     }
 
 
@@ -43,14 +48,14 @@ def test_token_rewards_ppo(rollout):
 
 def test_token_rewards_dppo(rollout):
     r = rto.token_rewards(rollout, make_args("dppo"), beta2=0.1)
-    # sum of the DPO token rewards at the last token, no reward model
+    # beta1 * the sum of the DPO log-ratios at the last token, no reward model
     expected = [[-0.05, 0.1, 0.35, 0.0], [-0.1, 0.05 - 0.8, 0.0, 0.0]]
     torch.testing.assert_close(r, torch.tensor(expected))
 
 
 def test_token_rewards_rto_with_clip_and_missing_eos_penalty(rollout):
     r = rto.token_rewards(rollout, make_args("rto", dpo_reward_clip=0.3, missing_eos_penalty=4.0), beta2=0.1)
-    dense = [[0.3, -0.25, 0.1, 0.0], [-0.3, 0.2, 0.0, 0.0]]  # clamped to [-0.3, 0.3]
+    dense = [[0.3, -0.25, 0.1, 0.0], [-0.3, 0.2, 0.0, 0.0]]  # 0.5 * log-ratio, clamped to [-0.3, 0.3]
     last = [[0, 0, 3.0, 0], [0, -1.0 - 4.0, 0, 0]]  # reward model; row 1 has no EOS: penalty 4
     expected = torch.tensor(KL) + torch.tensor(dense) + torch.tensor(last)
     torch.testing.assert_close(r, expected)
@@ -58,10 +63,16 @@ def test_token_rewards_rto_with_clip_and_missing_eos_penalty(rollout):
 
 def test_token_rewards_rto_paper_v1_without_reward_model(rollout):
     r = rto.token_rewards(rollout, make_args("rto", beta3=0.0), beta2=0.1)
-    torch.testing.assert_close(r, torch.tensor(KL) + rollout["dpo_rewards"])
+    torch.testing.assert_close(r, torch.tensor(KL) + 0.5 * rollout["dpo_log_ratio"])
     # summed over a response, the DPO part is DPO's sentence-level implicit reward (what DPPO puts at the end)
     dppo = rto.token_rewards(rollout, make_args("dppo"), beta2=0.1)
     torch.testing.assert_close(r.sum(-1), dppo.sum(-1))
+
+
+def test_cut_at_eos():
+    mask, ended = rto.cut_at_eos(torch.tensor([[1, 9, 2, 9], [1, 2, 3, 4], [9, 1, 1, 1]]), eos_id=9)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # the EOS itself is kept
+    assert ended.tolist() == [True, False, True]  # row 1 was cut by the length limit: its last token stays
 
 
 def naive_gae(rewards, values, mask, gamma, lam):
@@ -92,6 +103,22 @@ def test_gae_matches_a_naive_loop(gamma, lam):
     torch.testing.assert_close(ret, ret_ref, atol=1e-6, rtol=0)
 
 
+ONE_PROCESS = SimpleNamespace(reduce=lambda x, op: x)  # accelerator.reduce with a single process
+
+
+def test_whitening_matches_a_naive_loop_over_the_masked_entries():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3 + 2
+    mask = (torch.rand(5, 7, generator=g) < 0.6).double()
+    values = [x[i, j].item() for i in range(5) for j in range(7) if mask[i, j]]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    w = rto.whiten(ONE_PROCESS, x, mask)
+    for i in range(5):
+        for j in range(7):
+            assert w[i, j].item() == pytest.approx((x[i, j].item() - mean) / std if mask[i, j] else 0.0, abs=1e-6)
+
+
 def test_policy_loss_by_hand():
     old = torch.zeros(1, 3)
     new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
@@ -100,7 +127,7 @@ def test_policy_loss_by_hand():
     loss, stats = rto.policy_loss(new, old, adv, mask, eps=0.2)
     # -min(r*A, clip(r)*A): 1.5*1 vs 1.2*1 -> 1.2; 0.5 vs 0.8 -> 0.5; -2.2 vs -2.2 -> -2.2
     assert loss.item() == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, abs=1e-6)
-    assert stats["clip_frac"].item() == pytest.approx(2 / 3)
+    assert stats["clip_frac"].tolist() == [[1.0, 1.0, 0.0]]
     # per-sequence mean, then mean over sequences: a short sequence weighs as much as a long one
     new2, old2 = torch.zeros(2, 3), torch.zeros(2, 3)
     adv2, mask2 = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1], [1, 0, 0]])
@@ -114,10 +141,16 @@ def test_value_loss_by_hand():
     loss, stats = rto.value_loss(new, old, returns, torch.ones(1, 2), clip=0.2)
     # token 0: clipped value 0.2 -> (0.2-1)^2 = 0.64 > (0.5-1)^2 = 0.25 -> 0.64;  token 1: 1.21 either way
     assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21) / 2)
-    assert stats["value_clip_frac"].item() == pytest.approx(0.5)
+    assert stats["value_clip_frac"].tolist() == [[1.0, 0.0]]
 
 
-def test_adaptive_kl_controller():
+def test_entropy_against_the_full_softmax():
+    logits = torch.randn(2, 40, 11, generator=torch.Generator().manual_seed(2))  # more positions than one chunk
+    full = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(rto.entropy(logits), full, atol=1e-5, rtol=0)
+
+
+def test_adaptive_kl_controller_by_hand():
     args = SimpleNamespace(kl_target=1.0, kl_horizon=100)
     assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None), 10) == 0.1
     assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
@@ -131,17 +164,78 @@ def test_batch_sizes_must_divide():
         rto.batch_sizes(SimpleNamespace(rollout_batch_size=64, mini_batch_size=12, micro_batch_size=8), 1)
 
 
+def test_num_iterations_from_episodes_or_steps():
+    args = lambda **kw: SimpleNamespace(**{**dict(num_iterations=None, num_episodes=None, rollout_batch_size=64,
+                                                  mini_batch_size=16, ppo_epochs=2, max_steps=-1), **kw})
+    assert rto.num_iterations(args(), 2000) == 32  # one pass: ceil(2000 / 64)
+    assert rto.num_iterations(args(num_episodes=200), 2000) == 4  # prompts rolled out, not passes: ceil(200 / 64)
+    assert rto.num_iterations(args(num_iterations=5), 2000) == 5
+    assert rto.num_iterations(args(max_steps=20), 2000) == 3  # 8 optimiser steps per iteration: ceil(20 / 8)
+    assert rto.num_iterations(args(num_iterations=2, max_steps=100), 2000) == 2
+
+
+def test_prompts_are_sharded_once_per_pass_and_never_twice_in_an_iteration():
+    prompts, args = [f"p{i}" for i in range(10)], SimpleNamespace(rollout_batch_size=4, seed=3)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    walk, seeds = [], []
+    for it in range(5):  # 20 prompts: two passes over 10
+        batch = [rto.iteration_prompts(prompts, order, it, args, rank, 2) for rank in (0, 1)]
+        both = batch[0][0] + batch[1][0]
+        assert len(set(both)) == 4  # no prompt twice in one iteration, across the two processes
+        walk += both
+        seeds += batch[0][1] + batch[1][1]
+    assert sorted(walk[:10]) == sorted(prompts) and sorted(walk[10:]) == sorted(prompts)  # each once per pass
+    assert len(set(seeds)) == 20  # every rollout of a prompt has its own sampling seed
+    assert rto.iteration_prompts(prompts, order, 1, args, 1, 2)[1] == [3 * 2**32 + 6, 3 * 2**32 + 7]
+
+
+def test_sampler_draws_from_the_tempered_nucleus():
+    """draw_with_own_generators + argmax (what generate does with it) samples softmax(logits / T) restricted to the
+    top-p nucleus and renormalised; each row's draw depends only on its own generator."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    T, top_p, n = 0.7, 0.8, 6000
+    p = (logits / T).softmax(-1)  # 0.73, 0.17, 0.08, ...: the nucleus reaching 0.8 is the first two tokens
+    expected = torch.where(torch.arange(6) < 2, p, torch.zeros(6))
+    expected = expected / expected.sum()
+    pick = rto.draw_with_own_generators([torch.Generator().manual_seed(i) for i in range(n)], T, top_p)
+    tokens = pick(None, logits.expand(n, 6).clone()).argmax(-1)
+    freq = torch.bincount(tokens, minlength=6).float() / n
+    assert (freq - expected).abs().max() < 0.02
+    again = rto.draw_with_own_generators([torch.Generator().manual_seed(i) for i in range(5)], T, 1.0)
+    alone = rto.draw_with_own_generators([torch.Generator().manual_seed(3)], T, 1.0)
+    assert again(None, logits.expand(5, 6).clone())[3].tolist() == alone(None, logits[None].clone())[0].tolist()
+
+
 # ---------------------------------------------------------------------------- with real models (in process)
 def rto_args(pipeline, *extra):
-    import common
-    return rto.fill_defaults(common.parse_args(rto.Args, [
+    return rto.validate(common.parse_args(rto.Args, [
         "--sft_ckpt", str(pipeline["sft"]), "--dpo_ckpt", str(pipeline["dpo"]), "--rm_ckpt", str(pipeline["rm"]),
-        "--output_dir", "unused", *map(str, extra)]))
+        "--output_dir", "unused", *map(str, extra)], rto.DEFAULTS))
 
 
-def test_modes_load_only_the_models_they_need_and_fail_clearly_without_them(pipeline):
+@pytest.fixture(scope="module")
+def acc():
     from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
+    return Accelerator(cpu=True)
+
+
+def sampled(acc, pipeline, *extra, n=24):
+    """A rollout of n held-out prompts through frozen_pass, with the models that made it."""
+    args = rto_args(pipeline, "--max_new_tokens", 16, *extra)
+    tok, models = rto.load_models(args, acc)
+    prompts = toy_task.prompts("test", n)
+    ro = rto.rollout(acc, models["policy"], tok, prompts, list(range(n)), args)
+    return args, tok, models, prompts, rto.frozen_pass(acc, ro, models, args)
+
+
+def test_bf16_stores_the_frozen_models_in_bf16_and_trains_fp32_weights(pipeline, acc):
+    models = rto.load_models(rto_args(pipeline, "--bf16"), acc)[1]
+    dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
+    assert dtypes == {"policy": {torch.float32}, "critic": {torch.float32}, "ref": {torch.bfloat16},
+                      "dpo": {torch.bfloat16}, "rm": {torch.bfloat16}}
+
+
+def test_modes_load_only_the_models_they_need_and_fail_clearly_without_them(pipeline, acc):
     assert set(rto.load_models(rto_args(pipeline, "--reward_mode", "ppo"), acc)[1]) == {"policy", "critic", "ref", "rm"}
     assert set(rto.load_models(rto_args(pipeline, "--reward_mode", "dppo"), acc)[1]) == {"policy", "critic", "ref", "dpo"}
     assert "rm" not in rto.load_models(rto_args(pipeline, "--beta3", 0), acc)[1]
@@ -152,55 +246,98 @@ def test_modes_load_only_the_models_they_need_and_fail_clearly_without_them(pipe
 
 
 @torch.no_grad()
-def test_rollout_is_masked_and_its_logprobs_do_not_depend_on_padding(pipeline):
-    import common
-    import toy_task
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
-    args = rto_args(pipeline, "--max_new_tokens", 16)
-    tok, models = rto.load_models(args, acc)
-    torch.manual_seed(0)
-    prompts = toy_task.prompts("test", 24)
-    ro = rto.rollout(acc, models["policy"], tok, prompts, args)
-    ro = rto.score(ro, models, args, micro=8)
+def test_logprobs_and_values_match_each_sequence_alone_at_temperature(pipeline, acc):
+    """Old log-probs at T = 0.7 and V(s_h), from the padded, length-grouped, trimmed batches of frozen_pass, equal
+    a forward pass of each sequence alone and unpadded: log softmax(logits / T) at each response token, and the
+    critic's head at the position before it."""
+    args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, "--forward_batch_size", 5)
     mask, P = ro["response_mask"], ro["prompt_len"]
-    assert not ro["ended"].all() or mask.sum(-1).min() < mask.shape[1]  # lengths differ: padding is exercised
-    for key in ("logprobs", "ref_logprobs", "dpo_rewards", "values"):
+    assert mask.sum(-1).min() < mask.shape[1]  # response lengths differ: right padding is exercised
+    assert len({len(data.encode_prompt(tok, p)) for p in prompts}) > 1  # and so do prompt lengths: left padding
+    for key in ("logprobs", "ref_logprobs", "dpo_log_ratio", "values"):
         assert (ro[key] * (1 - mask) == 0).all(), key  # nothing after the first EOS
     for i in range(len(prompts)):  # each sequence alone, unpadded
-        n, ids = int(mask[i].sum()), common.encode_prompt(tok, prompts[i])
+        n, ids = int(mask[i].sum()), data.encode_prompt(tok, prompts[i])
         resp = ro["input_ids"][i, P:P + n].tolist()
-        alone = common.response_logprobs(models["policy"], common.collate([ids], [resp], tok.pad_token_id))
-        torch.testing.assert_close(ro["logprobs"][i, :n], alone[0], atol=1e-5, rtol=0)
+        full = torch.tensor([ids + resp])
+        logits = models["policy"](full).logits[0, len(ids) - 1:-1] / 0.7  # (n, V): predicts each response token
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
+        torch.testing.assert_close(ro["logprobs"][i, :n], expected, atol=1e-5, rtol=0)
+        head = []
+        h = models["critic"].score.register_forward_hook(lambda m, a, out: head.append(out))
+        models["critic"](full)
+        h.remove()
+        values = head[0][0, len(ids) - 1:-1, 0]  # V(s_h): the head where token h is predicted
+        values = (values - models["critic"].config.reward_mean) / models["critic"].config.reward_std
+        torch.testing.assert_close(ro["values"][i, :n], values, atol=1e-5, rtol=0)
         assert (tok.eos_token_id in resp) == bool(ro["ended"][i])
 
 
-def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, monkeypatch):
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
-    args = rto_args(pipeline, "--rollout_batch_size", 16, "--mini_batch_size", 8, "--micro_batch_size", 4)
+@torch.no_grad()
+def test_dpo_token_reward_is_taken_at_temperature_one(pipeline, acc):
+    """At T = 0.7: with the SFT model as the DPO model the token rewards are exactly 0, and with the real DPO
+    model beta * sum_h (log pi_dpo - log pi_ref) is dpo.py's implicit reward of the same response."""
+    *_, ro = sampled(acc, pipeline, "--temperature", 0.7, "--dpo_ckpt", pipeline["sft"])
+    assert (ro["dpo_log_ratio"] == 0).all() and ro["response_mask"].sum() > 0
+    args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7)
+    beta = models["dpo"].config.dpo_beta
+    implicit = beta * (common.response_logprobs(models["dpo"], ro).sum(-1) -
+                       common.response_logprobs(models["ref"], ro).sum(-1))  # dpo.py's sequence log-probs
+    torch.testing.assert_close(beta * ro["dpo_log_ratio"].sum(-1), implicit, atol=1e-4, rtol=0)
+    assert implicit.abs().max() > 0.05  # a real DPO model: the check above is not 0 = 0
+    kl = ((ro["logprobs"] - ro["ref_logprobs"]) * ro["response_mask"]).abs().max()
+    assert kl == 0  # the policy is the reference, both tempered: no KL at the first iteration
+
+
+@torch.no_grad()
+def test_critic_starts_as_the_normalised_reward_model_and_reloads_the_same(pipeline, acc, tmp_path):
+    args, tok, models, prompts, ro = sampled(acc, pipeline, "--reward_clip", 1e9, n=8)
+    T = ro["attention_mask"].shape[1]
+    last = T - 1 - ro["attention_mask"].flip(-1).argmax(-1)
+    critic_at_last = rto.head_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
+    torch.testing.assert_close(critic_at_last, ro["rm_score"], atol=1e-5, rtol=0)
+    assert ro["rm_score"].std() > 0.1 and ro["values"].abs().max() < 10  # on the normalised scale
+    common.save_model(acc, models["critic"], tok, str(tmp_path / "critic"))
+    again = common.load_scorer(str(tmp_path / "critic"), tok, "critic")
+    torch.testing.assert_close(rto.critic_values(again, ro), ro["values"], atol=1e-6, rtol=0)
+    clipped = rto.rm_score(models["rm"], ro, SimpleNamespace(normalize_reward=True, reward_clip=0.5))
+    torch.testing.assert_close(clipped, ro["rm_score"].clamp(-0.5, 0.5))  # normalised, then clamped
+    raw = rto.rm_score(models["rm"], ro, SimpleNamespace(normalize_reward=False, reward_clip=1e9))
+    cfg = models["rm"].config
+    torch.testing.assert_close((raw - cfg.reward_mean) / cfg.reward_std, ro["rm_score"], atol=1e-5, rtol=0)
+    plain = rto.load_models(rto_args(pipeline, "--no_normalize_reward"), acc)[1]["critic"]
+    assert not plain.config.normalize_values  # off with the flag: the critic keeps the raw scale
+
+
+def prepared(acc, models, accum):
+    """Policy and critic prepared with Adam and a constant schedule, as main() does (one process)."""
+    acc.gradient_accumulation_steps = accum
+    opts = [torch.optim.Adam(models[m].parameters(), lr=1e-3, betas=(0.9, 0.95)) for m in ("policy", "critic")]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in opts]
+    return acc.prepare(models["policy"], models["critic"], *opts, *scheds)
+
+
+def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc, monkeypatch):
+    args = rto_args(pipeline, "--rollout_batch_size", 16, "--mini_batch_size", 8, "--micro_batch_size", 4,
+                    "--forward_batch_size", 4)
     tok, models = rto.load_models(args, acc)
     calls = {name: 0 for name in models}
-    for name, m in models.items():  # scalar-head models run through their backbone (common.sequence_scores)
+    for name, m in models.items():  # scalar-head models run through their backbone
         (m.base_model if name in ("critic", "rm") else m).register_forward_hook(
             lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
     sizes = rto.batch_sizes(args, 1)
-    acc.gradient_accumulation_steps = sizes["accum"]
-    opts = [torch.optim.Adam(models[m].parameters(), lr=1e-3) for m in ("policy", "critic")]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in opts]
-    models["policy"], models["critic"], *rest = acc.prepare(models["policy"], models["critic"], *opts, *scheds)
+    models["policy"], models["critic"], *rest = prepared(acc, models, sizes["accum"])
     opts, scheds = rest[:2], rest[2:]
-    import toy_task
-    ro = rto.rollout(acc, models["policy"], tok, toy_task.prompts("train", 16), args)
+    ro = rto.rollout(acc, models["policy"], tok, toy_task.prompts("train", 16), list(range(16)), args)
     calls.update(policy=0)  # generation's own forward passes
-    ro = rto.score(ro, models, args, sizes["micro"])
-    assert calls == {"policy": 4, "critic": 4, "ref": 4, "dpo": 4, "rm": 4}  # one pass per micro-batch
+    ro = rto.frozen_pass(acc, ro, models, args)
+    assert calls == {"policy": 4, "critic": 4, "ref": 4, "dpo": 4, "rm": 4}  # one pass per forward batch
     ro["rewards"] = rto.token_rewards(ro, args, 0.1)
     ro["advantages"], ro["returns"] = rto.gae(ro["rewards"], ro["values"], ro["response_mask"], 1.0, 0.95)
     ratios = []
     real_policy_loss = rto.policy_loss
-    monkeypatch.setattr(rto, "policy_loss", lambda *a: (lambda out: (ratios.append(out[1]["ratio"].item()), out)[1])(
-        real_policy_loss(*a)))
+    monkeypatch.setattr(rto, "policy_loss", lambda *a: (lambda out: (
+        ratios.append(rto.masked_mean(out[1]["ratio"], a[3]).item()), out)[1])(real_policy_loss(*a)))
     frozen_before = {k: calls[k] for k in ("ref", "dpo", "rm")}
     stats = rto.ppo_update(acc, ro, models, opts, scheds, args, sizes)
     assert {k: calls[k] for k in ("ref", "dpo", "rm")} == frozen_before  # never again in the PPO epochs
@@ -208,6 +345,29 @@ def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, mon
     assert ratios[:sizes["accum"]] == pytest.approx([1.0] * sizes["accum"], abs=1e-5)
     assert len(ratios) == args.ppo_epochs * 16 // 4 and math.isfinite(stats["policy_loss"])
     assert any(abs(r - 1) > 1e-4 for r in ratios[sizes["accum"]:])  # and then the policy moves
+
+
+def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline, acc):
+    """One PPO iteration with micro-batch = mini-batch and with micro-batch = mini-batch / 2: the same weights."""
+    args = rto_args(pipeline, "--rollout_batch_size", 8, "--mini_batch_size", 4, "--ppo_epochs", 1)
+    tok, models = rto.load_models(args, acc)
+    ro = rto.rollout(acc, models["policy"], tok, toy_task.prompts("train", 8), list(range(8)), args)
+    ro = rto.frozen_pass(acc, ro, models, args)
+    ro["rewards"] = rto.token_rewards(ro, args, 0.1)
+    ro["advantages"], ro["returns"] = rto.gae(ro["rewards"], ro["values"], ro["response_mask"], 1.0, 0.95)
+    ro["advantages"] = rto.whiten(acc, ro["advantages"], ro["response_mask"])
+    weights = []
+    for micro in (4, 2):
+        copies = {**models, "policy": copy.deepcopy(models["policy"]), "critic": copy.deepcopy(models["critic"])}
+        sizes = {"rollout": 8, "mini": 4, "micro": micro, "accum": 4 // micro}
+        policy, critic, *rest = prepared(acc, copies, sizes["accum"])
+        torch.manual_seed(0)  # the same mini-batch order
+        rto.ppo_update(acc, ro, {**copies, "policy": policy, "critic": critic}, rest[:2], rest[2:], args, sizes)
+        weights.append([p.detach().clone() for m in (policy, critic) for p in m.parameters()])
+    moved = max((a - b).abs().max().item() for a, b in zip(weights[0], models["policy"].parameters()))
+    assert moved > 1e-4  # the update did something
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------- rto.py as users run it
@@ -226,33 +386,43 @@ def test_rto_raises_the_oracle_reward_above_sft(pipeline, tmp_path):
     it = [r for r in m if "policy_loss" in r]
     for key in ("sentence_reward", "dpo_reward_per_token", "dpo_reward_per_response", "kl_per_token", "beta2",
                 "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy",
-                "time_generate", "time_score", "time_update", "oracle_reward", "explained_variance"):
+                "time_generate", "time_frozen_pass", "time_update", "oracle_reward", "explained_variance"):
         assert all(math.isfinite(r[key]) for r in it), key
+    assert it[0]["kl_per_token"] == 0  # the policy starts as the reference
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     AutoModelForCausalLM.from_pretrained(tmp_path / "rto")
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rto" / "critic", num_labels=1)
+    derived = json.loads((tmp_path / "rto" / "args.json").read_text())["derived"]
+    assert derived == {"rollout": 64, "mini": 16, "micro": 16, "accum": 1}
 
 
 def iteration_metrics(folder):
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in read_metrics(folder) if "phase" not in r]
 
 
-def test_same_seed_gives_identical_metrics(pipeline, tmp_path):
-    for name in ("a", "b"):
-        run_stage("rto.py", *rto_cmd(pipeline, tmp_path / name, "--num_iterations", 2, "--oracle_prompts", 8))
-    assert iteration_metrics(tmp_path / "a") == iteration_metrics(tmp_path / "b")
-    assert len(iteration_metrics(tmp_path / "a")) == 2
+@pytest.mark.parametrize("mode", ["ppo", "dppo"])
+def test_ppo_and_dppo_run_several_iterations(mode, pipeline, tmp_path):
+    run_stage("rto.py", *rto_cmd(pipeline, tmp_path / mode, "--reward_mode", mode, "--num_iterations", 3,
+                                 "--rollout_batch_size", 16, "--oracle_prompts", 8))
+    it = iteration_metrics(tmp_path / mode)
+    assert len(it) == 3
+    for key in ("reward_total", "policy_loss", "value_loss", "kl_per_token", "entropy"):
+        assert all(math.isfinite(r[key]) for r in it), key
+    assert len({r["kl_per_token"] for r in it}) == 3 and it[0]["kl_per_token"] == 0  # the policy moves
+    assert ("sentence_reward" in it[0]) == (mode == "ppo") and ("dpo_reward_per_response" in it[0]) == (mode == "dppo")
 
 
 def test_resume_after_kill_reproduces_an_uninterrupted_run(pipeline, tmp_path):
-    """kill -9 after the checkpoint of iteration 2, rerun with --resume: the same metrics as one clean run."""
+    """kill -9 after the checkpoint of iteration 2, rerun with --resume: the same metrics as one clean run. With
+    an adaptive KL coefficient, which the checkpoint must carry; its updates follow the controller by hand."""
     import os
     import signal
     import subprocess
     import sys
     import time
     from conftest import ROOT
-    common_args = ("--num_iterations", 4, "--save_every", 2, "--oracle_prompts", 8)
+    common_args = ("--num_iterations", 4, "--save_every", 2, "--oracle_prompts", 8, "--rollout_batch_size", 32,
+                   "--kl_target", 0.05, "--kl_horizon", 100)
     run_stage("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args))
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "rto.py"), *map(str, rto_cmd(pipeline, out, *common_args))]
@@ -267,3 +437,18 @@ def test_resume_after_kill_reproduces_an_uninterrupted_run(pipeline, tmp_path):
     clean, resumed = iteration_metrics(tmp_path / "clean"), iteration_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed == clean
+    for prev, cur in zip(clean, clean[1:]):  # per-response KL feeds the controller (6 decimals as logged)
+        error = max(-0.2, min(0.2, prev["kl_per_response"] / 0.05 - 1))
+        assert cur["beta2"] == pytest.approx(prev["beta2"] * (1 + error * 32 / 100), abs=2e-6)
+    assert len({r["beta2"] for r in clean}) == 4
+
+
+def test_a_non_finite_reward_stops_the_run_or_skips_the_iteration(pipeline, tmp_path, monkeypatch):
+    real = rto.token_rewards
+    monkeypatch.setattr(rto, "token_rewards", lambda ro, args, beta2: real(ro, args, beta2) * float("nan"))
+    small = ("--num_iterations", 2, "--rollout_batch_size", 8, "--mini_batch_size", 8, "--oracle_prompts", 4)
+    with pytest.raises(SystemExit, match="non-finite reward at iteration 1"):
+        rto.main(list(map(str, rto_cmd(pipeline, tmp_path / "stop", *small))))
+    rto.main(list(map(str, rto_cmd(pipeline, tmp_path / "skip", *small, "--skip_nonfinite"))))
+    assert iteration_metrics(tmp_path / "skip") == []  # both iterations skipped, the run still ends and saves
+    assert (tmp_path / "skip" / "model.safetensors").exists()

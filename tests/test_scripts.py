@@ -95,11 +95,11 @@ def test_oracle_credit_pays_the_same_total_densely_or_at_the_end(monkeypatch):
 DRIVER = """
 import json, sys
 sys.path[:0] = [{scripts!r}, {root!r}]
-import common, oracle_credit, toy_task
+import common, data, oracle_credit, toy_task
 rows, rollout = [], oracle_credit.rollout
-def spy(accelerator, policy, tokenizer, prompts, args):  # what each rollout's credit adds up to, per response
-    ro = rollout(accelerator, policy, tokenizer, prompts, args)
-    for p, text, credit in zip(prompts, common.decode_responses(tokenizer, ro), ro["credit"]):
+def spy(accelerator, policy, tokenizer, prompts, seeds, args):  # what each rollout's credit adds up to, per response
+    ro = rollout(accelerator, policy, tokenizer, prompts, seeds, args)
+    for p, text, credit in zip(prompts, data.decode_responses(tokenizer, ro), ro["credit"]):
         rows.append([float(credit.sum()), toy_task.oracle_reward(p, text)])
     return ro
 oracle_credit.rollout = spy

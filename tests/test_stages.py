@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import common
+import data
 import dpo
 import reward_model
 import toy_task
@@ -65,8 +65,8 @@ def test_every_stage_writes_the_settings_it_ran_with(pipeline):
 # ---------------------------------------------------------------------------- dpo.py and reward_model.py
 def heldout_pairs(tok):
     rows = toy_task.preference_data("test", 500, seed=0)
-    ex = common.encode_examples(tok, rows, 24, 24)
-    return DataLoader(ex, 64, collate_fn=lambda e: common.collate_pairs(e, tok.pad_token_id))
+    ex = data.encode_examples(tok, rows, 24, 24)
+    return DataLoader(ex, 64, collate_fn=lambda e: data.collate_pairs(e, tok.pad_token_id))
 
 
 @torch.no_grad()

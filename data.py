@@ -1,0 +1,410 @@
+"""Data: the dataset layouts, tokenisation into the batch layout, the tiny tokenizer, the built-in task's judge.
+
+Layouts read (`load_rows`, by column names): Anthropic HH-RLHF transcripts (chosen/rejected), UltraFeedback message
+lists (chosen/rejected [+ prompt]), generic prompt/chosen/rejected, and prompt-only (prompt or context_messages),
+from a hub dataset or a local json/jsonl(.gz)/parquet file. Every row becomes {prompt: messages, chosen, rejected}
+or {prompt: messages}.
+
+Batch layout used everywhere (built by `collate`):
+
+    input_ids       (B, P + R)   [pad .. pad prompt | response pad .. pad]   prompt left-padded, response right-padded
+    attention_mask  (B, P + R)   1 on real tokens
+    response_mask   (B, R)       1 on response tokens (EOS included), 0 on padding
+    prompt_len      int          P, the same for the whole batch, so response token j sits at column P + j
+
+Left-padded prompts are what `generate` needs, so a rollout comes out of generation already in this layout.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import common
+import toy_task
+from common import TOY, fail
+
+
+# ============================================================================ dataset layouts
+# One parser per layout; each row becomes {prompt: messages, chosen: str, rejected: str} or {prompt: messages}.
+def _messages_from_hh(text):
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{role, content}, ...]"""
+    msgs = []
+    for chunk in ("\n\n" + text.lstrip("\n")).split("\n\nHuman:")[1:]:
+        human, *assistants = chunk.split("\n\nAssistant:")
+        msgs.append({"role": "user", "content": human.strip()})
+        msgs += [{"role": "assistant", "content": a.strip()} for a in assistants]
+    return msgs
+
+
+def _as_prompt(value):
+    """A prompt column: a string (HH-style transcripts are split into turns) or a list of messages."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("Human:"):
+            msgs = _messages_from_hh(value)
+            if msgs and msgs[-1] == {"role": "assistant", "content": ""}:
+                msgs.pop()  # a trailing "Assistant:" (Dahoas/rm-static layout) is the cue to answer, not a turn
+            if msgs:
+                return msgs
+        return [{"role": "user", "content": value}]
+    return _as_messages(value)
+
+
+def _as_messages(value):
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of {role, content} messages")
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+            raise ValueError("a message is not {role: system|user|assistant, content: str}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(value, column):
+    # An empty reply is real data, not a broken row: HH-RLHF and UltraFeedback hold a few (the assistant said
+    # nothing); the response is then EOS alone.
+    if not isinstance(value, str):
+        raise ValueError(f"'{column}' is not a string")
+    return value
+
+
+def detect_format(columns):
+    """The data layout, from the column names alone."""
+    cols = set(columns)
+    if "context_messages" in cols:
+        return "prompt_only"
+    if {"chosen", "rejected"} <= cols:
+        return "pairs"  # HH transcripts, UltraFeedback message lists, or generic prompt/chosen/rejected
+    if "prompt" in cols:
+        return "prompt_only"
+    return None
+
+
+def parse_row(row, fmt):
+    """One raw row -> {'prompt': messages, 'chosen': str, 'rejected': str} (or just 'prompt')."""
+    parsed = _parse_layout(row, fmt)
+    # A prompt without any text (an empty prompt column, a bare "Human:", a conversation that is only the answer)
+    # leaves nothing to respond to: a broken row, not a question
+    if not any(m["content"].strip() for m in parsed["prompt"]):
+        raise ValueError("the prompt is empty")
+    return parsed
+
+
+def _parse_layout(row, fmt):
+    if fmt == "prompt_only":
+        return {"prompt": _as_prompt(row["context_messages"] if "context_messages" in row else row["prompt"])}
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        raise ValueError("'chosen' or 'rejected' is missing")
+    if isinstance(chosen, list):  # UltraFeedback: full conversations, the last message is the answer
+        chosen, rejected = _as_messages(chosen), _as_messages(rejected)
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise ValueError("the last message of 'chosen'/'rejected' is not the assistant's")
+        # no prompt column (or an empty one): the conversation before the answer; any other value must be a prompt
+        prompt = chosen[:-1] if row.get("prompt") in (None, "") else _as_prompt(row["prompt"])
+        return {"prompt": prompt, "chosen": _text(chosen[-1]["content"], "chosen"),
+                "rejected": _text(rejected[-1]["content"], "rejected")}
+    chosen, rejected = _text(chosen, "chosen"), _text(rejected, "rejected")
+    if row.get("prompt") is not None:  # generic prompt/chosen/rejected
+        return {"prompt": _as_prompt(row["prompt"]), "chosen": chosen, "rejected": rejected}
+    # Anthropic HH-RLHF: two full transcripts that differ only after the last "Assistant:"
+    cut_c, cut_r = chosen.rfind("\n\nAssistant:"), rejected.rfind("\n\nAssistant:")
+    if cut_c < 0 or cut_r < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn in 'chosen'/'rejected'")
+    prompt = _messages_from_hh(chosen[:cut_c])
+    if not prompt:
+        raise ValueError("no '\\n\\nHuman:' turn before the last assistant turn")
+    return {"prompt": prompt, "chosen": _text(chosen[cut_c + 12:].strip(), "chosen"),
+            "rejected": _text(rejected[cut_r + 12:].strip(), "rejected")}
+
+
+# ============================================================================ reading files and hub datasets
+# Rows of a hub dataset or a local file, every bad row refused (or skipped and counted) with the reason.
+def load_rows(dataset, split="train", skip_bad_rows=False):
+    """Rows of a hub dataset or a local json/jsonl(.gz)/parquet file, parsed into one layout."""
+    local = os.path.exists(dataset)
+    if not local and (dataset.startswith((".", "/", "~")) or dataset.endswith((".json", ".jsonl", ".gz", ".parquet"))):
+        fail(f"--dataset {dataset}: no such file")
+    if local and not dataset.endswith(".parquet"):
+        columns, raws = _read_json(dataset)
+    else:
+        columns, raws = _read_with_datasets(dataset, split, local)
+    if len(raws) == 0:
+        fail(f"--dataset {dataset}: has no rows")
+    fmt = detect_format(columns)
+    if fmt is None:
+        fail(f"--dataset {dataset}: unknown format (columns {columns}); expected chosen/rejected "
+             "(HH-RLHF, UltraFeedback, or with prompt), or prompt / context_messages")
+    rows, bad = [], 0
+    for i in range(len(raws)):
+        try:
+            raw = raws[i]  # by index: a parquet string that is not UTF-8 raises as its row is read, not before
+            if isinstance(raw, ValueError):  # a JSON line that is not an object (see _read_json)
+                raise raw
+            rows.append(parse_row(raw, fmt))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            why = "not valid UTF-8 text" if isinstance(e, UnicodeDecodeError) else e
+            if not skip_bad_rows:
+                fail(f"--dataset {dataset} row {i}: {why} (pass --skip_bad_rows to skip such rows)")
+            bad += 1
+    if bad:
+        print(f"note: skipped {bad} of {len(raws)} rows of {dataset} that could not be parsed", file=sys.stderr)
+    if not rows:
+        fail(f"--dataset {dataset}: no usable rows")
+    return rows
+
+
+def _read_with_datasets(dataset, split, local):
+    """A parquet file or a hub dataset: (column names, rows)."""
+    import datasets
+
+    try:
+        if local:
+            ds = datasets.load_dataset("parquet", data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # the datasets library raises many kinds; all mean the same to a user
+        why = (str(e).splitlines() or [""])[0][:200]  # some come with no message at all
+        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}{f': {why}' if why else ''})")
+    return ds.column_names, ds
+
+
+def _read_json(path):
+    """A local JSON-lines file, or one JSON array, either possibly gzipped: (column names, rows), where a row is a
+    dict holding every column (None where it lacks one) or the ValueError that says why its line is not a row.
+
+    The json module rather than the datasets library's JSON reader, which changes values where it should let
+    parse_row refuse them: past its first 10 MB it casts a column to the type seen so far (an int `chosen` comes
+    back as "5", a dict as its JSON text); a column of mixed types is stored as JSON, so that an answer which
+    happens to read as JSON ("[1, 2]", '"yes"') comes back as a list or loses its quotes; it lets invalid UTF-8
+    through; and its pyarrow (26) crashes the interpreter on a file whose first row is `null`."""
+    import gzip
+    import zlib
+
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read().removeprefix(b"\xef\xbb\xbf")
+    except (OSError, EOFError, zlib.error) as e:  # a folder, not gzip after all, gzip cut short, ...
+        fail(f"--dataset {path}: cannot be read ({type(e).__name__}: {str(e)[:200]})")
+    if data.lstrip().startswith(b"["):  # one JSON array: it stands or falls as a whole
+        values = _json_value(data)
+        if isinstance(values, ValueError):
+            fail(f"--dataset {path}: cannot be read as a dataset (a JSON array that is {values})")
+        rows = [_json_object(v) for v in values]
+    else:
+        rows = [_json_object(_json_value(line)) for line in data.splitlines() if line.strip()]
+    if not rows:
+        fail(f"--dataset {path}: is empty (no rows)")
+    if not any(isinstance(r, dict) for r in rows):
+        what = "one JSON object over many lines" if isinstance(_json_value(data), dict) else f"row 0: {rows[0]}"
+        fail(f"--dataset {path}: cannot be read as a dataset ({what}; expected an object per line or an array of "
+             "objects)")
+    columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
+    return columns, [{c: r.get(c) for c in columns} if isinstance(r, dict) else r for r in rows]
+
+
+def _json_value(text):
+    """Bytes of JSON -> the value, or a ValueError saying why not."""
+    try:
+        value = json.loads(text.decode())  # strict UTF-8
+        if b"\\ud" in text.lower():  # escapes of lone surrogates ("\ud800") parse, but no tokenizer takes them
+            json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeError:
+        return ValueError("not valid UTF-8 text")
+    except (ValueError, RecursionError) as e:
+        return ValueError(f"not valid JSON ({str(e)[:200]})")
+    return value
+
+
+def _json_object(value):
+    if isinstance(value, (dict, ValueError)):
+        return value
+    return ValueError(f"{json.dumps(value)[:40]} is not a JSON object")
+
+
+# ============================================================================ what the stages load
+# Preference pairs (sft, dpo, reward model) and prompts (rto, evaluate), on the built-in task or a dataset.
+def split_eval(rows, eval_fraction, seed):
+    """Hold out a fixed, seeded fraction of a single file for evaluation."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_eval = max(1, int(len(rows) * eval_fraction)) if len(rows) > 1 else 0
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def load_pairs(dataset, args, eval_fraction=0.05):
+    """(train, eval) preference pairs: {prompt: messages, chosen: str, rejected: str}."""
+    if dataset == TOY:
+        return toy_task.preference_data("train", seed=args.seed), toy_task.preference_data("test", 500, args.seed)
+    rows = [r for r in load_rows(dataset, args.dataset_split, args.skip_bad_rows) if "chosen" in r]
+    if not rows:
+        fail(f"--dataset {dataset}: holds prompts only; this stage needs chosen/rejected pairs")
+    same = [r for r in rows if r["chosen"] == r["rejected"]]
+    if same:
+        print(f"note: skipped {len(same)} pairs whose chosen equals rejected", file=sys.stderr)
+        rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    if not rows:  # else an empty training set, and a crash far from its cause
+        fail(f"--dataset {dataset}: every pair has chosen equal to rejected; nothing to learn from")
+    return split_eval(rows, eval_fraction, args.seed)
+
+
+def load_prompts(dataset, split, args, n=None):
+    """Prompts (lists of messages): a prompt-only set, or the prompts of a preference set."""
+    if dataset == TOY:
+        return toy_task.prompts(split, n or 2000, seed=args.seed)
+    prompts = [r["prompt"] for r in load_rows(dataset, split, args.skip_bad_rows)]
+    return prompts[:n] if n else prompts
+
+
+# ============================================================================ tokenisation and batches
+# Messages -> token ids (prompts never cut, responses cut to length) -> the batch layout above, and back to text.
+def format_prompt(tokenizer, messages):
+    """Prompt text ending where the assistant's answer starts; HH-style text when there is no chat template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    who = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{who[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def encode_prompt(tokenizer, messages):
+    return tokenizer(format_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text, max_len):
+    """Response ids + EOS, cut to max_len (EOS kept only if it fits); returns (ids, was_truncated)."""
+    prefix = "" if tokenizer.chat_template else " "  # "Assistant: answer" in the HH layout
+    ids = tokenizer(prefix + text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max_len], len(ids) > max_len
+
+
+def fit_prompts(tokenizer, items, max_prompt_len, long_prompts="skip", limit=None, key=None):
+    """The long-prompt policy, for every stage: [(item, prompt ids)] of the items whose prompt fits max_prompt_len,
+    in order, at most `limit` of them. An item is a prompt (a list of messages), or a row whose item[key] is.
+    A longer prompt is skipped and counted (one note on stderr), or fatal with long_prompts == "fail"; prompts
+    are never cut, since the response would then answer a question that was never asked."""
+    keep, long = [], 0
+    for item in items:
+        if limit is not None and len(keep) == limit:
+            break
+        ids = encode_prompt(tokenizer, item[key] if key else item)
+        if len(ids) <= max_prompt_len:
+            keep.append((item, ids))
+        elif long_prompts == "fail":
+            fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {max_prompt_len} (or pass --long_prompts skip)")
+        else:
+            long += 1
+    if long:
+        print(f"note: skipped {long} prompts over {max_prompt_len} tokens (--max_prompt_len)", file=sys.stderr)
+    if not keep:
+        fail(f"no prompt fits --max_prompt_len {max_prompt_len} (all {long} are longer); raise it")
+    return keep
+
+
+def encode_examples(tokenizer, rows, max_prompt_len, max_response_len, long_prompts="skip",
+                    keys=("chosen", "rejected")):
+    """Tokenise rows; responses are truncated (never prompts); over-long prompts as fit_prompts says."""
+    out, cut = [], 0
+    for row, p in fit_prompts(tokenizer, rows, max_prompt_len, long_prompts, key="prompt"):
+        ex = {"prompt": p}
+        for k in keys:
+            ex[k], was_cut = encode_response(tokenizer, row[k], max_response_len)
+            cut += was_cut
+        out.append(ex)
+    if cut:
+        print(f"note: truncated {cut} responses to {max_response_len} tokens (--max_response_len)", file=sys.stderr)
+    return out
+
+
+def collate(prompts, responses, pad_id):
+    """Lists of token-id lists -> the batch layout in this module's docstring."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    B = len(prompts)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P + R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p):P], input_ids[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r, dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "response_mask": attention_mask[:, P:].float(), "prompt_len": P}
+
+
+def collate_pairs(examples, pad_id):
+    """Chosen and rejected stacked into one batch of 2B: rows [0, B) chosen, [B, 2B) rejected."""
+    return collate([e["prompt"] for e in examples] * 2,
+                   [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+
+
+def collate_prompts(prompts, pad_id, width=None):
+    """Left-padded prompts for generate: (B, P) ids and mask, P = width or the longest prompt."""
+    P = width or max(map(len, prompts))
+    b = collate([[pad_id] * (P - len(p)) + p for p in prompts], [[]] * len(prompts), pad_id)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return b["input_ids"], mask
+
+
+def cat_batches(batches, pad_id):
+    """Concatenate batches of the common layout that share P but not R (responses right-padded to the longest)."""
+    R = max(b["response_mask"].shape[1] for b in batches)
+    out = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0)):
+        out[key] = torch.cat([F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches])
+    out["ended"] = torch.cat([b["ended"] for b in batches])
+    return {**out, "prompt_len": batches[0]["prompt_len"]}
+
+
+def decode_responses(tokenizer, batch):
+    """Response texts without the final EOS. Other special tokens stay in the text: a policy that learns to
+    emit <unk> or a role marker is writing junk, and a judge must be able to see it."""
+    P = batch["prompt_len"]
+    texts = []
+    for ids, m in zip(batch["input_ids"][:, P:], batch["response_mask"]):
+        ids = ids[m.bool()].tolist()
+        ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False).strip())
+    return texts
+
+
+# ============================================================================ the built-in task
+# Its offline tokenizer, and its ground-truth judge of a model (toy_task.oracle_reward over sampled responses).
+CHAT_TEMPLATE = (  # for the tiny tokenizers; real chat models bring their own
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIALS = ["<pad>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def build_tiny_tokenizer(dataset):
+    """Offline tokenizer: the built-in task's words (fast), or bytes (any text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if dataset == TOY:
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + toy_task.VOCAB)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    else:
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        tok = Tokenizer(models.BPE({c: i for i, c in enumerate(SPECIALS + sorted(alphabet))}, [], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        additional_special_tokens=SPECIALS[3:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@torch.no_grad()
+def oracle_score(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
+    """Mean ground-truth reward of sampled responses to built-in-task prompts (messages). Every process
+    samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
+    model = accelerator.unwrap_model(model)
+    scores = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            batch = common.sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens,
+                                  synced_gpus=accelerator.num_processes > 1)
+            scores += [toy_task.oracle_reward(p, r) for p, r in zip(chunk, decode_responses(tokenizer, batch))]
+    return sum(scores) / len(scores)
