@@ -114,11 +114,9 @@ def validate(args):
     if args.reward_mode == "ppo" and args.beta3 <= 0:
         common.fail("--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's")
     for flag in ("rollout_batch_size", "mini_batch_size", "forward_batch_size", "generation_batch_size",
-                 "max_prompt_len", "max_new_tokens", "ppo_epochs"):
-        if getattr(args, flag) < 1:
-            common.fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if not (args.temperature > 0 and 0 < args.top_p <= 1):
-        common.fail(f"--temperature {args.temperature} --top_p {args.top_p}: need temperature > 0, 0 < top_p <= 1")
+                 "max_prompt_len", "max_new_tokens", "ppo_epochs", "temperature", "top_p"):
+        if not getattr(args, flag) > 0 or (flag == "top_p" and args.top_p > 1):
+            common.fail(f"--{flag} {getattr(args, flag)}: must be above 0" + (" and at most 1" * (flag == "top_p")))
     return args
 
 
@@ -333,9 +331,8 @@ def entropy(logits):
 
 
 def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
-    """ppo_epochs x mini-batches x micro-batches. One optimiser step per mini-batch for actor and critic each, its
-    gradient accumulated over sizes['accum'] micro-batches. Returns the statistics as means over all tokens (or
-    sequences for the losses) of every process."""
+    """ppo_epochs x mini-batches x micro-batches: one optimiser step per mini-batch for actor and critic each, its
+    gradient accumulated over sizes['accum'] micro-batches. Statistics: means over all tokens of all processes."""
     policy, critic = models["policy"], models["critic"]
     sums, skipped = {}, 0
     for epoch in range(args.ppo_epochs):
@@ -351,12 +348,11 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
                                             args.value_clip)
                     skipped += not optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers,
                                                   args, it)
-                with torch.no_grad():
-                    stats = {**stats, **vstats, "entropy": entropy(logits)}
-                    for k, v in stats.items():  # token sums, divided by the token count at the end
+                with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
+                    for k, v in {**stats, **vstats, "entropy": entropy(logits), "tokens": 1}.items():
                         sums[k] = sums.get(k, 0) + (v * mask).sum()
-                    for k, v in (("tokens", mask.sum()), ("sequences", len(mask)),
-                                 ("policy_loss", pl * len(mask)), ("value_loss", vl * len(mask))):
+                    for k, v in (("sequences", len(mask)), ("policy_loss", pl * len(mask)),
+                                 ("value_loss", vl * len(mask))):
                         sums[k] = sums.get(k, 0) + v
     totals = {k: accelerator.reduce(torch.as_tensor(v, dtype=torch.float, device=accelerator.device), "sum").item()
               for k, v in sums.items()}
@@ -404,9 +400,8 @@ def micro_batches(ro, size, order):
     for i in range(0, len(order), size):
         idx = order[i:i + size]
         mb = {k: v[idx] if torch.is_tensor(v) else v for k, v in ro.items()}
-        real = mb["attention_mask"].any(0).nonzero()
+        real, P, R = mb["attention_mask"].any(0).nonzero(), mb["prompt_len"], mb["response_mask"].shape[1]
         first, end = real.min().item(), real.max().item() + 1
-        P, R = mb["prompt_len"], mb["response_mask"].shape[1]
         for k, v in mb.items():
             if torch.is_tensor(v) and v.dim() == 2:
                 mb[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]
@@ -514,9 +509,8 @@ def main(argv=None):
         models[name], optimizers[i] = accelerator.prepare(models[name], optimizers[i])
     schedulers = [common.lr_schedule(accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps,
                                      min_lr_rate=0.1) for o in optimizers]  # authors': cosine to 0.1 x lr
-    if args.gradient_checkpointing:
-        for m in ("policy", "critic"):
-            accelerator.unwrap_model(models[m]).gradient_checkpointing_enable()
+    for m in ("policy", "critic") if args.gradient_checkpointing else ():
+        accelerator.unwrap_model(models[m]).gradient_checkpointing_enable()
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
     start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -556,8 +550,8 @@ def main(argv=None):
 
     save(accelerator, models, tokenizer, args, n_iter, beta2)
     if held_out:
-        after = oracle()
-        common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter)
+        common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": (after := oracle())},
+                           n_iter)
         accelerator.print(f"oracle reward on held-out prompts after RL: {after:.3f}")
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

@@ -8,21 +8,57 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+import gc
+import importlib
 import json
 import os
+import random
 import subprocess
 
 import pytest
 
 
 def run_stage(script, *args, check=True, env=None):
-    """Run a stage as a user would; returns the CompletedProcess (stdout+stderr as text)."""
+    """Run a stage as a user would, in a process of its own; returns the CompletedProcess (stdout+stderr as text).
+    For what only a process shows: the exit status, stderr as printed, a kill, several ranks. Otherwise run_main."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main(script, *args):
+    """Run a stage's main(argv) in this process, as `python <script> args` would (the stages take argv and raise
+    SystemExit("error: ...") on bad input: check it with pytest.raises). It saves a process start and an import
+    of torch per run. Process-wide state that a run sets is put back afterwards: Accelerate's singletons (so that
+    each run builds its own Accelerator, e.g. with another mixed precision, and an Accelerator held by a test
+    survives), the random generators that set_seed reseeds, torch's thread count, the working directory."""
+    import numpy as np
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    module = importlib.import_module(Path(script).stem)
+    singletons = [cls._shared_state for cls in (PartialState, AcceleratorState, GradientState)]
+    saved = [dict(s) for s in singletons]
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    for s in singletons:
+        s.clear()
+    try:
+        os.chdir(ROOT)
+        return module.main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+        for s, before in zip(singletons, saved):
+            s.clear()
+            s.update(before)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch.set_num_threads(threads)
+        gc.collect()  # the run's models, now unreferenced
 
 
 def read_metrics(folder):
@@ -32,12 +68,13 @@ def read_metrics(folder):
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """SFT -> DPO -> reward model on the built-in task with the default settings, once per test session.
+    """SFT -> DPO -> reward model on the built-in task with the default settings, once per test session
+    (in this process: tests that need some checkpoint share these).
     RTO_TEST_PIPELINE=<dir> reuses the three folders in <dir> instead (while working on later stages)."""
     if os.environ.get("RTO_TEST_PIPELINE"):
         return {name: Path(os.environ["RTO_TEST_PIPELINE"]) / name for name in ("sft", "dpo", "rm")}
     root = tmp_path_factory.mktemp("pipeline")
-    run_stage("sft.py", "--output_dir", root / "sft")
-    run_stage("dpo.py", "--sft_ckpt", root / "sft", "--output_dir", root / "dpo")
-    run_stage("reward_model.py", "--sft_ckpt", root / "sft", "--output_dir", root / "rm")
+    run_main("sft.py", "--output_dir", root / "sft")
+    run_main("dpo.py", "--sft_ckpt", root / "sft", "--output_dir", root / "dpo")
+    run_main("reward_model.py", "--sft_ckpt", root / "sft", "--output_dir", root / "rm")
     return {name: root / name for name in ("sft", "dpo", "rm")}
