@@ -1,4 +1,5 @@
-"""Make the repository root importable (`import common`, `import sft`) however pytest is started."""
+"""Make the repository root importable (`import common`, `import sft`) however pytest is started; run stages
+in a process of their own (run_stage) or in this one (run_main); the shared trained `pipeline` fixture."""
 
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+import contextlib
 import gc
 import importlib
 import json
@@ -29,17 +31,16 @@ def run_stage(script, *args, check=True, env=None):
     return proc
 
 
-def run_main(script, *args):
-    """Run a stage's main(argv) in this process, as `python <script> args` would (the stages take argv and raise
-    SystemExit("error: ...") on bad input: check it with pytest.raises). It saves a process start and an import
-    of torch per run. Process-wide state that a run sets is put back afterwards: Accelerate's singletons (so that
-    each run builds its own Accelerator, e.g. with another mixed precision, and an Accelerator held by a test
-    survives), the random generators that set_seed reseeds, torch's thread count, the working directory."""
+@contextlib.contextmanager
+def as_if_a_process():
+    """Process-wide state that a stage's run sets, put back afterwards: Accelerate's singletons (cleared first, so
+    that the run builds its own Accelerator, e.g. with another mixed precision, and an Accelerator held by a test
+    survives it), the random generators that set_seed reseeds, torch's thread count, and the working directory
+    (the repository root, as for run_stage)."""
     import numpy as np
     import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    module = importlib.import_module(Path(script).stem)
     singletons = [cls._shared_state for cls in (PartialState, AcceleratorState, GradientState)]
     saved = [dict(s) for s in singletons]
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -48,7 +49,7 @@ def run_main(script, *args):
         s.clear()
     try:
         os.chdir(ROOT)
-        return module.main([str(a) for a in args])
+        yield
     finally:
         os.chdir(cwd)
         for s, before in zip(singletons, saved):
@@ -59,6 +60,15 @@ def run_main(script, *args):
         torch.set_rng_state(rng[2])
         torch.set_num_threads(threads)
         gc.collect()  # the run's models, now unreferenced
+
+
+def run_main(script, *args):
+    """Run a stage's main(argv) in this process, as `python <script> args` would: it saves a process start and
+    an import of torch. Bad input raises SystemExit("error: ...") (common.fail), which Python would print as that
+    one line with exit status 1: check it with pytest.raises."""
+    module = importlib.import_module(Path(script).stem)
+    with as_if_a_process():
+        return module.main([str(a) for a in args])
 
 
 def read_metrics(folder):

@@ -161,15 +161,27 @@ def test_parse_row_rejects_broken_rows(raw, why):
 
 def test_bad_row_fails_or_is_skipped_with_a_count(tmp_path, capsys):
     good = {"prompt": "p", "chosen": "c", "rejected": "r"}
-    path = write_rows(tmp_path / "pairs.jsonl", [good, {"prompt": "p", "chosen": "c"}, good])
+    path = write_rows(tmp_path / "pairs.jsonl", [good, {"prompt": "p", "chosen": "c"}, good, {"chosen": 5,
+                                                                                        "rejected": "r"}])
     with pytest.raises(SystemExit) as e:
         data.load_rows(path)
     msg = str(e.value.code)
     assert msg.startswith("error:") and path in msg and "row 1" in msg and "--skip_bad_rows" in msg
     capsys.readouterr()
-    rows = data.load_rows(path, skip_bad_rows=True)
+    rows = data.load_rows(path, skip_bad_rows=True)  # the missing field and the wrong type
     assert rows == [{"prompt": [U("p")], "chosen": "c", "rejected": "r"}] * 2
-    assert f"note: skipped 1 of 3 rows of {path}" in capsys.readouterr().err
+    assert f"note: skipped 2 of 4 rows of {path} that could not be parsed" in capsys.readouterr().err
+    nothing_left = write_rows(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": None}] * 2)
+    with pytest.raises(SystemExit, match=r"^error: --dataset .*bad\.jsonl: no usable rows$"):
+        data.load_rows(nothing_left, skip_bad_rows=True)
+
+
+def test_unknown_layout_is_one_clear_error_naming_its_columns(tmp_path):
+    path = write_rows(tmp_path / "foo.jsonl", [{"foo": 1, "bar": "x"}] * 3)
+    with pytest.raises(SystemExit) as e:
+        data.load_rows(path)
+    msg = e.value.code
+    assert msg.startswith(f"error: --dataset {path}: unknown format") and "foo" in msg and "bar" in msg, msg
 
 
 @pytest.mark.parametrize("name, content", [

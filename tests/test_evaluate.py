@@ -1,9 +1,9 @@
 """evaluate.py: win-rate and interval arithmetic by hand, each judge against a naive computation, the token-reward
-page, the curves, then one end-to-end run and bad input in subprocesses (tiny random checkpoints, 16 prompts)."""
+page, the curves, then one end-to-end run and bad input, in this process (conftest.run_main; tiny random
+checkpoints, 16 prompts). scripts/pipeline.sh's command lines are checked in test_scripts.py."""
 
 import json
 import math
-import os
 import sys
 from types import SimpleNamespace
 
@@ -14,9 +14,16 @@ import common
 import data
 import evaluate
 import toy_task
-from conftest import run_stage
+from conftest import run_main
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # token-by-token generation of a tiny model is slower with 2 busy threads
+
+@pytest.fixture
+def one_thread():
+    """Token-by-token generation of a tiny model is slower with 2 busy threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +146,11 @@ def test_curves_png(tmp_path):
 
 
 # ---------------------------------------------------------------------------- end to end, and bad input
-def test_end_to_end(tiny, tmp_path):
+def test_end_to_end(tiny, tmp_path, one_thread):
     out = tmp_path / "eval"
-    run_stage("evaluate.py", "--models", f"a={tiny.a}", f"b={tiny.b}", "--judge", "oracle", "--num_prompts", 16,
-              "--show_token_rewards", 2, "--token_reward_dpo", f"{tiny.a},{tiny.b}", "--curves", *fake_runs(tmp_path),
-              "--output_dir", out, env={**ONE_THREAD, "MPLBACKEND": "Agg"})
+    run_main("evaluate.py", "--models", f"a={tiny.a}", f"b={tiny.b}", "--judge", "oracle", "--num_prompts", 16,
+             "--show_token_rewards", 2, "--token_reward_dpo", f"{tiny.a},{tiny.b}", "--curves", *fake_runs(tmp_path),
+             "--output_dir", out)
     for name in ("winrates.md", "winrates.json", "responses.jsonl", "token_rewards.html"):
         assert (out / name).exists(), name
     assert (out / "curves.png").exists() or (out / "curves.csv").exists()
@@ -176,13 +183,14 @@ def bad_input(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["unknown judge", "malformed --models", "oracle off the built-in task"])
 def test_bad_input_fails_cleanly(tiny, tmp_path, case):
+    """One error line (SystemExit, printed by Python as that line with exit status 1), nothing written."""
     flags, names = bad_input(tmp_path, case)
     models = ["nopath"] if case == "malformed --models" else [f"a={tiny.a}"]
     out = tmp_path / "out"
-    proc = run_stage("evaluate.py", "--models", *models, *flags, "--output_dir", out, check=False, env=ONE_THREAD)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[-1].startswith("error:") and names in lines[-1], proc.stderr
+    with pytest.raises(SystemExit) as e:
+        run_main("evaluate.py", "--models", *models, *flags, "--output_dir", out)
+    line = e.value.code
+    assert isinstance(line, str) and line.startswith("error:") and "\n" not in line and names in line, line
     assert not out.exists()
 
 
@@ -204,15 +212,3 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
                                                evaluate.DEFAULTS))
     with pytest.raises(SystemExit, match="tokens > --max_prompt_len 30"):
         evaluate.load_eval_prompts(args, tok)
-
-
-def test_the_main_pipeline_end_to_end_with_a_minimal_budget(tmp_path):
-    """scripts/pipeline.sh (what the README's first command runs), a few steps per stage."""
-    import subprocess
-    from conftest import ROOT
-    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PY": sys.executable}
-    subprocess.run(["bash", str(ROOT / "scripts" / "pipeline.sh")], env=env, check=True, capture_output=True)
-    wins = json.loads((tmp_path / "eval" / "winrates.json").read_text())["win_rates"]
-    assert list(wins) == ["sft", "dpo", "ppo", "dppo", "rto"] and wins["rto"]["rto"] == 0.5
-    assert (tmp_path / "eval" / "token_rewards.html").exists()
-    assert (tmp_path / "eval" / "curves.png").exists() or (tmp_path / "eval" / "curves.csv").exists()

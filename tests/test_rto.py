@@ -367,7 +367,7 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
     moved = max((a - b).abs().max().item() for a, b in zip(weights[0], models["policy"].parameters()))
     assert moved > 1e-4  # the update did something
     for a, b in zip(*weights):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # Adam at lr 1e-3 magnifies float noise
 
 
 # ---------------------------------------------------------------------------- rto.py as users run it

@@ -1,7 +1,14 @@
-"""scripts/reward_signal.py (the analysis behind the README's findings) and scripts/reproduce.py's report."""
+"""scripts/: reward_signal.py (the analysis behind the README's findings), reproduce.py's report, the
+oracle_credit.py fork of rto.py, and pipeline.sh's command lines. The scripts run in this process
+(conftest.as_if_a_process); pipeline.sh is run with a stand-in for Python that records each command line, which is
+then parsed by its stage's own parser (the stages themselves run end to end in test_stages.py, test_rto.py and
+test_evaluate.py)."""
 
 import json
+import os
 import random
+import runpy
+import shlex
 import statistics
 import subprocess
 import sys
@@ -9,7 +16,14 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+import common
+import data
+import dpo
+import evaluate
+import reward_model
+import rto
+import sft
+from conftest import ROOT, as_if_a_process, run_main
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import oracle_credit  # noqa: E402
@@ -41,14 +55,18 @@ def test_pearson_matches_the_statistics_module():
     assert reward_signal.pearson(x, y) == pytest.approx(statistics.correlation(x, y), abs=1e-12)
 
 
-def test_reward_signal_end_to_end(pipeline, tmp_path):
+def run_reward_signal(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["reward_signal.py", *map(str, argv)])
+    with as_if_a_process():
+        reward_signal.main()
+
+
+def test_reward_signal_end_to_end(pipeline, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     for name in ("sft", "dpo", "rm"):
         (run / name).symlink_to(pipeline[name])
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "reward_signal.py"), "--run", run, "--num_prompts",
-                          "24", "--json", tmp_path / "s.json"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_reward_signal(monkeypatch, "--run", run, "--num_prompts", 24, "--json", tmp_path / "s.json")
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["responses"] == 24
     assert sum(k["tokens"] for k in s["by_kind"].values()) == s["tokens"]
@@ -56,13 +74,13 @@ def test_reward_signal_end_to_end(pipeline, tmp_path):
     for key in ("corr_oracle_rm", "corr_oracle_dpo_sum", "corr_token_reward_credit"):
         assert -1 <= s[key] <= 1
     assert 0 <= s["token_reward_at_clip"] <= 1 and s["std_dpo_clipped_sum"] <= 0.05 * 24
-    assert "| reward-model score" in out.stdout
+    assert "| reward-model score" in capsys.readouterr().out
 
 
-def test_reward_signal_refuses_a_folder_without_the_models(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "reward_signal.py"), "--run", tmp_path],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode != 0 and out.stderr.strip().startswith("error:") and len(out.stderr.splitlines()) == 1
+def test_reward_signal_refuses_a_folder_without_the_models(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        run_reward_signal(monkeypatch, "--run", tmp_path)
+    assert e.value.code.startswith(f"error: {tmp_path}/sft is not a checkpoint folder") and "\n" not in e.value.code
 
 
 def test_reproduce_report_renders_means_and_seed_counts():
@@ -92,31 +110,23 @@ def test_oracle_credit_pays_the_same_total_densely_or_at_the_end(monkeypatch):
     torch.testing.assert_close(sparse, kl + torch.tensor([[0, 0, 0, 2.5], [0, -0.5, 0, 0]]))
 
 
-DRIVER = """
-import json, sys
-sys.path[:0] = [{scripts!r}, {root!r}]
-import common, data, oracle_credit, toy_task
-rows, rollout = [], oracle_credit.rollout
-def spy(accelerator, policy, tokenizer, prompts, seeds, args):  # what each rollout's credit adds up to, per response
-    ro = rollout(accelerator, policy, tokenizer, prompts, seeds, args)
-    for p, text, credit in zip(prompts, data.decode_responses(tokenizer, ro), ro["credit"]):
-        rows.append([float(credit.sum()), toy_task.oracle_reward(p, text)])
-    return ro
-oracle_credit.rollout = spy
-oracle_credit.main(sys.argv[1:])
-json.dump(rows, open({out!r}, "w"))
-"""
+def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_path, monkeypatch):
+    rows = []
 
+    def spy(accelerator, policy, tokenizer, prompts, seeds, args):  # what each rollout's credit adds up to
+        ro = rollout(accelerator, policy, tokenizer, prompts, seeds, args)
+        for p, text, credit in zip(prompts, data.decode_responses(tokenizer, ro), ro["credit"]):
+            rows.append([float(credit.sum()), toy_task.oracle_reward(p, text)])
+        return ro
 
-def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(scripts=str(ROOT / "scripts"), root=str(ROOT), out=str(tmp_path / "rows.json")))
-    out = subprocess.run([sys.executable, driver, "--credit", "sparse", "--sft_ckpt", pipeline["sft"], "--rm_ckpt",
-                          pipeline["rm"], "--output_dir", tmp_path / "run", "--num_iterations", "1",
-                          "--rollout_batch_size", "16", "--oracle_prompts", "8", "--sample_every", "0"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    rollout = oracle_credit.rollout
+    monkeypatch.setattr(oracle_credit, "rollout", spy)
+    for name in ("rollout", "token_rewards"):  # oracle_credit.main patches rto's: put them back afterwards
+        monkeypatch.setattr(rto, name, getattr(rto, name))
+    monkeypatch.setattr(oracle_credit, "CREDIT", None)
+    run_main("scripts/oracle_credit.py", "--credit", "sparse", "--sft_ckpt", pipeline["sft"], "--rm_ckpt",
+             pipeline["rm"], "--output_dir", tmp_path / "run", "--num_iterations", "1", "--rollout_batch_size", "16",
+             "--oracle_prompts", "8", "--sample_every", "0")
     assert len(rows) == 16
     for paid, oracle in rows:
         assert paid == pytest.approx(oracle, abs=1e-5)
@@ -124,6 +134,60 @@ def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_pa
 
 
 def test_oracle_credit_refuses_a_run_without_a_credit_mode(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "oracle_credit.py"), "--sft_ckpt", tmp_path],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode != 0 and out.stderr.strip().startswith("error: --credit")
+    with pytest.raises(SystemExit) as e:
+        run_main("scripts/oracle_credit.py", "--sft_ckpt", tmp_path)
+    assert e.value.code.startswith("error: --credit")
+
+
+# ---------------------------------------------------------------------------- scripts/pipeline.sh
+RECORDER = """#!/usr/bin/env bash
+for a in "$@"; do printf '%q ' "$a"; done >> "$RECORD"
+echo >> "$RECORD"
+"""
+STAGES = {"sft.py": sft, "dpo.py": dpo, "reward_model.py": reward_model, "rto.py": rto, "evaluate.py": evaluate}
+
+
+def pipeline_commands(tmp_path, quick):
+    """Run scripts/pipeline.sh with PY a stand-in that records its arguments: [[script, *argv], ...]."""
+    py = tmp_path / "py"
+    py.write_text(RECORDER)
+    py.chmod(0o755)
+    record, out = tmp_path / f"commands{quick}.txt", tmp_path / "out"
+    env = {**os.environ, "PY": str(py), "OUT": str(out), "RECORD": str(record), "SEED": "3"}
+    env.pop("QUICK", None)
+    env.update({"QUICK": "1"} if quick else {})
+    subprocess.run(["bash", str(ROOT / "scripts" / "pipeline.sh")], env=env, check=True, capture_output=True)
+    return [shlex.split(line) for line in record.read_text().splitlines() if line.strip()], out
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["QUICK=1", "full"])
+def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(tmp_path, quick, capsys):
+    commands, out = pipeline_commands(tmp_path, quick)
+    assert [c[0] for c in commands] == ["toy_task.py", "sft.py", "dpo.py", "reward_model.py", "rto.py", "rto.py",
+                                        "rto.py", "evaluate.py"]
+    assert commands[0] == ["toy_task.py"]
+    written = set()  # output folders of the commands so far
+    for script, *argv in commands[1:]:
+        module = STAGES[script]
+        args = module.validate(common.parse_args(module.Args, argv, module.DEFAULTS))  # an unknown flag exits here
+        assert args.dataset == common.TOY and args.seed == 3 and args.overwrite, (script, argv)
+        if script == "evaluate.py":
+            models = evaluate.parse_models(args.models)
+            assert list(models) == ["sft", "dpo", "ppo", "dppo", "rto"] and args.judge == "oracle"
+            evaluate.parse_judge(args.judge, args.dataset)
+            needs = [*models.values(), *args.curves, *args.token_reward_dpo.split(",")]
+            assert args.show_token_rewards > 0 and args.num_prompts == (16 if quick else 400)
+        else:
+            needs = [getattr(args, f) for f in ("sft_ckpt", "dpo_ckpt", "rm_ckpt") if getattr(args, f, None)]
+        if script == "rto.py":
+            rto.batch_sizes(args, 1)
+            assert args.num_iterations == (1 if quick else None), argv  # None: one pass over the prompts
+        elif script != "evaluate.py":
+            assert args.max_steps == (3 if quick else -1), argv  # QUICK: a few steps; otherwise the defaults
+        assert set(needs) <= written, (script, set(needs) - written)  # each input is an earlier command's output
+        assert args.output_dir.startswith(str(out)) and args.output_dir not in written
+        written.add(args.output_dir)
+    assert [c[c.index("--reward_mode") + 1] for c in commands if c[0] == "rto.py"] == ["rto", "ppo", "dppo"]
+    with as_if_a_process():  # the first command: the task's numbers
+        runpy.run_path(str(ROOT / "toy_task.py"), run_name="__main__")
+    assert "label_agreement: " in capsys.readouterr().out

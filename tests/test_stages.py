@@ -1,12 +1,12 @@
 """End to end on the built-in task: each stage learns what it should and writes a checkpoint that reloads.
 
-The `pipeline` fixture (conftest.py) runs sft.py -> dpo.py -> reward_model.py once with default settings."""
+The `pipeline` fixture (conftest.py) runs sft.py -> dpo.py -> reward_model.py once with default settings; the
+runs here call the stages' main in this process (conftest.run_main)."""
 
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -15,7 +15,7 @@ import data
 import dpo
 import reward_model
 import toy_task
-from conftest import read_metrics, run_stage
+from conftest import read_metrics, run_main
 
 LABEL_AGREEMENT = toy_task.task_stats()["label_agreement"]
 
@@ -100,7 +100,7 @@ def test_dpo_precomputed_and_live_reference_agree(pipeline, tmp_path):
     """--ref_logprobs precompute and live are the same computation, done at different times."""
     out = {}
     for mode in ("precompute", "live"):
-        run_stage("dpo.py", "--sft_ckpt", pipeline["sft"], "--output_dir", tmp_path / mode, "--max_steps", 3,
-                  "--ref_logprobs", mode, "--logging_steps", 1)
+        run_main("dpo.py", "--sft_ckpt", pipeline["sft"], "--output_dir", tmp_path / mode, "--max_steps", 3,
+                 "--ref_logprobs", mode, "--logging_steps", 1)
         out[mode] = [m["loss"] for m in read_metrics(tmp_path / mode) if "loss" in m]
     assert len(out["live"]) == 3 and out["live"] == pytest.approx(out["precompute"], abs=1e-5)
