@@ -88,7 +88,8 @@ class OfflineTrainArgs(TrainArgs):
 
 
 def parse_args(args_class, argv=None, defaults=None):
-    """The command line -> an args_class instance, `defaults` applied (apply_defaults); an unknown flag fails.
+    """The command line -> an args_class instance, `defaults` applied (apply_defaults) and the shared flags checked
+    (validate_shared); an unknown flag fails. The stage's own validate checks the rest.
 
     defaults: the stage's table {flag: (the built-in task's value, the real models' value)}, for flags whose good
     value depends on the task. Their fields default to None, and --help shows both values."""
@@ -101,7 +102,7 @@ def parse_args(args_class, argv=None, defaults=None):
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # leftover arguments: an unknown flag
         fail(f"{str(e).splitlines()[0]} (see --help)")
-    return apply_defaults(args, defaults)
+    return validate_shared(apply_defaults(args, defaults))
 
 
 def apply_defaults(args, defaults):
@@ -478,7 +479,7 @@ def response_logprobs(model, batch, temperature=1.0):
     return logprobs_of(response_logits(model, batch, temperature), tokens) * batch["response_mask"]
 
 
-def scores_per_position(model, batch):
+def head_outputs(model, batch):
     """The scalar head's output at every position, (B, T), from a forward pass of the whole model.
 
     transformers' sequence-classification models apply the head to every position and then pool; we catch
@@ -502,7 +503,7 @@ def sequence_scores(model, batch):
     Read from the attention mask rather than by looking for pad tokens, so it stays right when pad == EOS."""
     T = batch["attention_mask"].shape[1]
     last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # index of the last 1 in each row
-    return scores_per_position(model, batch).gather(1, last[:, None]).squeeze(1)
+    return head_outputs(model, batch).gather(1, last[:, None]).squeeze(1)
 
 
 def masked_sum(x, mask, dim=None):

@@ -395,7 +395,7 @@ def build_tiny_tokenizer(dataset):
 
 
 @torch.no_grad()
-def oracle_score(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
+def mean_oracle_reward(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
     """Mean ground-truth reward of sampled responses to built-in-task prompts (messages). Every process
     samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
     model = accelerator.unwrap_model(model)

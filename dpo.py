@@ -53,7 +53,6 @@ def validate(args):
         common.fail("--sft_ckpt is required: the SFT checkpoint folder written by sft.py")
     if args.ref_logprobs not in ("precompute", "live"):
         common.fail(f"--ref_logprobs {args.ref_logprobs}: expected precompute or live")
-    common.validate_shared(args)
     common.check_positive(args, "lr", "beta")
     common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len")
     common.check_between(args, "warmup_ratio", 0, 1)

@@ -74,7 +74,6 @@ def validate(args):
         common.fail("nothing to do: pass --models name=dir ... and/or --curves run_dir ...")
     if args.models and not args.judge:
         common.fail("--judge is required off the built-in task: rm:<dir> or dpo:<dpo_dir>,<ref_dir>")
-    common.validate_shared(args)
     common.check_at_least(args, 1, "num_prompts", "batch_size", "max_new_tokens", "max_prompt_len")
     common.check_at_least(args, 0, "show_token_rewards")
     common.check_positive(args, "temperature", "dpo_beta")

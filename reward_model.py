@@ -50,7 +50,6 @@ def validate(args):
     """Every bad value fails here, with one line, before anything is loaded or written."""
     if not args.sft_ckpt:
         common.fail("--sft_ckpt is required: the SFT checkpoint folder written by sft.py")
-    common.validate_shared(args)
     common.check_positive(args, "lr")
     common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len")
     common.check_between(args, "warmup_ratio", 0, 1)

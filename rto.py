@@ -101,7 +101,7 @@ DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pyt
 
 
 def validate(args):
-    common.validate_shared(args)
+    """The checks of rto.py's own flags (parse_args checked the shared ones): one line for the first bad one."""
     if args.reward_mode not in ("rto", "ppo", "dppo"):
         common.fail(f"--reward_mode {args.reward_mode}: expected rto, ppo or dppo")
     if not args.sft_ckpt:
@@ -192,18 +192,13 @@ def logprobs_of(logits, tokens):
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def head_outputs(model, batch):
-    """A scalar-head model's output at every position, (b, P + R). transformers' sequence-classification models
-    apply the head (.score) everywhere, then pool; a hook catches it all, through any DDP/FSDP wrapper."""
-    inner, caught = getattr(model, "module", model), []  # DDP wraps the model
-    hook = inner.score.register_forward_hook(lambda module, inputs, output: caught.append(output))
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=False)
-    finally:
-        hook.remove()
-    out, config = caught[0].squeeze(-1).float(), inner.config
-    if getattr(config, "normalize_values", False):  # a critic started from a normalised reward model
+def critic_outputs(critic, batch):
+    """The critic's scalar head at every position, (b, P + R). Started from a reward model with --normalize_reward,
+    it outputs (v - reward_mean) / reward_std, as the authors' (OpenRLHF's) critic does: on the scale of the
+    normalised rewards from the first iteration. The flag is kept in the critic's config, so a saved critic
+    reloads to the same values."""
+    out, config = common.head_outputs(critic, batch), getattr(critic, "module", critic).config  # DDP wraps it
+    if getattr(config, "normalize_values", False):
         out = (out - config.reward_mean) / config.reward_std
     return out
 
@@ -211,14 +206,14 @@ def head_outputs(model, batch):
 def critic_values(critic, batch):
     """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns of response_logits."""
     P = batch["prompt_len"]
-    return head_outputs(critic, batch)[:, P - 1:-1] * batch["response_mask"]
+    return critic_outputs(critic, batch)[:, P - 1:-1] * batch["response_mask"]
 
 
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
     T = batch["attention_mask"].shape[1]
     last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # (b,) column of the last real token
-    r = head_outputs(rm, batch).gather(1, last[:, None]).squeeze(1)
+    r = common.head_outputs(rm, batch).gather(1, last[:, None]).squeeze(1)
     if args.normalize_reward:
         r = (r - rm.config.reward_mean) / rm.config.reward_std
     return r.clamp(-args.reward_clip, args.reward_clip)
@@ -415,7 +410,7 @@ def load_models(args, accelerator):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     critic = common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt")
-    # as the authors' (OpenRLHF's) critic: from the RM, on the normalised rewards' scale; saved in its config
+    # the critic starts from the reward model, on the normalised rewards' scale (critic_outputs)
     critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)
     models = {"policy": common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"), "critic": critic,
               "ref": common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)}
@@ -515,7 +510,7 @@ def main(argv=None):
     start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held_out = toy_task.prompts("test", args.oracle_prompts, seed=args.seed) if args.dataset == TOY else None
-    oracle = lambda: data.oracle_score(accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens,
+    oracle = lambda: data.mean_oracle_reward(accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens,
                                        seed=args.seed)
     if start == 0 and held_out:
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0)

@@ -45,7 +45,6 @@ class Args(common.OfflineTrainArgs):
 
 def validate(args):
     """Every bad value fails here, with one line, before anything is loaded or written."""
-    common.validate_shared(args)
     common.check_positive(args, "lr")
     common.check_at_least(args, 0, "weight_decay")
     common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len", "oracle_prompts")
@@ -90,7 +89,7 @@ def oracle_reward(args, accelerator, model, tokenizer):
     if args.dataset != TOY:
         return {}
     prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed)
-    return {"oracle_reward": data.oracle_score(accelerator, model, tokenizer, prompts,
+    return {"oracle_reward": data.mean_oracle_reward(accelerator, model, tokenizer, prompts,
                                                args.max_response_len, seed=args.seed)}
 
 

@@ -53,10 +53,6 @@ def test_win_rates_by_hand():
     # a vs b: tie, win, loss, loss -> 1.5/4; a vs c: win, loss, tie (within 1e-6), loss -> 1.5/4;
     # b vs c: win, loss, win, win -> 3/4
     assert w["a"]["b"] == 0.375 and w["a"]["c"] == 0.375 and w["b"]["c"] == 0.75
-    for x in scores:
-        assert w[x][x] == 0.5
-        for y in scores:
-            assert w[x][y] + w[y][x] == pytest.approx(1.0)
     assert evaluate.win_rates({"a": [1, 1], "b": [1, 1]})["a"]["b"] == 0.5  # all ties: half each
 
 
@@ -155,9 +151,11 @@ def test_end_to_end(tiny, tmp_path, one_thread):
         assert (out / name).exists(), name
     assert (out / "curves.png").exists() or (out / "curves.csv").exists()
     w = json.loads((out / "winrates.json").read_text())["win_rates"]
-    assert w["a"]["a"] == w["b"]["b"] == 0.5 and w["a"]["b"] + w["b"]["a"] == pytest.approx(1.0)
     rows = [json.loads(line) for line in open(out / "responses.jsonl")]
     assert len(rows) == 32 and {r["model"] for r in rows} == {"a", "b"}
+    a, b = ([r["score"] for r in rows if r["model"] == m] for m in ("a", "b"))  # the table from the responses
+    by_hand = sum(0.5 if abs(x - y) <= 1e-6 else float(x > y) for x, y in zip(a, b)) / 16
+    assert w["a"]["b"] == pytest.approx(by_hand)
     shown = sum(r["length"] for r in rows if r["prompt_index"] < 2)  # 2 responses of each model, token by token
     assert (out / "token_rewards.html").read_text().count("<span") == shown
 

@@ -294,7 +294,7 @@ def test_critic_starts_as_the_normalised_reward_model_and_reloads_the_same(pipel
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--reward_clip", 1e9, n=8)
     T = ro["attention_mask"].shape[1]
     last = T - 1 - ro["attention_mask"].flip(-1).argmax(-1)
-    critic_at_last = rto.head_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
+    critic_at_last = rto.critic_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
     torch.testing.assert_close(critic_at_last, ro["rm_score"], atol=1e-5, rtol=0)
     assert ro["rm_score"].std() > 0.1 and ro["values"].abs().max() < 10  # on the normalised scale
     common.save_model(acc, models["critic"], tok, str(tmp_path / "critic"))
