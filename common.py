@@ -449,7 +449,9 @@ def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     """A frozen model (reference, DPO model, reward model) loaded, frozen and placed: a causal LM, or a scalar-head
     model with scorer=True. With --bf16 it is stored in bfloat16: it never trains, so it needs no fp32 master."""
     model = load_scorer(name, tokenizer, flag) if scorer else load_causal_lm(name, tokenizer, flag)
-    return place_frozen(accelerator, frozen(model.to(torch.bfloat16) if bf16 else model))
+    for p in model.parameters() if bf16 else ():  # parameters only: buffers (rotary frequencies) stay fp32, as
+        p.data = p.data.to(torch.bfloat16)        # FSDP's mixed precision leaves them in the trained models
+    return place_frozen(accelerator, frozen(model))
 
 
 # ============================================================================ log-probs and masked means
