@@ -1,13 +1,10 @@
 """Stage 4: Reinforced Token Optimisation — PPO on dense per-token rewards from a DPO model.
 
-    accelerate launch rto.py --sft_ckpt <sft> --dpo_ckpt <dpo> [--rm_ckpt <rm>] --reward_mode rto|ppo|dppo
-    python rto.py --sft_ckpt runs/sft --dpo_ckpt runs/dpo --rm_ckpt runs/rm          # the built-in task
+    accelerate launch rto.py --sft_ckpt runs/sft --dpo_ckpt runs/dpo [--rm_ckpt runs/rm] [--reward_mode ppo|dppo]
 
-RTO (Zhong et al., "DPO Meets PPO", ICML 2025) models RLHF as a token-level MDP. A DPO model trained on the
-preference pairs is a token-level reward model: beta1 * (log pi_dpo - log pi_ref) at every token. PPO then
-optimises those dense rewards (plus the KL penalty and, optionally, a sentence-level reward model) instead of
-a single reward at the last token. One iteration, each step a function of this file, in this order:
-
+RTO (Zhong et al., "DPO Meets PPO", ICML 2025) models RLHF as a token-level MDP: a DPO model trained on the
+preference pairs rewards every token, beta1 * (log pi_dpo - log pi_ref), and PPO optimises these dense rewards
+(plus the KL penalty and, optionally, a reward model's score) instead of one at the last token. One iteration:
     1. rollout()        sample a response per prompt from pi_theta; cut each at its first EOS
     2. frozen_pass()    one no-grad pass of every model: old log-probs, pi_ref, pi_dpo, critic values V(s_h), r_MLE
     3. token_rewards()  the reward of every token — the only place where RTO, PPO and DPPO differ
@@ -15,7 +12,6 @@ a single reward at the last token. One iteration, each step a function of this f
     5. ppo_update()     ppo_epochs x mini-batches x micro-batches of the clipped policy and value losses
 
 A rollout is a dict of tensors (B = rollout prompts on this process, P = prompt width, R = longest response):
-
     input_ids, attention_mask  (B, P+R)  prompts left-padded, responses right-padded
     response_mask              (B, R)    1 up to and including the first EOS; everything else is masked out
     ended                      (B,)      the response has an EOS (not cut by --max_new_tokens)
@@ -34,12 +30,10 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -60,7 +54,7 @@ class Args(common.TrainArgs):
     beta1: float = arg(0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)")
     dpo_reward_clip: float = arg(0.05, "clamp each DPO token reward to [-c, c] (0 = off)")
     beta2: float = arg(None, "KL coefficient, init_kl_coef")
-    kl_target: float = arg(None, "adapt beta2 toward this KL *per response* (Ziegler; OpenRLHF: per token); unset: fixed")
+    kl_target: float = arg(None, "adapt beta2 toward this KL per response (Ziegler; OpenRLHF: per token); unset: fixed")
     kl_horizon: float = arg(10000, "horizon of the adaptive KL controller, in prompts (episodes)")
     beta3: float = arg(1.0, "scale of the reward-model score at the last token (0 = paper v1: no reward model)")
     normalize_reward: bool = arg(True, "normalise r_MLE and the critic started from it by the RM's reward_mean/std")
@@ -89,15 +83,9 @@ class Args(common.TrainArgs):
 
 
 DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pythia/HH settings (ALGORITHM.md)
-    "beta2": (0.1, 0.01),  # authors' Llama-3 script: 0.01
-    "rollout_batch_size": (64, 256),
-    "mini_batch_size": (16, 16),
-    "forward_batch_size": (64, 8),
-    "max_prompt_len": (24, 512),
-    "max_new_tokens": (24, 512),
-    "actor_lr": (1e-4, 5e-6),
-    "critic_lr": (3e-4, 9e-6),  # authors: 9e-6
-}
+    "rollout_batch_size": (64, 256), "mini_batch_size": (16, 16), "forward_batch_size": (64, 8),
+    "max_prompt_len": (24, 512), "max_new_tokens": (24, 512),
+    "beta2": (0.1, 0.01), "actor_lr": (1e-4, 5e-6), "critic_lr": (3e-4, 9e-6)}  # beta2: authors' Llama-3 script
 
 
 def validate(args):
@@ -109,8 +97,7 @@ def validate(args):
     if args.reward_mode in ("rto", "dppo") and not args.dpo_ckpt:
         common.fail(f"--reward_mode {args.reward_mode} needs --dpo_ckpt (the DPO model gives its token rewards)")
     if uses_reward_model(args) and not args.rm_ckpt:
-        common.fail(f"--reward_mode {args.reward_mode} with --beta3 {args.beta3} needs --rm_ckpt "
-                    "(or pass --beta3 0 to run without a reward model)")
+        common.fail(f"--reward_mode {args.reward_mode} with --beta3 {args.beta3} needs --rm_ckpt (or pass --beta3 0)")
     if args.reward_mode == "ppo" and args.beta3 <= 0:
         common.fail("--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's")
     for flag in ("rollout_batch_size", "mini_batch_size", "forward_batch_size", "generation_batch_size",
@@ -126,38 +113,31 @@ def uses_reward_model(args):
 
 # ============================================================================ 1. rollout
 def draw_with_own_generators(generators, temperature, top_p):
-    """generate()'s next-token rule: a sample of softmax(logits / T) within the top-p nucleus, drawn with each
-    prompt's own generator (Gumbel-max: generate() takes the argmax of logits + Gumbel noise). A response then
-    depends on its prompt, seed and the policy only, not on the other prompts of its batch or process."""
+    """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent)."""
     def pick(input_ids, logits):  # (b, V) logits of the next token
         logits = logits.float() / temperature
         if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
             p, idx = logits.softmax(-1).sort(-1, descending=True)
             outside = (p.cumsum(-1) - p) >= top_p  # the top token is always kept
             logits = logits.masked_fill(outside.scatter(-1, idx, outside), -math.inf)
-        gumbel = torch.stack([-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators])
-        return logits + gumbel
+        return logits + torch.stack([-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators])
     return pick
 
 
 def cut_at_eos(responses, eos_id):
-    """(b, R) sampled tokens -> mask keeping them up to and including the first EOS, and whether there is one. A
-    response cut by --max_new_tokens keeps its last sampled token and is scored as it is, with no EOS (ended =
-    False; --missing_eos_penalty charges for it). The authors' code writes an EOS over that token instead."""
+    """(b, R) sampled tokens -> mask up to and including the first EOS, and whether there is one (if not: cut by
+    --max_new_tokens, it keeps its last token; the authors' code writes an EOS over that token)."""
     is_eos = (responses == eos_id).long()
-    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    return (~after_first_eos).float(), is_eos.bool().any(-1)
+    return ((is_eos.cumsum(-1) - is_eos) == 0).float(), is_eos.bool().any(-1)  # no EOS before a token: keep it
 
 
 @torch.no_grad()
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
-    """One response per prompt (prompt i drawn with seed seeds[i]), --generation_batch_size per generate call."""
-    model = accelerator.unwrap_model(policy)
-    model.eval()
+    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits."""
+    model = accelerator.unwrap_model(policy).eval()
     ids = [data.encode_prompt(tokenizer, p) for p in prompts]
     width, pad, eos = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad,
-                              eos_token_id=eos)  # greedy over Gumbel-perturbed logits = sampling
+    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     chunks = []
     with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, not one per layer per token
         for i in range(0, len(ids), args.generation_batch_size):
@@ -177,13 +157,10 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
 
 # ============================================================================ 2. frozen pass: log-probs and values
 def response_logits(model, batch, temperature=1.0):
-    """Logits predicting each response token, (b, R, V): token j (column P + j) is predicted at column P + j - 1.
-    Positions count from each row's first real token, so left padding does not shift them (as in generate), and
-    only these R columns go through the LM head (logits_to_keep), not the (b, P + R, V) of the whole batch."""
-    P, R = batch["prompt_len"], batch["response_mask"].shape[1]
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    """Logits predicting each response token, (b, R, V): token P + j is predicted at column P + j - 1."""
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # from the first real token, as in generate
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
-                use_cache=False, logits_to_keep=R + 1)  # columns P - 1 .. P + R - 1
+                use_cache=False, logits_to_keep=batch["response_mask"].shape[1] + 1)  # columns P - 1 .. P + R - 1
     return out.logits[:, :-1].float() / temperature
 
 
@@ -193,26 +170,19 @@ def logprobs_of(logits, tokens):
 
 
 def critic_outputs(critic, batch):
-    """The critic's scalar head at every position, (b, P + R). Started from a reward model with --normalize_reward,
-    it outputs (v - reward_mean) / reward_std, as the authors' (OpenRLHF's) critic does: on the scale of the
-    normalised rewards from the first iteration. The flag is kept in the critic's config, so a saved critic
-    reloads to the same values."""
+    """The critic's head at every position, (b, P + R); with config.normalize_values, in normalised-reward units."""
     out, config = common.head_outputs(critic, batch), getattr(critic, "module", critic).config  # DDP wraps it
-    if getattr(config, "normalize_values", False):
-        out = (out - config.reward_mean) / config.reward_std
-    return out
+    return (out - config.reward_mean) / config.reward_std if getattr(config, "normalize_values", False) else out
 
 
 def critic_values(critic, batch):
     """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns of response_logits."""
-    P = batch["prompt_len"]
-    return critic_outputs(critic, batch)[:, P - 1:-1] * batch["response_mask"]
+    return critic_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1] * batch["response_mask"]
 
 
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
-    T = batch["attention_mask"].shape[1]
-    last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # (b,) column of the last real token
+    last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # (b,) last real token
     r = common.head_outputs(rm, batch).gather(1, last[:, None]).squeeze(1)
     if args.normalize_reward:
         r = (r - rm.config.reward_mean) / rm.config.reward_std
@@ -221,18 +191,15 @@ def rm_score(rm, batch, args):
 
 @torch.no_grad()
 def frozen_pass(accelerator, ro, models, args):
-    """Every number the update needs from a model that stays fixed during it (the policy and critic as they
-    sampled, pi_ref, pi_dpo, r_MLE), once per rollout, --forward_batch_size sequences of similar length at a time."""
-    mask = ro["response_mask"]  # (B, R)
+    """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
+    mask = ro["response_mask"]  # (B, R); every output below is 0 after the first EOS
     out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
     out["rm_score"] = torch.zeros_like(mask[:, 0])
-    by_length = ro["attention_mask"].sum(-1).argsort()
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
-        for idx, mb in micro_batches(ro, args.forward_batch_size, by_length):
+        for idx, mb in micro_batches(ro, args.forward_batch_size, ro["attention_mask"].sum(-1).argsort()):
             tokens, m, r = mb["input_ids"][:, mb["prompt_len"]:], mb["response_mask"], mb["response_mask"].shape[1]
             ref_logits = response_logits(models["ref"], mb)  # (b, r, V) at T = 1
-            policy_logits = response_logits(models["policy"], mb, args.temperature)
-            out["logprobs"][idx, :r] = logprobs_of(policy_logits, tokens) * m  # 0 after the first EOS
+            out["logprobs"][idx, :r] = logprobs_of(response_logits(models["policy"], mb, args.temperature), tokens) * m
             out["ref_logprobs"][idx, :r] = logprobs_of(ref_logits / args.temperature, tokens) * m
             out["values"][idx, :r] = critic_values(models["critic"], mb)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
@@ -240,26 +207,22 @@ def frozen_pass(accelerator, ro, models, args):
                 out["dpo_log_ratio"][idx, :r] = (logprobs_of(dpo_logits, tokens) - logprobs_of(ref_logits, tokens)) * m
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], mb, args)
-    for name in ("ref", "dpo", "rm"):  # FSDP2: give back the frozen models' gathered weights before training
-        if name in models:
-            common.reshard(models[name])
+    for frozen in [models[n] for n in ("ref", "dpo", "rm") if n in models]:  # FSDP2: free the gathered weights
+        common.reshard(frozen)
     used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
     return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}}
 
 
 # ============================================================================ 3. token rewards   <- edit here
 def token_rewards(ro, args, beta2):
-    """The reward of every response token, (B, R). This is the function to edit for a reward ablation.
-
+    """The reward of every response token, (B, R). This is the function to edit for a reward ablation:
         ppo :                          - beta2 * kl(h) + 1[h=H] * beta3 * r_MLE(x, y)
         dppo:                          - beta2 * kl(h) + 1[h=H] * beta1 * sum_h' dpo(h')
         rto : clip(beta1 * dpo(h))     - beta2 * kl(h) + 1[h=H] * beta3 * r_MLE(x, y)
-
     with dpo(h) = log pi_dpo(a_h|s_h) - log pi_ref(a_h|s_h) (ro['dpo_log_ratio']), kl(h) = log pi_old - log pi_ref
-    of the sampling policy (the k1 estimator, no gradient), H the last real token (EOS included).
-    """
+    of the sampling policy (the k1 estimator, no gradient), H the last real token (EOS included)."""
     mask = ro["response_mask"]
-    last = F.one_hot(mask.sum(-1).long() - 1, mask.shape[1]).float()  # (B, R): 1 at h = H
+    last = torch.nn.functional.one_hot(mask.sum(-1).long() - 1, mask.shape[1]).float()  # (B, R): 1 at h = H
     rewards = -beta2 * (ro["logprobs"] - ro["ref_logprobs"])
     if args.reward_mode == "rto":
         dense = args.beta1 * ro["dpo_log_ratio"]
@@ -277,22 +240,18 @@ def token_rewards(ro, args, beta2):
 
 # ============================================================================ 4. advantages
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation over (B, R); V after the last real token is 0.
-    delta_h = r_h + gamma V(s_h+1) - V(s_h),  A_h = delta_h + gamma lam A_h+1,  returns = A + V."""
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    next_value, next_adv = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    """GAE over (B, R): delta_h = r_h + gamma V(s_h+1) - V(s_h),  A_h = delta_h + gamma lam A_h+1,  returns = A + V."""
+    values, advantages = values * mask, torch.zeros_like(rewards)
+    next_value = next_adv = torch.zeros_like(rewards[:, 0])  # (B,) V and A after the last token: 0
     for h in reversed(range(rewards.shape[1])):
         delta = rewards[:, h] + gamma * next_value - values[:, h]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, h]
+        advantages[:, h] = next_adv = (delta + gamma * lam * next_adv) * mask[:, h]
         next_value = values[:, h]
-        advantages[:, h] = next_adv
     return advantages, (advantages + values) * mask
 
 
 def whiten(accelerator, x, mask):
-    """(x - mean) / std over the masked entries of the whole rollout batch, all processes together (unbiased
-    variance, as torch.std); 0 outside the mask."""
+    """(x - mean) / std over the masked entries of all processes (unbiased variance, as torch.std); 0 elsewhere."""
     n = accelerator.reduce(mask.sum(), "sum")
     mean = accelerator.reduce((x * mask).sum(), "sum") / n
     var = accelerator.reduce((((x - mean) * mask) ** 2).sum(), "sum") / (n - 1).clamp(min=1)
@@ -326,28 +285,25 @@ def entropy(logits):
 
 
 def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
-    """ppo_epochs x mini-batches x micro-batches: one optimiser step per mini-batch for actor and critic each, its
-    gradient accumulated over sizes['accum'] micro-batches. Statistics: means over all tokens of all processes."""
+    """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes."""
     policy, critic = models["policy"], models["critic"]
     sums, skipped = {}, 0
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
             for _, mb in micro_batches(ro, sizes["micro"], order[start:start + sizes["mini"]]):  # ... in micro-batches
-                mask = mb["response_mask"]
+                m = mb["response_mask"]
                 with accelerator.accumulate(policy, critic):
                     logits = response_logits(policy, mb, args.temperature)  # (b, R, V)
                     logprobs = logprobs_of(logits, mb["input_ids"][:, mb["prompt_len"]:])
-                    pl, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, args.eps_clip)
-                    vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], mask,
-                                            args.value_clip)
+                    pl, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
+                    vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], m, args.value_clip)
                     skipped += not optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers,
                                                   args, it)
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
                     for k, v in {**stats, **vstats, "entropy": entropy(logits), "tokens": 1}.items():
-                        sums[k] = sums.get(k, 0) + (v * mask).sum()
-                    for k, v in (("sequences", len(mask)), ("policy_loss", pl * len(mask)),
-                                 ("value_loss", vl * len(mask))):
+                        sums[k] = sums.get(k, 0) + (v * m).sum()
+                    for k, v in (("sequences", len(m)), ("policy_loss", pl * len(m)), ("value_loss", vl * len(m))):
                         sums[k] = sums.get(k, 0) + v
     totals = {k: accelerator.reduce(torch.as_tensor(v, dtype=torch.float, device=accelerator.device), "sum").item()
               for k, v in sums.items()}
@@ -357,8 +313,7 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
 
 
 def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, it):
-    """backward; on the last micro-batch of a mini-batch also clip, step and zero (before it, Accelerate's prepared
-    optimisers and schedulers do nothing). A non-finite loss or gradient norm: see skip_nonfinite."""
+    """backward; on the last micro-batch of a mini-batch also clip, step and zero (Accelerate skips them before)."""
     if not common.all_finite(accelerator, loss):
         return skip_nonfinite(args, "loss", it, optimizers)
     accelerator.backward(loss)  # separate models and optimisers: the summed loss only saves a backward call
@@ -380,8 +335,7 @@ def skip_nonfinite(args, what, it, optimizers):  # stop with one line, or with -
 
 
 def update_kl_coef(beta2, kl_per_response, args, n_prompts):
-    """Adaptive KL (Ziegler et al. 2019): beta2 *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_prompts / horizon,
-    with KL the mean KL per response of this iteration. Fixed when no --kl_target is set."""
+    """Adaptive KL (Ziegler et al. 2019): beta2 *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_prompts / horizon."""
     if args.kl_target is None:
         return beta2
     error = max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
@@ -390,17 +344,15 @@ def update_kl_coef(beta2, kl_per_response, args, n_prompts):
 
 # ============================================================================ plumbing: batches, models, logging
 def micro_batches(ro, size, order):
-    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each slice cut to its own longest
-    sequence: columns that are padding in every row go (prompt_len shrinks with the left ones)."""
-    for i in range(0, len(order), size):
-        idx = order[i:i + size]
+    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence."""
+    for idx in order.split(size):
         mb = {k: v[idx] if torch.is_tensor(v) else v for k, v in ro.items()}
         real, P, R = mb["attention_mask"].any(0).nonzero(), mb["prompt_len"], mb["response_mask"].shape[1]
         first, end = real.min().item(), real.max().item() + 1
         for k, v in mb.items():
             if torch.is_tensor(v) and v.dim() == 2:
-                mb[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]
-        yield idx, {**mb, "prompt_len": P - first}
+                mb[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]  # all-padding columns go
+        yield idx, {**mb, "prompt_len": P - first}  # the left ones were prompt padding
 
 
 def load_models(args, accelerator):
@@ -410,8 +362,7 @@ def load_models(args, accelerator):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     critic = common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt")
-    # the critic starts from the reward model, on the normalised rewards' scale (critic_outputs)
-    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)
+    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # saved in its config
     models = {"policy": common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"), "critic": critic,
               "ref": common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)}
     if args.reward_mode in ("rto", "dppo"):
@@ -444,20 +395,16 @@ def num_iterations(args, n_prompts):
 
 
 def iteration_prompts(prompts, order, it, args, process_index, local):
-    """This process's prompts of iteration `it` and their seeds. The run walks through one shuffle of the prompts
-    (`order`), --rollout_batch_size per iteration, wrapping around, so every prompt is used once per pass;
-    process k takes the k-th slice. A prompt's seed is its place in that walk."""
-    first = it * args.rollout_batch_size + process_index * local
-    positions = range(first, first + local)
-    return [prompts[order[p % len(prompts)]] for p in positions], [args.seed * 2**32 + p for p in positions]
+    """This process's prompts of iteration `it` (the k-th slice of a walk through one shuffle, `order`) and seeds."""
+    positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]  # places in the walk
+    return [prompts[order[p % len(prompts)]] for p in positions], [args.seed * 2**32 + p for p in positions]  # wraps
 
 
 def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
     """What the iteration's rollout looked like (means over all processes); the oracle reward on the built-in task."""
     mask = ro["response_mask"]
     mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()
-    token_mean = lambda x: (accelerator.reduce((x * mask).sum(), "sum") /
-                            accelerator.reduce(mask.sum(), "sum")).item()
+    token_mean = lambda x: (accelerator.reduce((x * mask).sum(), "sum") / accelerator.reduce(mask.sum(), "sum")).item()
     kl = (ro["logprobs"] - ro["ref_logprobs"]) * mask
     m = {"reward_total": mean(ro["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
          "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
@@ -478,7 +425,7 @@ def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
 def save(accelerator, models, tokenizer, args, iteration, beta2):
     """Policy (a causal-LM folder), critic beside it, and resumable state, each written atomically."""
     common.save_model(accelerator, models["policy"], tokenizer, args.output_dir)
-    common.save_model(accelerator, models["critic"], tokenizer, os.path.join(args.output_dir, "critic"))
+    common.save_model(accelerator, models["critic"], tokenizer, f"{args.output_dir}/critic")
     if args.save_every:  # resumable state (both models' optimisers too) is large: only when asked for
         common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
@@ -496,7 +443,6 @@ def main(argv=None):
                     "would use a prompt twice")
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
-
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
     optimizers = [torch.optim.Adam(models[m].parameters(), lr=lr, betas=(0.9, 0.95))
                   for m, lr in (("policy", args.actor_lr), ("critic", args.critic_lr))]
@@ -531,7 +477,6 @@ def main(argv=None):
         t2 = time.perf_counter()
         train_stats = ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it)  # 5.
         t3 = time.perf_counter()
-
         metrics = {**rollout_metrics(accelerator, ro, tokenizer, batch_prompts, beta2, args), **train_stats,
                    "time_generate": t1 - t0, "time_frozen_pass": t2 - t1, "time_update": t3 - t2}
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
@@ -542,11 +487,10 @@ def main(argv=None):
                 accelerator.print(f"  [{r:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
-
     save(accelerator, models, tokenizer, args, n_iter, beta2)
     if held_out:
-        common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": (after := oracle())},
-                           n_iter)
+        after = oracle()
+        common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter)
         accelerator.print(f"oracle reward on held-out prompts after RL: {after:.3f}")
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

@@ -66,7 +66,7 @@ def one_iteration(acc, tok, models, opts, scheds, args, sizes, prompts, seed):
     ro["advantages"] = rto.whiten(acc, ro["advantages"], ro["response_mask"])
     t_score = time.perf_counter() - t0
     _, t_update = timed(lambda: rto.ppo_update(acc, ro, models, opts, scheds, args, sizes))
-    return ro, {"generate": t_gen, "score": t_score, "update": t_update}
+    return ro, {"generate": t_gen, "frozen_pass": t_score, "update": t_update}
 
 
 def alone(tok, models, opts, args, sizes, prompts, ro, seed):
@@ -102,7 +102,7 @@ def alone(tok, models, opts, args, sizes, prompts, ro, seed):
                     o.step()
                     o.zero_grad()
     _, t_train = timed(train)
-    return {"generate": t_gen, "score": t_fwd, "update": t_train}
+    return {"generate": t_gen, "frozen_pass": t_fwd, "update": t_train}
 
 
 def bench(hidden, layers, rollout=64, new_tokens=24, repeats=3):
@@ -129,7 +129,7 @@ def bench(hidden, layers, rollout=64, new_tokens=24, repeats=3):
     return {"model": f"hidden {hidden} x {layers} layers", "params_M": sum(p.numel() for p in
                                                                              models["policy"].parameters()) / 1e6,
             "rollout": rollout, "new_tokens": new_tokens, "iteration_s": it,
-            **{f"{k}_s": med(lambda x, k=k: x[0][k]) for k in ("generate", "score", "update")},
+            **{f"{k}_s": med(lambda x, k=k: x[0][k]) for k in ("generate", "frozen_pass", "update")},
             "gen_tokens_per_s": med(lambda x: x[2] / x[0]["generate"]), "overhead_ratio": it / parts,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
