@@ -157,7 +157,7 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
 
 # ============================================================================ 2. frozen pass: log-probs and values
 def response_logits(model, batch, temperature=1.0):
-    """Logits predicting each response token, (b, R, V): token P + j is predicted at column P + j - 1."""
+    """(b, R, V) logits of the response tokens only, not (b, P + R, V): token P + j is predicted at column P + j - 1."""
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # from the first real token, as in generate
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
                 use_cache=False, logits_to_keep=batch["response_mask"].shape[1] + 1)  # columns P - 1 .. P + R - 1
@@ -362,7 +362,7 @@ def load_models(args, accelerator):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     critic = common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt")
-    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # saved in its config
+    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
     models = {"policy": common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"), "critic": critic,
               "ref": common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)}
     if args.reward_mode in ("rto", "dppo"):
@@ -395,7 +395,7 @@ def num_iterations(args, n_prompts):
 
 
 def iteration_prompts(prompts, order, it, args, process_index, local):
-    """This process's prompts of iteration `it` (the k-th slice of a walk through one shuffle, `order`) and seeds."""
+    """Prompts of iteration `it` for process k (its slice of a walk through one shuffle, `order`), and their seeds."""
     positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]  # places in the walk
     return [prompts[order[p % len(prompts)]] for p in positions], [args.seed * 2**32 + p for p in positions]  # wraps
 

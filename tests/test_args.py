@@ -62,11 +62,13 @@ BAD = [("evaluate.py", "max_new_tokens", 0), ("evaluate.py", "max_prompt_len", 0
 
 @pytest.mark.parametrize("stage, flag, value", BAD, ids=[f"{s}--{f}={v}" for s, f, v in BAD])
 def test_validate_refuses_bad_values(stage, flag, value):
-    module, _ = STAGES[stage]
-    args = parse(stage, f"--{flag}", value)
+    module, required = STAGES[stage]
+    from transformers import HfArgumentParser
+    (raw,) = HfArgumentParser(module.Args).parse_args_into_dataclasses(args=[*required, f"--{flag}", str(value)])
+    args = common.apply_defaults(raw, module.DEFAULTS)
     assert getattr(args, flag) == type(getattr(args, flag))(value)  # not replaced by a default
     with pytest.raises(SystemExit, match=rf"^error: --{flag} {value}(\.0)?: "):
-        module.validate(args)
+        module.validate(common.validate_shared(args))  # what parse_args, then the stage, check
 
 
 @pytest.mark.parametrize("stage", STAGES)
