@@ -127,8 +127,7 @@ def main(argv=None):
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")
-    ref = common.frozen(common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"))
-    ref = common.place_frozen(accelerator, ref)
+    ref = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)  # bf16 under --bf16
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
     enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
                                             args.long_prompts)
