@@ -6,6 +6,8 @@ process of its own (the kill is the behaviour); the uninterrupted run and the re
 (conftest.run_main), with the killed process given this process's thread count so that the numbers can agree to
 the bit. --resume without a checkpoint is in test_bad_input.py."""
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -15,11 +17,15 @@ import time
 import pytest
 import torch
 
+import toy_task
 from conftest import ROOT, read_metrics, run_main
 
 STAGES = {
     "sft.py": ["--max_steps", 40, "--eval_steps", 20, "--oracle_prompts", 8, "--logging_steps", 5],
-    "dpo.py": ["--max_steps", 40, "--eval_steps", 20, "--logging_steps", 5],
+    # 480 of the task's pairs in a file, 3 epochs of about 15 batches: the run is killed in the second epoch and
+    # resumes part-way through it (and the reference pass before training is short)
+    "dpo.py": ["--max_steps", 40, "--eval_steps", 20, "--logging_steps", 5, "--epochs", 3, "--lr", 3e-4,
+               "--max_prompt_len", 24, "--max_response_len", 24],
 }
 
 
@@ -35,8 +41,10 @@ def kill_after_checkpoint(cmd, checkpoint):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_kill_and_resume_gives_the_uninterrupted_run(stage, pipeline, tmp_path):
     args = [*STAGES[stage], "--save_every", 10, "--save_total_limit", 2]
-    if stage != "sft.py":
-        args += ["--sft_ckpt", pipeline["sft"]]
+    if stage == "dpo.py":
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", 480, seed=1)))
+        args += ["--sft_ckpt", pipeline["sft"], "--dataset", pairs]
     run_main(stage, *args, "--output_dir", tmp_path / "clean")
     out = tmp_path / "killed"
     kill_after_checkpoint([sys.executable, str(ROOT / stage), *map(str, args), "--output_dir", str(out)],
@@ -45,5 +53,8 @@ def test_kill_and_resume_gives_the_uninterrupted_run(stage, pipeline, tmp_path):
     assert not (out / "config.json").exists()  # the killed run never looked complete
     run_main(stage, *args, "--output_dir", out, "--resume")
     assert read_metrics(out) == read_metrics(tmp_path / "clean")
+    if stage == "dpo.py":  # the checkpoint and the resumed steps lie past the first epoch, the run within 3
+        per_epoch = math.ceil(json.loads((out / "args.json").read_text())["derived"]["train_pairs"] / 32)
+        assert per_epoch < 20 and 40 <= 3 * per_epoch, per_epoch
     # --save_total_limit 2: only the two newest checkpoints are kept
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]

@@ -97,10 +97,15 @@ def test_reward_model_accuracy_statistics_and_reload(pipeline):
 
 
 def test_dpo_precomputed_and_live_reference_agree(pipeline, tmp_path):
-    """--ref_logprobs precompute and live are the same computation, done at different times."""
+    """--ref_logprobs precompute and live are the same computation, done at different times. On 320 of the
+    task's pairs in a file (with the built-in task's sizes and learning rate), so that the precomputing pass is
+    short; the pipeline fixture precomputes over the whole task."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", 320, seed=1)))
     out = {}
     for mode in ("precompute", "live"):
         run_main("dpo.py", "--sft_ckpt", pipeline["sft"], "--output_dir", tmp_path / mode, "--max_steps", 3,
-                 "--ref_logprobs", mode, "--logging_steps", 1)
+                 "--ref_logprobs", mode, "--logging_steps", 1, "--dataset", pairs, "--lr", 3e-4,
+                 "--max_prompt_len", 24, "--max_response_len", 24)
         out[mode] = [m["loss"] for m in read_metrics(tmp_path / mode) if "loss" in m]
     assert len(out["live"]) == 3 and out["live"] == pytest.approx(out["precompute"], abs=1e-5)
