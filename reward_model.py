@@ -82,7 +82,9 @@ def evaluate(accelerator, model, loader):
 def reward_statistics(accelerator, model, loader):
     """Mean and std of r over the training responses (chosen and rejected), for normalisation in RL."""
     model.eval()
-    r = torch.cat([accelerator.gather_for_metrics(common.sequence_scores(model, b)) for b in loader])
+    # gathered per pair, (b, 2) like evaluate(): gather_for_metrics drops the last batch's padding by counting
+    # dataset rows (pairs), which on the flat (2b,) scores would drop the wrong ones
+    r = torch.cat([accelerator.gather_for_metrics(common.sequence_scores(model, b).view(2, -1).T) for b in loader])
     return {"reward_mean": r.mean().item(), "reward_std": r.std().item()}
 
 

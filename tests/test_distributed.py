@@ -2,6 +2,7 @@
 
 Each run asserts that 2 ranks really ran: the obvious launch commands silently run one process on CPU."""
 
+import json
 import os
 import shutil
 import signal
@@ -12,11 +13,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, read_metrics, run_stage
+import toy_task
+from conftest import ROOT, read_metrics, run_main, run_stage
 
 SMALL = {"sft.py": ["--max_steps", 4, "--eval_steps", 2, "--oracle_prompts", 8],
          "dpo.py": ["--max_steps", 4, "--eval_steps", 2],
          "reward_model.py": ["--max_steps", 4, "--eval_steps", 2]}
+# dpo.py precomputes the reference over all of its pairs and reward_model.py scores all of them for its statistics:
+# on 96 of the task's pairs in a file (5 held out), with the built-in task's sizes, those passes are short
+PAIRS = 96
 
 
 def launch(config, script, *args, timeout=180):
@@ -74,8 +79,10 @@ def numbers(folder):
 def test_ddp_and_fsdp_train_like_one_process_on_the_global_batch(stage, pipeline, tmp_path):
     args = [*SMALL[stage], "--batch_size", 8, "--logging_steps", 1]
     if stage != "sft.py":
-        args += ["--sft_ckpt", pipeline["sft"]]
-    run_stage(stage, *args, "--micro_batch_size", 4, "--output_dir", tmp_path / "one")  # 4 x 2 accumulation
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", PAIRS, seed=1)))
+        args += ["--sft_ckpt", pipeline["sft"], "--dataset", pairs, "--max_prompt_len", 24, "--max_response_len", 24]
+    run_main(stage, *args, "--micro_batch_size", 4, "--output_dir", tmp_path / "one")  # 4 x 2 accumulation
     launch("cpu_ddp.yaml", stage, *args, "--output_dir", tmp_path / "ddp")  # 4 per rank x 2 ranks
     launch("cpu_fsdp.yaml", stage, *args, "--output_dir", tmp_path / "fsdp")
     one = numbers(tmp_path / "one")
@@ -103,7 +110,7 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     run = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
            "--num_iterations", 2, "--rollout_batch_size", 16, "--mini_batch_size", 16, "--oracle_prompts", 8,
            "--sample_every", 0]
-    run_stage("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
+    run_main("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
     one = rto_numbers(tmp_path / "one")
     assert len({v for _, k, v in one if k == "response_length"}) == 2  # two iterations, different rollouts
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
