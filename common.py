@@ -24,10 +24,11 @@ import shutil
 import sys
 from argparse import ArgumentDefaultsHelpFormatter
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
                           LlamaConfig, LlamaForCausalLM, get_scheduler)
@@ -60,6 +61,8 @@ class RunArgs:
     skip_bad_rows: bool = arg(False, "skip data rows that cannot be parsed (counted) instead of failing on the first")
     long_prompts: str = arg("skip", "prompts longer than --max_prompt_len: skip (counted) | fail")
     trust_remote_code: bool = arg(False, "let checkpoints run their own Python code (off: only built-in models)")
+    collective_timeout: int = arg(1800, "seconds a rank waits in a collective before the run fails (torch: 600); "
+                                  "rank 0 writing a consolidated 8B checkpoint takes minutes")
 
 
 @dataclass
@@ -136,6 +139,7 @@ def validate_shared(args):
     """The checks of the shared flags (RunArgs, TrainArgs, OfflineTrainArgs); every stage's validate calls it."""
     if args.long_prompts not in ("skip", "fail"):
         fail(f"--long_prompts {args.long_prompts}: expected skip or fail")
+    check_at_least(args, 1, "collective_timeout")
     if isinstance(args, TrainArgs):
         if args.max_steps == 0 or args.max_steps < -1:
             fail(f"--max_steps {args.max_steps}: must be -1 (run the epochs) or at least 1")
@@ -189,9 +193,13 @@ def setup(args):
         mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=getattr(args, "collective_timeout", 1800)))],
     )
     fsdp_on_cpu(accelerator)
     if accelerator.distributed_type.value == "FSDP":
+        # Resumable state (save_state) sharded: each rank writes its own part, in parallel (torch distributed
+        # checkpoint), instead of rank 0 gathering everything. The exported model (save_model) stays one folder.
+        accelerator.state.fsdp_plugin.set_state_dict_type("SHARDED_STATE_DICT")
         # Under gradient accumulation Accelerate skips the gradient sync until the last micro-batch, and FSDP then
         # keeps whole, unsharded gradients on every rank: reduce-scatter at every micro-batch instead, so that a
         # rank only ever holds its shard of the gradient. (DDP keeps its no_sync: it saves all-reduces.)
@@ -382,9 +390,9 @@ def tiny_config(tokenizer, hidden=128, layers=4):
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
 
 
-def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
-    """Any causal LM by hub id, folder or .gguf file, or `tiny`; float32, dropout off (PPO's ratio must be 1
-    before any update)."""
+def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=torch.float32):
+    """Any causal LM by hub id, folder or .gguf file, or `tiny` (built in float32); dropout off (PPO's ratio must
+    be 1 before any update). Loaded straight into `dtype`, never held in float32 first."""
     if name == TINY:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config(tokenizer))
@@ -392,7 +400,7 @@ def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
         check_model_path(name, flag)
         path, kwargs = pretrained(name, flag, model=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **kwargs,
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs,
                                                          **LOAD_OPTIONS)
         except (OSError, ValueError) as e:
             fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0]})")
@@ -402,12 +410,12 @@ def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0):
     return disable_dropout(model)
 
 
-def load_scorer(name, tokenizer, flag):
+def load_scorer(name, tokenizer, flag, dtype=torch.float32):
     """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1."""
     check_model_path(name, flag)
     path, kwargs = pretrained(name, flag, model=True)  # a .gguf file works too (a fresh head on its backbone)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
                                                                    use_safetensors=True, **kwargs, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load as a sequence-classification model ({str(e).splitlines()[0]})")
@@ -447,10 +455,14 @@ def place_frozen(accelerator, model):
 
 def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     """A frozen model (reference, DPO model, reward model) loaded, frozen and placed: a causal LM, or a scalar-head
-    model with scorer=True. With --bf16 it is stored in bfloat16: it never trains, so it needs no fp32 master."""
-    model = load_scorer(name, tokenizer, flag) if scorer else load_causal_lm(name, tokenizer, flag)
-    for p in model.parameters() if bf16 else ():  # parameters only: buffers (rotary frequencies) stay fp32, as
-        p.data = p.data.to(torch.bfloat16)        # FSDP's mixed precision leaves them in the trained models
+    model with scorer=True. With --bf16 it is stored in bfloat16: it never trains, so it needs no fp32 master. It
+    is loaded straight in that dtype, and sharded or placed before the caller loads the next model."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = load_scorer(name, tokenizer, flag, dtype) if scorer else load_causal_lm(name, tokenizer, flag, dtype=dtype)
+    for p in model.parameters():  # (the tiny random model is built in float32)
+        p.data = p.data.to(dtype)
+    for b in model.buffers():  # buffers (rotary frequencies) in float32, as FSDP's mixed precision leaves them in
+        b.data = b.data.float() if b.is_floating_point() else b.data  # the trained models
     return place_frozen(accelerator, frozen(model))
 
 
@@ -628,6 +640,7 @@ def save_state(accelerator, args, step, extra=None):
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every rank's files (its shards, its RNG state) are written
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, **(extra or {})}, f)
@@ -678,12 +691,16 @@ def truncate_metrics(accelerator, output_dir, step):
 # How stages hand off: a save_pretrained folder (model + tokenizer), written atomically.
 def save_model(accelerator, model, tokenizer, out_dir, extra_config=None):
     """save_pretrained (safetensors) + tokenizer, atomically: config.json is moved in last, so a crash
-    mid-save never leaves a folder that from_pretrained would load."""
+    mid-save never leaves a folder that from_pretrained would load. One consolidated folder (under FSDP2 rank 0
+    gathers it), in the training dtype: bfloat16 under --bf16 (the fp32 master weights rounded), else float32."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
+    if accelerator.mixed_precision == "bf16":
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+        model.config.dtype = torch.bfloat16  # what the saved config says
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)

@@ -400,11 +400,10 @@ def mean_oracle_reward(accelerator, model, tokenizer, prompts, max_new_tokens, b
     samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
     model = accelerator.unwrap_model(model)
     scores = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), common.gathered_weights(model):  # FSDP2: no collective per token
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
-            batch = common.sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens,
-                                  synced_gpus=accelerator.num_processes > 1)
+            batch = common.sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
             scores += [toy_task.oracle_reward(p, r) for p, r in zip(chunk, decode_responses(tokenizer, batch))]
     return sum(scores) / len(scores)

@@ -136,15 +136,14 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits."""
     model = accelerator.unwrap_model(policy).eval()
     ids = [data.encode_prompt(tokenizer, p) for p in prompts]
-    width, pad, eos = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id
+    width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-    chunks = []
-    with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, not one per layer per token
+    with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, then no collective per token
         for i in range(0, len(ids), args.generation_batch_size):
             input_ids, attention_mask = (t.to(accelerator.device) for t in data.collate_prompts(
                 ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=False,
                                  logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p)])
             responses = out[:, width:]  # (b, R_chunk)
             response_mask, ended = cut_at_eos(responses, eos)
@@ -184,8 +183,7 @@ def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
     last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # (b,) last real token
     r = common.head_outputs(rm, batch).gather(1, last[:, None]).squeeze(1)
-    if args.normalize_reward:
-        r = (r - rm.config.reward_mean) / rm.config.reward_std
+    r = (r - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else r
     return r.clamp(-args.reward_clip, args.reward_clip)
 
 
@@ -194,10 +192,11 @@ def frozen_pass(accelerator, ro, models, args):
     """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
     mask = ro["response_mask"]  # (B, R); every output below is 0 after the first EOS
     out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
-    out["rm_score"] = torch.zeros_like(mask[:, 0])
+    out["rm_score"], positions = torch.zeros_like(mask[:, 0]), torch.zeros(2)  # real positions, all computed
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, mb in micro_batches(ro, args.forward_batch_size, ro["attention_mask"].sum(-1).argsort()):
             tokens, m, r = mb["input_ids"][:, mb["prompt_len"]:], mb["response_mask"], mb["response_mask"].shape[1]
+            positions += torch.tensor([mb["attention_mask"].sum().item(), mb["attention_mask"].numel()])
             ref_logits = response_logits(models["ref"], mb)  # (b, r, V) at T = 1
             out["logprobs"][idx, :r] = logprobs_of(response_logits(models["policy"], mb, args.temperature), tokens) * m
             out["ref_logprobs"][idx, :r] = logprobs_of(ref_logits / args.temperature, tokens) * m
@@ -210,7 +209,8 @@ def frozen_pass(accelerator, ro, models, args):
     for frozen in [models[n] for n in ("ref", "dpo", "rm") if n in models]:  # FSDP2: free the gathered weights
         common.reshard(frozen)
     used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
-    return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}}
+    real, computed = accelerator.reduce(positions.to(accelerator.device), "sum")  # over all processes
+    return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - (real / computed).item()}
 
 
 # ============================================================================ 3. token rewards   <- edit here
@@ -286,8 +286,7 @@ def entropy(logits):
 
 def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
     """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes."""
-    policy, critic = models["policy"], models["critic"]
-    sums, skipped = {}, 0
+    policy, critic, sums, skipped = models["policy"], models["critic"], {}, 0
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
@@ -303,12 +302,14 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
                     for k, v in {**stats, **vstats, "entropy": entropy(logits), "tokens": 1}.items():
                         sums[k] = sums.get(k, 0) + (v * m).sum()
-                    for k, v in (("sequences", len(m)), ("policy_loss", pl * len(m)), ("value_loss", vl * len(m))):
+                    for k, v in (("sequences", len(m)), ("policy_loss", pl * len(m)), ("value_loss", vl * len(m)),
+                                 ("positions", mb["attention_mask"].numel()), ("real", mb["attention_mask"].sum())):
                         sums[k] = sums.get(k, 0) + v
     totals = {k: accelerator.reduce(torch.as_tensor(v, dtype=torch.float, device=accelerator.device), "sum").item()
               for k, v in sums.items()}
     out = {k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
-           for k in totals if k not in ("tokens", "sequences")}
+           for k in totals if k not in ("tokens", "sequences", "positions", "real")}
+    out["padding_share_update"] = 1 - totals["real"] / totals["positions"]  # of the positions the update computed
     return {**out, "skipped_nonfinite": accelerator.reduce(torch.tensor(float(skipped)), "sum").item()}
 
 
@@ -336,9 +337,7 @@ def skip_nonfinite(args, what, it, optimizers):  # stop with one line, or with -
 
 def update_kl_coef(beta2, kl_per_response, args, n_prompts):
     """Adaptive KL (Ziegler et al. 2019): beta2 *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_prompts / horizon."""
-    if args.kl_target is None:
-        return beta2
-    error = max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
+    error = 0 if args.kl_target is None else max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
     return beta2 * (1 + error * n_prompts / args.kl_horizon)
 
 
@@ -356,23 +355,29 @@ def micro_batches(ro, size, order):
 
 
 def load_models(args, accelerator):
-    """Policy and critic (trained); reference, DPO and reward model (frozen, loaded only when used)."""
+    """Policy and critic (trained: each prepared with its Adam optimiser), reference, DPO and reward model (frozen,
+    loaded only when used). Each is sharded (FSDP2) or placed before the next loads: one whole model at a time."""
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
-    critic = common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt")
-    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
-    models = {"policy": common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt"), "critic": critic,
-              "ref": common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)}
-    if args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = common.load_frozen(accelerator, args.dpo_ckpt, tokenizer, "--dpo_ckpt", args.bf16)
-    if critic.config.normalize_values and getattr(critic.config, "reward_std", None) is None:
+    models, optimizers = {}, []
+    for name, lr in (("policy", args.actor_lr), ("critic", args.critic_lr)):  # one per prepare(), as FSDP2 requires
+        model = (common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt") if name == "policy" else
+                 common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt"))
+        models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
+        optimizers.append(optimizer)
+    critic = accelerator.unwrap_model(models["critic"]).config
+    critic.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
+    if critic.normalize_values and getattr(critic, "reward_std", None) is None:
         common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
                     "reward_model.py) — or pass --no_normalize_reward")
+    models["ref"] = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)
+    if args.reward_mode in ("rto", "dppo"):
+        models["dpo"] = common.load_frozen(accelerator, args.dpo_ckpt, tokenizer, "--dpo_ckpt", args.bf16)
     if uses_reward_model(args):
         models["rm"] = common.load_frozen(accelerator, args.rm_ckpt, tokenizer, "--rm_ckpt", args.bf16, scorer=True)
-    return tokenizer, models
+    return tokenizer, models, optimizers
 
 
 def batch_sizes(args, num_processes):
@@ -408,7 +413,7 @@ def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
     kl = (ro["logprobs"] - ro["ref_logprobs"]) * mask
     m = {"reward_total": mean(ro["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
          "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
-         "eos_rate": mean(ro["ended"]), "value_mean": token_mean(ro["values"]),
+         "eos_rate": mean(ro["ended"]), "value_mean": token_mean(ro["values"]), "padding_share": ro["padding_share"],
          "explained_variance": 1 - (token_mean((ro["returns"] - ro["values"]) ** 2) /
                                     max(token_mean((ro["returns"] - token_mean(ro["returns"])) ** 2), 1e-8))}
     if "rm_score" in ro:
@@ -435,7 +440,7 @@ def main(argv=None):
     accelerator = common.setup(args)
     sizes = batch_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = sizes["accum"]
-    tokenizer, models = load_models(args, accelerator)
+    tokenizer, models, optimizers = load_models(args, accelerator)
     prompts = [p for p, _ in data.fit_prompts(tokenizer, data.load_prompts(args.dataset, args.dataset_split, args),
                                               args.max_prompt_len, args.long_prompts)]
     if len(prompts) < args.rollout_batch_size:
@@ -444,10 +449,6 @@ def main(argv=None):
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
-    optimizers = [torch.optim.Adam(models[m].parameters(), lr=lr, betas=(0.9, 0.95))
-                  for m, lr in (("policy", args.actor_lr), ("critic", args.critic_lr))]
-    for i, name in enumerate(("policy", "critic")):  # one model per prepare() call, as FSDP2 requires
-        models[name], optimizers[i] = accelerator.prepare(models[name], optimizers[i])
     schedulers = [common.lr_schedule(accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps,
                                      min_lr_rate=0.1) for o in optimizers]  # authors': cosine to 0.1 x lr
     for m in ("policy", "critic") if args.gradient_checkpointing else ():
@@ -460,7 +461,6 @@ def main(argv=None):
                                        seed=args.seed)
     if start == 0 and held_out:
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0)
-
     bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode, disable=not accelerator.is_local_main_process)
     for it in range(start, n_iter):
         batch_prompts, seeds = iteration_prompts(prompts, order, it, args, accelerator.process_index, sizes["rollout"])

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import toy_task
 from conftest import ROOT, read_metrics, run_main, run_stage
@@ -97,9 +97,10 @@ def test_ddp_and_fsdp_train_like_one_process_on_the_global_batch(stage, pipeline
 
 
 def rto_numbers(folder):
-    """Every number an rto.py iteration logged (times aside), in order."""
+    """Every number an rto.py iteration logged, in order; times and padding shares aside (the padding depends on
+    how the rollout is split into batches, which differs between 1 process and 2)."""
     return [(m["step"], k, v) for m in read_metrics(folder) if "phase" not in m for k, v in sorted(m.items())
-            if isinstance(v, float) and not k.startswith("time_")]
+            if isinstance(v, float) and not k.startswith(("time_", "padding_share"))]
 
 
 def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, tmp_path):
@@ -115,30 +116,52 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     assert len({v for _, k, v in one if k == "response_length"}) == 2  # two iterations, different rollouts
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
         out = tmp_path / config
-        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1)
+        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1,
+               "--save_total_limit", 2)
         two = rto_numbers(out)
         assert [x[:2] for x in two] == [x[:2] for x in one]
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
         AutoModelForCausalLM.from_pretrained(out)
         assert (out / "checkpoint-2" / "state.json").exists()
+    # FSDP2: the resumable state is sharded, each rank writing its part of every model and optimiser (torch
+    # distributed checkpoint), about 12 bytes per trained parameter in all (fp32 weights + Adam's two moments);
+    # resuming from it (as if killed after iteration 1) gives the uninterrupted run's numbers
+    out = tmp_path / "cpu_fsdp.yaml"
+    parts = [p for p in (out / "checkpoint-1").rglob("*.distcp")]
+    assert {p.name.split("_")[2] for p in parts} == {"0", "1"} and len({p.parent for p in parts}) == 4
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()) + \
+        sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(out / "critic").parameters())
+    per_param = sum(p.stat().st_size for p in parts) / params
+    print(f"resumable state: {per_param:.2f} bytes per trained parameter")
+    assert 12 <= per_param < 13
+    shutil.rmtree(out / "checkpoint-2")
+    launch("cpu_fsdp.yaml", "rto.py", *run, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1,
+           "--resume")
+    resumed = rto_numbers(out)
+    assert [x[:2] for x in resumed] == [x[:2] for x in one]
+    assert [x[2] for x in resumed] == pytest.approx([x[2] for x in one], abs=1e-4)
 
 
 def test_bf16_under_fsdp_policy_and_reference_compute_alike(pipeline, tmp_path):
     """--bf16 under FSDP2: the trained models keep fp32 master weights and compute in bf16 (the FSDP mixed-precision
     policy), the frozen ones are stored in bf16; at the first iteration the policy is the reference, so the KL is
-    exactly 0 (with an fp32 reference it was not)."""
+    exactly 0 (with an fp32 reference it was not). The exported policy and critic are bf16."""
     launch("cpu_fsdp.yaml", "rto.py", "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt",
            pipeline["rm"], "--num_iterations", 1, "--rollout_batch_size", 8, "--mini_batch_size", 8,
            "--oracle_prompts", 4, "--sample_every", 0, "--bf16", "--output_dir", tmp_path / "bf16")
     (it,) = [m for m in read_metrics(tmp_path / "bf16") if "phase" not in m]
     assert it["kl_per_token"] == 0 and it["response_length"] > 1
+    # the exported models are consolidated folders in the training dtype
+    from safetensors.torch import load_file
+    for folder in (tmp_path / "bf16", tmp_path / "bf16" / "critic"):
+        assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.bfloat16}
 
 
 SHARD_PROBE = """
-import sys, types
+import inspect, re, sys, types
 sys.path.insert(0, {root!r})
 import torch
-import common, data, rto
+import common, data, rto, toy_task
 args = types.SimpleNamespace(report_to="none", trust_remote_code=False, seed=0, output_dir={out!r}, bf16=False)
 acc = common.setup(args)
 tok = data.build_tiny_tokenizer("toy")
@@ -166,22 +189,43 @@ with acc.accumulate(trained):
 grads = [p.grad for p in trained.parameters()]
 sharded = all(g is not None and hasattr(g, "to_local") for g in grads)
 local_grad = sum(g.to_local().numel() for g in grads) if sharded else -1
+# collectives inside one rollout, counted at torch.distributed (FSDP2 calls it there): gathered once per rollout,
+# none per decode step. The control, generate() on the sharded model, must show them growing with the tokens.
+calls = []
+for name, f in list(vars(torch.distributed).items()):
+    if inspect.isroutine(f) and re.search("gather|scatter|reduce|broadcast|all_to_all|barrier|send|recv", name):
+        setattr(torch.distributed, name, (lambda f, name: lambda *a, **k: (calls.append(name), f(*a, **k))[1])(f, name))
+def count(run, n):
+    calls.clear()
+    run(n)
+    return len(calls)
+prompts = toy_task.prompts("test", 4, seed=rank)  # other prompts on each rank: responses end at other lengths
+gen = lambda n: types.SimpleNamespace(max_new_tokens=n, generation_batch_size=2, temperature=1.0, top_p=1.0)
+rollouts = [count(lambda n: rto.rollout(acc, trained, tok, prompts, [0, 1, 2, 3], gen(n)), n) for n in (2, 12)]
+ids = torch.arange(5, 25)[None]
+control = [count(lambda n: trained.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n), n)
+           for n in (2, 12)]
 # one file per rank: two ranks printing to one pipe can interleave their lines
 with open({out!r} + f"/shard-{{rank}}.txt", "w") as f:
-    print(rank, local, total, logits, after_forward, gathered(), int(sharded), local_grad, file=f)
+    print(rank, local, total, logits, after_forward, gathered(), int(sharded), local_grad, *rollouts, *control,
+          file=f)
 common.finish(acc)  # as the stages end: a rank exiting with gloo threads alive can abort ("terminate called")
 """
 
 
-def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans_both_ranks(tmp_path):
+def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans_both_ranks_and_rollout_gathers_once(
+        tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(SHARD_PROBE.format(root=str(ROOT), out=str(tmp_path)))
     launch("cpu_fsdp.yaml", probe)
     rows = [(tmp_path / f"shard-{rank}.txt").read_text().split() for rank in (0, 1)]
-    for _, local, total, _, after_forward, after_reshard, sharded, local_grad in rows:
+    for _, local, total, _, after_forward, after_reshard, sharded, local_grad, *collectives in rows:
         assert int(local) <= int(total) // 2 + 1000  # about half of the parameters per rank, not a replica
         assert int(after_forward) >= 1 and int(after_reshard) == 0  # only its shard once scoring is done
         assert sharded == "1" and int(local_grad) <= int(total) // 2 + 1000  # a shard of the gradient, mid-accumulation
+        short, long, control_short, control_long = map(int, collectives)  # max_new_tokens 2 and 12
+        assert 0 < short == long  # a rollout's collectives do not grow with its length ...
+        assert control_long - control_short >= 10  # ... where generate() on the sharded model gathers per token
     assert rows[0][3] == rows[1][3]  # and the sharded model still computes the same thing on both ranks
     import rto
     from types import SimpleNamespace

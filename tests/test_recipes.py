@@ -113,3 +113,15 @@ def test_readme_shows_the_recipes_commands():
     pythia_rto = [line for line in recipe_lines("pythia28b_hh.sh")
                   if line[0] == "rto.py" and flags(line).get("--reward_mode") == ("rto",)]
     assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(output_dir, shown)  # the paper's RTO run is shown
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_accelerate_configs_load_and_shard_as_documented(config):
+    """Every config loads as Accelerate reads it; the FSDP ones are FSDP2 with sharded resumable state, and the GPU
+    ones put 8 processes on each machine."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    c = ClusterConfig.from_yaml_file(ROOT / "configs" / config)  # unknown keys raise
+    if c.distributed_type.value == "FSDP":
+        assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    if config.startswith("gpu"):
+        assert c.num_processes == 8 * c.num_machines and c.mixed_precision == "bf16"

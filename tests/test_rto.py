@@ -13,7 +13,7 @@ import common
 import data
 import rto
 import toy_task
-from conftest import read_metrics, run_stage
+from conftest import read_metrics, run_main
 
 
 def make_args(mode, **kw):
@@ -152,7 +152,7 @@ def test_entropy_against_the_full_softmax():
 
 def test_adaptive_kl_controller_by_hand():
     args = SimpleNamespace(kl_target=1.0, kl_horizon=100)
-    assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None), 10) == 0.1
+    assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None, kl_horizon=100), 10) == 0.1
     assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
     assert rto.update_kl_coef(0.1, 0.9, args, 10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
 
@@ -222,7 +222,7 @@ def acc():
 def sampled(acc, pipeline, *extra, n=24):
     """A rollout of n held-out prompts through frozen_pass, with the models that made it."""
     args = rto_args(pipeline, "--max_new_tokens", 16, *extra)
-    tok, models = rto.load_models(args, acc)
+    tok, models, _ = rto.load_models(args, acc)
     prompts = toy_task.prompts("test", n)
     ro = rto.rollout(acc, models["policy"], tok, prompts, list(range(n)), args)
     return args, tok, models, prompts, rto.frozen_pass(acc, ro, models, args)
@@ -233,11 +233,13 @@ def test_bf16_stores_the_frozen_models_in_bf16_and_trains_fp32_weights(pipeline,
     dtypes = {name: {p.dtype for p in m.parameters()} for name, m in models.items()}
     assert dtypes == {"policy": {torch.float32}, "critic": {torch.float32}, "ref": {torch.bfloat16},
                       "dpo": {torch.bfloat16}, "rm": {torch.bfloat16}}
+    assert {b.dtype for b in models["ref"].buffers()} == {torch.float32}  # rotary frequencies: as in the policy
 
 
 def test_modes_load_only_the_models_they_need_and_fail_clearly_without_them(pipeline, acc):
     assert set(rto.load_models(rto_args(pipeline, "--reward_mode", "ppo"), acc)[1]) == {"policy", "critic", "ref", "rm"}
-    assert set(rto.load_models(rto_args(pipeline, "--reward_mode", "dppo"), acc)[1]) == {"policy", "critic", "ref", "dpo"}
+    assert set(rto.load_models(rto_args(pipeline, "--reward_mode", "dppo"), acc)[1]) == {"policy", "critic", "ref",
+                                                                                          "dpo"}
     assert "rm" not in rto.load_models(rto_args(pipeline, "--beta3", 0), acc)[1]
     for bad, needs in ((["--reward_mode", "ppo", "--beta3", "0"], "beta3"), (["--dpo_ckpt", ""], "--dpo_ckpt"),
                        (["--rm_ckpt", ""], "--rm_ckpt")):
@@ -271,6 +273,18 @@ def test_logprobs_and_values_match_each_sequence_alone_at_temperature(pipeline, 
         values = (values - models["critic"].config.reward_mean) / models["critic"].config.reward_std
         torch.testing.assert_close(ro["values"][i, :n], values, atol=1e-5, rtol=0)
         assert (tok.eos_token_id in resp) == bool(ro["ended"][i])
+    assert ro["padding_share"] == pytest.approx(padding_share(ro, ro["attention_mask"].sum(-1).argsort(), 5))
+    assert ro["padding_share"] < 1 - ro["attention_mask"].float().mean()  # less than the untrimmed batch's
+
+
+def padding_share(ro, order, size):
+    """By hand: each batch of `size` sequences in `order` computes its rows times the span of its real columns."""
+    real = computed = 0
+    for i in range(0, len(order), size):
+        rows = ro["attention_mask"][order[i:i + size]]
+        columns = [j for j in range(rows.shape[1]) if rows[:, j].any()]
+        real, computed = real + rows.sum().item(), computed + len(rows) * (columns[-1] - columns[0] + 1)
+    return 1 - real / computed
 
 
 @torch.no_grad()
@@ -320,7 +334,7 @@ def prepared(acc, models, accum):
 def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc, monkeypatch):
     args = rto_args(pipeline, "--rollout_batch_size", 16, "--mini_batch_size", 8, "--micro_batch_size", 4,
                     "--forward_batch_size", 4)
-    tok, models = rto.load_models(args, acc)
+    tok, models, _ = rto.load_models(args, acc)
     calls = {name: 0 for name in models}
     for name, m in models.items():  # scalar-head models run through their backbone
         (m.base_model if name in ("critic", "rm") else m).register_forward_hook(
@@ -350,7 +364,7 @@ def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc
 def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline, acc):
     """One PPO iteration with micro-batch = mini-batch and with micro-batch = mini-batch / 2: the same weights."""
     args = rto_args(pipeline, "--rollout_batch_size", 8, "--mini_batch_size", 4, "--ppo_epochs", 1)
-    tok, models = rto.load_models(args, acc)
+    tok, models, _ = rto.load_models(args, acc)
     ro = rto.rollout(acc, models["policy"], tok, toy_task.prompts("train", 8), list(range(8)), args)
     ro = rto.frozen_pass(acc, ro, models, args)
     ro["rewards"] = rto.token_rewards(ro, args, 0.1)
@@ -362,7 +376,10 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
         sizes = {"rollout": 8, "mini": 4, "micro": micro, "accum": 4 // micro}
         policy, critic, *rest = prepared(acc, copies, sizes["accum"])
         torch.manual_seed(0)  # the same mini-batch order
-        rto.ppo_update(acc, ro, {**copies, "policy": policy, "critic": critic}, rest[:2], rest[2:], args, sizes)
+        stats = rto.ppo_update(acc, ro, {**copies, "policy": policy, "critic": critic}, rest[:2], rest[2:], args,
+                               sizes)
+        torch.manual_seed(0)
+        assert stats["padding_share_update"] == pytest.approx(padding_share(ro, torch.randperm(8), micro))
         weights.append([p.detach().clone() for m in (policy, critic) for p in m.parameters()])
     moved = max((a - b).abs().max().item() for a, b in zip(weights[0], models["policy"].parameters()))
     assert moved > 1e-4  # the update did something
@@ -377,7 +394,7 @@ def rto_cmd(pipeline, out, *extra):
 
 
 def test_rto_raises_the_oracle_reward_above_sft(pipeline, tmp_path):
-    run_stage("rto.py", *rto_cmd(pipeline, tmp_path / "rto"))
+    run_main("rto.py", *rto_cmd(pipeline, tmp_path / "rto"))
     m = read_metrics(tmp_path / "rto")
     before = next(r for r in m if r.get("phase") == "before")["oracle_reward_test"]
     after = next(r for r in m if r.get("phase") == "after")["oracle_reward_test"]
@@ -386,7 +403,8 @@ def test_rto_raises_the_oracle_reward_above_sft(pipeline, tmp_path):
     it = [r for r in m if "policy_loss" in r]
     for key in ("sentence_reward", "dpo_reward_per_token", "dpo_reward_per_response", "kl_per_token", "beta2",
                 "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy",
-                "time_generate", "time_frozen_pass", "time_update", "oracle_reward", "explained_variance"):
+                "time_generate", "time_frozen_pass", "time_update", "oracle_reward", "explained_variance",
+                "padding_share", "padding_share_update"):
         assert all(math.isfinite(r[key]) for r in it), key
     assert it[0]["kl_per_token"] == 0  # the policy starts as the reference
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -402,7 +420,7 @@ def iteration_metrics(folder):
 
 @pytest.mark.parametrize("mode", ["ppo", "dppo"])
 def test_ppo_and_dppo_run_several_iterations(mode, pipeline, tmp_path):
-    run_stage("rto.py", *rto_cmd(pipeline, tmp_path / mode, "--reward_mode", mode, "--num_iterations", 3,
+    run_main("rto.py", *rto_cmd(pipeline, tmp_path / mode, "--reward_mode", mode, "--num_iterations", 3,
                                  "--rollout_batch_size", 16, "--oracle_prompts", 8))
     it = iteration_metrics(tmp_path / mode)
     assert len(it) == 3
@@ -423,17 +441,19 @@ def test_resume_after_kill_reproduces_an_uninterrupted_run(pipeline, tmp_path):
     from conftest import ROOT
     common_args = ("--num_iterations", 4, "--save_every", 2, "--oracle_prompts", 8, "--rollout_batch_size", 32,
                    "--kl_target", 0.05, "--kl_horizon", 100)
-    run_stage("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args))
+    run_main("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args))  # in this process, and the killed
+    # one with this process's thread count: the numbers can then agree to the bit
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "rto.py"), *map(str, rto_cmd(pipeline, out, *common_args))]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     state = out / "checkpoint-2" / "state.json"
     while not state.exists() and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["step"] == 2 and not (out / "checkpoint-4").exists()
-    run_stage("rto.py", *rto_cmd(pipeline, out, *common_args, "--resume"))
+    run_main("rto.py", *rto_cmd(pipeline, out, *common_args, "--resume"))
     clean, resumed = iteration_metrics(tmp_path / "clean"), iteration_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed == clean

@@ -1,0 +1,102 @@
+"""Peak host memory of rank 1 while rto.py loads and shards its five models, 2 processes under FSDP2 (not a test).
+
+    python bench/bench_loading.py [--before /tmp/old] [--bf16]     # an older checkout of the project, to compare
+
+A random Llama of 71M parameters (hidden 768, 12 layers, the built-in task's tokenizer) saved once as the SFT, DPO
+and reference checkpoint, and with a scalar head as the reward model. Each checkout's rto.py runs under
+`accelerate launch --config_file configs/cpu_fsdp.yaml` (this checkout's config, 2 CPU processes) up to its first
+rollout; there every rank writes its high-water resident memory (VmHWM) and its resident memory measured before
+main() started (torch and the stage imported), and exits. Loading = the difference. A whole model in float32 is
+the yardstick: before the change a rank held the policy and the critic whole until every model had loaded.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+PROBE = """
+import os, sys
+sys.path.insert(0, {root!r})
+os.chdir({root!r})
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+import rto
+start = status("VmRSS")
+def stop(*a, **k):  # at the first rollout every model is loaded and sharded
+    with open({out!r} + "/rank-" + os.environ["RANK"] + ".txt", "w") as f:
+        f.write(f"{{status('VmHWM')}} {{start}}")
+    os._exit(0)
+rto.rollout = stop
+rto.main({argv!r})
+"""
+
+
+def checkpoints(work):
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    import common
+    import data
+    lm, rm = work / "lm", work / "rm"
+    if not (rm / "config.json").exists():
+        tok = data.build_tiny_tokenizer(common.TOY)
+        cfg = common.tiny_config(tok, hidden=768, layers=12)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(lm)
+        scorer = LlamaForSequenceClassification(LlamaConfig(**{**cfg.to_dict(), "num_labels": 1}))
+        scorer.config.reward_mean, scorer.config.reward_std = 0.0, 1.0
+        scorer.save_pretrained(rm)
+        for folder in (lm, rm):
+            tok.save_pretrained(folder)
+    n = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(lm).parameters())
+    return lm, rm, n
+
+
+def measure(root, lm, rm, prompts, bf16):
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--sft_ckpt", str(lm), "--dpo_ckpt", str(lm), "--rm_ckpt", str(rm), "--dataset", str(prompts),
+                "--rollout_batch_size", "2", "--mini_batch_size", "2", "--num_iterations", "1", "--sample_every", "0",
+                "--output_dir", f"{out}/run"] + ["--bf16"] * bf16
+        (Path(out) / "probe.py").write_text(PROBE.format(root=str(root), out=out, argv=argv))
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(ROOT / "configs" / "cpu_fsdp.yaml"), f"{out}/probe.py"], env=env,
+                              capture_output=True, text=True, timeout=900)
+        files = [Path(out) / f"rank-{r}.txt" for r in (0, 1)]
+        if not all(f.exists() for f in files):
+            sys.exit(f"error: the run in {root} did not reach its first rollout:\n{proc.stderr[-3000:]}")
+        return [tuple(map(int, f.read_text().split())) for f in files]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--before", help="an older checkout of the project to compare with")
+    p.add_argument("--bf16", action="store_true", help="pass --bf16 to rto.py")
+    p.add_argument("--work", default="/tmp/bench_loading", help="where the checkpoints go")
+    a = p.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lm, rm, n = checkpoints(work)
+    prompts = work / "prompts.jsonl"
+    import toy_task
+    prompts.write_text("".join(json.dumps({"context_messages": m}) + "\n" for m in toy_task.prompts("train", 8)))
+    whole = n * 4
+    print(f"model: {n / 1e6:.1f}M parameters, {whole / MB:.0f} MiB in float32; 5 models (policy, critic, "
+          f"reference, DPO, reward model){' with --bf16' * a.bf16}")
+    for name, root in ([("before", a.before)] if a.before else []) + [("this checkout", ROOT)]:
+        (hwm0, start0), (hwm1, start1) = measure(root, lm, rm, prompts, a.bf16)
+        print(f"{name:>14}: rank 1 peak {hwm1 / MB:.0f} MiB, of which loading {(hwm1 - start1) / MB:.0f} MiB = "
+              f"{(hwm1 - start1) / whole:.2f} whole fp32 models (rank 0: {(hwm0 - start0) / MB:.0f} MiB)  ({root})")
+
+
+if __name__ == "__main__":
+    main()

