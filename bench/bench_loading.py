@@ -7,7 +7,9 @@ and reference checkpoint, and with a scalar head as the reward model. Each check
 `accelerate launch --config_file configs/cpu_fsdp.yaml` (this checkout's config, 2 CPU processes) up to its first
 rollout; there every rank writes its high-water resident memory (VmHWM) and its resident memory measured before
 main() started (torch and the stage imported), and exits. Loading = the difference. A whole model in float32 is
-the yardstick: before the change a rank held the policy and the critic whole until every model had loaded.
+the yardstick. Also the anonymous resident memory (RssAnon) gained by then: safetensors files are memory-mapped,
+so pages of a checkpoint count in RSS once read although the kernel can drop them; RssAnon is what the models
+themselves hold (a rank's shards).
 """
 
 import argparse
@@ -29,10 +31,10 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 import rto
-start = status("VmRSS")
+start, start_anon = status("VmRSS"), status("RssAnon")
 def stop(*a, **k):  # at the first rollout every model is loaded and sharded
     with open({out!r} + "/rank-" + os.environ["RANK"] + ".txt", "w") as f:
-        f.write(f"{{status('VmHWM')}} {{start}}")
+        f.write(f"{{status('VmHWM')}} {{start}} {{status('RssAnon')}} {{start_anon}}")
     os._exit(0)
 rto.rollout = stop
 rto.main({argv!r})
@@ -93,9 +95,10 @@ def main():
     print(f"model: {n / 1e6:.1f}M parameters, {whole / MB:.0f} MiB in float32; 5 models (policy, critic, "
           f"reference, DPO, reward model){' with --bf16' * a.bf16}")
     for name, root in ([("before", a.before)] if a.before else []) + [("this checkout", ROOT)]:
-        (hwm0, start0), (hwm1, start1) = measure(root, lm, rm, prompts, a.bf16)
+        (hwm0, start0, *_), (hwm1, start1, anon1, start_anon1) = measure(root, lm, rm, prompts, a.bf16)
         print(f"{name:>14}: rank 1 peak {hwm1 / MB:.0f} MiB, of which loading {(hwm1 - start1) / MB:.0f} MiB = "
-              f"{(hwm1 - start1) / whole:.2f} whole fp32 models (rank 0: {(hwm0 - start0) / MB:.0f} MiB)  ({root})")
+              f"{(hwm1 - start1) / whole:.2f} whole fp32 models (rank 0: {(hwm0 - start0) / MB:.0f} MiB); "
+              f"anonymous memory held after loading {(anon1 - start_anon1) / MB:.0f} MiB  ({root})")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def run(root, lm, rm, out, iterations):
 
 def padding(lm, logged):
     """Padding shares of iteration 1's rollout (the same prompts and seeds as rto.py's), before and after."""
-    args = rto.validate(common.parse_args(rto.Args, list(map(str, ["--sft_ckpt", lm, "--dataset", PROMPTS, *RUN])),
-                                          rto.DEFAULTS))
+    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, "--beta3", 0, *RUN]
+    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
     tok = common.load_tokenizer(str(lm), "lm")
     prompts = [p for p, _ in data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args),
                                               args.max_prompt_len, args.long_prompts)]
@@ -110,15 +110,19 @@ def main():
     p.add_argument("--before", help="an older checkout of the project to compare with")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--work", default="/tmp/bench_smollm2", help="where the converted model and the runs go")
+    p.add_argument("--padding_only", action="store_true", help="only the padding shares (after a timed run)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     lm, rm = checkpoints(work)
     rows = {}
-    for name, root in ([("before", a.before)] if a.before else []) + [("after", ROOT)]:
+    for name, root in ([("before", a.before)] if a.before else []) + [("after", ROOT)] * (not a.padding_only):
         rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations)
         print(f"{name:>6} ({root}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items()), flush=True)
-    if "before" in rows:
+    if a.padding_only:  # the first iteration that the last timed run logged
+        with open(work / "run_after" / "metrics.jsonl") as f:
+            its = [m for m in map(json.loads, f) if "time_generate" in m]
+    if "before" in rows and "after" in rows:
         print("after / before: " + ", ".join(f"{k} {rows['after'][k] / rows['before'][k]:.2f}"
                                              for k in rows["after"]))
     torch.set_num_threads(2)
