@@ -25,6 +25,7 @@ from common import TOY, arg
 # flag: (the built-in task, real models / the paper); these flags default to None in Args
 DEFAULTS = {
     "lr": (3e-4, 5e-6),
+    "nll_coef": (0.2, 0.0),  # built-in task: plain DPO's sampled policy collapses (README, "dpo.py"); paper: plain
     "epochs": (2, 1),
     "max_prompt_len": (24, 512),
     "max_response_len": (24, 512),
@@ -37,6 +38,8 @@ class Args(common.OfflineTrainArgs):
     dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/dpo", "checkpoint folder to write")
     beta: float = arg(0.1, "DPO beta (paper: 0.1)")
+    nll_coef: float = arg(None, "RPO (Pang et al. 2024): add this x the chosen response's mean token NLL, so that "
+                               "chosen responses stay likely (OpenRLHF: --nll_loss_coef; 0 = plain DPO, the paper)")
     lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(32, "pairs per optimiser step, over all processes (paper: 32)")
     epochs: int = arg(None, "passes over the pairs")
@@ -54,6 +57,7 @@ def validate(args):
     if args.ref_logprobs not in ("precompute", "live"):
         common.fail(f"--ref_logprobs {args.ref_logprobs}: expected precompute or live")
     common.check_positive(args, "lr", "beta")
+    common.check_at_least(args, 0, "nll_coef")
     common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len")
     common.check_between(args, "warmup_ratio", 0, 1)
     return args
@@ -102,9 +106,14 @@ def step_metrics(loss, chosen, rejected):
             "margin": (chosen - rejected).mean().item()}
 
 
-def batch_loss(model, ref, batch, beta):
+def batch_loss(model, ref, batch, beta, nll_coef=0.0):
+    logps = sequence_logprobs(model, batch)  # (2B,): chosen, then rejected
     ref_logps = batch["ref"] if "ref" in batch else sequence_logprobs(ref, batch)
-    return dpo_loss(sequence_logprobs(model, batch), ref_logps, beta)
+    loss, chosen, rejected = dpo_loss(logps, ref_logps, beta)
+    if nll_coef:  # RPO: - log pi(y_w|x) / |y_w|, mean over the pairs
+        B = logps.shape[0] // 2
+        loss = loss + nll_coef * (-logps[:B] / batch["response_mask"][:B].sum(-1)).mean()
+    return loss, chosen, rejected
 
 
 @torch.no_grad()
@@ -156,7 +165,7 @@ def main(argv=None):
     bar, skipped, window = common.progress(accelerator, steps, "dpo", step), 0, []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
-            loss, chosen, rejected = batch_loss(model, ref, batch, args.beta)
+            loss, chosen, rejected = batch_loss(model, ref, batch, args.beta, args.nll_coef)
             skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
         window.append(step_metrics(loss.detach(), chosen, rejected))
         if not accelerator.sync_gradients:

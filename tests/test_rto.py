@@ -384,7 +384,8 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
     moved = max((a - b).abs().max().item() for a, b in zip(weights[0], models["policy"].parameters()))
     assert moved > 1e-4  # the update did something
     for a, b in zip(*weights):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # Adam at lr 1e-3 magnifies float noise
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=0)  # Adam at lr 1e-3 magnifies float noise
+        # (seen: 1.4e-5 on one of 16,384 weights; a wrong accumulation moves weights by up to lr = 1e-3)
 
 
 # ---------------------------------------------------------------------------- rto.py as users run it

@@ -35,6 +35,18 @@ def test_dpo_loss_by_hand():
     assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
+def test_rpo_term_is_the_chosen_mean_token_nll(monkeypatch):
+    """--nll_coef c: the DPO loss + c x mean over pairs of -log pi(y_w|x) / |y_w| (chosen only)."""
+    policy, ref = torch.tensor([-3.0, -5.0, -4.0, -4.5]), torch.tensor([-4.0, -5.0, -3.0, -5.5])
+    batch = {"ref": ref, "response_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])}
+    monkeypatch.setattr(dpo, "sequence_logprobs", lambda model, b: policy)
+    plain, *_ = dpo.batch_loss(None, None, batch, 0.1)
+    rpo, chosen, _ = dpo.batch_loss(None, None, batch, 0.1, nll_coef=0.5)
+    assert plain.item() == pytest.approx(dpo.dpo_loss(policy, ref, 0.1)[0].item())
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * (3.0 / 3 + 5.0 / 2) / 2, abs=1e-6)
+    assert chosen.tolist() == pytest.approx([0.1, 0.0])  # the implicit rewards do not change
+
+
 def test_bradley_terry_loss_by_hand():
     loss, chosen, rejected = reward_model.bt_loss(torch.tensor([2.0, 0.0, 1.0, 0.5]))
     by_hand = (-torch.log(torch.sigmoid(torch.tensor(1.0))) - torch.log(torch.sigmoid(torch.tensor(-0.5)))) / 2
