@@ -192,11 +192,11 @@ def frozen_pass(accelerator, ro, models, args):
     """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
     mask = ro["response_mask"]  # (B, R); every output below is 0 after the first EOS
     out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
-    out["rm_score"], positions = torch.zeros_like(mask[:, 0]), torch.zeros(2)  # real positions, all computed
+    out["rm_score"], computed = torch.zeros_like(mask[:, 0]), 0  # computed: the positions the forward passes run
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, mb in micro_batches(ro, args.forward_batch_size, ro["attention_mask"].sum(-1).argsort()):
             tokens, m, r = mb["input_ids"][:, mb["prompt_len"]:], mb["response_mask"], mb["response_mask"].shape[1]
-            positions += torch.tensor([mb["attention_mask"].sum().item(), mb["attention_mask"].numel()])
+            computed += mb["attention_mask"].numel()  # trimming drops padding only: the real ones are all of ro's
             ref_logits = response_logits(models["ref"], mb)  # (b, r, V) at T = 1
             out["logprobs"][idx, :r] = logprobs_of(response_logits(models["policy"], mb, args.temperature), tokens) * m
             out["ref_logprobs"][idx, :r] = logprobs_of(ref_logits / args.temperature, tokens) * m
@@ -209,7 +209,7 @@ def frozen_pass(accelerator, ro, models, args):
     for frozen in [models[n] for n in ("ref", "dpo", "rm") if n in models]:  # FSDP2: free the gathered weights
         common.reshard(frozen)
     used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
-    real, computed = accelerator.reduce(positions.to(accelerator.device), "sum")  # over all processes
+    real, computed = accelerator.reduce(mask.new_tensor([ro["attention_mask"].sum(), computed]), "sum")
     return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - (real / computed).item()}
 
 
@@ -367,9 +367,9 @@ def load_models(args, accelerator):
                  common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt"))
         models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
         optimizers.append(optimizer)
-    critic = accelerator.unwrap_model(models["critic"]).config
-    critic.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
-    if critic.normalize_values and getattr(critic, "reward_std", None) is None:
+    config = accelerator.unwrap_model(models["critic"]).config
+    config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
+    if config.normalize_values and getattr(config, "reward_std", None) is None:
         common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
                     "reward_model.py) — or pass --no_normalize_reward")
     models["ref"] = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,7 +83,7 @@ def padding(lm, logged):
                                               args.max_prompt_len, args.long_prompts)]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     batch, seeds = rto.iteration_prompts(prompts, order, 0, args, 0, args.rollout_batch_size)
-    ro = rto.rollout(SimpleAccelerator(), common.load_causal_lm(str(lm), tok), tok, batch, seeds, args)
+    ro = rto.rollout(Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), tok, batch, seeds, args)
     mask = ro["attention_mask"]
 
     def share(size, order):
@@ -95,14 +96,6 @@ def padding(lm, logged):
             f"update micro-batches of {args.mini_batch_size} in a random order":
                 share(args.mini_batch_size, torch.randperm(len(batch), generator=torch.Generator().manual_seed(0))),
             "prompt width, response width": (ro["prompt_len"], ro["response_mask"].shape[1])}
-
-
-class SimpleAccelerator:  # rollout() on one process needs only the device
-    device = torch.device("cpu")
-
-    @staticmethod
-    def unwrap_model(model):
-        return model
 
 
 def main():
