@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
                           LlamaConfig, LlamaForCausalLM, get_scheduler)
 
-TOY = "toy"  # --dataset name of the built-in task
+TOY, TOY_LONG = "toy", "toy-long"  # --dataset names of the built-in task and its long variant (toy_task.py)
+TOYS = (TOY, TOY_LONG)
 TINY = "tiny"  # --model_name_or_path of the small randomly initialised Llama
 
 
@@ -109,12 +110,13 @@ def parse_args(args_class, argv=None, defaults=None):
 
 
 def apply_defaults(args, defaults):
-    """Every flag of the table left unset (None) takes the built-in task's value when --dataset is the built-in
-    task, the real models' value otherwise. A value given on the command line, 0 included, is kept as it is (the
-    stage's validate judges it)."""
-    for flag, (builtin, real) in defaults.items():
+    """Every flag of the table left unset (None) takes the built-in task's value when --dataset is a built-in
+    task, the real models' value otherwise; a third value, where there is one, is toy-long's (its responses are
+    longer). A value given on the command line, 0 included, is kept as it is (the stage's validate judges it)."""
+    for flag, (builtin, real, *long) in defaults.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, builtin if args.dataset == TOY else real)
+            value = long[0] if long and args.dataset == TOY_LONG else builtin
+            setattr(args, flag, value if args.dataset in TOYS else real)
     return args
 
 
@@ -130,9 +132,9 @@ class TwoDefaultsHelp(ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         if action.dest not in self.defaults:
             return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
-        builtin, real = self.defaults[action.dest]
-        return (f"{action.help} (default: {builtin} on the built-in task, "
-                f"{'required' if real is None else real} otherwise)")
+        builtin, real, *long = self.defaults[action.dest]
+        return (f"{action.help} (default: {builtin} on the built-in task, " + (f"{long[0]} on toy-long, " if long
+                else "") + f"{'required' if real is None else real} otherwise)")
 
 
 def validate_shared(args):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import common
 import toy_task
-from common import TOY, fail
+from common import TOY_LONG, TOYS, fail
 
 
 # ============================================================================ dataset layouts
@@ -236,8 +236,9 @@ def split_eval(rows, eval_fraction, seed):
 
 def load_pairs(dataset, args, eval_fraction=0.05):
     """(train, eval) preference pairs: {prompt: messages, chosen: str, rejected: str}."""
-    if dataset == TOY:
-        return toy_task.preference_data("train", seed=args.seed), toy_task.preference_data("test", 500, args.seed)
+    if dataset in TOYS:
+        return (toy_task.preference_data("train", seed=args.seed, task=dataset),
+                toy_task.preference_data("test", 500, args.seed, task=dataset))
     rows = [r for r in load_rows(dataset, args.dataset_split, args.skip_bad_rows) if "chosen" in r]
     if not rows:
         fail(f"--dataset {dataset}: holds prompts only; this stage needs chosen/rejected pairs")
@@ -252,8 +253,8 @@ def load_pairs(dataset, args, eval_fraction=0.05):
 
 def load_prompts(dataset, split, args, n=None):
     """Prompts (lists of messages): a prompt-only set, or the prompts of a preference set."""
-    if dataset == TOY:
-        return toy_task.prompts(split, n or 2000, seed=args.seed)
+    if dataset in TOYS:
+        return toy_task.prompts(split, n or 2000, seed=args.seed, task=dataset)
     prompts = [r["prompt"] for r in load_rows(dataset, split, args.skip_bad_rows)]
     return prompts[:n] if n else prompts
 
@@ -380,8 +381,9 @@ def build_tiny_tokenizer(dataset):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    if dataset == TOY:
-        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + toy_task.VOCAB)}, unk_token="<unk>"))
+    if dataset in TOYS:
+        vocab = toy_task.LONG_VOCAB if dataset == TOY_LONG else toy_task.VOCAB
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + vocab)}, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     else:
         alphabet = pre_tokenizers.ByteLevel.alphabet()

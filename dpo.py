@@ -28,14 +28,14 @@ DEFAULTS = {
     "nll_coef": (0.2, 0.0),  # built-in task: plain DPO's sampled policy collapses (README, "dpo.py"); paper: plain
     "epochs": (2, 1),
     "max_prompt_len": (24, 512),
-    "max_response_len": (24, 512),
+    "max_response_len": (24, 512, 96),
 }
 
 
 @dataclass
 class Args(common.OfflineTrainArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint folder: the policy to train and, frozen, the reference")
-    dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
+    dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks' pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/dpo", "checkpoint folder to write")
     beta: float = arg(0.1, "DPO beta (paper: 0.1)")
     nll_coef: float = arg(None, "RPO (Pang et al. 2024): add this x the chosen response's mean token NLL, so that "

@@ -33,14 +33,14 @@ from accelerate.utils import set_seed
 import common
 import data
 import toy_task
-from common import TOY, arg
+from common import TOY, TOYS, arg
 
 
 # flag: (the built-in task, real models); these flags default to None in Args
 DEFAULTS = {
     "judge": ("oracle", None),
     "max_prompt_len": (24, 512),
-    "max_new_tokens": (24, 512),
+    "max_new_tokens": (24, 512, 96),
 }
 
 
@@ -104,7 +104,7 @@ def parse_judge(spec, dataset):
     """'oracle' | 'rm:<dir>' | 'dpo:<dpo_dir>,<ref_dir>' -> {'kind', 'path'}; models are loaded later."""
     kind, _, path = spec.partition(":")
     if kind == "oracle" and not path:
-        if dataset != TOY:  # the oracle knows only the built-in task's topics
+        if dataset not in TOYS:  # the oracle knows only the built-in task's topics
             common.fail(f"--judge oracle: only for the built-in task's prompts (--dataset toy), not {dataset}")
         return {"kind": "oracle"}
     if kind == "rm" and path or kind == "dpo" and is_pair(path):
@@ -166,8 +166,8 @@ def dpo_token_rewards(pair, batch):
 def load_eval_prompts(args, tokenizer):
     """(prompts as messages, their token ids): the first --num_prompts that fit --max_prompt_len, in file order;
     over-long prompts before them are skipped (counted) or fatal (--long_prompts)."""
-    if args.dataset == TOY:
-        prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed)
+    if args.dataset in TOYS:
+        prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed, task=args.dataset)
     else:
         prompts = data.load_prompts(args.dataset, args.split, args)
     keep = data.fit_prompts(tokenizer, prompts, args.max_prompt_len, args.long_prompts, limit=args.num_prompts)

@@ -29,14 +29,14 @@ DEFAULTS = {
     "batch_size": (32, 128),
     "epochs": (2, 1),
     "max_prompt_len": (24, 512),
-    "max_response_len": (24, 512),
+    "max_response_len": (24, 512, 96),
 }
 
 
 @dataclass
 class Args(common.OfflineTrainArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint folder: the backbone (a fresh scalar head is put on it)")
-    dataset: str = arg(TOY, "'toy' (built-in task's pairs), a hub id, or a local json/jsonl/parquet file of pairs")
+    dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks' pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/rm", "checkpoint folder to write")
     lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(None, "pairs per optimiser step, over all processes")

@@ -40,7 +40,7 @@ from transformers import GenerationConfig
 import common
 import data
 import toy_task
-from common import TOY, arg
+from common import TOY, TOYS, arg
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Args(common.TrainArgs):
 
 DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pythia/HH settings (ALGORITHM.md)
     "rollout_batch_size": (64, 256), "mini_batch_size": (16, 16), "forward_batch_size": (64, 8),
-    "max_prompt_len": (24, 512), "max_new_tokens": (24, 512),
+    "max_prompt_len": (24, 512), "max_new_tokens": (24, 512, 96),
     "beta2": (0.1, 0.01), "actor_lr": (1e-4, 5e-6), "critic_lr": (3e-4, 9e-6)}  # beta2: authors' Llama-3 script
 
 
@@ -421,7 +421,7 @@ def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
     if "dpo_log_ratio" in ro:
         m["dpo_reward_per_token"] = token_mean(args.beta1 * ro["dpo_log_ratio"])
         m["dpo_reward_per_response"] = mean(args.beta1 * ro["dpo_log_ratio"].sum(-1))
-    if args.dataset == TOY:
+    if args.dataset in TOYS:
         texts = data.decode_responses(tokenizer, ro)
         m["oracle_reward"] = mean(torch.tensor([toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]))
     return m
@@ -456,7 +456,7 @@ def main(argv=None):
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
     start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    held_out = toy_task.prompts("test", args.oracle_prompts, seed=args.seed) if args.dataset == TOY else None
+    held_out = toy_task.prompts("test", args.oracle_prompts, args.seed, args.dataset) if args.dataset in TOYS else None
     oracle = lambda: data.mean_oracle_reward(accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens,
                                        seed=args.seed)
     if start == 0 and held_out:

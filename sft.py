@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 import common
 import data
 import toy_task
-from common import TOY, arg
+from common import TOY, TOYS, arg
 
 
 # flag: (the built-in task, real models / the paper); these flags default to None in Args
@@ -23,7 +23,7 @@ DEFAULTS = {
     "lr": (1e-3, 1e-5),
     "epochs": (3, 1),
     "max_prompt_len": (24, 512),
-    "max_response_len": (24, 512),
+    "max_response_len": (24, 512, 96),
 }
 
 
@@ -31,7 +31,7 @@ DEFAULTS = {
 class Args(common.OfflineTrainArgs):
     model_name_or_path: str = arg(common.TINY, "hub id, local folder, local .gguf file (needs the gguf package; "
                                                "de-quantised to float32), or 'tiny' (a small random Llama)")
-    dataset: str = arg(TOY, "'toy' (built-in task), a hub id, or a local json/jsonl/parquet file")
+    dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks), a hub id, or a local json/jsonl/parquet file")
     output_dir: str = arg("runs/sft", "checkpoint folder to write")
     lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(32, "sequences per optimiser step, over all processes (paper: 32)")
@@ -54,8 +54,9 @@ def validate(args):
 
 def load_demonstrations(args, tokenizer):
     """(train, eval) lists of {prompt: ids, response: ids}."""
-    if args.dataset == TOY:
-        train, held = toy_task.sft_data("train", seed=args.seed), toy_task.sft_data("test", 400, seed=args.seed)
+    if args.dataset in TOYS:
+        train = toy_task.sft_data("train", seed=args.seed, task=args.dataset)
+        held = toy_task.sft_data("test", 400, seed=args.seed, task=args.dataset)
     else:
         pairs, held_pairs = data.load_pairs(args.dataset, args, args.eval_fraction)
         train, held = ([{"prompt": p["prompt"], "response": p["chosen"]} for p in ps] for ps in (pairs, held_pairs))
@@ -86,9 +87,9 @@ def heldout_loss(accelerator, model, loader):
 
 def oracle_reward(args, accelerator, model, tokenizer):
     """Built-in task only: ground-truth reward of sampled responses to held-out prompts."""
-    if args.dataset != TOY:
+    if args.dataset not in TOYS:
         return {}
-    prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed)
+    prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed, task=args.dataset)
     return {"oracle_reward": data.mean_oracle_reward(accelerator, model, tokenizer, prompts,
                                                args.max_response_len, seed=args.seed)}
 
