@@ -412,6 +412,11 @@ def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=t
     return disable_dropout(model)
 
 
+def load_model(name, tokenizer, flag, scorer=False, dtype=torch.float32):
+    """A causal LM, or with scorer=True a scalar-head model."""
+    return load_scorer(name, tokenizer, flag, dtype) if scorer else load_causal_lm(name, tokenizer, flag, dtype=dtype)
+
+
 def load_scorer(name, tokenizer, flag, dtype=torch.float32):
     """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1."""
     check_model_path(name, flag)
@@ -460,7 +465,7 @@ def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     model with scorer=True. With --bf16 it is stored in bfloat16: it never trains, so it needs no fp32 master. It
     is loaded straight in that dtype, and sharded or placed before the caller loads the next model."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = load_scorer(name, tokenizer, flag, dtype) if scorer else load_causal_lm(name, tokenizer, flag, dtype=dtype)
+    model = load_model(name, tokenizer, flag, scorer, dtype)
     for p in model.parameters():  # (the tiny random model is built in float32)
         p.data = p.data.to(dtype)
     for b in model.buffers():  # buffers (rotary frequencies) in float32, as FSDP's mixed precision leaves them in
@@ -476,23 +481,115 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, batch, temperature=1.0):
-    """Logits that predict each response token: (B, R, V)."""
-    P = batch["prompt_len"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=position_ids(batch["attention_mask"]), use_cache=False)
-    return out.logits[:, P - 1:-1].float() / temperature
+def pack(batch):
+    """A batch's real tokens in one row, (1, L), positions restarting at 0 for each sequence, to be run with no
+    attention mask: transformers then masks attention sequence by sequence (sdpa: a block-diagonal causal mask;
+    flash-attention: variable lengths), and no padding is computed. Also 'columns', (B, R): where in the row each
+    response token is predicted (the column before it); masked tokens point at column 0."""
+    real = batch["attention_mask"].bool()  # (B, T)
+    lengths = real.sum(-1)  # (B,)
+    starts = lengths.cumsum(0) - lengths  # where each sequence begins in the row
+    P, mask = batch["prompt_len"], batch["response_mask"]
+    columns = starts[:, None] + real[:, :P].sum(-1, keepdim=True) - 1 + torch.arange(mask.shape[1], device=mask.device)
+    return {"input_ids": batch["input_ids"][real][None], "position_ids": position_ids(real.long())[real][None],
+            "columns": (columns * mask).long()}  # (B, R)
 
 
-def logprobs_of(logits, tokens):
-    """log softmax(logits)[tokens] without materialising the full log-softmax: (B, R)."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def forward(model, batch, **kwargs):
+    """The model over a batch of the common layout: padded, or packed if batch['pack'] (pack())."""
+    if batch.get("pack"):
+        row = pack(batch)
+        return model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False, **kwargs)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
 
 
-def response_logprobs(model, batch, temperature=1.0):
-    """Per-token log-probs of the response tokens under `model`: (B, R); multiply by batch['response_mask']."""
-    tokens = batch["input_ids"][:, batch["prompt_len"]:]
-    return logprobs_of(response_logits(model, batch, temperature), tokens) * batch["response_mask"]
+LOGITS_CHUNK_BYTES = 2**28  # float32 logits of at most this size, and a quarter of them, exist at once
+
+
+def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
+    """log pi(token | prefix) of each response token, (B, R), 0 on padding; with_entropy=True also returns the
+    entropy of the distribution at each of those positions, (B, R), as a statistic (no gradient).
+
+    The model's lm_head is asked for the R + 1 last columns only (logits_to_keep; packed: the R columns of each
+    sequence that predict its response tokens), and for those it returns the
+    log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole, in the
+    forward or the backward, which at V = 128,256 would be several times the size of everything else in a micro-step.
+    The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the whole model.
+    A head that is not a plain bias-free linear map, or a model that rescales its logits after the head (soft-capping,
+    logit scales), gets the plain computation from the full logits instead."""
+    tokens, mask = batch["input_ids"][:, batch["prompt_len"]:], batch["response_mask"]  # (B, R)
+    inner = getattr(model, "module", model)  # DDP
+    head, config, caught = inner.get_output_embeddings(), inner.config, {}
+    fused = (isinstance(head, torch.nn.Linear) and head.bias is None and
+             not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
+
+    packed = bool(batch.get("pack"))  # rto.py --packing
+    keep = pack(batch)["columns"].flatten() if packed else tokens.shape[1] + 1
+
+    def head_to_logprobs(hidden):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
+        hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
+        logprobs, entropy = TokenLogprobs.apply(hidden, head.weight, tokens.flatten(), temperature, with_entropy)
+        caught["entropy"] = entropy.view(tokens.shape) if with_entropy else None
+        return logprobs.view(tokens.shape)
+
+    if fused:
+        head.forward = head_to_logprobs  # an attribute of this one module, removed below
+    try:
+        out = forward(model, batch, logits_to_keep=keep)
+    finally:
+        if fused:
+            del head.forward
+    if fused:
+        logprobs, entropy = out.logits, caught["entropy"]
+    else:  # (B, R, V) logits, the plain way
+        logits = (out.logits.view(*tokens.shape, -1) if packed else out.logits[:, :-1]).float() / temperature
+        logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        entropy = torch.cat([torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1)
+    return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[token] for N rows of hidden states h (N, d), head weight W (V, d), tokens (N,); and,
+    if asked, the entropy of each row's softmax (no gradient). It works a few rows at a time (chunks) and
+    keeps only h and W for the backward, which computes each chunk's logits again:
+        d logp / d logits = (onehot(token) - softmax(logits)) / T,   dh = dlogits W,   dW = dlogits^T h.
+    The head computes in the dtype it would in the model: bf16 under autocast or FSDP's mixed precision."""
+
+    @staticmethod
+    def forward(ctx, h, weight, tokens, temperature, with_entropy):
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        # rows per chunk: a quarter of them (so the chunks' temporaries stay well under the (N, V) logits' size),
+        # at most 256 MiB of logits (Llama-3-8B, 2 x 1024 tokens: 4 chunks of 512 rows, W read 4 times, not 2048)
+        w, rows = weight.to(dtype), max(1, min(-(-len(h) // 4), LOGITS_CHUNK_BYTES // (4 * weight.shape[0])))
+        logprobs, lses, entropy = h.new_empty(len(h), dtype=torch.float), [], h.new_empty(len(h), dtype=torch.float)
+        for i in range(0, len(h), rows):
+            logits = torch.nn.functional.linear(h[i:i + rows].to(dtype), w).float().div_(temperature)  # (n, V)
+            lse = logits.logsumexp(-1)
+            logprobs[i:i + rows] = logits.gather(-1, tokens[i:i + rows, None]).squeeze(-1) - lse
+            if with_entropy:  # H = lse - sum p * logits
+                entropy[i:i + rows] = lse - logits.sub(lse[:, None]).exp_().mul_(logits).sum(-1)
+            lses.append(lse)
+        ctx.save_for_backward(h, weight, tokens, torch.cat(lses))
+        ctx.temperature, ctx.dtype, ctx.rows = temperature, dtype, rows
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        h, weight, tokens, lse = ctx.saved_tensors
+        w, rows, grad = weight.to(ctx.dtype), ctx.rows, grad.float()
+        grad_h, grad_w = torch.empty_like(h), torch.zeros(weight.shape, dtype=torch.float, device=weight.device)
+        for i in range(0, len(h), rows):
+            hi, g = h[i:i + rows].to(ctx.dtype), grad[i:i + rows]
+            dlogits = torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)  # (n, V), then in place:
+            dlogits.sub_(lse[i:i + rows, None]).exp_().mul_(-g[:, None])  # - softmax * g
+            dlogits.scatter_add_(1, tokens[i:i + rows, None], g[:, None]).div_(ctx.temperature)
+            dlogits = dlogits.to(ctx.dtype)
+            grad_h[i:i + rows] = (dlogits @ w).to(h.dtype)
+            grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 def head_outputs(model, batch):
@@ -506,11 +603,12 @@ def head_outputs(model, batch):
     caught = []
     hook = head.score.register_forward_hook(lambda module, inputs, output: caught.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+        forward(model, batch)
     finally:
         hook.remove()
-    return caught[0].squeeze(-1).float()
+    out = caught[0].squeeze(-1).float()  # (B, T), packed (1, L): put back where the real tokens are
+    return out.new_zeros(batch["attention_mask"].shape).masked_scatter(batch["attention_mask"].bool(), out) \
+        if batch.get("pack") else out
 
 
 def sequence_scores(model, batch):

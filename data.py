@@ -349,8 +349,9 @@ def cat_batches(batches, pad_id):
     """Concatenate batches of the common layout that share P but not R (responses right-padded to the longest)."""
     R = max(b["response_mask"].shape[1] for b in batches)
     out = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0)):
-        out[key] = torch.cat([F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches])
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("logprobs", 0)):
+        if key in batches[0]:  # logprobs: rto.py --generation_logprobs
+            out[key] = torch.cat([F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches])
     out["ended"] = torch.cat([b["ended"] for b in batches])
     return {**out, "prompt_len": batches[0]["prompt_len"]}
 

@@ -73,6 +73,8 @@ class Args(common.TrainArgs):
     max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
     temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
     top_p: float = arg(1.0, "nucleus sampling")
+    packing: bool = arg(False, "PPO update: each micro-batch's sequences in one row, no padding computed")
+    generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
     actor_lr: float = arg(None, "policy learning rate")
     critic_lr: float = arg(None, "critic learning rate")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
@@ -112,15 +114,21 @@ def uses_reward_model(args):
 
 
 # ============================================================================ 1. rollout
-def draw_with_own_generators(generators, temperature, top_p):
-    """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent)."""
+def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
+    """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent).
+    With a list `logprobs`, each step appends log softmax(logits / T)[drawn token], (b,): the whole tempered
+    distribution, top-p or not, as the frozen pass computes log pi_old (--generation_logprobs)."""
     def pick(input_ids, logits):  # (b, V) logits of the next token
-        logits = logits.float() / temperature
+        tempered = logits = logits.float() / temperature
         if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
             p, idx = logits.softmax(-1).sort(-1, descending=True)
             outside = (p.cumsum(-1) - p) >= top_p  # the top token is always kept
             logits = logits.masked_fill(outside.scatter(-1, idx, outside), -math.inf)
-        return logits + torch.stack([-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators])
+        gumbel = torch.stack([-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators])
+        scores = logits + gumbel
+        if logprobs is not None:  # generate() takes the argmax of the scores: that is the drawn token
+            logprobs.append(tempered.gather(-1, scores.argmax(-1, keepdim=True))[:, 0] - tempered.logsumexp(-1))
+        return scores
     return pick
 
 
@@ -143,29 +151,27 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
             input_ids, attention_mask = (t.to(accelerator.device) for t in data.collate_prompts(
                 ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
+            steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
             out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=False,
-                                 logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p)])
+                                 logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p,
+                                                                            steps)])
             responses = out[:, width:]  # (b, R_chunk)
             response_mask, ended = cut_at_eos(responses, eos)
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
                            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
                            "response_mask": response_mask, "ended": ended, "prompt_len": width})
+            if steps is not None:
+                chunks[-1]["logprobs"] = torch.stack(steps, 1) * response_mask  # (b, R_chunk)
     model.train()
     return data.cat_batches(chunks, pad)
 
 
 # ============================================================================ 2. frozen pass: log-probs and values
-def response_logits(model, batch, temperature=1.0):
-    """(b, R, V) logits of the response tokens only, not (b, P + R, V): token P + j is predicted at column P + j - 1."""
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # from the first real token, as in generate
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
-                use_cache=False, logits_to_keep=batch["response_mask"].shape[1] + 1)  # columns P - 1 .. P + R - 1
-    return out.logits[:, :-1].float() / temperature
-
-
-def logprobs_of(logits, tokens):
-    """log softmax(logits)[tokens], (b, R), without materialising the full log-softmax."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def token_logprobs(model, batch, temperature=1.0, with_entropy=False):
+    """log pi(a_h | s_h) of every response token, (b, R), 0 on padding: log softmax(logits / T)[a_h], where token
+    P + h is predicted at column P + h - 1. The head runs on the response columns only and never builds the whole
+    (b, R, V) logits (common.response_logprobs); with_entropy=True also gives each position's entropy, (b, R)."""
+    return common.response_logprobs(model, batch, temperature, with_entropy)
 
 
 def critic_outputs(critic, batch):
@@ -175,7 +181,7 @@ def critic_outputs(critic, batch):
 
 
 def critic_values(critic, batch):
-    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns of response_logits."""
+    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens."""
     return critic_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1] * batch["response_mask"]
 
 
@@ -191,19 +197,19 @@ def rm_score(rm, batch, args):
 def frozen_pass(accelerator, ro, models, args):
     """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
     mask = ro["response_mask"]  # (B, R); every output below is 0 after the first EOS
-    out = {k: torch.zeros_like(mask) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
+    out = {k: ro.get(k, torch.zeros_like(mask)) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
     out["rm_score"], computed = torch.zeros_like(mask[:, 0]), 0  # computed: the positions the forward passes run
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, mb in micro_batches(ro, args.forward_batch_size, ro["attention_mask"].sum(-1).argsort()):
-            tokens, m, r = mb["input_ids"][:, mb["prompt_len"]:], mb["response_mask"], mb["response_mask"].shape[1]
+            r = mb["response_mask"].shape[1]
             computed += mb["attention_mask"].numel()  # trimming drops padding only: the real ones are all of ro's
-            ref_logits = response_logits(models["ref"], mb)  # (b, r, V) at T = 1
-            out["logprobs"][idx, :r] = logprobs_of(response_logits(models["policy"], mb, args.temperature), tokens) * m
-            out["ref_logprobs"][idx, :r] = logprobs_of(ref_logits / args.temperature, tokens) * m
+            if "logprobs" not in ro:  # else --generation_logprobs: the sampling pass gave them
+                out["logprobs"][idx, :r] = token_logprobs(models["policy"], mb, args.temperature)
+            out["ref_logprobs"][idx, :r] = ref = token_logprobs(models["ref"], mb, args.temperature)
             out["values"][idx, :r] = critic_values(models["critic"], mb)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
-                dpo_logits = response_logits(models["dpo"], mb)
-                out["dpo_log_ratio"][idx, :r] = (logprobs_of(dpo_logits, tokens) - logprobs_of(ref_logits, tokens)) * m
+                ref = ref if args.temperature == 1 else token_logprobs(models["ref"], mb)
+                out["dpo_log_ratio"][idx, :r] = token_logprobs(models["dpo"], mb) - ref
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], mb, args)
     for frozen in [models[n] for n in ("ref", "dpo", "rm") if n in models]:  # FSDP2: free the gathered weights
@@ -279,11 +285,6 @@ def value_loss(values, old_values, returns, mask, clip):
     return masked_mean(loss, mask, -1).mean(), {"value_clip_frac": ((values - old_values).abs() > clip).float()}
 
 
-def entropy(logits):
-    """Entropy of softmax(logits) at each position, (b, R), a few positions at a time: never a (b, R, V) softmax."""
-    return torch.cat([torch.special.entr(chunk.softmax(-1)).sum(-1) for chunk in logits.split(16, dim=1)], 1)
-
-
 def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
     """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes."""
     policy, critic, sums, skipped = models["policy"], models["critic"], {}, 0
@@ -291,19 +292,19 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
             for _, mb in micro_batches(ro, sizes["micro"], order[start:start + sizes["mini"]]):  # ... in micro-batches
-                m = mb["response_mask"]
+                mb, m = {**mb, "pack": args.packing}, mb["response_mask"]  # pack: no padding computed
                 with accelerator.accumulate(policy, critic):
-                    logits = response_logits(policy, mb, args.temperature)  # (b, R, V)
-                    logprobs = logprobs_of(logits, mb["input_ids"][:, mb["prompt_len"]:])
-                    pl, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
+                    new_logprobs, entropy = token_logprobs(policy, mb, args.temperature, with_entropy=True)
+                    pl, stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
                     vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], m, args.value_clip)
                     skipped += not optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers,
                                                   args, it)
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
-                    for k, v in {**stats, **vstats, "entropy": entropy(logits), "tokens": 1}.items():
+                    real = mb["attention_mask"].sum()  # positions computed: all of them, or packed only these
+                    for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
                         sums[k] = sums.get(k, 0) + (v * m).sum()
                     for k, v in (("sequences", len(m)), ("policy_loss", pl * len(m)), ("value_loss", vl * len(m)),
-                                 ("positions", mb["attention_mask"].numel()), ("real", mb["attention_mask"].sum())):
+                                 ("positions", real if args.packing else mb["attention_mask"].numel()), ("real", real)):
                         sums[k] = sums.get(k, 0) + v
     totals = {k: accelerator.reduce(torch.as_tensor(v, dtype=torch.float, device=accelerator.device), "sum").item()
               for k, v in sums.items()}
@@ -362,9 +363,9 @@ def load_models(args, accelerator):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     models, optimizers = {}, []
-    for name, lr in (("policy", args.actor_lr), ("critic", args.critic_lr)):  # one per prepare(), as FSDP2 requires
-        model = (common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt") if name == "policy" else
-                 common.load_scorer(args.rm_ckpt or args.sft_ckpt, tokenizer, "--rm_ckpt or --sft_ckpt"))
+    for name, lr, path, flag in (("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
+                                 ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, "--rm_ckpt or --sft_ckpt")):
+        model = common.load_model(path, tokenizer, flag, scorer=name == "critic")
         models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
         optimizers.append(optimizer)
     config = accelerator.unwrap_model(models["critic"]).config
@@ -444,8 +445,7 @@ def main(argv=None):
     prompts = [p for p, _ in data.fit_prompts(tokenizer, data.load_prompts(args.dataset, args.dataset_split, args),
                                               args.max_prompt_len, args.long_prompts)]
     if len(prompts) < args.rollout_batch_size:
-        common.fail(f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: an iteration "
-                    "would use a prompt twice")
+        common.fail(f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: one would repeat")
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]

@@ -58,7 +58,7 @@ def child(root):
           "logprobs": -torch.rand(B, R, generator=g) * 10, "advantages": torch.randn(B, R, generator=g),
           "values": torch.zeros(B, R), "returns": torch.randn(B, R, generator=g)}
     args = SimpleNamespace(ppo_epochs=1, temperature=1.0, eps_clip=0.2, value_clip=0.2, max_grad_norm=1.0,
-                           skip_nonfinite=False)
+                           skip_nonfinite=False, packing=False)
     sizes = {"rollout": B, "mini": B, "micro": B, "accum": 1}
     rto.ppo_update(acc, ro, models, optimizers, schedulers, args, sizes)  # warm-up: the optimisers' state
     gc.collect()

@@ -60,8 +60,8 @@ def main(argv):
         common.fail("--credit dense|sparse is required (where the oracle's reward is paid); other flags are rto.py's")
     i = argv.index("--credit")
     CREDIT, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    if "--dataset" in argv and argv[argv.index("--dataset") + 1:][:1] != [common.TOY]:
-        common.fail("--dataset: the oracle's credit exists only on the built-in task ('toy')")
+    if "--dataset" in argv and argv[argv.index("--dataset") + 1] not in common.TOYS:
+        common.fail("--dataset: the oracle's credit exists only on the built-in tasks ('toy', 'toy-long')")
     rto.rollout, rto.token_rewards = rollout, token_rewards
     # --reward_mode ppo: rto.py then loads no DPO model; the reward model only initialises the critic (as in PPO)
     rto.main(["--reward_mode", "ppo", *argv])

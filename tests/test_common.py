@@ -54,6 +54,76 @@ def test_preference_labels_are_noisy_but_mostly_agree_with_the_oracle():
 
 
 # ---------------------------------------------------------------------------- batches and log-probs
+def naive_logprobs(model, batch, temperature):
+    """Reference: the full (B, T, V) logits of an ordinary forward, log-softmax and entropy position by position."""
+    P, mask = batch["prompt_len"], batch["response_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=common.position_ids(batch["attention_mask"])).logits.float() / temperature
+    lp, ent = torch.zeros(mask.shape), torch.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        for h in range(mask.shape[1]):
+            if mask[i, h]:
+                dist = logits[i, P + h - 1].log_softmax(-1)
+                lp[i, h] = dist[batch["input_ids"][i, P + h]]
+                ent[i, h] = -(dist.exp() * dist).sum().detach()
+    return lp, ent
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_logprobs_entropy_and_gradients_match_the_full_logits(monkeypatch, tied):
+    """common.response_logprobs never builds the (B, R, V) logits: its log-probs, entropies and the gradients of
+    every parameter equal a naive loop over the full logits, with chunks of 3 rows (several per sequence)."""
+    tok = data.build_tiny_tokenizer(common.TOY)
+    torch.manual_seed(0)
+    model = common.load_causal_lm(common.TINY, tok, seed=0)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
+    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * len(tok) * 3)
+    pairs = [encode(tok, "tell me about fruit", "apple pear ."),
+             encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")]
+    batch = data.collate([p for p, _ in pairs], [r for _, r in pairs], tok.pad_token_id)
+    weights = torch.randn(batch["response_mask"].shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (lambda: common.response_logprobs(model, batch, 0.7, with_entropy=True),
+               lambda: naive_logprobs(model, batch, 0.7)):
+        model.zero_grad()
+        lp, ent = fn()
+        (lp * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        grads[-1]["values"] = (lp.detach(), ent)
+    for name, got in grads[0].items():
+        torch.testing.assert_close(got, grads[1][name], atol=1e-4, rtol=1e-5, msg=name)  # gradients up to ~50
+    assert not grads[0]["values"][1].requires_grad
+
+
+def test_chunked_logprobs_compute_in_the_models_dtype_under_autocast(tiny):
+    """--bf16 without FSDP: the model computes under autocast, and so does the fused head (bf16 logits, upcast):
+    the same numbers as the model's own bf16 logits, not the float32 ones."""
+    tok, model = tiny
+    a = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
+    batch = data.collate([a[0]], [a[1]], tok.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = common.response_logprobs(model, batch)
+        plain, _ = naive_logprobs(model, batch, 1.0)
+    full, _ = naive_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    assert (fused - full).abs().max() > 1e-4  # bf16 is visibly not float32 here
+
+
+def test_heads_that_rescale_logits_take_the_plain_path(tiny, monkeypatch):
+    """A model that changes its logits after the head (Gemma's soft-capping) gets the full-logits computation."""
+    tok, model = tiny
+    a = encode(tok, "tell me about fruit", "apple pear .")
+    batch = data.collate([a[0]], [a[1]], tok.pad_token_id)
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    calls = []
+    monkeypatch.setattr(common.TokenLogprobs, "apply", lambda *a: calls.append(a))
+    lp, ent = common.response_logprobs(model, batch, with_entropy=True)
+    assert not calls and lp.shape == ent.shape == batch["response_mask"].shape
+    torch.testing.assert_close((lp, ent), naive_logprobs(model, batch, 1.0), atol=1e-5, rtol=0)
+
+
 def test_logprobs_do_not_depend_on_padding(tiny):
     """A sequence alone, left-padded among longer prompts, right-padded among longer responses: same numbers."""
     tok, model = tiny

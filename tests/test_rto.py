@@ -144,12 +144,6 @@ def test_value_loss_by_hand():
     assert stats["value_clip_frac"].tolist() == [[1.0, 0.0]]
 
 
-def test_entropy_against_the_full_softmax():
-    logits = torch.randn(2, 40, 11, generator=torch.Generator().manual_seed(2))  # more positions than one chunk
-    full = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-    torch.testing.assert_close(rto.entropy(logits), full, atol=1e-5, rtol=0)
-
-
 def test_adaptive_kl_controller_by_hand():
     args = SimpleNamespace(kl_target=1.0, kl_horizon=100)
     assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None, kl_horizon=100), 10) == 0.1
@@ -277,6 +271,24 @@ def test_logprobs_and_values_match_each_sequence_alone_at_temperature(pipeline, 
     assert ro["padding_share"] < 1 - ro["attention_mask"].float().mean()  # less than the untrimmed batch's
 
 
+@torch.no_grad()
+def test_generation_logprobs_equal_the_frozen_pass_ones(pipeline, acc):
+    """--generation_logprobs: log pi_old recorded while sampling (KV cache, top-p on) equals the frozen pass's
+    forward of the policy to 1e-5 in float32, and the policy then runs no forward in the frozen pass."""
+    _, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, "--top_p", 0.9)
+    g_args = rto_args(pipeline, "--max_new_tokens", 16, "--temperature", 0.7, "--top_p", 0.9, "--generation_logprobs")
+    calls = []
+    hook = models["policy"].register_forward_hook(lambda *a: calls.append(1))
+    g_ro = rto.rollout(acc, models["policy"], tok, prompts, list(range(len(prompts))), g_args)
+    n = len(calls)
+    g_ro = rto.frozen_pass(acc, g_ro, models, g_args)
+    hook.remove()
+    assert len(calls) == n  # no policy forward in the frozen pass
+    assert torch.equal(g_ro["input_ids"], ro["input_ids"])  # the same draws
+    torch.testing.assert_close(g_ro["logprobs"], ro["logprobs"], atol=1e-5, rtol=0)
+    assert (g_ro["logprobs"] * (1 - ro["response_mask"]) == 0).all() and (g_ro["logprobs"] < 0).any()
+
+
 def padding_share(ro, order, size):
     """By hand: each batch of `size` sequences in `order` computes its rows times the span of its real columns."""
     real = computed = 0
@@ -362,9 +374,9 @@ def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc
 
 
 def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline, acc):
-    """One PPO iteration with micro-batch = mini-batch and with micro-batch = mini-batch / 2: the same weights.
-    With SGD, whose step is proportional to the gradient (Adam's is not: it would hide a gradient off by the
-    accumulation factor, and it magnifies float noise where a gradient is near 0)."""
+    """One PPO iteration with micro-batch = mini-batch and with micro-batch = mini-batch / 2, padded or packed
+    (--packing): the same weights. With SGD, whose step is proportional to the gradient (Adam's is not: it would
+    hide a gradient off by the accumulation factor, and it magnifies float noise where a gradient is near 0)."""
     args = rto_args(pipeline, "--rollout_batch_size", 8, "--mini_batch_size", 4, "--ppo_epochs", 1)
     tok, models, _ = rto.load_models(args, acc)
     ro = rto.rollout(acc, models["policy"], tok, toy_task.prompts("train", 8), list(range(8)), args)
@@ -373,7 +385,8 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
     ro["advantages"], ro["returns"] = rto.gae(ro["rewards"], ro["values"], ro["response_mask"], 1.0, 0.95)
     ro["advantages"] = rto.whiten(acc, ro["advantages"], ro["response_mask"])
     weights = []
-    for micro in (4, 2):
+    for micro, packing in ((4, False), (2, False), (2, True)):
+        args.packing = packing
         copies = {**models, "policy": copy.deepcopy(models["policy"]), "critic": copy.deepcopy(models["critic"])}
         sizes = {"rollout": 8, "mini": 4, "micro": micro, "accum": 4 // micro}
         policy, critic, *rest = prepared(acc, copies, sizes["accum"], lambda params: torch.optim.SGD(params, lr=0.1))
@@ -381,12 +394,35 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
         stats = rto.ppo_update(acc, ro, {**copies, "policy": policy, "critic": critic}, rest[:2], rest[2:], args,
                                sizes)
         torch.manual_seed(0)
-        assert stats["padding_share_update"] == pytest.approx(padding_share(ro, torch.randperm(8), micro))
+        assert stats["padding_share_update"] == (0 if packing else pytest.approx(padding_share(ro, torch.randperm(8),
+                                                                                                micro)))
         weights.append([p.detach().clone() for m in (policy, critic) for p in m.parameters()])
     moved = max((a - b).abs().max().item() for a, b in zip(weights[0], models["policy"].parameters()))
     assert moved > 1e-4  # the update did something
-    for a, b in zip(*weights):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for other in weights[1:]:
+        for a, b in zip(weights[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, acc):
+    """common.pack: the sequences of a micro-batch in one row, no padding: log-probs, entropies, values and every
+    gradient of a loss over them equal the padded batch's (1e-6 on the numbers)."""
+    args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, n=8)
+    _, mb = next(rto.micro_batches(ro, 8, torch.arange(8)))
+    assert (mb["attention_mask"] == 0).float().mean() > 0.2  # much padding to drop
+    assert len(common.pack(mb)["input_ids"][0]) == mb["attention_mask"].sum()
+    out = []
+    for packing in (False, True):
+        b = {**mb, "pack": packing}
+        for m in (models["policy"], models["critic"]):
+            m.zero_grad()
+        lp, ent = rto.token_logprobs(models["policy"], b, 0.7, with_entropy=True)
+        values = rto.critic_values(models["critic"], b)
+        (lp.exp().sum() + (values ** 2).sum()).backward()
+        out.append([lp.detach(), ent, values.detach()] + [p.grad.clone() for m in (models["policy"], models["critic"])
+                                                           for p in m.parameters()])
+    torch.testing.assert_close(out[1][:3], out[0][:3], atol=1e-6, rtol=1e-6)  # log-probs ~ -3: float32 rounding
+    torch.testing.assert_close(out[1][3:], out[0][3:], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- rto.py as users run it
