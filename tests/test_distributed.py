@@ -116,7 +116,8 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     assert len({v for _, k, v in one if k == "response_length"}) == 2  # two iterations, different rollouts
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
         out = tmp_path / config
-        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1,
+        packing = ["--packing"] if config == "cpu_fsdp.yaml" else []  # FSDP2 with packed micro-batches, too
+        launch(config, "rto.py", *run, *packing, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1,
                "--save_total_limit", 2)
         two = rto_numbers(out)
         assert [x[:2] for x in two] == [x[:2] for x in one]
@@ -135,8 +136,8 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     print(f"resumable state: {per_param:.2f} bytes per trained parameter")
     assert 12 <= per_param < 13
     shutil.rmtree(out / "checkpoint-2")
-    launch("cpu_fsdp.yaml", "rto.py", *run, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1,
-           "--resume")
+    launch("cpu_fsdp.yaml", "rto.py", *run, "--packing", "--micro_batch_size", 4, "--output_dir", out,
+           "--save_every", 1, "--resume")
     resumed = rto_numbers(out)
     assert [x[:2] for x in resumed] == [x[:2] for x in one]
     assert [x[2] for x in resumed] == pytest.approx([x[2] for x in one], abs=1e-4)
