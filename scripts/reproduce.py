@@ -1,6 +1,7 @@
 """The paper's comparison in miniature, on the built-in task, over several seeds.
 
-    python scripts/reproduce.py --out results/reproduce     # tune, 3 seeds, sample efficiency, analysis (~30 min)
+    python scripts/reproduce.py --out results/reproduce     # both built-in tasks, into <out>/toy and <out>/toy-long
+    python scripts/reproduce.py --datasets toy               # the short task only (~30 min here)
 
 1. tune:   for each method (rto, ppo, dppo) the same small grid of actor learning rate x KL coefficient beta2, on
            a tuning seed that is not an evaluation seed; the score is the oracle reward of the method's own training
@@ -17,7 +18,8 @@
            same information as DPPO, dense instead of at the last token).
 6. control: scripts/oracle_credit.py with RTO's settings: the oracle's exact per-token credit paid at every token
            vs its sum paid at the last token — does dense credit help here when it is right?
-Writes <out>/summary.md and <out>/summary.json; every run folder stays under <out> for inspection.
+Each task (--datasets: toy, toy-long) gets <out>/<task>/summary.md and summary.json; every run folder stays under
+it for inspection, and an interrupted reproduction continues where it stopped. The time each task took is printed.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,22 +48,23 @@ def metrics(folder):
     return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
 
 
-def preference_stages(out, seed):
+def preference_stages(out, seed, dataset):
     d = out / f"seed{seed}"
     if not (d / "rm" / "config.json").exists():
-        run("sft.py", "--seed", seed, "--output_dir", d / "sft", "--overwrite")
-        run("dpo.py", "--seed", seed, "--sft_ckpt", d / "sft", "--output_dir", d / "dpo", "--overwrite")
-        run("reward_model.py", "--seed", seed, "--sft_ckpt", d / "sft", "--output_dir", d / "rm", "--overwrite")
+        task = ["--seed", seed, "--dataset", dataset]
+        run("sft.py", *task, "--output_dir", d / "sft", "--overwrite")
+        run("dpo.py", *task, "--sft_ckpt", d / "sft", "--output_dir", d / "dpo", "--overwrite")
+        run("reward_model.py", *task, "--sft_ckpt", d / "sft", "--output_dir", d / "rm", "--overwrite")
     return d
 
 
-def rl(d, method, seed, lr, beta2, name=None, *extra, script="rto.py", pre=()):
+def rl(d, method, seed, lr, beta2, name=None, *extra, script="rto.py", pre=(), dataset="toy"):
     """One rto.py run (or a fork of it: `script`, taking `pre` first); an existing folder is reused only if its
     args.json says it ran with these settings."""
     folder = d / (name or method)
-    args = ["--reward_mode", method, "--seed", seed, "--sft_ckpt", d / "sft", "--dpo_ckpt", d / "dpo",
-            "--rm_ckpt", d / "rm", "--actor_lr", lr, "--beta2", beta2, "--sample_every", 0, "--output_dir", folder,
-            *extra]
+    args = ["--reward_mode", method, "--seed", seed, "--dataset", dataset, "--sft_ckpt", d / "sft",
+            "--dpo_ckpt", d / "dpo", "--rm_ckpt", d / "rm", "--actor_lr", lr, "--beta2", beta2, "--sample_every", 0,
+            "--output_dir", folder, *extra]
     done = (folder / "config.json").exists() and (folder / "args.json").exists()
     if not done or not same_settings(json.load(open(folder / "args.json")), args):
         run(script, *pre, *args, "--overwrite")
@@ -92,17 +96,25 @@ def ci95(xs):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/reproduce")
+    p.add_argument("--datasets", nargs="+", default=["toy", "toy-long"], choices=["toy", "toy-long"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tune_seed", type=int, default=100)
     p.add_argument("--skip_budget", action="store_true")
     a = p.parse_args()
-    out = Path(a.out).resolve()
+    for dataset in a.datasets:
+        t = time.perf_counter()
+        reproduce(Path(a.out).resolve() / dataset, dataset, a)
+        print(f"{dataset}: reproduction took {(time.perf_counter() - t) / 60:.1f} min", flush=True)
+
+
+def reproduce(out, dataset, a):
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"grid": GRID, "seeds": a.seeds, "tune_seed": a.tune_seed}
+    summary = {"dataset": dataset, "grid": GRID, "seeds": a.seeds, "tune_seed": a.tune_seed}
+    task = {"dataset": dataset}
 
     # 1. tune every method with the same grid
-    d = preference_stages(out, a.tune_seed)
-    tuning = {m: {f"{lr:g},{b2:g}": train_score(rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}"))
+    d = preference_stages(out, a.tune_seed, dataset)
+    tuning = {m: {f"{lr:g},{b2:g}": train_score(rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}", **task))
                   for lr, b2 in GRID} for m in METHODS}
     best = {m: max(tuning[m], key=tuning[m].get) for m in METHODS}
     summary.update(tuning=tuning, best=best)
@@ -110,14 +122,15 @@ def main():
     # 2. the comparison, one pipeline per seed
     matrices = []
     for seed in a.seeds:
-        d = preference_stages(out, seed)
-        folders = {m: rl(d, m, seed, *map(float, best[m].split(","))) for m in METHODS}
+        d = preference_stages(out, seed, dataset)
+        folders = {m: rl(d, m, seed, *map(float, best[m].split(",")), **task) for m in METHODS}
         ev = d / "eval"
         done = ev / "winrates.json"
         if not done.exists() or any((f / "config.json").stat().st_mtime > done.stat().st_mtime
                                     for f in folders.values()):
             run("evaluate.py", "--models", f"sft={d / 'sft'}", f"dpo={d / 'dpo'}",
                 *[f"{m}={f}" for m, f in folders.items()], "--judge", "oracle", "--num_prompts", 400, "--seed", seed,
+                "--dataset", dataset,
                 "--output_dir", ev, "--overwrite")
         matrices.append(json.load(open(ev / "winrates.json")))
     summary["per_seed"] = matrices
@@ -130,7 +143,7 @@ def main():
             for frac in (8, 4, 2, 1):
                 # all the prompts: the run of step 2
                 name, extra = (m, []) if frac == 1 else (f"{m}_frac{frac}", ["--num_episodes", PROMPTS // frac])
-                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name, *extra))
+                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name, *extra, **task))
                                            for s in a.seeds]
         summary["budget"] = budget
         plot_budget(budget, a.seeds, out)
@@ -140,20 +153,23 @@ def main():
     for policy in ("sft", "rto"):
         for seed in a.seeds:
             f = out / f"seed{seed}" / f"reward_signal_{policy}.json"  # always redone: the policy may have changed
-            run("scripts/reward_signal.py", "--run", out / f"seed{seed}", "--policy", policy, "--json", f)
+            run("scripts/reward_signal.py", "--run", out / f"seed{seed}", "--policy", policy, "--json", f,
+                "--dataset", dataset)
             signal.setdefault(policy, []).append(json.load(open(f)))
     summary["signal"] = signal
 
     # 5. ablations of RTO's reward, with RTO's tuned settings
     lr, b2 = map(float, best["rto"].split(","))
-    summary["ablation"] = {name: [test_score(rl(out / f"seed{s}", "rto", s, lr, b2, name, *extra))
+    summary["ablation"] = {name: [test_score(rl(out / f"seed{s}", "rto", s, lr, b2, name, *extra, **task))
                                   for s in a.seeds] for name, extra in VARIANTS.items()}
     summary["ablation"].update({m: [test_score(out / f"seed{s}" / m) for s in a.seeds] for m in METHODS})
 
     # 6. control: the oracle's exact credit, paid per token (dense) or at the last token (sparse)
     summary["control"] = {f"oracle credit, {c}": [
         test_score(rl(out / f"seed{s}", "ppo", s, lr, b2, f"oracle_{c}", script="scripts/oracle_credit.py",
-                      pre=("--credit", c))) for s in a.seeds] for c in ("dense", "sparse")}
+                      pre=("--credit", c), **task)) for s in a.seeds] for c in ("dense", "sparse")}
+    diff = [x - y for x, y in zip(*summary["control"].values())]  # paired by seed
+    summary["control_difference"] = {"mean": statistics.mean(diff), "ci95": ci95(diff)}
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     (out / "summary.md").write_text(report(summary))
     print(report(summary))
@@ -194,7 +210,8 @@ def plot_budget(budget, seeds, out):
 
 def report(s):
     names = list(s["per_seed"][0]["models"])
-    lines = ["## Tuning (tuning seed %d; oracle reward of training rollouts, last 5 iterations)" % s["tune_seed"], "",
+    lines = [f"# The built-in task '{s.get('dataset', 'toy')}'", "",
+             "## Tuning (tuning seed %d; oracle reward of training rollouts, last 5 iterations)" % s["tune_seed"], "",
              "| method | " + " | ".join(f"lr {k.split(',')[0]}, β2 {k.split(',')[1]}" for k in s["tuning"]["rto"]) +
              " | chosen |", "|---" * (len(s["tuning"]["rto"]) + 2) + "|"]
     for m, row in s["tuning"].items():
@@ -248,6 +265,9 @@ def report(s):
                   + "|"]
         for k, xs in {**s["ablation"], **s.get("control", {})}.items():
             lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
+    if "control_difference" in s:
+        c = s["control_difference"]
+        lines += ["", f"Oracle credit, dense − sparse, paired by seed: {c['mean']:+.3f} ± {c['ci95']:.3f} (95%)"]
     return "\n".join(lines) + "\n"
 
 

@@ -30,17 +30,25 @@ import common  # noqa: E402
 import data  # noqa: E402
 import toy_task  # noqa: E402
 
-KINDS = ["on-topic, new", "on-topic, repeat", "other topic", "filler", "junk or unknown", 'final "."', "EOS"]
+KINDS = ["on-topic, new", "on-topic, repeat", "other topic", "filler", "junk or unknown", 'final "."', "EOS",
+         '";" (toy-long)']
 
 
 def token_credit(prompt, words):
-    """The oracle's credit for each word (list of floats, summing to oracle_reward) and each word's kind."""
-    topic, credit = toy_task.topic_of(prompt), toy_task.token_credit(prompt, words)
-    kinds, seen = [], set()
+    """The oracle's credit for each word (list of floats, summing to oracle_reward) and each word's kind; on
+    toy-long a word is on topic if it belongs to its section's topic."""
+    credit, long = toy_task.token_credit(prompt, words), toy_task.is_long(prompt)
+    topics = toy_task.topics_of(prompt) if long else [toy_task.topic_of(prompt)]
+    lists, word_topic = (toy_task.LONG_TOPICS, toy_task.LONG_WORD_TOPIC) if long else (toy_task.TOPICS,
+                                                                                       toy_task.WORD_TOPIC)
+    kinds, seen, section = [], set(), 0
     for i, w in enumerate(words):
-        if w in toy_task.TOPICS[topic]:
+        if long and w == toy_task.SEP:
+            kinds.append(KINDS[7])
+            section += 1
+        elif section < len(topics) and w in lists[topics[section]]:
             kinds.append(KINDS[1] if w in seen else KINDS[0])
-        elif w in toy_task.WORD_TOPIC:
+        elif w in word_topic:
             kinds.append(KINDS[2])
         elif w in toy_task.FILLER:
             kinds.append(KINDS[3])
@@ -58,18 +66,19 @@ def pearson(x, y):
 
 
 @torch.no_grad()
-def measure(run, policy_dir, n, beta1, clip, seed, batch=100):
+def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
     tokenizer = common.load_tokenizer(str(run / "sft"))
     load = lambda d: common.frozen(common.load_causal_lm(str(d), tokenizer))
     policy, ref, dpo = load(policy_dir), load(run / "sft"), load(run / "dpo")
     rm = common.frozen(common.load_scorer(str(run / "rm"), tokenizer, "--run"))
-    prompts = toy_task.prompts("test")[:n]
+    prompts = toy_task.prompts("test", n, task=task)
     torch.manual_seed(seed)
+    max_new_tokens = 96 if task == common.TOY_LONG else 24  # rto.py's defaults
     seq = {"oracle": [], "rm": [], "dpo_sum": [], "dpo_clipped_sum": []}
     tok = {"credit": [], "reward": [], "kind": []}
     for i in range(0, n, batch):
         chunk = prompts[i:i + batch]
-        b = common.sample(policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], 24)
+        b = common.sample(policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
         mask = b["response_mask"]  # (B, R)
         r = beta1 * (common.response_logprobs(dpo, b) - common.response_logprobs(ref, b))  # (B, R) token rewards
         score = (common.sequence_scores(rm, b) - rm.config.reward_mean) / rm.config.reward_std  # (B,)
@@ -141,6 +150,7 @@ def main():
     p.add_argument("--beta1", type=float, default=0.05, help="rto.py's --beta1")
     p.add_argument("--dpo_reward_clip", type=float, default=0.05, help="rto.py's --dpo_reward_clip")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=common.TOY, choices=common.TOYS, help="the built-in task of --run")
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args()
     run = Path(a.run)
@@ -149,7 +159,7 @@ def main():
         if not (d / "config.json").exists():
             common.fail(f"{d} is not a checkpoint folder; --run needs sft/, dpo/ and rm/ (as written by "
                         "scripts/reproduce.py) and --policy a checkpoint")
-    seq, tok = measure(run, policy, a.num_prompts, a.beta1, a.dpo_reward_clip, a.seed)
+    seq, tok = measure(run, policy, a.num_prompts, a.beta1, a.dpo_reward_clip, a.seed, a.dataset)
     s = summarise(seq, tok, a.dpo_reward_clip)
     print(report(s, a.beta1, a.dpo_reward_clip))
     if a.json:

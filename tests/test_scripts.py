@@ -89,8 +89,13 @@ def test_reproduce_report_renders_means_and_seed_counts():
                 {"models": models, "win_rates": {"sft": {"sft": .5, "rto": .6}, "rto": {"sft": .4, "rto": .5}},
                  "summary": {m: {"mean_score": v} for m, v in zip(models, (0.7, 1.0))}}]
     s = {"tune_seed": 100, "seeds": [0, 1], "tuning": {"rto": {"0.0001,0.1": 1.5}}, "best": {"rto": "0.0001,0.1"},
-         "per_seed": per_seed, "ablation": {"rto_dpo_only": [1.0, 2.0]}}
+         "per_seed": per_seed, "ablation": {"rto_dpo_only": [1.0, 2.0]}, "dataset": "toy-long",
+         "control": {"oracle credit, dense": [3.0, 4.0], "oracle credit, sparse": [1.0, 3.0]}}
+    diff = [2.0, 1.0]
+    s["control_difference"] = {"mean": 1.5, "ci95": reproduce.ci95(diff)}
     md = reproduce.report(s)
+    assert "# The built-in task 'toy-long'" in md and "| oracle credit, sparse | 1.000 | 3.000 | 2.000 |" in md
+    assert "dense − sparse, paired by seed: +1.500 ± 0.980 (95%)" in md  # 1.96 * 0.7071 / sqrt(2)
     assert "| rto | 0.550 ± 0.294 | 0.500 |" in md  # mean of 0.7 and 0.4; 1.96 * stdev / sqrt(2)
     assert "| rto | 1 | - |" in md  # rto beats sft in one seed of two
     assert "| rto_dpo_only | 1.000 | 2.000 | 1.500 |" in md
