@@ -206,6 +206,12 @@ def setup(args):
         # keeps whole, unsharded gradients on every rank: reduce-scatter at every micro-batch instead, so that a
         # rank only ever holds its shard of the gradient. (DDP keeps its no_sync: it saves all-reduces.)
         accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
+        plugin = accelerator.state.fsdp_plugin
+        if accelerator.is_fsdp2 and plugin.mixed_precision_policy is not None:
+            # Accelerate's policy also casts every module's outputs to bf16 (output_dtype). That would round the
+            # float32 log-probs response_logprobs computes (by up to 1/256 of each), and only for the trained models:
+            # the policy would no longer score a token as the frozen bf16 reference does. Outputs keep their dtype.
+            plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=None)
     # said out loud because a wrong launch command silently runs one process
     accelerator.print(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})")
     set_seed(args.seed)

@@ -280,6 +280,8 @@ def task_stats(seed=0, task="toy"):
 
 
 if __name__ == "__main__":
-    import sys
-    for k, v in task_stats(task=sys.argv[1] if len(sys.argv) > 1 else "toy").items():
+    import argparse
+    parser = argparse.ArgumentParser(description="The built-in task's numbers (seed 0).")
+    parser.add_argument("task", nargs="?", default="toy", choices=TASKS)
+    for k, v in task_stats(task=parser.parse_args().task).items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")

@@ -20,15 +20,22 @@
            vs its sum paid at the last token — does dense credit help here when it is right?
 Each task (--datasets: toy, toy-long) gets <out>/<task>/summary.md and summary.json; every run folder stays under
 it for inspection, and an interrupted reproduction continues where it stopped. The time each task took is printed.
+
+The runs of a step are independent of one another, so --jobs of them (default 2) run at once, each with
+cores / jobs threads: the tiny model's matrices are too small for two threads to share one well, and two
+one-thread runs side by side get through more runs per minute than one two-thread run at a time.
 """
 
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,14 +45,32 @@ GRID = [(lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)]  # actor lr x KL 
 PROMPTS = 2000  # the built-in task's RL prompts
 
 
+THREADS = {"n": os.cpu_count() or 1}  # per run: the cores shared out among the --jobs running at once
+
+
 def run(script, *args):
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS["n"])}  # torch takes its thread count from it
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
 
 
-def metrics(folder):
-    return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
+def parallel(jobs, calls):
+    """The results of calls (zero-argument functions), in order, `jobs` of them running at a time. After a
+    failure no further call starts; it is raised once the calls already running have finished."""
+    failed = threading.Event()
+
+    def guarded(call):
+        if failed.is_set():
+            return None
+        try:
+            return call()
+        except BaseException:
+            failed.set()
+            raise
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(guarded, c) for c in calls]
+    return [f.result() for f in futures]
 
 
 def preference_stages(out, seed, dataset):
@@ -100,7 +125,11 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tune_seed", type=int, default=100)
     p.add_argument("--skip_budget", action="store_true")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with cores / jobs threads")
     a = p.parse_args()
+    if a.jobs < 1:
+        p.error(f"--jobs {a.jobs}: expected at least 1")
+    THREADS["n"] = max(1, (os.cpu_count() or 1) // a.jobs)
     for dataset in a.datasets:
         t = time.perf_counter()
         reproduce(Path(a.out).resolve() / dataset, dataset, a)
@@ -111,68 +140,79 @@ def reproduce(out, dataset, a):
     out.mkdir(parents=True, exist_ok=True)
     summary = {"dataset": dataset, "grid": GRID, "seeds": a.seeds, "tune_seed": a.tune_seed}
     task = {"dataset": dataset}
+    par = lambda calls: parallel(a.jobs, calls)
+    # SFT -> DPO -> reward model, for the tuning seed and every seed
+    par([lambda s=s: preference_stages(out, s, dataset) for s in [a.tune_seed, *a.seeds]])
 
     # 1. tune every method with the same grid
-    d = preference_stages(out, a.tune_seed, dataset)
-    tuning = {m: {f"{lr:g},{b2:g}": train_score(rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}", **task))
-                  for lr, b2 in GRID} for m in METHODS}
+    d = out / f"seed{a.tune_seed}"
+    runs = [(m, lr, b2) for m in METHODS for lr, b2 in GRID]
+    scores = par([lambda m=m, lr=lr, b2=b2: train_score(rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}",
+                                                           **task)) for m, lr, b2 in runs])
+    tuning = {m: {} for m in METHODS}
+    for (m, lr, b2), score in zip(runs, scores):
+        tuning[m][f"{lr:g},{b2:g}"] = score
     best = {m: max(tuning[m], key=tuning[m].get) for m in METHODS}
     summary.update(tuning=tuning, best=best)
+    tuned = lambda m: map(float, best[m].split(","))
 
     # 2. the comparison, one pipeline per seed
-    matrices = []
-    for seed in a.seeds:
-        d = preference_stages(out, seed, dataset)
-        folders = {m: rl(d, m, seed, *map(float, best[m].split(",")), **task) for m in METHODS}
-        ev = d / "eval"
-        done = ev / "winrates.json"
-        if not done.exists() or any((f / "config.json").stat().st_mtime > done.stat().st_mtime
-                                    for f in folders.values()):
-            run("evaluate.py", "--models", f"sft={d / 'sft'}", f"dpo={d / 'dpo'}",
-                *[f"{m}={f}" for m, f in folders.items()], "--judge", "oracle", "--num_prompts", 400, "--seed", seed,
-                "--dataset", dataset,
-                "--output_dir", ev, "--overwrite")
-        matrices.append(json.load(open(ev / "winrates.json")))
-    summary["per_seed"] = matrices
+    par([lambda m=m, s=s: rl(out / f"seed{s}", m, s, *tuned(m), **task) for s in a.seeds for m in METHODS])
+    summary["per_seed"] = par([lambda s=s: evaluate(out / f"seed{s}", s, dataset) for s in a.seeds])
 
-    # 3. sample efficiency: RTO vs PPO on a fraction of the prompts
+    # 3. sample efficiency: RTO vs PPO on a fraction of the prompts (all the prompts: the runs of step 2)
     if not a.skip_budget:
+        cells = [(m, frac, s) for m in ("rto", "ppo") for frac in (8, 4, 2, 1) for s in a.seeds]
+        name = lambda m, frac: m if frac == 1 else f"{m}_frac{frac}"
+        extra = lambda frac: [] if frac == 1 else ["--num_episodes", PROMPTS // frac]
+        scores = par([lambda m=m, frac=frac, s=s: test_score(rl(out / f"seed{s}", m, s, *tuned(m), name(m, frac),
+                                                                  *extra(frac), **task)) for m, frac, s in cells])
         budget = {}
-        for m in ("rto", "ppo"):
-            lr, b2 = map(float, best[m].split(","))
-            for frac in (8, 4, 2, 1):
-                # all the prompts: the run of step 2
-                name, extra = (m, []) if frac == 1 else (f"{m}_frac{frac}", ["--num_episodes", PROMPTS // frac])
-                budget[f"{m} 1/{frac}"] = [test_score(rl(out / f"seed{s}", m, s, lr, b2, name, *extra, **task))
-                                           for s in a.seeds]
+        for (m, frac, _), score in zip(cells, scores):
+            budget.setdefault(f"{m} 1/{frac}", []).append(score)
         summary["budget"] = budget
         plot_budget(budget, a.seeds, out)
 
     # 4. why: how well each reward signal tracks the oracle, on SFT's responses and on RTO's
-    signal = {}
-    for policy in ("sft", "rto"):
-        for seed in a.seeds:
-            f = out / f"seed{seed}" / f"reward_signal_{policy}.json"  # always redone: the policy may have changed
-            run("scripts/reward_signal.py", "--run", out / f"seed{seed}", "--policy", policy, "--json", f,
-                "--dataset", dataset)
-            signal.setdefault(policy, []).append(json.load(open(f)))
-    summary["signal"] = signal
+    cells = [(policy, s) for policy in ("sft", "rto") for s in a.seeds]
+    signals = par([lambda policy=policy, s=s: reward_signal(out / f"seed{s}", policy, dataset) for policy, s in cells])
+    summary["signal"] = {policy: signals[i * len(a.seeds):(i + 1) * len(a.seeds)]
+                         for i, policy in enumerate(("sft", "rto"))}
 
-    # 5. ablations of RTO's reward, with RTO's tuned settings
-    lr, b2 = map(float, best["rto"].split(","))
-    summary["ablation"] = {name: [test_score(rl(out / f"seed{s}", "rto", s, lr, b2, name, *extra, **task))
-                                  for s in a.seeds] for name, extra in VARIANTS.items()}
+    # 5. ablations of RTO's reward, with RTO's tuned settings; 6. control: the oracle's exact credit, paid per token
+    # (dense) or at the last token (sparse)
+    variants = [(name, "rto", extra, {}) for name, extra in VARIANTS.items()] + \
+        [(f"oracle_{c}", "ppo", [], {"script": "scripts/oracle_credit.py", "pre": ("--credit", c)})
+         for c in ("dense", "sparse")]
+    lr, b2 = tuned("rto")
+    scores = par([lambda s=s, v=v: test_score(rl(out / f"seed{s}", v[1], s, lr, b2, v[0], *v[2], **v[3], **task))
+                  for v in variants for s in a.seeds])
+    results = {v[0]: scores[i * len(a.seeds):(i + 1) * len(a.seeds)] for i, v in enumerate(variants)}
+    summary["ablation"] = {name: results[name] for name in VARIANTS}
     summary["ablation"].update({m: [test_score(out / f"seed{s}" / m) for s in a.seeds] for m in METHODS})
-
-    # 6. control: the oracle's exact credit, paid per token (dense) or at the last token (sparse)
-    summary["control"] = {f"oracle credit, {c}": [
-        test_score(rl(out / f"seed{s}", "ppo", s, lr, b2, f"oracle_{c}", script="scripts/oracle_credit.py",
-                      pre=("--credit", c), **task)) for s in a.seeds] for c in ("dense", "sparse")}
+    summary["control"] = {f"oracle credit, {c}": results[f"oracle_{c}"] for c in ("dense", "sparse")}
     diff = [x - y for x, y in zip(*summary["control"].values())]  # paired by seed
     summary["control_difference"] = {"mean": statistics.mean(diff), "ci95": ci95(diff)}
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     (out / "summary.md").write_text(report(summary))
     print(report(summary))
+
+
+def evaluate(d, seed, dataset):
+    """evaluate.py with the oracle judge over SFT, DPO and the three methods; redone when a model is newer."""
+    folders = {m: d / m for m in METHODS}
+    ev, done = d / "eval", d / "eval" / "winrates.json"
+    if not done.exists() or any((f / "config.json").stat().st_mtime > done.stat().st_mtime for f in folders.values()):
+        run("evaluate.py", "--models", f"sft={d / 'sft'}", f"dpo={d / 'dpo'}",
+            *[f"{m}={f}" for m, f in folders.items()], "--judge", "oracle", "--num_prompts", 400, "--seed", seed,
+            "--dataset", dataset, "--output_dir", ev, "--overwrite")
+    return json.load(open(done))
+
+
+def reward_signal(d, policy, dataset):
+    f = d / f"reward_signal_{policy}.json"  # always redone: the policy may have changed
+    run("scripts/reward_signal.py", "--run", d, "--policy", policy, "--json", f, "--dataset", dataset)
+    return json.load(open(f))
 
 
 def plot_budget(budget, seeds, out):

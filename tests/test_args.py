@@ -29,8 +29,10 @@ def parse(stage, *argv):
 def test_the_table_fills_only_flags_left_unset(stage, tmp_path):
     module, _ = STAGES[stage]
     builtin, real = parse(stage), parse(stage, "--dataset", tmp_path / "pairs.jsonl")
-    for flag, (on_toy, otherwise) in module.DEFAULTS.items():
+    long = parse(stage, "--dataset", common.TOY_LONG)
+    for flag, (on_toy, otherwise, *on_long) in module.DEFAULTS.items():
         assert getattr(builtin, flag) == on_toy and getattr(real, flag) == otherwise, flag
+        assert getattr(long, flag) == (on_long[0] if on_long else on_toy), flag  # toy-long's own value, if any
         given = "rm:y" if flag == "judge" else 7
         assert getattr(parse(stage, f"--{flag}", given), flag) == given, flag  # a given value wins on either task
         assert getattr(parse(stage, "--dataset", tmp_path / "p.jsonl", f"--{flag}", given), flag) == given, flag
@@ -43,9 +45,10 @@ def test_help_shows_both_defaults(stage, capsys):
         common.parse_args(module.Args, ["--help"], module.DEFAULTS)
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for flag, (on_toy, otherwise) in module.DEFAULTS.items():
+    for flag, (on_toy, otherwise, *on_long) in module.DEFAULTS.items():
         shown = "required" if otherwise is None else otherwise
-        assert f"(default: {on_toy} on the built-in task, {shown} otherwise)" in text, flag
+        long = f"{on_long[0]} on toy-long, " if on_long else ""
+        assert f"(default: {on_toy} on the built-in task, {long}{shown} otherwise)" in text, flag
     assert "(default: 0.001 on the built-in task, 1e-05 otherwise)" in text or stage != "sft.py"
 
 

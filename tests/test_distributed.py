@@ -146,7 +146,8 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
 def test_bf16_under_fsdp_policy_and_reference_compute_alike(pipeline, tmp_path):
     """--bf16 under FSDP2: the trained models keep fp32 master weights and compute in bf16 (the FSDP mixed-precision
     policy), the frozen ones are stored in bf16; at the first iteration the policy is the reference, so the KL is
-    exactly 0 (with an fp32 reference it was not). The exported policy and critic are bf16."""
+    exactly 0 (with an fp32 reference it was not, nor when Accelerate's FSDP2 policy cast the policy's float32
+    log-probs to bf16 on their way out). The exported policy and critic are bf16."""
     launch("cpu_fsdp.yaml", "rto.py", "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt",
            pipeline["rm"], "--num_iterations", 1, "--rollout_batch_size", 8, "--mini_batch_size", 8,
            "--oracle_prompts", 4, "--sample_every", 0, "--bf16", "--output_dir", tmp_path / "bf16")
@@ -201,7 +202,8 @@ def count(run, n):
     run(n)
     return len(calls)
 prompts = toy_task.prompts("test", 4, seed=rank)  # other prompts on each rank: responses end at other lengths
-gen = lambda n: types.SimpleNamespace(max_new_tokens=n, generation_batch_size=2, temperature=1.0, top_p=1.0)
+gen = lambda n: types.SimpleNamespace(max_new_tokens=n, generation_batch_size=2, temperature=1.0, top_p=1.0,
+                                      generation_logprobs=False)
 rollouts = [count(lambda n: rto.rollout(acc, trained, tok, prompts, [0, 1, 2, 3], gen(n)), n) for n in (2, 12)]
 ids = torch.arange(5, 25)[None]
 control = [count(lambda n: trained.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n), n)

@@ -12,6 +12,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -99,6 +100,25 @@ def test_reproduce_report_renders_means_and_seed_counts():
     assert "| rto | 0.550 ± 0.294 | 0.500 |" in md  # mean of 0.7 and 0.4; 1.96 * stdev / sqrt(2)
     assert "| rto | 1 | - |" in md  # rto beats sft in one seed of two
     assert "| rto_dpo_only | 1.000 | 2.000 | 1.500 |" in md
+
+
+def test_reproduce_runs_in_parallel_keeps_order_and_stops_at_a_failure():
+    import threading
+    started, gate = [], threading.Barrier(2, timeout=10)
+
+    def call(i):
+        started.append(i)
+        if i < 2:
+            gate.wait()  # the first two run at the same time, or this times out
+        if i == 2:
+            raise RuntimeError("run 2 failed")
+        return i * i
+    assert reproduce.parallel(2, [lambda i=i: call(i) for i in range(2)]) == [0, 1]
+    started.clear()
+    gate.reset()
+    with pytest.raises(RuntimeError, match="run 2 failed"):
+        reproduce.parallel(1, [lambda i=i: call(i) for i in (5, 2, 6, 7)])
+    assert started == [5, 2]  # the calls after the failure never start
 
 
 def test_oracle_credit_pays_the_same_total_densely_or_at_the_end(monkeypatch):
@@ -192,6 +212,6 @@ def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(t
         assert args.output_dir.startswith(str(out)) and args.output_dir not in written
         written.add(args.output_dir)
     assert [c[c.index("--reward_mode") + 1] for c in commands if c[0] == "rto.py"] == ["rto", "ppo", "dppo"]
-    with as_if_a_process():  # the first command: the task's numbers
+    with as_if_a_process(), mock.patch.object(sys, "argv", commands[0]):  # the first command: the task's numbers
         runpy.run_path(str(ROOT / "toy_task.py"), run_name="__main__")
     assert "label_agreement: " in capsys.readouterr().out
