@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +88,6 @@ def main():
         if nll is not None:
             folders[name] = out / f"dpo_nll{nll:g}"
             run("dpo.py", *task, *DPO, "--nll_coef", nll, "--sft_ckpt", out / "sft", "--output_dir", folders[name])
-    Accelerator()  # common.sample's device
     prompts = toy_task.prompts("test", a.num_prompts, seed=a.seed)
     summary = {name: judge(f, prompts, a.seed, SIZES[-1]) for name, f in folders.items()}
     json.dump(summary, open(out / "summary.json", "w"), indent=1)

@@ -73,6 +73,10 @@ def parallel(jobs, calls):
     return [f.result() for f in futures]
 
 
+def metrics(folder):
+    return [json.loads(line) for line in open(Path(folder) / "metrics.jsonl")]
+
+
 def preference_stages(out, seed, dataset):
     d = out / f"seed{seed}"
     if not (d / "rm" / "config.json").exists():

@@ -1,11 +1,8 @@
 """common.py's numerical pieces and the built-in task, against hand computations and naive references."""
 
-import math
-import random
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import data

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import toy_task
-from conftest import ROOT, read_metrics, run_main, run_stage
+from conftest import ROOT, read_metrics, run_main
 
 SMALL = {"sft.py": ["--max_steps", 4, "--eval_steps", 2, "--oracle_prompts", 8],
          "dpo.py": ["--max_steps", 4, "--eval_steps", 2],

@@ -12,6 +12,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -119,6 +120,50 @@ def test_reproduce_runs_in_parallel_keeps_order_and_stops_at_a_failure():
     with pytest.raises(RuntimeError, match="run 2 failed"):
         reproduce.parallel(1, [lambda i=i: call(i) for i in (5, 2, 6, 7)])
     assert started == [5, 2]  # the calls after the failure never start
+
+
+def test_reproduce_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys):
+    """Every step of reproduce.py, each command replaced by a stand-in that writes what the real one would (a run's
+    score is its actor lr, so the tuning must pick 1e-4); the summary holds every table, and a second call reuses
+    every run."""
+    calls = []
+
+    def fake_run(script, *args):
+        calls.append(script)
+        argv = list(map(str, args))
+        flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv else default
+        out = Path(flag("--output_dir") or flag("--json"))
+        if script == "scripts/reward_signal.py":
+            keys = ["corr_oracle_rm", "corr_oracle_dpo_sum", "corr_oracle_dpo_clipped_sum", "corr_token_reward_credit",
+                    "token_reward_at_clip", "std_rm_score", "std_dpo_clipped_sum"]
+            out.write_text(json.dumps({**dict.fromkeys(keys, 0.5), "by_kind": {"new": {"mean_reward": 0.1}}}))
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if script == "evaluate.py":
+            names = [m.split("=")[0] for m in argv[argv.index("--models") + 1:argv.index("--judge")]]
+            (out / "winrates.json").write_text(json.dumps({
+                "models": names, "win_rates": {a: {b: 0.5 for b in names} for a in names},
+                "summary": {m: {"mean_score": 1.0} for m in names}}))
+            return
+        (out / "config.json").write_text("{}")
+        if script in ("rto.py", "scripts/oracle_credit.py"):
+            score = float(flag("--actor_lr")) * 1e4 + (script != "rto.py") * float(flag("--credit") == "dense")
+            rows = [{"policy_loss": 0, "oracle_reward": score}] * 5 + [{"phase": "after", "oracle_reward_test": score}]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (out / "args.json").write_text(json.dumps({k[2:]: v for k, v in zip(argv[::2], argv[1::2])}))
+    monkeypatch.setattr(reproduce, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--out", str(tmp_path), "--datasets", "toy-long",
+                                      "--seeds", "0", "1"])
+    reproduce.main()
+    s = json.load(open(tmp_path / "toy-long" / "summary.json"))
+    assert s["best"] == {m: "0.0001,0.05" for m in reproduce.METHODS}  # the first of the two best-scoring points
+    assert s["budget"]["rto 1/8"] == [1.0, 1.0] and s["control_difference"]["mean"] == 1.0
+    assert set(s["ablation"]) == {*reproduce.VARIANTS, *reproduce.METHODS} and len(s["signal"]["rto"]) == 2
+    assert "toy-long: reproduction took" in capsys.readouterr().out
+    n = len(calls)  # 3 seeds x 3 stages + 12 tuning + 6 + 2 evaluations + 12 budget + 4 signals + 8 ablations
+    assert n == 9 + 12 + 6 + 2 + 12 + 4 + 8
+    reproduce.main()
+    assert calls[n:] == ["scripts/reward_signal.py"] * 4  # only the analyses are redone
 
 
 def test_oracle_credit_pays_the_same_total_densely_or_at_the_end(monkeypatch):
