@@ -136,7 +136,8 @@ def test_reproduce_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys):
         if script == "scripts/reward_signal.py":
             keys = ["corr_oracle_rm", "corr_oracle_dpo_sum", "corr_oracle_dpo_clipped_sum", "corr_token_reward_credit",
                     "token_reward_at_clip", "std_rm_score", "std_dpo_clipped_sum"]
-            out.write_text(json.dumps({**dict.fromkeys(keys, 0.5), "by_kind": {"new": {"mean_reward": 0.1}}}))
+            out.write_text(json.dumps({**dict.fromkeys(keys, 0.5), "by_kind": {"new": {"mean_reward": 0.1},
+                                                                                ";": {"mean_reward": float("nan")}}}))
             return
         out.mkdir(parents=True, exist_ok=True)
         if script == "evaluate.py":
@@ -160,6 +161,8 @@ def test_reproduce_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys):
     assert s["budget"]["rto 1/8"] == [1.0, 1.0] and s["control_difference"]["mean"] == 1.0
     assert set(s["ablation"]) == {*reproduce.VARIANTS, *reproduce.METHODS} and len(s["signal"]["rto"]) == 2
     assert "toy-long: reproduction took" in capsys.readouterr().out
+    md = (tmp_path / "toy-long" / "summary.md").read_text()
+    assert "| new | +0.1000 | +0.1000 |" in md and "| ; |" not in md  # a kind of word the task never produced
     n = len(calls)  # 3 seeds x 3 stages + 12 tuning + 6 + 2 evaluations + 12 budget + 4 signals + 8 ablations
     assert n == 9 + 12 + 6 + 2 + 12 + 4 + 8
     reproduce.main()
