@@ -28,6 +28,7 @@ import sft
 from conftest import ROOT, as_if_a_process, run_main
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import byte_level_check  # noqa: E402
 import oracle_credit  # noqa: E402
 import reproduce  # noqa: E402
 import reward_signal  # noqa: E402
@@ -263,3 +264,36 @@ def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(t
     with as_if_a_process(), mock.patch.object(sys, "argv", commands[0]):  # the first command: the task's numbers
         runpy.run_path(str(ROOT / "toy_task.py"), run_name="__main__")
     assert "label_agreement: " in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- scripts/byte_level_check.py
+def test_byte_level_check_wires_the_task_through_the_dataset_file_path(tmp_path, monkeypatch, capsys):
+    """Its commands parse with each stage's own parser, read the pairs file as a user's dataset (no built-in
+    task defaults), and train plain DPO and RPO from its SFT model; the judge's table is printed and saved."""
+    commands = []
+    monkeypatch.setattr(byte_level_check, "run", lambda script, *a: commands.append([script, *map(str, a)]))
+    judged = []
+
+    def fake_judge(folder, prompts, seed, max_new_tokens):
+        judged.append((Path(folder).name, len(prompts), max_new_tokens))
+        return {"oracle": 1.0, "ci95": 0.1, "well_formed": 0.5, "eos_rate": 1.0, "example": "apple ."}
+    monkeypatch.setattr(byte_level_check, "judge", fake_judge)
+    monkeypatch.setattr(sys, "argv", ["byte_level_check.py", "--out", str(tmp_path), "--num_prompts", "6"])
+    byte_level_check.main()
+    pairs = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == 4000 and set(json.loads(pairs[0])) == {"prompt", "chosen", "rejected"}
+    assert [c[0] for c in commands] == ["sft.py", "dpo.py", "dpo.py"]
+    parsed = [STAGES[script].validate(common.parse_args(STAGES[script].Args, argv + ["--overwrite"],
+                                                        STAGES[script].DEFAULTS)) for script, *argv in commands]
+    assert all(a.dataset == str(tmp_path / "pairs.jsonl") and a.max_response_len == 160 for a in parsed)
+    assert [a.nll_coef for a in parsed[1:]] == [0.0, 0.2] and {a.sft_ckpt for a in parsed[1:]} == {parsed[0].output_dir}
+    assert judged == [("sft", 6, 160), ("dpo_nll0", 6, 160), ("dpo_nll0.2", 6, 160)]
+    assert set(json.load(open(tmp_path / "summary.json"))) == {"sft", "dpo (plain, --nll_coef 0)",
+                                                               "dpo (RPO, --nll_coef 0.2)"}
+    assert "| dpo (RPO, --nll_coef 0.2) | 1.000 ± 0.100 | 0.500 |" in capsys.readouterr().out
+
+
+def test_byte_level_check_counts_only_the_tasks_words_as_well_formed():
+    assert byte_level_check.well_formed("apple plum .")
+    assert not byte_level_check.well_formed("apple  plum .")  # a stray space
+    assert not byte_level_check.well_formed("apple pl\xe2um .") and not byte_level_check.well_formed("user: apple")
