@@ -1,7 +1,7 @@
 """The paper's comparison in miniature, on the built-in task, over several seeds.
 
     python scripts/reproduce.py --out results/reproduce     # both built-in tasks, into <out>/toy and <out>/toy-long
-    python scripts/reproduce.py --datasets toy               # the short task only (~30 min here)
+    python scripts/reproduce.py --datasets toy               # the short task only (~15 min here; both ~63 min)
 
 1. tune:   for each method (rto, ppo, dppo) the same small grid of actor learning rate x KL coefficient beta2, on
            a tuning seed that is not an evaluation seed; the score is the oracle reward of the method's own training
