@@ -1,13 +1,13 @@
 """Does DPO's fix (--nll_coef, RPO) hold on a second ground-truth task that goes through the real-data path?
 
-    python scripts/byte_level_check.py --out results/byte_level_check          # ~20 min here
+    python scripts/byte_level_check.py --out results/byte_level_check          # ~7 min here
 
 The built-in task's preference pairs are written to a local file, so every stage treats them as a user's dataset:
 the byte-level tokenizer (each UTF-8 byte a token, no word list), and none of the built-in task's defaults. The
 sizes the tiny model needs are given by hand, scaled from the built-in task's to bytes (a word is ~6 bytes).
 1. <out>/pairs.jsonl: toy_task's training pairs, {prompt: messages, chosen, rejected}
-2. sft.py on the chosen answers, then dpo.py from it twice: plain DPO (--nll_coef 0, the default for a
-   dataset file) and RPO (--nll_coef 0.2, the built-in task's default)
+2. sft.py on the chosen answers, then dpo.py from it three times: plain DPO (--nll_coef 0, the default for a
+   dataset file) and RPO (--nll_coef 0.2, the built-in task's default, and 1)
 3. each model answers the same held-out prompts (toy_task's test split, sampled at T = 1); the oracle judges the
    decoded text, and we count the answers that are not well-formed: a byte or marker outside the task's words.
 Prints a table and writes <out>/summary.json. The task and its judge are the built-in task's, unchanged.
@@ -34,7 +34,8 @@ import toy_task  # noqa: E402
 SIZES = ["--max_prompt_len", 192, "--max_response_len", 160]
 SFT = ["--lr", 1e-3, "--epochs", 3, *SIZES]  # the built-in task's SFT defaults
 DPO = ["--lr", 3e-4, "--epochs", 2, *SIZES]  # and its DPO defaults, but --nll_coef
-MODELS = {"sft": None, "dpo (plain, --nll_coef 0)": 0.0, "dpo (RPO, --nll_coef 0.2)": 0.2}
+MODELS = {"sft": None, "dpo (plain, --nll_coef 0)": 0.0, "dpo (RPO, --nll_coef 0.2)": 0.2,
+          "dpo (RPO, --nll_coef 1)": 1.0}
 
 
 def run(script, *args):

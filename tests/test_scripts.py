@@ -282,14 +282,15 @@ def test_byte_level_check_wires_the_task_through_the_dataset_file_path(tmp_path,
     byte_level_check.main()
     pairs = (tmp_path / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == 4000 and set(json.loads(pairs[0])) == {"prompt", "chosen", "rejected"}
-    assert [c[0] for c in commands] == ["sft.py", "dpo.py", "dpo.py"]
+    assert [c[0] for c in commands] == ["sft.py", "dpo.py", "dpo.py", "dpo.py"]
     parsed = [STAGES[script].validate(common.parse_args(STAGES[script].Args, argv + ["--overwrite"],
                                                         STAGES[script].DEFAULTS)) for script, *argv in commands]
     assert all(a.dataset == str(tmp_path / "pairs.jsonl") and a.max_response_len == 160 for a in parsed)
-    assert [a.nll_coef for a in parsed[1:]] == [0.0, 0.2] and {a.sft_ckpt for a in parsed[1:]} == {parsed[0].output_dir}
-    assert judged == [("sft", 6, 160), ("dpo_nll0", 6, 160), ("dpo_nll0.2", 6, 160)]
+    assert [a.nll_coef for a in parsed[1:]] == [0.0, 0.2, 1.0]
+    assert {a.sft_ckpt for a in parsed[1:]} == {parsed[0].output_dir}
+    assert judged == [("sft", 6, 160), ("dpo_nll0", 6, 160), ("dpo_nll0.2", 6, 160), ("dpo_nll1", 6, 160)]
     assert set(json.load(open(tmp_path / "summary.json"))) == {"sft", "dpo (plain, --nll_coef 0)",
-                                                               "dpo (RPO, --nll_coef 0.2)"}
+                                                               "dpo (RPO, --nll_coef 0.2)", "dpo (RPO, --nll_coef 1)"}
     assert "| dpo (RPO, --nll_coef 0.2) | 1.000 ± 0.100 | 0.500 |" in capsys.readouterr().out
 
 
