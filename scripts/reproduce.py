@@ -271,8 +271,8 @@ def report(s):
     lines += ["", "Row beats column in how many seeds (win rate > 0.5):", "", "| | " + " | ".join(names) + " |",
               "|---" * (len(names) + 1) + "|"]
     for i, a in enumerate(names):
-        wins = lambda b: str(sum(m["win_rates"][a][b] > 0.5 for m in s["per_seed"]))
-        lines.append(f"| {a} | " + " | ".join("-" if a == b else wins(b) for b in names) + " |")
+        lines.append(f"| {a} | " + " | ".join(
+            "-" if a == b else str(sum(m["win_rates"][a][b] > 0.5 for m in s["per_seed"])) for b in names) + " |")
     lines += ["", "Mean oracle score per seed:", "", "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |",
               "|---" * (len(s["seeds"]) + 1) + "|"]
     for i, a in enumerate(names):
