@@ -2,7 +2,7 @@
 
     L = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
 
-with sequence log-probs summed over response tokens only (ALGORITHM.md, stage 2).
+with sequence log-probs summed over response tokens only (docs/algorithm.md, stage 2).
 
     python dpo.py --sft_ckpt runs/sft
     accelerate launch dpo.py --sft_ckpt <sft> --dataset Anthropic/hh-rlhf

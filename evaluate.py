@@ -4,7 +4,7 @@
         --judge oracle --num_prompts 400 --output_dir results/eval
     python evaluate.py --curves runs/rto runs/ppo runs/dppo --output_dir results/curves
 
-Protocol (ALGORITHM.md, "What the paper reports"): every model samples one response to each of the same
+Protocol (docs/algorithm.md, "What the paper reports"): every model samples one response to each of the same
 held-out prompts with the same settings (each model with its own fixed seed); one judge scores every response;
 the win rate of row model a over column model b is the fraction of prompts where a's response scores higher,
 ties counting half.

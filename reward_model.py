@@ -2,7 +2,7 @@
 
     L = -log sigmoid( r(x, y_w) - r(x, y_l) )
 
-r is a scalar head read at the last real (non-padding) token of prompt + response (ALGORITHM.md, stage 3).
+r is a scalar head read at the last real (non-padding) token of prompt + response (docs/algorithm.md, stage 3).
 
     python reward_model.py --sft_ckpt runs/sft
     accelerate launch reward_model.py --sft_ckpt <sft> --dataset Anthropic/hh-rlhf

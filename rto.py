@@ -48,7 +48,7 @@ class Args(common.TrainArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint: initial policy and the frozen reference pi_ref")
     dpo_ckpt: str = arg(None, "DPO checkpoint (trained from the SFT model): the token-level reward [rto, dppo]")
     rm_ckpt: str = arg(None, "sentence-level reward model; the critic starts from it when given")
-    reward_mode: str = arg("rto", "rto | ppo | dppo: which per-token reward (ALGORITHM.md, stage 4)")
+    reward_mode: str = arg("rto", "rto | ppo | dppo: which per-token reward (docs/algorithm.md, stage 4)")
     dataset: str = arg(TOY, "RL prompts: 'toy', a hub id or a file (prompt-only, or the prompts of pairs)")
     output_dir: str = arg("runs/rto", "policy checkpoint folder (critic in <output_dir>/critic)")
     beta1: float = arg(0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)")
@@ -84,7 +84,7 @@ class Args(common.TrainArgs):
     oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward before and after")
 
 
-DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pythia/HH settings (ALGORITHM.md)
+DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pythia/HH settings (docs/algorithm.md)
     "rollout_batch_size": (64, 256), "mini_batch_size": (16, 16), "forward_batch_size": (64, 8),
     "max_prompt_len": (24, 512), "max_new_tokens": (24, 512, 96),
     "beta2": (0.1, 0.01), "actor_lr": (1e-4, 5e-6), "critic_lr": (3e-4, 9e-6)}  # beta2: authors' Llama-3 script

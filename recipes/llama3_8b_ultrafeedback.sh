@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The authors' later configuration: Llama-3-8B SFT mixture, DPO on UltraFeedback from it, RTO with the DPO
 # token reward (beta1 0.05, clipped at 0.05) plus a normalised sentence-level reward model that also
-# initialises the critic (ALGORITHM.md, "Authors' script").
+# initialises the critic (docs/algorithm.md, "Defaults").
 #   bash recipes/llama3_8b_ultrafeedback.sh            # runs it (8 GPUs, configs/gpu8_fsdp.yaml)
 #   DRY_RUN=1 bash recipes/llama3_8b_ultrafeedback.sh  # prints the stage command lines only
 # The authors used an external 1B reward model; set RM to its folder to do the same, otherwise one is trained
@@ -15,7 +15,7 @@ RM=${RM:-$OUT/rm}
 CONFIG=${CONFIG:-configs/gpu8_fsdp.yaml}
 run() { if [ -n "${DRY_RUN:-}" ]; then echo "$@"; else accelerate launch --config_file "$CONFIG" "$@"; fi; }
 
-# DPO: ALGORITHM.md gives no DPO settings for this model; lr 5e-7 is the usual one for Llama-3-8B.
+# DPO: the authors state no DPO settings for this model; lr 5e-7 is the usual one for Llama-3-8B.
 run dpo.py --sft_ckpt "$SFT" --dataset "$DATA" --dataset_split train_prefs --output_dir "$OUT/dpo" \
     --beta 0.1 --lr 5e-7 --batch_size 128 --micro_batch_size 1 --epochs 1 \
     --max_prompt_len 1024 --max_response_len 1024 --bf16 --gradient_checkpointing

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's first configuration: Pythia-2.8B on HH-RLHF (helpful), RTO with the DPO token reward and the KL
-# penalty only (beta3 = 0), hyperparameters of ALGORITHM.md ("Hyperparameters reported").
+# penalty only (beta3 = 0), the paper's hyperparameters (docs/algorithm.md, "Defaults").
 #   bash recipes/pythia28b_hh.sh            # runs it (8 GPUs, configs/gpu8_fsdp.yaml)
 #   DRY_RUN=1 bash recipes/pythia28b_hh.sh  # prints the stage command lines only
 # The paper used the helpful subset: point DATA at a local copy of helpful-base (train.jsonl.gz) to match it;

@@ -1,7 +1,7 @@
 """Data: format detection, parsing of every supported layout, the real samples, tokenisation and batches.
 
-Fixtures are written by the tests themselves (tmp_path). The real samples in ../shared/data are used when that
-folder exists (see the SOURCE.md files there for origin, row counts and layouts); those tests skip otherwise.
+Fixtures are written by the tests themselves (tmp_path), except the real samples in samples/ (see the SOURCE.md
+files there for origin, licence, layouts and how each file was cut).
 """
 
 import gzip
@@ -14,8 +14,7 @@ import torch
 
 import data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data samples at {DATA}")
+DATA = Path(__file__).resolve().parents[1] / "samples"
 
 
 def U(content):
@@ -93,7 +92,7 @@ CASES = [
     ("generic_strings",
      {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
      {"prompt": [U("What is the capital of France?")], "chosen": "Paris.", "rejected": "Lyon."}),
-    ("generic_hh_style_prompt",  # the layout of test_mixed_1000.split.jsonl
+    ("generic_hh_style_prompt",  # the layout of samples/hh_rlhf/test_mixed.split.jsonl
      {"prompt": "Human: Hi.\n\nAssistant: Hello, how can I help?\n\nHuman: Capital of France?",
       "chosen": "Paris.", "rejected": "Rome."},
      {"prompt": [U("Hi."), A("Hello, how can I help?"), U("Capital of France?")],
@@ -251,30 +250,28 @@ def test_split_eval_edge_cases():
 
 # ============================================================================ the real samples
 EXPECTED_ROWS = {  # from the SOURCE.md files
-    "hh_rlhf/harmless-base_test.jsonl.gz": 2312,
-    "hh_rlhf/test_mixed_1000.split.jsonl": 1000,
-    "hh_rlhf/test_mixed_1000.hh_format.jsonl": 1000,
-    "ultrafeedback_binarized/train_prefs_500.jsonl": 500,
-    "ultrafeedback_binarized/test_prefs_500.jsonl": 500,
-    "ultrafeedback_binarized/trl_train_clean_1000.jsonl": 1000,
-    "ultrafeedback_binarized/trl_eval_clean_200.jsonl": 200,
-    "ultrafeedback_binarized/h4_layout_with_scores_1200.jsonl": 1200,
-    "ultrafeedback_prompts/train_prompts.jsonl": 1491,
-    "ultrafeedback_prompts/test_prompts.jsonl": 490,
+    "hh_rlhf/harmless-base_test.jsonl.gz": 1300,
+    "hh_rlhf/test_mixed.split.jsonl": 250,
+    "hh_rlhf/test_mixed.hh_format.jsonl": 250,
+    "ultrafeedback_binarized/train_prefs.jsonl": 50,
+    "ultrafeedback_binarized/test_prefs.jsonl": 50,
+    "ultrafeedback_binarized/trl_train_clean.jsonl": 50,
+    "ultrafeedback_binarized/trl_eval_clean.jsonl": 20,
+    "ultrafeedback_binarized/h4_layout_with_scores.jsonl": 70,
+    "ultrafeedback_prompts/train_prompts.jsonl": 100,
+    "ultrafeedback_prompts/test_prompts.jsonl": 50,
 }
-REAL_FILES = sorted(set(EXPECTED_ROWS) | ({
+REAL_FILES = sorted(set(EXPECTED_ROWS) | {
     str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.name.endswith((".json", ".jsonl", ".gz", ".parquet"))
-} if DATA.is_dir() else set()))
+})
 
 
 # Rows whose source transcript is itself broken, so that the prompt ends with the assistant's turn: a human turn
-# glued on with "  Human:" instead of "\n\nHuman:" (harmless-base test rows 1254, 1688, 2036; mixed rows 739, 796),
-# or two assistant turns in a row (harmless-base test row 1952). Kept as they are, like other HH loaders do.
-PROMPT_ENDS_WITH_ASSISTANT = {"hh_rlhf/harmless-base_test.jsonl.gz": 4, "hh_rlhf/test_mixed_1000.split.jsonl": 2,
-                              "hh_rlhf/test_mixed_1000.hh_format.jsonl": 2}
+# glued on with "  Human:" instead of "\n\nHuman:" (harmless-base test row 1254). Kept as they are, like other HH
+# loaders do.
+PROMPT_ENDS_WITH_ASSISTANT = {"hh_rlhf/harmless-base_test.jsonl.gz": 1}
 
 
-@needs_data
 @pytest.mark.parametrize("name", REAL_FILES)
 def test_real_file_loads(name):
     rows = data.load_rows(str(DATA / name))
@@ -296,7 +293,6 @@ def test_real_file_loads(name):
     assert empty <= 0.01 * len(rows)  # a few empty replies in the sources (kept: EOS alone is the response)
 
 
-@needs_data
 def test_real_hh_transcripts_rejoin():
     path = DATA / "hh_rlhf" / "harmless-base_test.jsonl.gz"
     with gzip.open(path, "rt") as f:
@@ -320,27 +316,26 @@ def test_real_hh_transcripts_rejoin():
     assert [i for i, r in enumerate(rows) if not r["chosen"]] == [86, 516, 925, 1103]  # empty in the source too
 
 
-@needs_data
 def test_real_layouts_agree():
     """The same data in two layouts parses to the same rows."""
     load = lambda name: data.load_rows(str(DATA / name))
-    assert load("hh_rlhf/test_mixed_1000.split.jsonl") == load("hh_rlhf/test_mixed_1000.hh_format.jsonl")
+    assert load("hh_rlhf/test_mixed.split.jsonl") == load("hh_rlhf/test_mixed.hh_format.jsonl")
     uf = "ultrafeedback_binarized/"
-    trl = load(uf + "trl_train_clean_1000.jsonl") + load(uf + "trl_eval_clean_200.jsonl")
+    trl_train = load(uf + "trl_train_clean.jsonl")
+    trl = trl_train + load(uf + "trl_eval_clean.jsonl")
     key = lambda r: json.dumps(r, sort_keys=True)
-    assert sorted(map(key, load(uf + "h4_layout_with_scores_1200.jsonl"))) == sorted(map(key, trl))
+    assert sorted(map(key, load(uf + "h4_layout_with_scores.jsonl"))) == sorted(map(key, trl))
     seen = {}
-    for row in trl[:1000] + load(uf + "train_prefs_500.jsonl"):
+    for row in trl_train + load(uf + "train_prefs.jsonl"):
         seen.setdefault(key(row["prompt"]), row["prompt"])
     assert [r["prompt"] for r in load("ultrafeedback_prompts/train_prompts.jsonl")] == list(seen.values())
 
 
-@needs_data
 def test_real_load_pairs(capsys):
-    path = str(DATA / "hh_rlhf" / "test_mixed_1000.split.jsonl")
+    path = str(DATA / "hh_rlhf" / "test_mixed.split.jsonl")
     train, held = data.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
-    assert "note: skipped 6 pairs whose chosen equals rejected" in capsys.readouterr().err
-    assert (len(train), len(held)) == (945, 49)
+    assert "note: skipped 1 pairs whose chosen equals rejected" in capsys.readouterr().err  # row 224
+    assert (len(train), len(held)) == (237, 12)  # int(249 * 0.05) held out
     key = lambda r: json.dumps(r, sort_keys=True)
     assert not {key(r) for r in train} & {key(r) for r in held}
 

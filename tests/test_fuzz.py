@@ -1,6 +1,6 @@
 """Fuzz: corrupted rows, derived from every real data sample, fed to every stage's loader.
 
-For each file in ../shared/data, the first rows are corrupted with a seeded random.Random (missing fields, wrong
+For each file in samples/, the first rows are corrupted with a seeded random.Random (missing fields, wrong
 types, empty values, huge strings, invalid UTF-8, truncated lines, wrong roles, garbage, extra columns, ...) and
 written to tmp_path (JSON lines, some gzipped, some as one JSON array). Each loader (load_rows with and without
 --skip_bad_rows; load_pairs, used by sft.py, dpo.py and reward_model.py; load_prompts, used by rto.py and
@@ -14,7 +14,7 @@ evaluate.py) must then either
 
 Any other exception is a bug. encode_examples then runs on whatever load_pairs returned, with both tiny
 tokenizers, and may only stop with SystemExit("error: ..."). Whole-file corruptions and the regressions this
-test found are at the end. Skipped when the samples are absent.
+test found are at the end.
 """
 
 import copy
@@ -30,17 +30,15 @@ import pytest
 import common
 import data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no real data samples at {DATA}")
+DATA = Path(__file__).resolve().parents[1] / "samples"
 
 FILES = sorted({  # the ten samples (see the SOURCE.md files), and any added since
-    "hh_rlhf/harmless-base_test.jsonl.gz", "hh_rlhf/test_mixed_1000.split.jsonl",
-    "hh_rlhf/test_mixed_1000.hh_format.jsonl", "ultrafeedback_binarized/train_prefs_500.jsonl",
-    "ultrafeedback_binarized/test_prefs_500.jsonl", "ultrafeedback_binarized/trl_train_clean_1000.jsonl",
-    "ultrafeedback_binarized/trl_eval_clean_200.jsonl", "ultrafeedback_binarized/h4_layout_with_scores_1200.jsonl",
+    "hh_rlhf/harmless-base_test.jsonl.gz", "hh_rlhf/test_mixed.split.jsonl",
+    "hh_rlhf/test_mixed.hh_format.jsonl", "ultrafeedback_binarized/train_prefs.jsonl",
+    "ultrafeedback_binarized/test_prefs.jsonl", "ultrafeedback_binarized/trl_train_clean.jsonl",
+    "ultrafeedback_binarized/trl_eval_clean.jsonl", "ultrafeedback_binarized/h4_layout_with_scores.jsonl",
     "ultrafeedback_prompts/train_prompts.jsonl", "ultrafeedback_prompts/test_prompts.jsonl",
-} | ({str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.name.endswith((".json", ".jsonl", ".jsonl.gz"))}
-     if DATA.is_dir() else set()))
+} | {str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.name.endswith((".json", ".jsonl", ".jsonl.gz"))})
 N_ROWS = 20  # real rows taken from each file
 ROLES = ("system", "user", "assistant")
 LAYOUT = ("prompt", "chosen", "rejected", "context_messages")  # the columns the loaders read
@@ -395,7 +393,6 @@ def encode_all(tokenizers, rows):
             assert all(type(i) is int for k in ("prompt", "chosen", "rejected") for i in ex[k])
 
 
-@needs_data
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", FILES)
 def test_corrupted_rows(tmp_path, capsys, tokenizers, name, kind):
@@ -416,7 +413,7 @@ def test_corrupted_rows(tmp_path, capsys, tokenizers, name, kind):
 def whole_file(tmp_path, case):
     """(path, whether rows may come back) for one broken file."""
     rng = random.Random(case)
-    good = b"".join(dumps(r) + b"\n" for r in real_rows("ultrafeedback_binarized/trl_eval_clean_200.jsonl")[:5])
+    good = b"".join(dumps(r) + b"\n" for r in real_rows("ultrafeedback_binarized/trl_eval_clean.jsonl")[:5])
     garbage = bytes(rng.randrange(256) for _ in range(4096))
     files = {
         "binary_garbage": ("garbage.jsonl", garbage),
@@ -454,7 +451,6 @@ SAYS = {"json_one_object": "one JSON object", "json_object_of_rows": "one JSON o
         "is empty", "binary_garbage": "not valid UTF-8", "parquet_name_json_text": "Parquet"}  # what the error says
 
 
-@needs_data
 @pytest.mark.parametrize("case", WHOLE_FILE)
 def test_corrupted_file(tmp_path, capsys, tokenizers, case):
     path = whole_file(tmp_path, case)

