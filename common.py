@@ -30,8 +30,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
-                          LlamaConfig, LlamaForCausalLM, get_scheduler)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler)
 
 TOY, TOY_LONG = "toy", "toy-long"  # --dataset names of the built-in task and its long variant (toy_task.py)
 TOYS = (TOY, TOY_LONG)
@@ -208,14 +208,27 @@ def setup(args):
         accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
         plugin = accelerator.state.fsdp_plugin
         if accelerator.is_fsdp2 and plugin.mixed_precision_policy is not None:
-            # Accelerate's policy also casts every module's outputs to bf16 (output_dtype). That would round the
-            # float32 log-probs response_logprobs computes (by up to 1/256 of each), and only for the trained models:
-            # the policy would no longer score a token as the frozen bf16 reference does. Outputs keep their dtype.
-            plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=None)
+            # Accelerate's bf16 policy computes in bf16 and also reduce-scatters the gradients in bf16; sum them in
+            # float32 instead, as the fp32 master weights they update (and as DDP's fp32 gradients) are.
+            plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
+                                                                reduce_dtype=torch.float32)
     # said out loud because a wrong launch command silently runs one process
     accelerator.print(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})")
     set_seed(args.seed)
     return accelerator
+
+
+def reduce(accelerator, x, op="sum"):
+    """accelerator.reduce of a statistic (a number or a tensor, as float32) on accelerator.device: NCCL takes no CPU
+    tensor. With gather() below, the only collectives on tensors in the project (tests/test_distributed.py checks
+    that every call site goes through them)."""
+    return accelerator.reduce(torch.as_tensor(x, dtype=torch.float).to(accelerator.device), op)
+
+
+def gather(accelerator, x):
+    """accelerator.gather_for_metrics of a tensor, on accelerator.device: every process's rows in data order, the
+    padding that evened out the last batch dropped."""
+    return accelerator.gather_for_metrics(x.to(accelerator.device))
 
 
 def fsdp_on_cpu(accelerator):
@@ -284,17 +297,28 @@ def fsdp_modules(model):
 def gathered_weights(model):
     """Under FSDP2, all-gather every weight once on entry and reshard on exit, and no collective in between:
     generate() would otherwise all-gather every layer at every decode step, and ranks whose responses end at
-    different lengths would have to step together (synced_gpus). Nothing to do for DDP or one process."""
+    different lengths would have to step together (synced_gpus). On exit each sharded module gets back the
+    reshard-after-forward setting it had: Accelerate keeps the root and the final norm + LM head gathered between
+    forward and backward, which saves an all-gather per micro-step. Nothing to do for DDP or one process."""
     modules = fsdp_modules(model)
+    before = {m: reshards_after_forward(m, root=m is model) for m in modules}
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield model
     finally:
-        for m in modules:  # the root keeps FSDP's default for it (no reshard: backward follows at once)
-            m.set_reshard_after_forward(m is not model, recurse=False)
+        for m, value in before.items():
+            m.set_reshard_after_forward(value, recurse=False)
         reshard(model)
+
+
+def reshards_after_forward(module, root):
+    """An FSDP2 module's reshard-after-forward setting (FSDP2 has a setter only): whether its parameter groups free
+    the gathered weights after forward. The root's default is decided at its first forward, and is no."""
+    state = module._get_fsdp_state()
+    return not (root and state._auto_reshard_after_forward) and \
+        any(group._reshard_after_forward for group in state._fsdp_param_groups)
 
 
 def reshard(model):
@@ -398,43 +422,71 @@ def tiny_config(tokenizer, hidden=128, layers=4):
                        eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
 
 
-def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=torch.float32):
-    """Any causal LM by hub id, folder or .gguf file, or `tiny` (built in float32); dropout off (PPO's ratio must
-    be 1 before any update). Loaded straight into `dtype`, never held in float32 first."""
-    if name == TINY:
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_config(tokenizer))
-    else:
-        check_model_path(name, flag)
-        path, kwargs = pretrained(name, flag, model=True)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs,
-                                                         **LOAD_OPTIONS)
-        except (OSError, ValueError) as e:
-            fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0]})")
-        if getattr(model, "is_quantized", False):
-            fail(f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an "
-                 "unquantised checkpoint")
-    return disable_dropout(model)
+def loads_weights(accelerator):
+    """False on the processes that need a model's shapes only: under FSDP2 with fsdp_cpu_ram_efficient_loading,
+    the main process reads each checkpoint and Accelerate's sharding sends every rank its shard, so the others
+    build the model with its weights on the meta device and read nothing (transformers alone would have every rank
+    read the whole checkpoint into host memory)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return not (accelerator.is_fsdp2 and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process)
 
 
-def load_model(name, tokenizer, flag, scorer=False, dtype=torch.float32):
-    """A causal LM, or with scorer=True a scalar-head model."""
-    return load_scorer(name, tokenizer, flag, dtype) if scorer else load_causal_lm(name, tokenizer, flag, dtype=dtype)
-
-
-def load_scorer(name, tokenizer, flag, dtype=torch.float32):
-    """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1."""
+def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
+    """auto_class.from_pretrained(name) in float32 unless dtype= says otherwise, weights from safetensors only;
+    with weights=False the same model with its parameters on the meta device (buffers, such as rotary
+    frequencies, computed for real). Returns (model, the checkpoint's weights that the model had to create)."""
     check_model_path(name, flag)
-    path, kwargs = pretrained(name, flag, model=True)  # a .gguf file works too (a fresh head on its backbone)
+    path, extra = pretrained(name, flag, model=True)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                   use_safetensors=True, **kwargs, **LOAD_OPTIONS)
+        if not weights:
+            from accelerate import init_empty_weights
+
+            config = AutoConfig.from_pretrained(path, **{k: v for k, v in {**extra, **kwargs}.items()
+                                                         if k in ("gguf_file", "num_labels")}, **LOAD_OPTIONS)
+            with init_empty_weights(include_buffers=False):
+                model = auto_class.from_config(config, dtype=kwargs.get("dtype", torch.float32), **LOAD_OPTIONS)
+            return model, []
+        model, info = auto_class.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                                 **{"dtype": torch.float32, **kwargs}, **extra, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
-        fail(f"{flag} {name}: cannot load as a sequence-classification model ({str(e).splitlines()[0]})")
+        fail(f"{flag} {name}: cannot load {what} ({str(e).splitlines()[0]})")
     if getattr(model, "is_quantized", False):
         fail(f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an unquantised "
              "checkpoint")
+    return model, info["missing_keys"]
+
+
+def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=torch.float32, weights=True):
+    """Any causal LM by hub id, folder or .gguf file, or `tiny` (built in float32); dropout off (PPO's ratio must
+    be 1 before any update). Loaded straight into `dtype`, never held in float32 first; weights=False: shapes only
+    (loads_weights)."""
+    if name == TINY:
+        torch.manual_seed(seed)
+        return disable_dropout(LlamaForCausalLM(tiny_config(tokenizer)))
+    model, _ = from_checkpoint(AutoModelForCausalLM, name, flag, "a causal LM", weights, dtype=dtype)
+    return disable_dropout(model)
+
+
+def load_model(name, tokenizer, flag, scorer=False, dtype=torch.float32, weights=True, new_head=False):
+    """A causal LM, or with scorer=True a scalar-head model."""
+    if scorer:
+        return load_scorer(name, tokenizer, flag, dtype, weights, new_head)
+    return load_causal_lm(name, tokenizer, flag, dtype=dtype, weights=weights)
+
+
+def load_scorer(name, tokenizer, flag, dtype=torch.float32, weights=True, new_head=False):
+    """A scalar-head model (reward model or critic): AutoModelForSequenceClassification with num_labels=1, its head
+    named `score` (head_outputs reads it). The head must come from the checkpoint unless new_head=True (a critic or
+    a reward model started from a causal LM): a reward model whose head transformers does not find would otherwise
+    get a random one."""
+    model, missing = from_checkpoint(AutoModelForSequenceClassification, name, flag,
+                                     "as a sequence-classification model", weights, num_labels=1, dtype=dtype)
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        fail(f"{flag} {name}: {type(model).__name__} has no linear head named `score`; use a reward model trained "
+             "by reward_model.py, or any AutoModelForSequenceClassification whose head is `score`")
+    if not new_head and any(k.startswith("score.") for k in missing):
+        fail(f"{flag} {name}: the checkpoint has no weights for the reward head `score` (a causal LM, or a head "
+             "stored under another name); train one with reward_model.py, or rename the head's tensors to score.*")
     model.config.pad_token_id = tokenizer.pad_token_id
     return disable_dropout(model)
 
@@ -452,18 +504,15 @@ def frozen(model):
 
 
 def place_frozen(accelerator, model):
-    """Put a frozen model (reference, DPO, reward model) where it runs: sharded like the trained models under
-    FSDP2 (each decoder layer, then the whole), otherwise one copy per device. Accelerate's prepare() refuses
-    a model that has no optimiser under FSDP2, hence fully_shard by hand."""
+    """Put a frozen model (reference, DPO, reward model) where it runs: under FSDP2 sharded by Accelerate's own
+    code, as prepare() shards the trained models (the same units, mixed precision, offload, and under
+    fsdp_cpu_ram_efficient_loading the main process's weights sent to every rank); otherwise one copy per device.
+    prepare() itself refuses a model that has no optimiser under FSDP2."""
     if not accelerator.is_fsdp2:
         return model.to(accelerator.device)
-    from torch.distributed.fsdp import fully_shard
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    for module in model.modules():
-        if type(module).__name__ in (model._no_split_modules or []):
-            fully_shard(module)
-    fully_shard(model)
-    return model
+    return fsdp2_prepare_model(accelerator, model)
 
 
 def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
@@ -471,7 +520,7 @@ def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     model with scorer=True. With --bf16 it is stored in bfloat16: it never trains, so it needs no fp32 master. It
     is loaded straight in that dtype, and sharded or placed before the caller loads the next model."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = load_model(name, tokenizer, flag, scorer, dtype)
+    model = load_model(name, tokenizer, flag, scorer, dtype, weights=loads_weights(accelerator))
     for p in model.parameters():  # (the tiny random model is built in float32)
         p.data = p.data.to(dtype)
     for b in model.buffers():  # buffers (rotary frequencies) in float32, as FSDP's mixed precision leaves them in
@@ -702,19 +751,20 @@ def lr_schedule(accelerator, optimizer, name, warmup_steps, steps, **kwargs):
                                              scheduler_specific_kwargs=kwargs or None))
 
 
-def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, step):
+def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, where):
     """backward; at the accumulation boundary clip, step and zero (Accelerate holds the step back before it).
 
-    Lists of models/optimizers/schedulers, so that rto.py's actor and critic share it. A non-finite loss or
-    gradient norm stops the run with one line, or with --skip_nonfinite drops the micro-batch (the step) and
+    Lists of models/optimizers/schedulers, so that rto.py's actor and critic share it (separate models and
+    optimisers: the summed loss only saves a backward call). A non-finite loss or gradient norm stops the run with
+    one line naming `where` ("step 7", "iteration 3"), or with --skip_nonfinite drops the micro-batch (the step) and
     returns False so the caller can count it."""
     if not all_finite(accelerator, loss):
-        return nonfinite(args, "loss", step, optimizers)
+        return nonfinite(args, "loss", where, optimizers)
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         norms = torch.stack([accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm) for m in models])
         if not all_finite(accelerator, norms):
-            return nonfinite(args, "gradient norm", step, optimizers)
+            return nonfinite(args, "gradient norm", where, optimizers)
     for optimizer, scheduler in zip(optimizers, schedulers):
         optimizer.step()
         scheduler.step()
@@ -726,12 +776,13 @@ def all_finite(accelerator, x):
     """True on every process iff x is finite on every process (so that all ranks take the same branch)."""
     x = x.full_tensor() if hasattr(x, "full_tensor") else x  # FSDP2's gradient norm is a DTensor
     bad = (~torch.isfinite(x.detach().float())).any().float()
-    return accelerator.reduce(bad.to(accelerator.device), "sum").item() == 0
+    return reduce(accelerator, bad).item() == 0
 
 
-def nonfinite(args, what, step, optimizers):
+def nonfinite(args, what, where, optimizers):
+    """A non-finite `what` at `where`: one line and stop, or with --skip_nonfinite zero the gradients and go on."""
     if not args.skip_nonfinite:
-        fail(f"non-finite {what} at step {step + 1}; lower the learning rate, or pass --skip_nonfinite to skip it")
+        fail(f"non-finite {what} at {where}; lower the learning rate, or pass --skip_nonfinite to skip it")
     for optimizer in optimizers:
         optimizer.zero_grad()
     return False

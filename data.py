@@ -403,7 +403,8 @@ def mean_oracle_reward(accelerator, model, tokenizer, prompts, max_new_tokens, b
     samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
     model = accelerator.unwrap_model(model)
     scores = []
-    with torch.random.fork_rng(devices=[]), common.gathered_weights(model):  # FSDP2: no collective per token
+    gpus = [accelerator.device] if accelerator.device.type == "cuda" else []  # sampling draws from its RNG too
+    with torch.random.fork_rng(devices=gpus), common.gathered_weights(model):  # FSDP2: no collective per token
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]

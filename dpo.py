@@ -86,7 +86,7 @@ def precompute_reference(accelerator, ref, examples, micro, pad_id):
     for batch in common.progress_iter(accelerator, loader, "reference log-probs"):
         lp = sequence_logprobs(ref, batch)  # (2B,)
         B = lp.shape[0] // 2
-        out.append(accelerator.gather_for_metrics(torch.stack([lp[:B], lp[B:]], 1)))  # (B, 2) in data order
+        out.append(common.gather(accelerator, torch.stack([lp[:B], lp[B:]], 1)))  # (B, 2) in data order
     out = torch.cat(out).tolist()
     return [{**e, "ref_chosen": c, "ref_rejected": r} for e, (c, r) in zip(examples, out)]
 
@@ -123,7 +123,7 @@ def evaluate(accelerator, model, ref, loader, beta):
     parts = []
     for batch in loader:
         loss, c, r = batch_loss(model, ref, batch, beta)
-        parts.append(accelerator.gather_for_metrics(torch.stack([c, r], 1)))
+        parts.append(common.gather(accelerator, torch.stack([c, r], 1)))
     model.train()
     cr = torch.cat(parts)  # (N, 2)
     c, r = cr[:, 0], cr[:, 1]
@@ -135,7 +135,7 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt")
+    model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator))
     ref = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)  # bf16 under --bf16
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
     enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
@@ -166,14 +166,15 @@ def main(argv=None):
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss, chosen, rejected = batch_loss(model, ref, batch, args.beta, args.nll_coef)
-            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args,
+                                                 f"step {step + 1}")
         window.append(step_metrics(loss.detach(), chosen, rejected))
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        metrics = {k: accelerator.reduce(torch.tensor([w[k] for w in window]).mean().to(accelerator.device),
-                                         "mean").item() for k in window[0]}  # the step's means
+        metrics = {k: common.reduce(accelerator, torch.tensor([w[k] for w in window]).mean(), "mean").item()
+                   for k in window[0]}  # the step's means
         window = []
         if step % args.eval_steps == 0 or step == steps:
             metrics.update(evaluate(accelerator, model, ref, held_loader, args.beta))

@@ -71,7 +71,7 @@ def evaluate(accelerator, model, loader):
     for batch in loader:
         r = common.sequence_scores(model, batch)
         B = r.shape[0] // 2
-        parts.append(accelerator.gather_for_metrics(torch.stack([r[:B], r[B:]], 1)))
+        parts.append(common.gather(accelerator, torch.stack([r[:B], r[B:]], 1)))
     model.train()
     cr = torch.cat(parts)  # (N, 2)
     return {"eval_loss": -F.logsigmoid(cr[:, 0] - cr[:, 1]).mean().item(),
@@ -82,9 +82,9 @@ def evaluate(accelerator, model, loader):
 def reward_statistics(accelerator, model, loader):
     """Mean and std of r over the training responses (chosen and rejected), for normalisation in RL."""
     model.eval()
-    # gathered per pair, (b, 2) like evaluate(): gather_for_metrics drops the last batch's padding by counting
+    # gathered per pair, (b, 2) like evaluate(): the gather drops the last batch's padding by counting
     # dataset rows (pairs), which on the flat (2b,) scores would drop the wrong ones
-    r = torch.cat([accelerator.gather_for_metrics(common.sequence_scores(model, b).view(2, -1).T) for b in loader])
+    r = torch.cat([common.gather(accelerator, common.sequence_scores(model, b).view(2, -1).T) for b in loader])
     return {"reward_mean": r.mean().item(), "reward_std": r.std().item()}
 
 
@@ -93,7 +93,8 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt")
+    model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator),
+                               new_head=True)  # the reward head is new
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
     enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
                                             args.long_prompts)
@@ -122,13 +123,14 @@ def main(argv=None):
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss, chosen, rejected = bt_loss(common.sequence_scores(model, batch))
-            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args,
+                                                 f"step {step + 1}")
         window.append(torch.stack([loss.detach(), (chosen > rejected).float().mean()]))
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        mean, window = accelerator.reduce(torch.stack(window).mean(0), "mean").tolist(), []  # the step's means
+        mean, window = common.reduce(accelerator, torch.stack(window).mean(0), "mean").tolist(), []  # the step's means
         metrics = {"loss": mean[0], "accuracy": mean[1]}
         if step % args.eval_steps == 0 or step == steps:
             metrics.update(evaluate(accelerator, model, held_loader))

@@ -132,13 +132,6 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
     return pick
 
 
-def cut_at_eos(responses, eos_id):
-    """(b, R) sampled tokens -> mask up to and including the first EOS, and whether there is one (if not: cut by
-    --max_new_tokens, it keeps its last token; the authors' code writes an EOS over that token)."""
-    is_eos = (responses == eos_id).long()
-    return ((is_eos.cumsum(-1) - is_eos) == 0).float(), is_eos.bool().any(-1)  # no EOS before a token: keep it
-
-
 @torch.no_grad()
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits."""
@@ -156,7 +149,7 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
                                  logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p,
                                                                             steps)])
             responses = out[:, width:]  # (b, R_chunk)
-            response_mask, ended = cut_at_eos(responses, eos)
+            response_mask, ended = common.truncate_at_eos(responses, eos)  # no EOS: cut, keeps its last token
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
                            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
                            "response_mask": response_mask, "ended": ended, "prompt_len": width})
@@ -187,8 +180,7 @@ def critic_values(critic, batch):
 
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
-    last = batch["attention_mask"].shape[1] - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # (b,) last real token
-    r = common.head_outputs(rm, batch).gather(1, last[:, None]).squeeze(1)
+    r = common.sequence_scores(rm, batch)  # (b,)
     r = (r - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else r
     return r.clamp(-args.reward_clip, args.reward_clip)
 
@@ -215,7 +207,7 @@ def frozen_pass(accelerator, ro, models, args):
     for frozen in [models[n] for n in ("ref", "dpo", "rm") if n in models]:  # FSDP2: free the gathered weights
         common.reshard(frozen)
     used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
-    real, computed = accelerator.reduce(mask.new_tensor([ro["attention_mask"].sum(), computed]), "sum")
+    real, computed = common.reduce(accelerator, [ro["attention_mask"].sum().item(), computed])
     return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - (real / computed).item()}
 
 
@@ -258,31 +250,27 @@ def gae(rewards, values, mask, gamma, lam):
 
 def whiten(accelerator, x, mask):
     """(x - mean) / std over the masked entries of all processes (unbiased variance, as torch.std); 0 elsewhere."""
-    n = accelerator.reduce(mask.sum(), "sum")
-    mean = accelerator.reduce((x * mask).sum(), "sum") / n
-    var = accelerator.reduce((((x - mean) * mask) ** 2).sum(), "sum") / (n - 1).clamp(min=1)
+    n = common.reduce(accelerator, mask.sum())
+    mean = common.reduce(accelerator, (x * mask).sum()) / n
+    var = common.reduce(accelerator, (((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 # ============================================================================ 5. PPO update   <- edit here for a loss
-def masked_mean(x, mask, dim=None):
-    return (x * mask).sum() / mask.sum().clamp(min=1) if dim is None else (x * mask).sum(dim) / mask.sum(dim)
-
-
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)  # (b, R)
     token_stats = {"clip_frac": ((ratio - 1).abs() > eps).float(), "ratio": ratio,
                    "approx_kl": (ratio - 1) - (logprobs - old_logprobs)}  # k3 estimate of KL(old || new)
-    return masked_mean(surrogate, mask, -1).mean(), token_stats
+    return common.masked_mean(surrogate, mask, -1).mean(), token_stats
 
 
 def value_loss(values, old_values, returns, mask, clip):
     """0.5 * max of the clipped and unclipped squared errors; same aggregation as the policy loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return masked_mean(loss, mask, -1).mean(), {"value_clip_frac": ((values - old_values).abs() > clip).float()}
+    return common.masked_mean(loss, mask, -1).mean(), {"value_clip_frac": ((values - old_values).abs() > clip).float()}
 
 
 def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
@@ -297,8 +285,8 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
                     new_logprobs, entropy = token_logprobs(policy, mb, args.temperature, with_entropy=True)
                     pl, stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
                     vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], m, args.value_clip)
-                    skipped += not optimizer_step(accelerator, [policy, critic], pl + vl, optimizers, schedulers,
-                                                  args, it)
+                    skipped += not common.optimizer_step(accelerator, [policy, critic], pl + vl, optimizers,
+                                                         schedulers, args, f"iteration {it + 1}")
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
                     real = mb["attention_mask"].sum()  # positions computed: all of them, or packed only these
                     for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
@@ -306,34 +294,11 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
                     for k, v in (("sequences", len(m)), ("policy_loss", pl * len(m)), ("value_loss", vl * len(m)),
                                  ("positions", real if args.packing else mb["attention_mask"].numel()), ("real", real)):
                         sums[k] = sums.get(k, 0) + v
-    totals = {k: accelerator.reduce(torch.as_tensor(v, dtype=torch.float, device=accelerator.device), "sum").item()
-              for k, v in sums.items()}
+    totals = {k: common.reduce(accelerator, v).item() for k, v in {**sums, "skipped_nonfinite": skipped}.items()}
     out = {k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
-           for k in totals if k not in ("tokens", "sequences", "positions", "real")}
+           for k in totals if k not in ("tokens", "sequences", "positions", "real", "skipped_nonfinite")}
     out["padding_share_update"] = 1 - totals["real"] / totals["positions"]  # of the positions the update computed
-    return {**out, "skipped_nonfinite": accelerator.reduce(torch.tensor(float(skipped)), "sum").item()}
-
-
-def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, it):
-    """backward; on the last micro-batch of a mini-batch also clip, step and zero (Accelerate skips them before)."""
-    if not common.all_finite(accelerator, loss):
-        return skip_nonfinite(args, "loss", it, optimizers)
-    accelerator.backward(loss)  # separate models and optimisers: the summed loss only saves a backward call
-    if accelerator.sync_gradients:  # the gradient of the whole mini-batch is there: clip it
-        norms = torch.stack([accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm) for m in models])
-        if not common.all_finite(accelerator, norms):
-            return skip_nonfinite(args, "gradient norm", it, optimizers)
-    for optimizer, scheduler in zip(optimizers, schedulers):
-        optimizer.step(), scheduler.step(), optimizer.zero_grad()
-    return True
-
-
-def skip_nonfinite(args, what, it, optimizers):  # stop with one line, or with --skip_nonfinite drop the step
-    if not args.skip_nonfinite:
-        common.fail(f"non-finite {what} at iteration {it + 1}; lower the learning rate, or pass --skip_nonfinite")
-    for optimizer in optimizers:
-        optimizer.zero_grad()
-    return False
+    return {**out, "skipped_nonfinite": totals["skipped_nonfinite"]}
 
 
 def update_kl_coef(beta2, kl_per_response, args, n_prompts):
@@ -365,7 +330,8 @@ def load_models(args, accelerator):
     models, optimizers = {}, []
     for name, lr, path, flag in (("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
                                  ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, "--rm_ckpt or --sft_ckpt")):
-        model = common.load_model(path, tokenizer, flag, scorer=name == "critic")
+        model = common.load_model(path, tokenizer, flag, scorer=name == "critic", weights=common.loads_weights(
+            accelerator), new_head=not args.rm_ckpt)  # a critic started from the SFT model: a new value head
         models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
         optimizers.append(optimizer)
     config = accelerator.unwrap_model(models["critic"]).config
@@ -409,8 +375,9 @@ def iteration_prompts(prompts, order, it, args, process_index, local):
 def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
     """What the iteration's rollout looked like (means over all processes); the oracle reward on the built-in task."""
     mask = ro["response_mask"]
-    mean = lambda x: accelerator.reduce(x.float().mean(), "mean").item()
-    token_mean = lambda x: (accelerator.reduce((x * mask).sum(), "sum") / accelerator.reduce(mask.sum(), "sum")).item()
+    mean = lambda x: common.reduce(accelerator, x.float().mean(), "mean").item()
+    n_tokens = common.reduce(accelerator, mask.sum())
+    token_mean = lambda x: (common.reduce(accelerator, (x * mask).sum()) / n_tokens).item()
     kl = (ro["logprobs"] - ro["ref_logprobs"]) * mask
     m = {"reward_total": mean(ro["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
          "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
@@ -470,7 +437,7 @@ def main(argv=None):
         ro = frozen_pass(accelerator, ro, models, args)  # 2.
         ro["rewards"] = token_rewards(ro, args, beta2)  # 3.
         if not common.all_finite(accelerator, ro["rewards"]):  # a broken DPO or reward-model checkpoint
-            skip_nonfinite(args, "reward", it, optimizers)
+            common.nonfinite(args, "reward", f"iteration {it + 1}", optimizers)
             continue
         ro["advantages"], ro["returns"] = gae(ro["rewards"], ro["values"], ro["response_mask"], args.gamma, args.lam)
         ro["advantages"] = whiten(accelerator, ro["advantages"], ro["response_mask"])  # 4.

@@ -79,7 +79,7 @@ def heldout_loss(accelerator, model, loader):
     sums = []
     for b in loader:
         nll = -common.response_logprobs(model, b).sum(-1)  # (B,)
-        sums.append(accelerator.gather_for_metrics(torch.stack([nll, b["response_mask"].sum(-1)], 1)))
+        sums.append(common.gather(accelerator, torch.stack([nll, b["response_mask"].sum(-1)], 1)))
     model.train()
     total = torch.cat(sums).sum(0)
     return (total[0] / total[1]).item()
@@ -100,7 +100,8 @@ def main(argv=None):
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = (data.build_tiny_tokenizer(args.dataset) if args.model_name_or_path == common.TINY
                  else common.load_tokenizer(args.model_name_or_path))
-    model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed)
+    model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed,
+                                  weights=common.loads_weights(accelerator))
     train, held = load_demonstrations(args, tokenizer)
     common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
                                                   "gradient_accumulation_steps": accum, "train_examples": len(train),
@@ -125,13 +126,14 @@ def main(argv=None):
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss = sft_loss(model, batch)
-            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args, step)
+            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args,
+                                                 f"step {step + 1}")
         window.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        loss, window = accelerator.reduce(torch.stack(window).mean(), "mean").item(), []  # the step's mean loss
+        loss, window = common.reduce(accelerator, torch.stack(window).mean(), "mean").item(), []  # the step's mean loss
         metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
         if step % args.eval_steps == 0 or step == steps:
             metrics["heldout_loss"] = heldout_loss(accelerator, model, held_loader)

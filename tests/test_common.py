@@ -184,8 +184,8 @@ def test_position_ids_count_from_the_first_real_token():
 def test_truncate_at_eos():
     eos = 9
     mask, ended = common.truncate_at_eos(torch.tensor([[1, 9, 2, 9], [1, 2, 3, 4], [9, 1, 1, 1]]), eos)
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert ended.tolist() == [True, False, True]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # the EOS itself is kept
+    assert ended.tolist() == [True, False, True]  # row 1 was cut by the length limit: its last token stays
 
 
 def test_masked_statistics_against_hand_values():
@@ -212,7 +212,7 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
 def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny, tmp_path):
     tok, model = tiny
     model.save_pretrained(tmp_path)
-    rm = common.load_scorer(str(tmp_path), tok, "--rm_ckpt").eval()
+    rm = common.load_scorer(str(tmp_path), tok, "--rm_ckpt", new_head=True).eval()
     a = encode(tok, "tell me about fruit", "apple .")
     b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
     alone = common.sequence_scores(rm, data.collate([a[0]], [a[1]], tok.pad_token_id))
@@ -227,6 +227,22 @@ def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny
     hf = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             position_ids=common.position_ids(batch["attention_mask"])).logits[:, 0]
     torch.testing.assert_close(hf, common.sequence_scores(rm, batch), atol=1e-5, rtol=0)
+
+
+def test_a_reward_model_whose_head_is_not_in_the_checkpoint_is_refused_not_given_a_random_one(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+    tok, model = tiny
+    model.save_pretrained(tmp_path / "lm")  # a causal LM: no head at all
+    with pytest.raises(SystemExit, match=r"--rm_ckpt .*lm: the checkpoint has no weights for the reward head `score`"):
+        common.load_scorer(str(tmp_path / "lm"), tok, "--rm_ckpt")
+    scorer = common.load_scorer(str(tmp_path / "lm"), tok, "--sft_ckpt", new_head=True)  # a critic's new head
+    scorer.save_pretrained(tmp_path / "rm")
+    assert torch.equal(common.load_scorer(str(tmp_path / "rm"), tok, "--rm_ckpt").score.weight, scorer.score.weight)
+    weights = load_file(tmp_path / "rm" / "model.safetensors")  # the head stored under another name
+    weights["classifier.weight"] = weights.pop("score.weight")
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="no weights for the reward head `score`"):
+        common.load_scorer(str(tmp_path / "rm"), tok, "--rm_ckpt")
 
 
 def test_checkpoint_round_trip_reloads_identical_logits(tiny, tmp_path):
@@ -270,14 +286,14 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_or_is_skipped_by_flag():
     before = model.weight.detach().clone()
     nan_loss = model(torch.ones(1, 2)).sum() * float("nan")
     with pytest.raises(SystemExit, match="non-finite loss at step 8"):
-        common.optimizer_step(acc, [model], nan_loss, [opt], [sched], SimpleNamespace(skip_nonfinite=False), 7)
+        common.optimizer_step(acc, [model], nan_loss, [opt], [sched], SimpleNamespace(skip_nonfinite=False), "step 8")
     skip = SimpleNamespace(skip_nonfinite=True, max_grad_norm=1.0)
-    assert common.optimizer_step(acc, [model], nan_loss, [opt], [sched], skip, 7) is False
+    assert common.optimizer_step(acc, [model], nan_loss, [opt], [sched], skip, "step 8") is False
     inf_loss = model(torch.tensor([[float("inf"), 1.0]])).sum()
-    assert common.optimizer_step(acc, [model], inf_loss, [opt], [sched], skip, 7) is False
+    assert common.optimizer_step(acc, [model], inf_loss, [opt], [sched], skip, "step 8") is False
     assert torch.equal(model.weight, before)  # nothing was applied
     ok = model(torch.ones(1, 2)).sum()
-    assert common.optimizer_step(acc, [model], ok, [opt], [sched], skip, 7) is True
+    assert common.optimizer_step(acc, [model], ok, [opt], [sched], skip, "step 8") is True
     assert not torch.equal(model.weight, before)
 
 

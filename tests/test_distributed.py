@@ -2,6 +2,7 @@
 
 Each run asserts that 2 ranks really ran: the obvious launch commands silently run one process on CPU."""
 
+import ast
 import json
 import os
 import shutil
@@ -85,8 +86,12 @@ def test_ddp_and_fsdp_train_like_one_process_on_the_global_batch(stage, pipeline
     run_main(stage, *args, "--micro_batch_size", 4, "--output_dir", tmp_path / "one")  # 4 x 2 accumulation
     launch("cpu_ddp.yaml", stage, *args, "--output_dir", tmp_path / "ddp")  # 4 per rank x 2 ranks
     launch("cpu_fsdp.yaml", stage, *args, "--output_dir", tmp_path / "fsdp")
+    # the GPU configs' loading (rank 1 reads no checkpoint, rank 0's weights are sent to it) and recomputed
+    # activations: the same numbers
+    launch("cpu_fsdp_ram_efficient.yaml", stage, *args, "--gradient_checkpointing", "--output_dir",
+           tmp_path / "fsdp_gpu_loading")
     one = numbers(tmp_path / "one")
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp_gpu_loading"):
         other = numbers(tmp_path / name)
         assert [x[:2] for x in other] == [x[:2] for x in one]
         assert [x[2] for x in other] == pytest.approx([x[2] for x in one], abs=2e-5), name
@@ -124,6 +129,10 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
         AutoModelForCausalLM.from_pretrained(out)
         assert (out / "checkpoint-2" / "state.json").exists()
+    # the GPU configs' loading settings and --gradient_checkpointing: the numbers of the run above
+    launch("cpu_fsdp_ram_efficient.yaml", "rto.py", *run, "--packing", "--micro_batch_size", 4, "--output_dir",
+           tmp_path / "gpu_loading", "--gradient_checkpointing")
+    assert rto_numbers(tmp_path / "gpu_loading") == pytest.approx(rto_numbers(tmp_path / "cpu_fsdp.yaml"), abs=1e-5)
     # FSDP2: the resumable state is sharded, each rank writing its part of every model and optimiser (torch
     # distributed checkpoint), about 12 bytes per trained parameter in all (fp32 weights + Adam's two moments);
     # resuming from it (as if killed after iteration 1) gives the uninterrupted run's numbers
@@ -204,13 +213,18 @@ def count(run, n):
 prompts = toy_task.prompts("test", 4, seed=rank)  # other prompts on each rank: responses end at other lengths
 gen = lambda n: types.SimpleNamespace(max_new_tokens=n, generation_batch_size=2, temperature=1.0, top_p=1.0,
                                       generation_logprobs=False)
+settings = lambda: [common.reshards_after_forward(m, root=m is trained) for m in common.fsdp_modules(trained)]
+before = settings()
 rollouts = [count(lambda n: rto.rollout(acc, trained, tok, prompts, [0, 1, 2, 3], gen(n)), n) for n in (2, 12)]
+# the rollout leaves every module's reshard-after-forward as Accelerate chose it: the decoder layers reshard, the
+# root and the final norm + LM head (and the tied embeddings) stay gathered for the backward
+kept = int(settings() == before and before.count(False) >= 3 and before.count(True) >= 4)
 ids = torch.arange(5, 25)[None]
 control = [count(lambda n: trained.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n), n)
            for n in (2, 12)]
 # one file per rank: two ranks printing to one pipe can interleave their lines
 with open({out!r} + f"/shard-{{rank}}.txt", "w") as f:
-    print(rank, local, total, logits, after_forward, gathered(), int(sharded), local_grad, *rollouts, *control,
+    print(rank, local, total, logits, after_forward, gathered(), int(sharded), local_grad, kept, *rollouts, *control,
           file=f)
 common.finish(acc)  # as the stages end: a rank exiting with gloo threads alive can abort ("terminate called")
 """
@@ -222,7 +236,8 @@ def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans
     probe.write_text(SHARD_PROBE.format(root=str(ROOT), out=str(tmp_path)))
     launch("cpu_fsdp.yaml", probe)
     rows = [(tmp_path / f"shard-{rank}.txt").read_text().split() for rank in (0, 1)]
-    for _, local, total, _, after_forward, after_reshard, sharded, local_grad, *collectives in rows:
+    for _, local, total, _, after_forward, after_reshard, sharded, local_grad, kept, *collectives in rows:
+        assert kept == "1"  # reshard-after-forward settings as Accelerate chose them, after a rollout
         assert int(local) <= int(total) // 2 + 1000  # about half of the parameters per rank, not a replica
         assert int(after_forward) >= 1 and int(after_reshard) == 0  # only its shard once scoring is done
         assert sharded == "1" and int(local_grad) <= int(total) // 2 + 1000  # a shard of the gradient, mid-accumulation
@@ -234,6 +249,90 @@ def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans
     from types import SimpleNamespace
     g = torch.Generator().manual_seed(0)
     x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
-    one = rto.whiten(SimpleNamespace(reduce=lambda t, op: t), x, mask)  # one process, all of the data
+    one = rto.whiten(SimpleNamespace(reduce=lambda t, op: t, device=torch.device("cpu")), x, mask)  # one process, all of the data
     two = torch.cat([torch.load(tmp_path / f"whiten-{rank}.pt") for rank in (0, 1)])
     torch.testing.assert_close(two, one, atol=1e-6, rtol=0)
+
+
+LOADING_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+import common, rto
+args = rto.validate(common.parse_args(rto.Args, {argv!r}, rto.DEFAULTS))
+acc = common.setup(args)
+tokenizer, models, _ = rto.load_models(args, acc)
+checkpoints = {{"policy": (AutoModelForCausalLM, args.sft_ckpt), "ref": (AutoModelForCausalLM, args.sft_ckpt),
+               "dpo": (AutoModelForCausalLM, args.dpo_ckpt), "rm": (AutoModelForSequenceClassification, args.rm_ckpt),
+               "critic": (AutoModelForSequenceClassification, args.rm_ckpt)}}
+worst = {{}}
+for name, (auto, path) in checkpoints.items():
+    saved = auto.from_pretrained(path, num_labels=1) if "Sequence" in auto.__name__ else auto.from_pretrained(path)
+    full = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in models[name].state_dict().items()}}
+    assert set(full) == set(saved.state_dict()), (name, set(full) ^ set(saved.state_dict()))
+    worst[name] = max((full[k].float() - v.float()).abs().max().item() for k, v in saved.state_dict().items())
+with open({out!r} + f"/rank-{{acc.process_index}}.txt", "w") as f:
+    f.write(repr(worst))
+common.finish(acc)
+"""
+
+
+def test_with_the_gpu_loading_settings_every_rank_holds_the_checkpoints_weights_and_a_headless_rm_is_refused(
+        pipeline, tmp_path):
+    """fsdp_cpu_ram_efficient_loading: true (configs/gpu8_fsdp.yaml): rank 1 builds each of rto.py's five models on
+    the meta device and gets its shards from rank 0. Every parameter of every model, trained and frozen, gathered on
+    each rank, equals the checkpoint's (the critic's value head: the reward model's). A reward model whose head
+    transformers cannot find stops the run with one line, instead of a random head on rank 0 and none on rank 1."""
+    argv = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
+            "--output_dir", tmp_path / "run"]
+    probe = tmp_path / "probe.py"
+    probe.write_text(LOADING_PROBE.format(root=str(ROOT), argv=list(map(str, argv)), out=str(tmp_path)))
+    launch("cpu_fsdp_ram_efficient.yaml", probe)
+    for rank in (0, 1):
+        worst = eval((tmp_path / f"rank-{rank}.txt").read_text())
+        assert set(worst) == {"policy", "ref", "dpo", "rm", "critic"} and max(worst.values()) == 0, (rank, worst)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(ROOT / "configs" / "cpu_fsdp_ram_efficient.yaml"), str(ROOT / "rto.py"),
+                      "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["sft"],
+                      "--output_dir", tmp_path / "bad"], env, 180)
+    assert proc is not None and proc.returncode != 0
+    assert f"error: --rm_ckpt {pipeline['sft']}: the checkpoint has no weights for the reward head" in proc.stderr
+
+
+# the collectives of torch.distributed and Accelerate (functions and Accelerator methods) that move tensors
+COLLECTIVES = {"reduce", "gather", "gather_for_metrics", "broadcast", "broadcast_object_list", "all_reduce",
+               "all_gather", "all_gather_into_tensor", "all_gather_object", "gather_object", "reduce_scatter",
+               "reduce_scatter_tensor", "scatter", "all_to_all", "pad_across_processes", "send", "recv"}
+
+
+def test_every_collective_goes_through_common_reduce_or_gather_which_put_tensors_on_the_accelerators_device():
+    """NCCL takes no CPU tensor: a collective on a CPU tensor passes every CPU test and crashes on GPUs. Every
+    collective on a tensor in the project's code is common.reduce or common.gather, which move it to
+    accelerator.device themselves; any other call site fails here. A tensor's own .gather(dim, index) is not a
+    collective: it is told apart by what it is called on (an accelerator, torch.distributed, accelerate.utils)."""
+    found = []
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py")]):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in ("torch.distributed", "accelerate.utils"):
+                found += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if a.name in COLLECTIVES]
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in COLLECTIVES):
+                continue
+            receiver = ast.unparse(node.func.value)
+            if any(w in receiver.split(".")[-1].lower() for w in ("acc", "dist", "utils", "state")):
+                found.append(f"{path.name}:{node.lineno} {receiver}.{node.func.attr}")
+    allowed = {f"common.py:{n.lineno + i}" for n in ast.parse((ROOT / "common.py").read_text()).body
+               if isinstance(n, ast.FunctionDef) and n.name in ("reduce", "gather")
+               for i in range(n.end_lineno - n.lineno + 1)}
+    assert [f for f in found if f.split(" ")[0] not in allowed] == []
+    assert len(found) == 2  # the two helpers' own calls
+    import common
+    from types import SimpleNamespace
+    seen = []
+    fake = SimpleNamespace(device=torch.device("meta"), reduce=lambda t, op: seen.append(t.device) or t,
+                           gather_for_metrics=lambda t: seen.append(t.device) or t)
+    common.reduce(fake, 3), common.reduce(fake, torch.ones(2)), common.gather(fake, torch.ones(2, 2))
+    assert seen == [torch.device("meta")] * 3  # a number or a CPU tensor: moved before the collective

@@ -69,12 +69,6 @@ def test_token_rewards_rto_paper_v1_without_reward_model(rollout):
     torch.testing.assert_close(r.sum(-1), dppo.sum(-1))
 
 
-def test_cut_at_eos():
-    mask, ended = rto.cut_at_eos(torch.tensor([[1, 9, 2, 9], [1, 2, 3, 4], [9, 1, 1, 1]]), eos_id=9)
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # the EOS itself is kept
-    assert ended.tolist() == [True, False, True]  # row 1 was cut by the length limit: its last token stays
-
-
 def naive_gae(rewards, values, mask, gamma, lam):
     """One sequence at a time, over its real tokens only, exactly as written in docs/algorithm.md."""
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
@@ -103,7 +97,7 @@ def test_gae_matches_a_naive_loop(gamma, lam):
     torch.testing.assert_close(ret, ret_ref, atol=1e-6, rtol=0)
 
 
-ONE_PROCESS = SimpleNamespace(reduce=lambda x, op: x)  # accelerator.reduce with a single process
+ONE_PROCESS = SimpleNamespace(reduce=lambda x, op: x, device=torch.device("cpu"))  # accelerator.reduce, 1 process
 
 
 def test_whitening_matches_a_naive_loop_over_the_masked_entries():
@@ -363,7 +357,7 @@ def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc
     ratios = []
     real_policy_loss = rto.policy_loss
     monkeypatch.setattr(rto, "policy_loss", lambda *a: (lambda out: (
-        ratios.append(rto.masked_mean(out[1]["ratio"], a[3]).item()), out)[1])(real_policy_loss(*a)))
+        ratios.append(common.masked_mean(out[1]["ratio"], a[3]).item()), out)[1])(real_policy_loss(*a)))
     frozen_before = {k: calls[k] for k in ("ref", "dpo", "rm")}
     stats = rto.ppo_update(acc, ro, models, opts, scheds, args, sizes)
     assert {k: calls[k] for k in ("ref", "dpo", "rm")} == frozen_before  # never again in the PPO epochs
