@@ -4,7 +4,7 @@ Sections, in this order:
     errors and arguments           fail(); the flag dataclasses; a stage's DEFAULTS table applied; shared checks
     set-up and distributed         the Accelerator and seed; the output folder and args.json; ending a run
     models and tokenizers          any checkpoint (hub id, folder, .gguf, the tiny Llama); the vocabulary check
-    log-probs and masked means     log-probs of given tokens, scalar-head read-outs; masked mean/sum/whiten
+    log-probs and masked means     log-probs of given tokens, scalar-head read-outs; masked mean and sum
     sampling                       generate with the KV cache, everything after the first EOS masked
     training step, resumable state batch sizes, the optimiser step, schedules, checkpoint-<step> save/resume
     checkpoints                    the save_pretrained hand-off between stages
@@ -25,6 +25,7 @@ import sys
 from argparse import ArgumentDefaultsHelpFormatter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +35,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler)
 
 TOY, TOY_LONG = "toy", "toy-long"  # --dataset names of the built-in task and its long variant (toy_task.py)
-TOYS = (TOY, TOY_LONG)
+TOYS = (TOY, TOY_LONG)  # every built-in task; toy_task.py takes the names from here
+COLLECTIVE_TIMEOUT = 1800  # seconds, --collective_timeout's default
 TINY = "tiny"  # --model_name_or_path of the small randomly initialised Llama
 
 
@@ -62,8 +64,8 @@ class RunArgs:
     skip_bad_rows: bool = arg(False, "skip data rows that cannot be parsed (counted) instead of failing on the first")
     long_prompts: str = arg("skip", "prompts longer than --max_prompt_len: skip (counted) | fail")
     trust_remote_code: bool = arg(False, "let checkpoints run their own Python code (off: only built-in models)")
-    collective_timeout: int = arg(1800, "seconds a rank waits in a collective before the run fails (torch: 600); "
-                                  "rank 0 writing a consolidated 8B checkpoint takes minutes")
+    collective_timeout: int = arg(COLLECTIVE_TIMEOUT, "seconds a rank waits in a collective before the run fails "
+                                  "(torch: 600); rank 0 writing a consolidated 8B checkpoint takes minutes")
 
 
 @dataclass
@@ -72,7 +74,8 @@ class TrainArgs(RunArgs):
 
     dataset_split: str = arg("train", "split of a hub --dataset to train on (UltraFeedback: train_prefs)")
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1: run the epochs)")
-    micro_batch_size: int = arg(None, "sequences per device per forward pass (default: --batch_size / processes)")
+    micro_batch_size: int = arg(None, "sequences per device per forward pass (default: the optimiser step's "
+                                "sequences / processes: --batch_size, or rto.py's --mini_batch_size)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     bf16: bool = arg(False, "bfloat16 mixed precision")
     max_grad_norm: float = arg(1.0, "clip each model's gradient norm to this before every optimiser step")
@@ -91,12 +94,21 @@ class OfflineTrainArgs(TrainArgs):
     logging_steps: int = arg(10, "log training metrics every this many optimiser steps")
 
 
+class Default(NamedTuple):
+    """A flag's default in a stage's DEFAULTS table, by --dataset: the built-in task's, the real models' (the paper's;
+    None: the flag is required) and toy-long's (None: the built-in task's; its responses are longer)."""
+
+    toy: Any
+    real: Any
+    toy_long: Any = None
+
+
 def parse_args(args_class, argv=None, defaults=None):
     """The command line -> an args_class instance, `defaults` applied (apply_defaults) and the shared flags checked
     (validate_shared); an unknown flag fails. The stage's own validate checks the rest.
 
-    defaults: the stage's table {flag: (the built-in task's value, the real models' value)}, for flags whose good
-    value depends on the task. Their fields default to None, and --help shows both values."""
+    defaults: the stage's table {flag: Default(toy=..., real=...[, toy_long=...])}, for flags whose good value
+    depends on the task. Their fields default to None, and --help shows every value."""
     defaults = defaults or {}
     fields = {f.name: f for f in dataclasses.fields(args_class)}
     for flag in defaults:  # a flag with a default of its own would never take the table's
@@ -110,13 +122,15 @@ def parse_args(args_class, argv=None, defaults=None):
 
 
 def apply_defaults(args, defaults):
-    """Every flag of the table left unset (None) takes the built-in task's value when --dataset is a built-in
-    task, the real models' value otherwise; a third value, where there is one, is toy-long's (its responses are
-    longer). A value given on the command line, 0 included, is kept as it is (the stage's validate judges it)."""
-    for flag, (builtin, real, *long) in defaults.items():
+    """Every flag of the table left unset (None) takes its Default for --dataset: .toy_long on toy-long where the
+    table gives one, .toy on the built-in tasks, .real otherwise. A value given on the command line, 0 included,
+    is kept as it is (the stage's validate judges it)."""
+    for flag, default in defaults.items():
         if getattr(args, flag) is None:
-            value = long[0] if long and args.dataset == TOY_LONG else builtin
-            setattr(args, flag, value if args.dataset in TOYS else real)
+            if args.dataset == TOY_LONG and default.toy_long is not None:
+                setattr(args, flag, default.toy_long)
+            else:
+                setattr(args, flag, default.toy if args.dataset in TOYS else default.real)
     return args
 
 
@@ -132,9 +146,10 @@ class TwoDefaultsHelp(ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         if action.dest not in self.defaults:
             return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
-        builtin, real, *long = self.defaults[action.dest]
-        return (f"{action.help} (default: {builtin} on the built-in task, " + (f"{long[0]} on toy-long, " if long
-                else "") + f"{'required' if real is None else real} otherwise)")
+        default = self.defaults[action.dest]
+        long = "" if default.toy_long is None else f"{default.toy_long} on toy-long, "
+        return (f"{action.help} (default: {default.toy} on the built-in task, {long}"
+                f"{'required' if default.real is None else default.real} otherwise)")
 
 
 def validate_shared(args):
@@ -195,7 +210,8 @@ def setup(args):
         mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=getattr(args, "collective_timeout", 1800)))],
+        kwargs_handlers=[InitProcessGroupKwargs(
+            timeout=timedelta(seconds=getattr(args, "collective_timeout", COLLECTIVE_TIMEOUT)))],
     )
     fsdp_on_cpu(accelerator)
     if accelerator.distributed_type.value == "FSDP":

@@ -254,7 +254,7 @@ def load_pairs(dataset, args, eval_fraction=0.05):
 def load_prompts(dataset, split, args, n=None):
     """Prompts (lists of messages): a prompt-only set, or the prompts of a preference set."""
     if dataset in TOYS:
-        return toy_task.prompts(split, n or 2000, seed=args.seed, task=dataset)
+        return toy_task.prompts(split, n or toy_task.RL_PROMPTS, seed=args.seed, task=dataset)
     prompts = [r["prompt"] for r in load_rows(dataset, split, args.skip_bad_rows)]
     return prompts[:n] if n else prompts
 

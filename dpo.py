@@ -19,16 +19,17 @@ from torch.utils.data import DataLoader
 
 import common
 import data
-from common import TOY, arg
+from common import TOY, Default, arg
 
 
-# flag: (the built-in task, real models / the paper); these flags default to None in Args
+# flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
 DEFAULTS = {
-    "lr": (3e-4, 5e-6),
-    "nll_coef": (0.2, 0.0),  # built-in task: plain DPO's sampled policy collapses (README, "dpo.py"); paper: plain
-    "epochs": (2, 1),
-    "max_prompt_len": (24, 512),
-    "max_response_len": (24, 512, 96),
+    "lr": Default(toy=3e-4, real=5e-6),
+    # built-in task: plain DPO's sampled policy collapses (docs/stages.md, "dpo.py"); the paper: plain DPO
+    "nll_coef": Default(toy=0.2, real=0.0),
+    "epochs": Default(toy=2, real=1),
+    "max_prompt_len": Default(toy=24, real=512),
+    "max_response_len": Default(toy=24, real=512, toy_long=96),
 }
 
 

@@ -33,14 +33,14 @@ from accelerate.utils import set_seed
 import common
 import data
 import toy_task
-from common import TOY, TOYS, arg
+from common import TOY, TOYS, Default, arg
 
 
-# flag: (the built-in task, real models); these flags default to None in Args
+# flag: its value on the built-in task, with real models (None: required), on toy-long; None in Args
 DEFAULTS = {
-    "judge": ("oracle", None),
-    "max_prompt_len": (24, 512),
-    "max_new_tokens": (24, 512, 96),
+    "judge": Default(toy="oracle", real=None),
+    "max_prompt_len": Default(toy=24, real=512),
+    "max_new_tokens": Default(toy=24, real=512, toy_long=96),
 }
 
 

@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader
 
 import common
 import data
-from common import TOY, arg
+from common import TOY, Default, arg
 
 
-# flag: (the built-in task, real models / the paper); these flags default to None in Args
+# flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
 DEFAULTS = {
-    "lr": (3e-4, 1e-5),
-    "batch_size": (32, 128),
-    "epochs": (2, 1),
-    "max_prompt_len": (24, 512),
-    "max_response_len": (24, 512, 96),
+    "lr": Default(toy=3e-4, real=1e-5),
+    "batch_size": Default(toy=32, real=128),
+    "epochs": Default(toy=2, real=1),
+    "max_prompt_len": Default(toy=24, real=512),
+    "max_response_len": Default(toy=24, real=512, toy_long=96),
 }
 
 

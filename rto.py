@@ -84,10 +84,13 @@ class Args(common.TrainArgs):
     oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward before and after")
 
 
-DEFAULTS = {  # flag: (built-in task, real models). Real models: the paper's Pythia/HH settings (docs/algorithm.md)
-    "rollout_batch_size": (64, 256), "mini_batch_size": (16, 16), "forward_batch_size": (64, 8),
-    "max_prompt_len": (24, 512), "max_new_tokens": (24, 512, 96),
-    "beta2": (0.1, 0.01), "actor_lr": (1e-4, 5e-6), "critic_lr": (3e-4, 9e-6)}  # beta2: authors' Llama-3 script
+# flag: its value on the built-in task, with real models (the paper's Pythia/HH settings, docs/algorithm.md; beta2:
+# the authors' Llama-3 script), on toy-long; these flags default to None in Args
+DEFAULTS = {
+    "rollout_batch_size": common.Default(toy=64, real=256), "mini_batch_size": common.Default(toy=16, real=16),
+    "forward_batch_size": common.Default(toy=64, real=8), "max_prompt_len": common.Default(toy=24, real=512),
+    "max_new_tokens": common.Default(toy=24, real=512, toy_long=96), "beta2": common.Default(toy=0.1, real=0.01),
+    "actor_lr": common.Default(toy=1e-4, real=5e-6), "critic_lr": common.Default(toy=3e-4, real=9e-6)}
 
 
 def validate(args):

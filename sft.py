@@ -15,15 +15,15 @@ from torch.utils.data import DataLoader
 import common
 import data
 import toy_task
-from common import TOY, TOYS, arg
+from common import TOY, TOYS, Default, arg
 
 
-# flag: (the built-in task, real models / the paper); these flags default to None in Args
+# flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
 DEFAULTS = {
-    "lr": (1e-3, 1e-5),
-    "epochs": (3, 1),
-    "max_prompt_len": (24, 512),
-    "max_response_len": (24, 512, 96),
+    "lr": Default(toy=1e-3, real=1e-5),
+    "epochs": Default(toy=3, real=1),
+    "max_prompt_len": Default(toy=24, real=512),
+    "max_response_len": Default(toy=24, real=512, toy_long=96),
 }
 
 

@@ -35,6 +35,8 @@ committed, before any RL result on it was seen.
 import math
 import random
 
+from common import TOYS  # the --dataset names of the built-in tasks: "toy" and "toy-long"
+
 TOPICS = {
     "fruit": ["apple", "pear", "plum", "grape", "mango", "lemon", "peach", "cherry"],
     "animals": ["cat", "dog", "horse", "sheep", "goat", "mouse", "tiger", "whale"],
@@ -52,7 +54,7 @@ GREETINGS = ["", "hi", "hello", "hey", "please"]
 ASKS = ["tell me about {}", "what do you know about {}", "list some {}", "describe {}"]
 CLOSINGS = ["", "thanks", "now", "briefly"]
 
-TASKS = ("toy", "toy-long")  # the --dataset names of the built-in tasks
+RL_PROMPTS = 2000  # prompts per split (train, test): rto.py rolls out the train ones
 MAX_GOOD_WORDS = 10
 BT_SCALE = 1.0  # labels: P(a preferred to b) = sigmoid(BT_SCALE * (r(a) - r(b)))
 
@@ -226,8 +228,8 @@ def _section(words, topics, topic, skill, n, rng):
 
 def _split_prompts(seed, n, split, task):
     """Prompts whose text hashes to the split: train and test prompts never share a text."""
-    if task not in TASKS:
-        raise ValueError(f"unknown built-in task {task!r}: expected one of {TASKS}")
+    if task not in TOYS:
+        raise ValueError(f"unknown built-in task {task!r}: expected one of {TOYS}")
     rng, out = random.Random(f"{seed}-{split}" if task == "toy" else f"{task}-{seed}-{split}"), []
     while len(out) < n:
         p = make_prompt(rng, task)
@@ -236,7 +238,7 @@ def _split_prompts(seed, n, split, task):
     return out
 
 
-def prompts(split="train", n=2000, seed=0, task="toy"):
+def prompts(split="train", n=RL_PROMPTS, seed=0, task="toy"):
     return _split_prompts(seed, n, split, task)
 
 
@@ -282,6 +284,6 @@ def task_stats(seed=0, task="toy"):
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="The built-in task's numbers (seed 0).")
-    parser.add_argument("task", nargs="?", default="toy", choices=TASKS)
+    parser.add_argument("task", nargs="?", default="toy", choices=TOYS)
     for k, v in task_stats(task=parser.parse_args().task).items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")

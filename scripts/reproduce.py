@@ -39,10 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import toy_task  # noqa: E402
+
 METHODS = ["rto", "ppo", "dppo"]
 VARIANTS = {"rto_noclip": ["--dpo_reward_clip", 0], "rto_dpo_only": ["--beta3", 0, "--dpo_reward_clip", 0]}
 GRID = [(lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)]  # actor lr x KL coefficient, the same for all
-PROMPTS = 2000  # the built-in task's RL prompts
+PROMPTS = toy_task.RL_PROMPTS  # the built-in task's RL prompts
 
 
 THREADS = {"n": os.cpu_count() or 1}  # per run: the cores shared out among the --jobs running at once

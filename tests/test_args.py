@@ -30,9 +30,10 @@ def test_the_table_fills_only_flags_left_unset(stage, tmp_path):
     module, _ = STAGES[stage]
     builtin, real = parse(stage), parse(stage, "--dataset", tmp_path / "pairs.jsonl")
     long = parse(stage, "--dataset", common.TOY_LONG)
-    for flag, (on_toy, otherwise, *on_long) in module.DEFAULTS.items():
-        assert getattr(builtin, flag) == on_toy and getattr(real, flag) == otherwise, flag
-        assert getattr(long, flag) == (on_long[0] if on_long else on_toy), flag  # toy-long's own value, if any
+    for flag, default in module.DEFAULTS.items():
+        assert getattr(builtin, flag) == default.toy and getattr(real, flag) == default.real, flag
+        on_long = default.toy if default.toy_long is None else default.toy_long  # toy-long's own value, if any
+        assert getattr(long, flag) == on_long, flag
         given = "rm:y" if flag == "judge" else 7
         assert getattr(parse(stage, f"--{flag}", given), flag) == given, flag  # a given value wins on either task
         assert getattr(parse(stage, "--dataset", tmp_path / "p.jsonl", f"--{flag}", given), flag) == given, flag
@@ -45,10 +46,10 @@ def test_help_shows_both_defaults(stage, capsys):
         common.parse_args(module.Args, ["--help"], module.DEFAULTS)
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for flag, (on_toy, otherwise, *on_long) in module.DEFAULTS.items():
-        shown = "required" if otherwise is None else otherwise
-        long = f"{on_long[0]} on toy-long, " if on_long else ""
-        assert f"(default: {on_toy} on the built-in task, {long}{shown} otherwise)" in text, flag
+    for flag, default in module.DEFAULTS.items():
+        shown = "required" if default.real is None else default.real
+        long = "" if default.toy_long is None else f"{default.toy_long} on toy-long, "
+        assert f"(default: {default.toy} on the built-in task, {long}{shown} otherwise)" in text, flag
     assert "(default: 0.001 on the built-in task, 1e-05 otherwise)" in text or stage != "sft.py"
 
 
@@ -82,7 +83,7 @@ def test_the_defaults_pass_validate(stage):
 
 def test_a_table_flag_must_default_to_none():
     with pytest.raises(AssertionError, match="seed"):
-        common.parse_args(sft.Args, [], {"seed": (1, 2)})
+        common.parse_args(sft.Args, [], {"seed": common.Default(toy=1, real=2)})
 
 
 def test_rto_no_longer_inherits_flags_it_does_not_use():
