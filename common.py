@@ -14,6 +14,7 @@ The dataset layouts and the batch layout (prompt left-padded, response right-pad
 task in toy_task.py; common.py imports neither.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -66,6 +67,8 @@ class RunArgs:
     trust_remote_code: bool = arg(False, "let checkpoints run their own Python code (off: only built-in models)")
     collective_timeout: int = arg(COLLECTIVE_TIMEOUT, "seconds a rank waits in a collective before the run fails "
                                   "(torch: 600); rank 0 writing a consolidated 8B checkpoint takes minutes")
+    config: str = arg(None, "a YAML file of 'flag: value' lines (flag names without --); a flag given on the command "
+                            "line overrides it, and args.json records the values the run used")
 
 
 @dataclass
@@ -104,8 +107,9 @@ class Default(NamedTuple):
 
 
 def parse_args(args_class, argv=None, defaults=None):
-    """The command line -> an args_class instance, `defaults` applied (apply_defaults) and the shared flags checked
-    (validate_shared); an unknown flag fails. The stage's own validate checks the rest.
+    """The command line (and the --config file's values, which it overrides) -> an args_class instance, `defaults`
+    applied (apply_defaults) and the shared flags checked (validate_shared); an unknown flag or key fails. The
+    stage's own validate checks the rest.
 
     defaults: the stage's table {flag: Default(toy=..., real=...[, toy_long=...])}, for flags whose good value
     depends on the task. Their fields default to None, and --help shows every value."""
@@ -114,11 +118,48 @@ def parse_args(args_class, argv=None, defaults=None):
     for flag in defaults:  # a flag with a default of its own would never take the table's
         assert fields[flag].default is None, f"DEFAULTS[{flag!r}]: the field {flag} must default to None"
     parser = HfArgumentParser(args_class, formatter_class=functools.partial(TwoDefaultsHelp, defaults=defaults))
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    read_config(parser, argv)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # leftover arguments: an unknown flag
         fail(f"{str(e).splitlines()[0]} (see --help)")
     return validate_shared(apply_defaults(args, defaults))
+
+
+def read_config(parser, argv):
+    """--config FILE (TRL's TrlParser style): its values become the parser's defaults, so that the command line
+    overrides them, and are parsed as the same flags typed on the command line would be. A key that is not a flag
+    of the stage fails with one line naming it."""
+    import yaml  # a dependency of transformers
+
+    find = argparse.ArgumentParser(add_help=False)
+    find.add_argument("--config")
+    path = find.parse_known_args(argv)[0].config
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        fail(f"--config {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        fail(f"--config {path}: not valid YAML ({' '.join(str(e).split())})")
+    values = {} if values is None else values  # an empty file
+    if not isinstance(values, dict):
+        fail(f"--config {path}: expected 'flag: value' lines (a YAML mapping)")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    for key, value in values.items():
+        if key not in actions:
+            fail(f"--config {path}: unknown key {key!r}, not a flag of this stage (keys are flag names without --; "
+                 "see --help)")
+        listed = actions[key].nargs in ("+", "*")
+        if isinstance(value, (list, dict)) and not (listed and isinstance(value, list)):
+            fail(f"--config {path}: {key} takes one value, not {type(value).__name__} {value}")
+        if value is not None:  # as text: parsed by the flag's own type, as on the command line
+            values[key] = [str(v) for v in value] if isinstance(value, list) else \
+                [str(value)] if listed else str(value)
+    parser.set_defaults(**values)
 
 
 def apply_defaults(args, defaults):

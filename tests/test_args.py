@@ -104,3 +104,43 @@ def test_batch_plan_and_args_json_record_the_derived_sizes(tmp_path):
     saved = json.loads((tmp_path / "out" / "args.json").read_text())
     assert saved["derived"] == {"micro_batch_size": 4, "gradient_accumulation_steps": 4}
     assert saved["lr"] == 1e-3 and saved["epochs"] == 3  # the table's values, as the run used them
+
+
+# ---------------------------------------------------------------------------- --config run.yaml
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-4\nepochs: 5\nbf16: true\ndataset: toy-long\n")
+    args = parse("sft.py", "--config", config)
+    assert (args.lr, args.epochs, args.bf16, args.dataset) == (1e-4, 5, True, "toy-long")  # typed as flags are
+    assert args.max_response_len == 96 and args.config == str(config)  # the table still fills what it leaves unset
+    args = parse("sft.py", "--config", config, "--lr", "3e-3", "--dataset", "toy")  # the command line wins
+    assert (args.lr, args.epochs, args.dataset, args.max_response_len) == (3e-3, 5, "toy", 24)
+    acc = SimpleNamespace(num_processes=1, wait_for_everyone=lambda: None, is_main_process=True)
+    argv = ["--config", str(config), "--output_dir", str(tmp_path / "out")]
+    common.prepare_output_dir(common.parse_args(sft.Args, argv, sft.DEFAULTS), acc)
+    saved = json.loads((tmp_path / "out" / "args.json").read_text())  # the record of what ran
+    assert (saved["lr"], saved["epochs"], saved["config"]) == (1e-4, 5, str(config))
+    config.write_text("models: [sft=a, dpo=b]\ncurves: results/rto\n")  # list flags: a list or one value
+    args = parse("evaluate.py", "--config", config)
+    assert args.models == ["a=x"] and args.curves == ["results/rto"]  # parse() gives --models on the command line
+    assert common.parse_args(evaluate.Args, ["--config", str(config)]).models == ["sft=a", "dpo=b"]
+    config.write_text("sft_ckpt: runs/sft\nnormalize_reward: false\nbeta3: 0\nkl_target: null\n")
+    import rto
+    args = common.parse_args(rto.Args, ["--config", str(config)], rto.DEFAULTS)
+    assert (args.sft_ckpt, args.normalize_reward, args.beta3, args.kl_target) == ("runs/sft", False, 0.0, None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: 1e-4\nlearning_rate: 3\n", "unknown key 'learning_rate', not a flag of this stage"),
+    ("lr: [1, 2]\n", "lr takes one value"),
+    ("- lr\n", "expected 'flag: value' lines"),
+    ("lr: [1\n", "not valid YAML"),
+])
+def test_a_bad_config_fails_with_one_line_naming_it(tmp_path, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit, match=rf"^error: --config {config}: ") as e:
+        parse("sft.py", "--config", config)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="No such file"):
+        parse("sft.py", "--config", tmp_path / "missing.yaml")
