@@ -25,7 +25,7 @@ from common import TOY, Default, arg
 # flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
 DEFAULTS = {
     "lr": Default(toy=3e-4, real=5e-6),
-    # built-in task: plain DPO's sampled policy collapses (docs/stages.md, "dpo.py"); the paper: plain DPO
+    # built-in task: plain DPO's sampled policy collapses (docs/results.md); the paper: plain DPO
     "nll_coef": Default(toy=0.2, real=0.0),
     "epochs": Default(toy=2, real=1),
     "max_prompt_len": Default(toy=24, real=512),

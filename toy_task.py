@@ -262,7 +262,7 @@ def preference_data(split="train", n=4000, seed=0, task="toy"):
 
 
 def task_stats(seed=0, task="toy"):
-    """The task's numbers, as the README quotes them."""
+    """The task's numbers, as docs/tasks.md quotes them."""
     demos, pairs = sft_data("train", seed=seed, task=task), preference_data("train", seed=seed, task=task)
     demo_r = [oracle_reward(d["prompt"], d["response"]) for d in demos]
     agree = [oracle_reward(r["prompt"], r["chosen"]) > oracle_reward(r["prompt"], r["rejected"]) for r in pairs]

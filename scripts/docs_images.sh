@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's two pictures, made from one run of the demo pipeline (scripts/pipeline.sh) into $OUT:
+# The pictures of README.md and docs/results.md, made from one run of the demo pipeline (scripts/pipeline.sh) into $OUT:
 #   docs/curves.png         <- $OUT/eval/curves.png: RTO, PPO and DPPO's training curves (matplotlib)
 #   docs/token_rewards.png  <- $OUT/eval/token_rewards.html, drawn by headless Chromium
 #   bash scripts/docs_images.sh                       # ~2.5 min on 2 CPU cores (+ Chromium's install if missing)

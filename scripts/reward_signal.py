@@ -1,5 +1,5 @@
-"""How well does each reward signal track the built-in task's ground truth? The analysis behind README's
-"why RTO does not beat PPO here".
+"""How well does each reward signal track the built-in task's ground truth? The analysis behind
+docs/results.md's "Why, as far as we can tell".
 
     python scripts/reward_signal.py --run results/reproduce/seed0                 # responses of the SFT model
     python scripts/reward_signal.py --run results/reproduce/seed0 --policy rto    # ... of the trained RTO policy

@@ -1,5 +1,5 @@
-"""The recipes' and the README's command lines parse with the stages' own argument parsers (neither names a
-missing flag), and the README shows the recipes' commands as the recipes run them."""
+"""The recipes' and the documentation's command lines (README.md and docs/*.md) parse with the stages' own argument
+parsers (neither names a missing flag), and the documentation shows the recipes' commands as the recipes run them."""
 
 import os
 import shlex
@@ -39,7 +39,11 @@ def test_an_unknown_flag_is_refused():
         common.parse_args(sft.Args, ["--no_such_flag", "1"])
 
 
-# ---------------------------------------------------------------------------- the README's command lines
+# ---------------------------------------------------------------------------- the documented command lines
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+
 def recipe_lines(recipe):
     """[script, *argv] of each stage a recipe runs, with the recipe's own defaults for OUT, DATA, ..."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "DATA", "SFT", "RM", "CONFIG")}
@@ -48,12 +52,12 @@ def recipe_lines(recipe):
     return [shlex.split(line) for line in out.splitlines() if line.strip()]
 
 
-def readme_lines():
-    """[script, *argv] of every stage command in README.md's shell code blocks: `python <stage>.py ...` or
+def doc_lines(files=DOCS):
+    """[script, *argv] of every stage command in the shell code blocks of `files`: `python <stage>.py ...` or
     `accelerate launch [its own flags] <stage>.py ...`, after any VAR=value, continuation lines joined, comments
     dropped. The launcher's flags are not kept."""
     blocks, fence, body = [], None, []
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in "\n".join(path.read_text() for path in files).splitlines():
         if not line.startswith("```"):
             body.append(line)
         elif fence is None:
@@ -91,9 +95,10 @@ def output_dir(argv):
     return flags(argv).get("--output_dir", ("",))[0]
 
 
-def test_readme_command_lines_parse():
-    commands = readme_lines()
-    assert {script for script, *_ in commands} == set(PARSERS)  # every stage is shown, and was found
+def test_documented_command_lines_parse(monkeypatch):
+    monkeypatch.chdir(ROOT)  # a --config file is named from the repository root
+    assert {script for script, *_ in doc_lines([ROOT / "README.md"])} == set(PARSERS)  # the README shows every stage
+    commands = doc_lines()
     for script, *argv in commands:
         args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
         if script == "rto.py":
@@ -101,15 +106,16 @@ def test_readme_command_lines_parse():
             rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
 
 
-def test_readme_shows_the_recipes_commands():
-    """A README command that writes under a recipe's OUT is that recipe's command: same stage, flags and values."""
+def test_the_docs_show_the_recipes_commands():
+    """A documented command that writes under a recipe's OUT is that recipe's command: same stage, flags and
+    values."""
     recipes = {output_dir(line): (f"recipes/{name}", line) for name in RECIPES for line in recipe_lines(name)}
     outs = {os.path.dirname(d) for d in recipes}  # each recipe's default OUT
-    shown = [c for c in readme_lines() if os.path.dirname(output_dir(c)) in outs]
+    shown = [c for c in doc_lines() if os.path.dirname(output_dir(c)) in outs]
     for command in shown:
         name, line = recipes.get(output_dir(command), ("no recipe (none writes there)", [None]))
         assert (command[0], flags(command)) == (line[0], flags(line)), \
-            f"README.md's {command[0]} --output_dir {output_dir(command)} is not the command of {name}"
+            f"the documented {command[0]} --output_dir {output_dir(command)} is not the command of {name}"
     pythia_rto = [line for line in recipe_lines("pythia28b_hh.sh")
                   if line[0] == "rto.py" and flags(line).get("--reward_mode") == ("rto",)]
     assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(output_dir, shown)  # the paper's RTO run is shown
@@ -125,3 +131,11 @@ def test_accelerate_configs_load_and_shard_as_documented(config):
         assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     if config.startswith("gpu"):
         assert c.num_processes == 8 * c.num_machines and c.mixed_precision == "bf16"
+
+
+def test_docs_stages_lists_every_flag_of_every_stage():
+    import dataclasses
+    text = (ROOT / "docs" / "stages.md").read_text()
+    for script, args_class in PARSERS.items():
+        for f in dataclasses.fields(args_class):
+            assert f"`--{f.name}`" in text, f"docs/stages.md does not list {script}'s --{f.name}"
