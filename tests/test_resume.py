@@ -1,7 +1,8 @@
-"""Hardening: kill -9 a training stage mid-way, rerun with --resume, end with the metrics of an uninterrupted run.
+"""Resume: kill -9 a training stage mid-way, rerun with --resume, end with the metrics of an uninterrupted run.
 
-sft.py and dpo.py here, rto.py in test_rto.py. reward_model.py resumes through the same common.py code
-(save_state, load_state, train_batches) and is left out to keep the suite short. The run that is killed is a
+sft.py, dpo.py and rto.py (with an adaptive KL coefficient, which its checkpoint carries). reward_model.py resumes
+through the same common.py code (save_state, load_state, train_batches) and is left out to keep the suite short.
+FSDP2's sharded resumable state is resumed in test_distributed.py. The run that is killed is a
 process of its own (the kill is the behaviour); the uninterrupted run and the resumed one run in this process
 (conftest.run_main), with the killed process given this process's thread count so that the numbers can agree to
 the bit. --resume without a checkpoint is in test_bad_input.py."""
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import toy_task
-from conftest import ROOT, read_metrics, run_main
+from conftest import ROOT, iteration_metrics, read_metrics, rto_cmd, run_main
 
 STAGES = {
     "sft.py": ["--max_steps", 40, "--eval_steps", 20, "--oracle_prompts", 8, "--logging_steps", 5],
@@ -58,3 +59,25 @@ def test_kill_and_resume_gives_the_uninterrupted_run(stage, pipeline, tmp_path):
         assert per_epoch < 20 and 40 <= 3 * per_epoch, per_epoch
     # --save_total_limit 2: only the two newest checkpoints are kept
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+
+
+def test_rto_resumes_after_a_kill_to_the_uninterrupted_run(pipeline, tmp_path):
+    """kill -9 after the checkpoint of iteration 2, rerun with --resume: the same metrics as one clean run. With
+    an adaptive KL coefficient, which the checkpoint must carry; its updates follow the controller by hand."""
+    common_args = ("--num_iterations", 4, "--save_every", 2, "--oracle_prompts", 8, "--rollout_batch_size", 32,
+                   "--kl_target", 0.05, "--kl_horizon", 100)
+    run_main("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args))  # in this process, and the killed
+    # one with this process's thread count: the numbers can then agree to the bit
+    out = tmp_path / "killed"
+    kill_after_checkpoint([sys.executable, str(ROOT / "rto.py"), *map(str, rto_cmd(pipeline, out, *common_args))],
+                          out / "checkpoint-2")
+    state = out / "checkpoint-2" / "state.json"
+    assert json.loads(state.read_text())["step"] == 2 and not (out / "checkpoint-4").exists()
+    run_main("rto.py", *rto_cmd(pipeline, out, *common_args, "--resume"))
+    clean, resumed = iteration_metrics(tmp_path / "clean"), iteration_metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed == clean
+    for prev, cur in zip(clean, clean[1:]):  # per-response KL feeds the controller (6 decimals as logged)
+        error = max(-0.2, min(0.2, prev["kl_per_response"] / 0.05 - 1))
+        assert cur["beta2"] == pytest.approx(prev["beta2"] * (1 + error * 32 / 100), abs=2e-6)
+    assert len({r["beta2"] for r in clean}) == 4

@@ -1,7 +1,7 @@
 """scripts/: reward_signal.py (the analysis behind docs/results.md's findings), reproduce.py's report, the
 oracle_credit.py fork of rto.py, and pipeline.sh's command lines. The scripts run in this process
 (conftest.as_if_a_process); pipeline.sh is run with a stand-in for Python that records each command line, which is
-then parsed by its stage's own parser (the stages themselves run end to end in test_stages.py, test_rto.py and
+then parsed by its stage's own parser (the stages themselves run end to end in test_stages.py, test_rollout.py and
 test_evaluate.py)."""
 
 import json

@@ -1,4 +1,5 @@
-"""End to end on the built-in task: each stage learns what it should and writes a checkpoint that reloads.
+"""End to end on the built-in task: sft.py, dpo.py and reward_model.py each learn what they should and write a
+checkpoint that reloads. Their losses by hand are in test_losses.py.
 
 The `pipeline` fixture (conftest.py) runs sft.py -> dpo.py -> reward_model.py once with default settings; the
 runs here call the stages' main in this process (conftest.run_main)."""
@@ -24,34 +25,6 @@ def phase(metrics, name):
     return next(m for m in metrics if m.get("phase") == name)
 
 
-# ---------------------------------------------------------------------------- losses by hand
-def test_dpo_loss_by_hand():
-    policy = torch.tensor([-3.0, -5.0, -4.0, -4.5])  # chosen (2), then rejected (2)
-    ref = torch.tensor([-4.0, -5.0, -3.0, -5.5])
-    loss, chosen, rejected = dpo.dpo_loss(policy, ref, beta=0.1)
-    # implicit rewards: chosen 0.1*(1, 0) = (0.1, 0); rejected 0.1*(-1, 1) = (-0.1, 0.1)
-    assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
-    by_hand = -(torch.log(torch.sigmoid(torch.tensor(0.2))) + torch.log(torch.sigmoid(torch.tensor(-0.1)))) / 2
-    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
-
-
-def test_rpo_term_is_the_chosen_mean_token_nll(monkeypatch):
-    """--nll_coef c: the DPO loss + c x mean over pairs of -log pi(y_w|x) / |y_w| (chosen only)."""
-    policy, ref = torch.tensor([-3.0, -5.0, -4.0, -4.5]), torch.tensor([-4.0, -5.0, -3.0, -5.5])
-    batch = {"ref": ref, "response_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])}
-    monkeypatch.setattr(dpo, "sequence_logprobs", lambda model, b: policy)
-    plain, *_ = dpo.batch_loss(None, None, batch, 0.1)
-    rpo, chosen, _ = dpo.batch_loss(None, None, batch, 0.1, nll_coef=0.5)
-    assert plain.item() == pytest.approx(dpo.dpo_loss(policy, ref, 0.1)[0].item())
-    assert rpo.item() == pytest.approx(plain.item() + 0.5 * (3.0 / 3 + 5.0 / 2) / 2, abs=1e-6)
-    assert chosen.tolist() == pytest.approx([0.1, 0.0])  # the implicit rewards do not change
-
-
-def test_bradley_terry_loss_by_hand():
-    loss, chosen, rejected = reward_model.bt_loss(torch.tensor([2.0, 0.0, 1.0, 0.5]))
-    by_hand = (-torch.log(torch.sigmoid(torch.tensor(1.0))) - torch.log(torch.sigmoid(torch.tensor(-0.5)))) / 2
-    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
-    assert chosen.tolist() == [2.0, 0.0] and rejected.tolist() == [1.0, 0.5]
 
 
 # ---------------------------------------------------------------------------- sft.py

@@ -1,5 +1,6 @@
-"""rto.py: token rewards, GAE, whitening, PPO losses against hand computations and naive loops; then its pieces
-with real (tiny) models, in process; then end-to-end runs."""
+"""rto.py's iteration: batch sizes, prompt sharding and the sampler; then the rollout, the frozen pass and the
+update with real (tiny) models, in process; then end-to-end runs of RTO, PPO and DPPO. The token rewards, GAE and
+the losses by hand are in test_losses.py, rto.py's --resume in test_resume.py."""
 
 import copy
 import json
@@ -13,136 +14,7 @@ import common
 import data
 import rto
 import toy_task
-from conftest import read_metrics, run_main
-
-
-def make_args(mode, **kw):
-    base = dict(reward_mode=mode, beta1=0.5, dpo_reward_clip=0.0, beta3=2.0, missing_eos_penalty=0.0)
-    return SimpleNamespace(**{**base, **kw})
-
-
-@pytest.fixture
-def rollout():
-    """Two responses: one of 3 tokens ending in EOS, one of 2 tokens cut by the length limit; R = 4."""
-    return {
-        "response_mask": torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]]),
-        "ended": torch.tensor([True, False]),
-        "logprobs": torch.tensor([[-1.0, -2.0, -0.5, 7.0], [-1.0, -1.0, 7.0, 7.0]]),
-        "ref_logprobs": torch.tensor([[-1.5, -1.0, -0.5, 3.0], [-2.0, -0.5, 3.0, 3.0]]),
-        # log pi_dpo - log pi_ref; padding is 0 as frozen_pass gives it. beta1 = 0.5 halves it
-        "dpo_log_ratio": torch.tensor([[1.0, -0.5, 0.2, 0.0], [-2.0, 0.4, 0.0, 0.0]]),
-        "rm_score": torch.tensor([1.5, -0.5]),
-    }
-
-
-# KL term -beta2 * (logprobs - ref) with beta2 = 0.1, by hand: row 0: 0.5, -1, 0 -> -0.05, 0.1, 0; row 1: 1, -0.5
-KL = [[-0.05, 0.1, 0.0, 0.0], [-0.1, 0.05, 0.0, 0.0]]
-
-
-def test_token_rewards_ppo(rollout):
-    r = rto.token_rewards(rollout, make_args("ppo"), beta2=0.1)
-    # reward model 2.0 * score lands on the last real token: index 2 (the EOS) in row 0, index 1 in row 1
-    expected = [[-0.05, 0.1, 0.0 + 3.0, 0.0], [-0.1, 0.05 - 1.0, 0.0, 0.0]]
-    torch.testing.assert_close(r, torch.tensor(expected))
-
-
-def test_token_rewards_dppo(rollout):
-    r = rto.token_rewards(rollout, make_args("dppo"), beta2=0.1)
-    # beta1 * the sum of the DPO log-ratios at the last token, no reward model
-    expected = [[-0.05, 0.1, 0.35, 0.0], [-0.1, 0.05 - 0.8, 0.0, 0.0]]
-    torch.testing.assert_close(r, torch.tensor(expected))
-
-
-def test_token_rewards_rto_with_clip_and_missing_eos_penalty(rollout):
-    r = rto.token_rewards(rollout, make_args("rto", dpo_reward_clip=0.3, missing_eos_penalty=4.0), beta2=0.1)
-    dense = [[0.3, -0.25, 0.1, 0.0], [-0.3, 0.2, 0.0, 0.0]]  # 0.5 * log-ratio, clamped to [-0.3, 0.3]
-    last = [[0, 0, 3.0, 0], [0, -1.0 - 4.0, 0, 0]]  # reward model; row 1 has no EOS: penalty 4
-    expected = torch.tensor(KL) + torch.tensor(dense) + torch.tensor(last)
-    torch.testing.assert_close(r, expected)
-
-
-def test_token_rewards_rto_paper_v1_without_reward_model(rollout):
-    r = rto.token_rewards(rollout, make_args("rto", beta3=0.0), beta2=0.1)
-    torch.testing.assert_close(r, torch.tensor(KL) + 0.5 * rollout["dpo_log_ratio"])
-    # summed over a response, the DPO part is DPO's sentence-level implicit reward (what DPPO puts at the end)
-    dppo = rto.token_rewards(rollout, make_args("dppo"), beta2=0.1)
-    torch.testing.assert_close(r.sum(-1), dppo.sum(-1))
-
-
-def naive_gae(rewards, values, mask, gamma, lam):
-    """One sequence at a time, over its real tokens only, exactly as written in docs/algorithm.md."""
-    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
-    for b in range(rewards.shape[0]):
-        H = int(mask[b].sum())
-        a = 0.0
-        for h in reversed(range(H)):
-            v_next = values[b, h + 1].item() if h + 1 < H else 0.0
-            delta = rewards[b, h].item() + gamma * v_next - values[b, h].item()
-            a = delta + gamma * lam * a
-            adv[b, h], ret[b, h] = a, a + values[b, h].item()
-    return adv, ret
-
-
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
-def test_gae_matches_a_naive_loop(gamma, lam):
-    g = torch.Generator().manual_seed(0)
-    B, R = 6, 9
-    lengths = torch.tensor([9, 1, 4, 7, 2, 9])
-    mask = (torch.arange(R)[None] < lengths[:, None]).float()
-    rewards = torch.randn(B, R, generator=g, dtype=torch.float64) * mask
-    values = torch.randn(B, R, generator=g, dtype=torch.float64)  # garbage after the end: must be ignored
-    adv, ret = rto.gae(rewards, values, mask.double(), gamma, lam)
-    adv_ref, ret_ref = naive_gae(rewards, values, mask, gamma, lam)
-    torch.testing.assert_close(adv, adv_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ret, ret_ref, atol=1e-6, rtol=0)
-
-
-ONE_PROCESS = SimpleNamespace(reduce=lambda x, op: x, device=torch.device("cpu"))  # accelerator.reduce, 1 process
-
-
-def test_whitening_matches_a_naive_loop_over_the_masked_entries():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3 + 2
-    mask = (torch.rand(5, 7, generator=g) < 0.6).double()
-    values = [x[i, j].item() for i in range(5) for j in range(7) if mask[i, j]]
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    w = rto.whiten(ONE_PROCESS, x, mask)
-    for i in range(5):
-        for j in range(7):
-            assert w[i, j].item() == pytest.approx((x[i, j].item() - mean) / std if mask[i, j] else 0.0, abs=1e-6)
-
-
-def test_policy_loss_by_hand():
-    old = torch.zeros(1, 3)
-    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
-    adv = torch.tensor([[1.0, 1.0, -2.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0]])
-    loss, stats = rto.policy_loss(new, old, adv, mask, eps=0.2)
-    # -min(r*A, clip(r)*A): 1.5*1 vs 1.2*1 -> 1.2; 0.5 vs 0.8 -> 0.5; -2.2 vs -2.2 -> -2.2
-    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 2.2) / 3, abs=1e-6)
-    assert stats["clip_frac"].tolist() == [[1.0, 1.0, 0.0]]
-    # per-sequence mean, then mean over sequences: a short sequence weighs as much as a long one
-    new2, old2 = torch.zeros(2, 3), torch.zeros(2, 3)
-    adv2, mask2 = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1], [1, 0, 0]])
-    assert rto.policy_loss(new2, old2, adv2, mask2, 0.2)[0].item() == pytest.approx(-(1.0 + 4.0) / 2)
-
-
-def test_value_loss_by_hand():
-    old = torch.tensor([[0.0, 0.0]])
-    new = torch.tensor([[0.5, 0.1]])
-    returns = torch.tensor([[1.0, -1.0]])
-    loss, stats = rto.value_loss(new, old, returns, torch.ones(1, 2), clip=0.2)
-    # token 0: clipped value 0.2 -> (0.2-1)^2 = 0.64 > (0.5-1)^2 = 0.25 -> 0.64;  token 1: 1.21 either way
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21) / 2)
-    assert stats["value_clip_frac"].tolist() == [[1.0, 0.0]]
-
-
-def test_adaptive_kl_controller_by_hand():
-    args = SimpleNamespace(kl_target=1.0, kl_horizon=100)
-    assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None, kl_horizon=100), 10) == 0.1
-    assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
-    assert rto.update_kl_coef(0.1, 0.9, args, 10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+from conftest import iteration_metrics, read_metrics, rto_cmd, run_main
 
 
 def test_batch_sizes_must_divide():
@@ -420,9 +292,6 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
 
 
 # ---------------------------------------------------------------------------- rto.py as users run it
-def rto_cmd(pipeline, out, *extra):
-    return ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
-            "--output_dir", out, "--sample_every", 0, *extra]
 
 
 def test_rto_raises_the_oracle_reward_above_sft(pipeline, tmp_path):
@@ -446,10 +315,6 @@ def test_rto_raises_the_oracle_reward_above_sft(pipeline, tmp_path):
     assert derived == {"rollout": 64, "mini": 16, "micro": 16, "accum": 1}
 
 
-def iteration_metrics(folder):
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in read_metrics(folder) if "phase" not in r]
-
-
 @pytest.mark.parametrize("mode", ["ppo", "dppo"])
 def test_ppo_and_dppo_run_several_iterations(mode, pipeline, tmp_path):
     run_main("rto.py", *rto_cmd(pipeline, tmp_path / mode, "--reward_mode", mode, "--num_iterations", 3,
@@ -460,39 +325,6 @@ def test_ppo_and_dppo_run_several_iterations(mode, pipeline, tmp_path):
         assert all(math.isfinite(r[key]) for r in it), key
     assert len({r["kl_per_token"] for r in it}) == 3 and it[0]["kl_per_token"] == 0  # the policy moves
     assert ("sentence_reward" in it[0]) == (mode == "ppo") and ("dpo_reward_per_response" in it[0]) == (mode == "dppo")
-
-
-def test_resume_after_kill_reproduces_an_uninterrupted_run(pipeline, tmp_path):
-    """kill -9 after the checkpoint of iteration 2, rerun with --resume: the same metrics as one clean run. With
-    an adaptive KL coefficient, which the checkpoint must carry; its updates follow the controller by hand."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from conftest import ROOT
-    common_args = ("--num_iterations", 4, "--save_every", 2, "--oracle_prompts", 8, "--rollout_batch_size", 32,
-                   "--kl_target", 0.05, "--kl_horizon", 100)
-    run_main("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args))  # in this process, and the killed
-    # one with this process's thread count: the numbers can then agree to the bit
-    out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "rto.py"), *map(str, rto_cmd(pipeline, out, *common_args))]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    state = out / "checkpoint-2" / "state.json"
-    while not state.exists() and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert json.loads(state.read_text())["step"] == 2 and not (out / "checkpoint-4").exists()
-    run_main("rto.py", *rto_cmd(pipeline, out, *common_args, "--resume"))
-    clean, resumed = iteration_metrics(tmp_path / "clean"), iteration_metrics(out)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    assert resumed == clean
-    for prev, cur in zip(clean, clean[1:]):  # per-response KL feeds the controller (6 decimals as logged)
-        error = max(-0.2, min(0.2, prev["kl_per_response"] / 0.05 - 1))
-        assert cur["beta2"] == pytest.approx(prev["beta2"] * (1 + error * 32 / 100), abs=2e-6)
-    assert len({r["beta2"] for r in clean}) == 4
 
 
 def test_a_non_finite_reward_stops_the_run_or_skips_the_iteration(pipeline, tmp_path, monkeypatch):
