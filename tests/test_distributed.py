@@ -76,6 +76,7 @@ def numbers(folder):
             if isinstance(v, float) and k != "oracle_reward"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", list(SMALL))
 def test_ddp_and_fsdp_train_like_one_process_on_the_global_batch(stage, pipeline, tmp_path):
     args = [*SMALL[stage], "--batch_size", 8, "--logging_steps", 1]
@@ -108,6 +109,7 @@ def rto_numbers(folder):
             if isinstance(v, float) and not k.startswith(("time_", "padding_share"))]
 
 
+@pytest.mark.distributed
 def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, tmp_path):
     """2 iterations, 16 prompts each, 2 PPO epochs over one mini-batch of 16 accumulated over 2 micro-batches: one
     process, then DDP and FSDP2 on 2 ranks (8 prompts each). Each prompt's response is drawn with its own seed, so
@@ -152,6 +154,7 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     assert [x[2] for x in resumed] == pytest.approx([x[2] for x in one], abs=1e-4)
 
 
+@pytest.mark.distributed
 def test_bf16_under_fsdp_policy_and_reference_compute_alike(pipeline, tmp_path):
     """--bf16 under FSDP2: the trained models keep fp32 master weights and compute in bf16 (the FSDP mixed-precision
     policy), the frozen ones are stored in bf16; at the first iteration the policy is the reference, so the KL is
@@ -230,6 +233,7 @@ common.finish(acc)  # as the stages end: a rank exiting with gloo threads alive 
 """
 
 
+@pytest.mark.distributed
 def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans_both_ranks_and_rollout_gathers_once(
         tmp_path):
     probe = tmp_path / "probe.py"
@@ -278,6 +282,7 @@ common.finish(acc)
 """
 
 
+@pytest.mark.distributed
 def test_with_the_gpu_loading_settings_every_rank_holds_the_checkpoints_weights_and_a_headless_rm_is_refused(
         pipeline, tmp_path):
     """fsdp_cpu_ram_efficient_loading: true (configs/gpu8_fsdp.yaml): rank 1 builds each of rto.py's five models on
