@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from argparse import ArgumentDefaultsHelpFormatter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -288,6 +289,23 @@ def gather(accelerator, x):
     return accelerator.gather_for_metrics(x.to(accelerator.device))
 
 
+def phase_clock(accelerator):
+    """clock(name) logs the seconds since the previous call (or since phase_clock) as time_<name>, and on GPUs the
+    peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
+    cuda, metrics, last = accelerator.device.type == "cuda", {}, [time.perf_counter()]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+
+    def clock(name):
+        now = time.perf_counter()
+        metrics[f"time_{name}"], last[0] = now - last[0], now
+        if cuda:
+            metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+    clock.metrics = metrics
+    return clock
+
+
 def fsdp_on_cpu(accelerator):
     """Accelerate ignores an FSDP config when there is no GPU (and falls back to DDP); apply it by hand, so that
     the FSDP code paths run in tests on CPU processes. A no-op wherever Accelerate already set FSDP up."""
@@ -502,7 +520,9 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
                                                          if k in ("gguf_file", "num_labels")}, **LOAD_OPTIONS)
             with init_empty_weights(include_buffers=False):
                 model = auto_class.from_config(config, dtype=kwargs.get("dtype", torch.float32), **LOAD_OPTIONS)
-            return model, []
+            model.tie_weights()  # the meta parameters are made after from_config tied them: tie them again
+            stored = checkpoint_tensor_names(path)  # so that every rank finds the same weights missing
+            return model, [k for k in model.state_dict() if stored is not None and k not in stored]
         model, info = auto_class.from_pretrained(path, use_safetensors=True, output_loading_info=True,
                                                  **{"dtype": torch.float32, **kwargs}, **extra, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
@@ -511,6 +531,20 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
         fail(f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an unquantised "
              "checkpoint")
     return model, info["missing_keys"]
+
+
+def checkpoint_tensor_names(path):
+    """The tensor names in a local folder's safetensors files, read from their headers only; None elsewhere."""
+    from glob import glob
+
+    from safetensors import safe_open
+
+    files = glob(os.path.join(path, "*.safetensors")) if os.path.isdir(path) else []
+    names = set()
+    for file in files:
+        with safe_open(file, "pt") as f:
+            names.update(f.keys())
+    return names if files else None
 
 
 def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=torch.float32, weights=True):
@@ -819,7 +853,7 @@ def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, wher
         return nonfinite(args, "loss", where, optimizers)
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        norms = torch.stack([accelerator.clip_grad_norm_(m.parameters(), args.max_grad_norm) for m in models])
+        norms = torch.stack([clip_grad_norm(accelerator, m, args.max_grad_norm) for m in models])
         if not all_finite(accelerator, norms):
             return nonfinite(args, "gradient norm", where, optimizers)
     for optimizer, scheduler in zip(optimizers, schedulers):
@@ -827,6 +861,16 @@ def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, wher
         scheduler.step()
         optimizer.zero_grad()
     return True
+
+
+def clip_grad_norm(accelerator, model, max_norm):
+    """Clip a model's gradient to max_norm; returns its norm before clipping. Under FSDP2 torch's own clipping, which
+    takes the sharded (DTensor) gradients: Accelerate's finds the model by comparing parameter lists with ==, which
+    for two models with as many parameter tensors (a policy with an untied LM head and its critic) compares tensors
+    elementwise and fails."""
+    if accelerator.is_fsdp2:
+        return torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def all_finite(accelerator, x):

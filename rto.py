@@ -30,7 +30,6 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 """
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -331,8 +330,9 @@ def load_models(args, accelerator):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     models, optimizers = {}, []
+    critic_flag = "--rm_ckpt" if args.rm_ckpt else "--sft_ckpt"
     for name, lr, path, flag in (("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
-                                 ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, "--rm_ckpt or --sft_ckpt")):
+                                 ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, critic_flag)):
         model = common.load_model(path, tokenizer, flag, scorer=name == "critic", weights=common.loads_weights(
             accelerator), new_head=not args.rm_ckpt)  # a critic started from the SFT model: a new value head
         models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
@@ -434,9 +434,9 @@ def main(argv=None):
     bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode, disable=not accelerator.is_local_main_process)
     for it in range(start, n_iter):
         batch_prompts, seeds = iteration_prompts(prompts, order, it, args, accelerator.process_index, sizes["rollout"])
-        t0 = time.perf_counter()
+        clock = common.phase_clock(accelerator)  # seconds (and on GPUs peak memory) of each phase
         ro = rollout(accelerator, models["policy"], tokenizer, batch_prompts, seeds, args)  # 1.
-        t1 = time.perf_counter()
+        clock("generate")
         ro = frozen_pass(accelerator, ro, models, args)  # 2.
         ro["rewards"] = token_rewards(ro, args, beta2)  # 3.
         if not common.all_finite(accelerator, ro["rewards"]):  # a broken DPO or reward-model checkpoint
@@ -444,11 +444,11 @@ def main(argv=None):
             continue
         ro["advantages"], ro["returns"] = gae(ro["rewards"], ro["values"], ro["response_mask"], args.gamma, args.lam)
         ro["advantages"] = whiten(accelerator, ro["advantages"], ro["response_mask"])  # 4.
-        t2 = time.perf_counter()
+        clock("frozen_pass")
         train_stats = ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it)  # 5.
-        t3 = time.perf_counter()
+        clock("update")
         metrics = {**rollout_metrics(accelerator, ro, tokenizer, batch_prompts, beta2, args), **train_stats,
-                   "time_generate": t1 - t0, "time_frozen_pass": t2 - t1, "time_update": t3 - t2}
+                   **clock.metrics}
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
         common.log_metrics(accelerator, args.output_dir, metrics, it + 1)
         bar.update(1)
