@@ -637,11 +637,17 @@ def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     is loaded straight in that dtype, and sharded or placed before the caller loads the next model."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = load_model(name, tokenizer, flag, scorer, dtype, weights=loads_weights(accelerator))
-    for p in model.parameters():  # (the tiny random model is built in float32)
+    return place_frozen(accelerator, frozen(cast(model, dtype)))
+
+
+def cast(model, dtype):
+    """Parameters in `dtype` (the tiny random model is built in float32), buffers (rotary frequencies) in float32,
+    as FSDP's mixed precision leaves them in the trained models."""
+    for p in model.parameters():
         p.data = p.data.to(dtype)
-    for b in model.buffers():  # buffers (rotary frequencies) in float32, as FSDP's mixed precision leaves them in
-        b.data = b.data.float() if b.is_floating_point() else b.data  # the trained models
-    return place_frozen(accelerator, frozen(model))
+    for b in model.buffers():
+        b.data = b.data.float() if b.is_floating_point() else b.data
+    return model
 
 
 # ============================================================================ log-probs and masked means
@@ -1034,8 +1040,10 @@ def fingerprint(model):
     heads (lm_head, score) are left out: a causal LM and a reward model built on the same body share it."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    digest, state = hashlib.sha256(), model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        return None  # shapes only (loads_weights): nothing to compare
+    for name, t in sorted(state.items()):
         name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         if name.startswith(("lm_head.", "score.")) or ".lora_" in name or ".modules_to_save." in name:
             continue
@@ -1057,6 +1065,8 @@ def add_adapter(model, args, base_path, scorer=False):
                              modules_to_save=["score"] if scorer else None)
     base_fingerprint = fingerprint(model)
     model = peft.get_peft_model(model, config)
+    for p in trainable(model):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
+        p.data = p.data.float()
     if scorer:  # peft's all-linear spares only the LM head: keep the reward head out of the adapted layers
         assert not any(".score.lora_" in n for n, _ in model.named_parameters())
     model.enable_input_require_grads()  # gradient checkpointing: the frozen embeddings' output must carry a grad
@@ -1112,6 +1122,18 @@ def add_second_adapter(model, path, flag, name):
     model.set_adapter("default")
     for n, p in model.named_parameters():
         p.requires_grad_(p.requires_grad and f".{name}." not in n)
+    return True
+
+
+def adapter_on(model, path, flag, model_flag):
+    """Whether the checkpoint at `path` is an adapter on `model`'s base weights (the same fingerprint, whatever path
+    it names); an adapter on other weights fails with one line."""
+    if not is_adapter(path):
+        return False
+    mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
+    if mine is not None and mine != theirs:  # (None: this rank holds shapes only; the main process checks)
+        fail(f"{flag} {path}: an adapter trained on other base weights than {model_flag}'s (fingerprint {theirs}, "
+             f"not {mine}); train it from the {model_flag} model, or pass a full (merged) checkpoint")
     return True
 
 
