@@ -186,22 +186,20 @@ def test_rto_with_adapters_starts_at_kl_0_and_resumes_to_the_uninterrupted_run(p
         torch.testing.assert_close(merged(input_ids=ids).logits, folder(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
-def test_each_stage_trains_an_adapter_and_the_next_takes_it(pipeline, tmp_path):
-    """sft.py -> dpo.py -> reward_model.py -> rto.py, each with --lora_rank, each reading the adapter folder the one
-    before wrote (merged on load). rto.py then holds the DPO adapter as a second adapter on the policy's base: the
-    DPO adapter's base is the merged SFT adapter, whose weights the policy's base has."""
+def test_dpo_and_reward_model_adapters_feed_rto(pipeline, tmp_path):
+    """dpo.py and reward_model.py with --lora_rank --merge_lora write adapter folders (and merged ones); rto.py takes
+    them: the DPO adapter as a second adapter on the policy's base (same SFT weights), the reward model merged into
+    the critic's base. (sft.py --lora_rank writes the same kind of folder, read by the same loader.)"""
     import toy_task
     from conftest import write_rows
 
-    pairs = write_rows(tmp_path / "pairs.jsonl", toy_task.preference_data("train", 40, seed=1))
-    short = ["--max_steps", 1, "--batch_size", 8, "--eval_fraction", 0.2, *LORA]
-    run_main("sft.py", "--model_name_or_path", pipeline["sft"], "--output_dir", tmp_path / "sft", "--max_steps", 1,
-             "--batch_size", 8, "--oracle_prompts", 4, *LORA)
+    pairs = write_rows(tmp_path / "pairs.jsonl", toy_task.preference_data("train", 20, seed=1))
     for stage, out in (("dpo.py", "dpo"), ("reward_model.py", "rm")):
-        run_main(stage, "--sft_ckpt", tmp_path / "sft", "--dataset", pairs, "--output_dir", tmp_path / out, *short,
-                 "--max_prompt_len", 24, "--max_response_len", 24, "--merge_lora")
+        run_main(stage, "--sft_ckpt", pipeline["sft"], "--dataset", pairs, "--output_dir", tmp_path / out,
+                 "--max_steps", 1, "--batch_size", 8, "--eval_fraction", 0.2, "--warmup_ratio", 0, "--lr", 0.01, "--max_prompt_len",
+                 24, "--max_response_len", 24, "--merge_lora", *LORA)
         assert common.is_adapter(str(tmp_path / out)) and (tmp_path / out / "merged" / "config.json").exists()
-    run_main("rto.py", "--sft_ckpt", tmp_path / "sft", "--dpo_ckpt", tmp_path / "dpo", "--rm_ckpt", tmp_path / "rm",
+    run_main("rto.py", "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", tmp_path / "dpo", "--rm_ckpt", tmp_path / "rm",
              "--output_dir", tmp_path / "rto", *LORA, *RTO_FLAGS, "--num_iterations", 1)
     first = iteration_metrics(tmp_path / "rto")[0]
     assert first["kl_per_token"] == 0 and abs(first["dpo_reward_per_token"]) > 0
