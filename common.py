@@ -757,7 +757,9 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad, _):
         h, weight, tokens, lse = ctx.saved_tensors
         w, rows, grad = weight.to(ctx.dtype), ctx.rows, grad.float()
-        grad_h, grad_w = torch.empty_like(h), torch.zeros(weight.shape, dtype=torch.float, device=weight.device)
+        need_w = ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no (V, d) fp32 gradient
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float, device=weight.device) if need_w else None
         for i in range(0, len(h), rows):
             hi, g = h[i:i + rows].to(ctx.dtype), grad[i:i + rows]
             dlogits = torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)  # (n, V), then in place:
@@ -765,8 +767,9 @@ class TokenLogprobs(torch.autograd.Function):
             dlogits.scatter_add_(1, tokens[i:i + rows, None], g[:, None]).div_(ctx.temperature)
             dlogits = dlogits.to(ctx.dtype)
             grad_h[i:i + rows] = (dlogits @ w).to(h.dtype)
-            grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+            if need_w:
+                grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 
 def head_outputs(model, batch):
