@@ -998,11 +998,13 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)
-    if hasattr(model, "peft_config"):
-        save_adapter(model, state, tokenizer, out_dir, extra_config)
+    if hasattr(model, "lora"):  # add_adapter's model: its keys as the peft wrapper names them
+        state = {f"base_model.model.{k}": v for k, v in state.items()}
+        save_adapter(model.lora, state, tokenizer, out_dir, extra_config)
         if not merge_lora:
             return
-        model, state, out_dir = plain_model(model), merged_state_dict(model, state), os.path.join(out_dir, "merged")
+        model, state = plain_model(model.lora), merged_state_dict(model.lora, state)
+        out_dir = os.path.join(out_dir, "merged")
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -1058,23 +1060,25 @@ def fingerprint(model):
 
 
 def add_adapter(model, args, base_path, scorer=False):
-    """model -> a peft model whose only trainable parameters are a new LoRA adapter ("default") and, for a scorer
-    (reward model, critic), a trainable copy of its head `score` (the original stays, for the adapter-off role).
-    Its base is recorded for the adapter folder (save_adapter): `base_path` and the weights' fingerprint."""
+    """Put a new LoRA adapter ("default") into `model`, the only trainable parameters with, for a scorer (reward
+    model, critic), a trainable copy of its head `score` (the original stays, for the adapter-off role). Returns the
+    same transformers model, its layers adapted: that is what the stage trains and accelerator.prepare() wraps, so
+    that under FSDP2 the root is the model generate() and the forward passes call. The peft wrapper, which switches
+    adapters and saves them, is model.lora, kept off the module tree; it records the base for the adapter folder
+    (save_adapter): `base_path` and the weights' fingerprint."""
     peft = peft_module()
     targets = args.lora_target_modules
     config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=targets if targets == "all-linear" else targets.split(","),
                              modules_to_save=["score"] if scorer else None)
     base_fingerprint = fingerprint(model)
-    model = peft.get_peft_model(model, config)
+    wrapper = peft.get_peft_model(model, config)
     for p in trainable(model):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
         p.data = p.data.float()
-    if scorer:  # peft's all-linear spares only the LM head: keep the reward head out of the adapted layers
-        assert not any(".score.lora_" in n for n, _ in model.named_parameters())
     model.enable_input_require_grads()  # gradient checkpointing: the frozen embeddings' output must carry a grad
-    model.lora_base = {"base": os.path.abspath(base_path) if os.path.exists(base_path) else base_path,
-                       "fingerprint": base_fingerprint}
+    wrapper.lora_base = {"base": os.path.abspath(base_path) if os.path.exists(base_path) else base_path,
+                         "fingerprint": base_fingerprint}
+    object.__setattr__(model, "lora", wrapper)  # not a submodule: no cycle in the module tree
     return model
 
 
@@ -1085,25 +1089,27 @@ def trainable(model):
 
 @contextlib.contextmanager
 def adapter_active(model, name):
-    """Run a peft model with adapter `name` on, or with name=None with every adapter off (the bare base, whose
+    """Run model (add_adapter's) with adapter `name` on, or with name=None with every adapter off (the bare base, whose
     reward head is the original one); the trained adapter is active again afterwards. (peft's set_adapter makes
     the active adapter's weights require grad: switching back makes the trained one's do, the other's not.)"""
+    wrapper = model.lora
     if name is None:
-        with model.disable_adapter():
+        with wrapper.disable_adapter():
             yield model
         return
-    before = model.active_adapter
-    model.set_adapter(name)
+    before = wrapper.active_adapter
+    wrapper.set_adapter(name)
     try:
         yield model
     finally:
-        model.set_adapter(before)
+        wrapper.set_adapter(before)
 
 
 class AdapterView:
     """A frozen role of a LoRA model, called like a model, without gradients: adapter `name` on (None: none).
     rto.py's reference is AdapterView(policy, None), its DPO model AdapterView(policy, "dpo"), its reward model
-    AdapterView(critic, None). `module` is the peft model (common.response_logprobs and head_outputs read it)."""
+    AdapterView(critic, None), of the unwrapped trained models. `module` is that model (common.response_logprobs and
+    head_outputs read it)."""
 
     def __init__(self, model, name):
         self.module, self.name, self.config = model, name, model.config
@@ -1117,12 +1123,12 @@ class AdapterView:
 
 
 def add_second_adapter(model, path, flag, name):
-    """Load the adapter folder at `path` onto `model` (a peft model) as frozen adapter `name`, if it was trained
+    """Load the adapter folder at `path` into `model` (add_adapter's) as frozen adapter `name`, if it was trained
     on this base (same fingerprint); returns False when it was not, or `path` is not an adapter folder."""
-    if not is_adapter(path) or adapter_base(path, flag)["fingerprint"] != model.lora_base["fingerprint"]:
+    if not is_adapter(path) or adapter_base(path, flag)["fingerprint"] != model.lora.lora_base["fingerprint"]:
         return False
-    model.load_adapter(path, adapter_name=name, is_trainable=False)
-    model.set_adapter("default")
+    model.lora.load_adapter(path, adapter_name=name, is_trainable=False)
+    model.lora.set_adapter("default")
     for n, p in model.named_parameters():
         p.requires_grad_(p.requires_grad and f".{name}." not in n)
     return True

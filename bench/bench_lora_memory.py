@@ -70,10 +70,10 @@ def checkpoints(work, rank):
     tok.save_pretrained(work / "rm")
     flags = argparse.Namespace(lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, lora_target_modules="all-linear")
     adapter = common.add_adapter(common.load_causal_lm(str(work / "sft"), tok), flags, str(work / "sft"))
-    adapter.save_pretrained(work / "dpo_lora", selected_adapters=["default"])
+    adapter.lora.save_pretrained(work / "dpo_lora", selected_adapters=["default"])
     tok.save_pretrained(work / "dpo_lora")
     with open(work / "dpo_lora" / common.LORA_BASE, "w") as f:
-        json.dump({**adapter.lora_base, "config": {}}, f)
+        json.dump({**adapter.lora.lora_base, "config": {}}, f)
     return sum(p.numel() for p in lm.parameters())
 
 

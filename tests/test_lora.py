@@ -92,11 +92,11 @@ def test_merged_export_and_adapter_folder_reload_with_the_same_logits(tiny):
 
     tok, root, ids = tiny["tokenizer"], tiny["root"], tiny["batch"]["input_ids"]
     adapted = common.add_adapter(common.load_causal_lm(str(root / "sft"), tok), Flags, str(root / "sft"))
-    adapted.load_adapter(str(root / "dpo"), adapter_name="dpo")
-    adapted.set_adapter("dpo")
+    adapted.lora.load_adapter(str(root / "dpo"), adapter_name="dpo")
+    adapted.lora.set_adapter("dpo")
     plain = AutoModelForCausalLM.from_pretrained(str(root / "dpo" / "merged"))  # no peft involved
     folder = common.load_causal_lm(str(root / "dpo"), tok, "--dpo_ckpt")  # the adapter folder, merged on load
-    assert not hasattr(plain, "peft_config") and folder.config.dpo_beta == 0.1
+    assert not hasattr(plain, "lora") and folder.config.dpo_beta == 0.1
     with torch.no_grad():
         want = adapted(input_ids=ids).logits
         torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-5)
