@@ -203,3 +203,24 @@ def test_dpo_and_reward_model_adapters_feed_rto(pipeline, tmp_path):
              "--output_dir", tmp_path / "rto", *LORA, *RTO_FLAGS, "--num_iterations", 1)
     first = iteration_metrics(tmp_path / "rto")[0]
     assert first["kl_per_token"] == 0 and abs(first["dpo_reward_per_token"]) > 0
+
+
+@pytest.mark.distributed
+def test_ddp_and_fsdp2_with_adapters_log_the_numbers_of_one_process(pipeline, lora_dpo, tmp_path):
+    """2 iterations of 16 prompts, one process and then 2 ranks under DDP and FSDP2 (8 prompts each): every logged
+    number is the same (as test_distributed.py's full-model test). Under FSDP2 the adapted transformers model is
+    the root (add_adapter), the reference and DPO adapter are switched on the sharded layers, and the adapter
+    folders are written from the gathered state."""
+    from test_distributed import launch, rto_numbers
+
+    run = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", lora_dpo, "--rm_ckpt", pipeline["rm"], *LORA,
+           "--num_iterations", 2, "--rollout_batch_size", 16, "--mini_batch_size", 16, "--max_new_tokens", 12,
+           "--oracle_prompts", 4, "--sample_every", 0]
+    run_main("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
+    one = rto_numbers(tmp_path / "one")
+    for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
+        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", tmp_path / config)
+        two = rto_numbers(tmp_path / config)
+        assert [x[:2] for x in two] == [x[:2] for x in one]
+        assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
+        assert common.is_adapter(str(tmp_path / config)) and common.is_adapter(str(tmp_path / config / "critic"))
