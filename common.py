@@ -1213,9 +1213,10 @@ def plain_model(model):
     from accelerate import init_empty_weights
 
     base = model.get_base_model()
+    cls = type(base)  # FSDP2 swaps the class for FSDP<cls>, a subclass of (FSDPModule, cls)
+    cls = cls.__bases__[-1] if fsdp_modules(base) and cls.__name__.startswith("FSDP") else cls
     with init_empty_weights():
-        plain = type(base)(base.config)
-    return plain
+        return cls(base.config)
 
 
 # ============================================================================ logging and progress

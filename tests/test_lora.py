@@ -219,8 +219,15 @@ def test_ddp_and_fsdp2_with_adapters_log_the_numbers_of_one_process(pipeline, lo
     run_main("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
     one = rto_numbers(tmp_path / "one")
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
-        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", tmp_path / config)
+        launch(config, "rto.py", *run, "--micro_batch_size", 4, "--output_dir", tmp_path / config, "--merge_lora")
         two = rto_numbers(tmp_path / config)
         assert [x[:2] for x in two] == [x[:2] for x in one]
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
         assert common.is_adapter(str(tmp_path / config)) and common.is_adapter(str(tmp_path / config / "critic"))
+    from transformers import AutoModelForCausalLM
+
+    merged = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "merged") for n in ("cpu_ddp.yaml", "cpu_fsdp.yaml")}
+    ids = tiny_batch()["input_ids"]
+    with torch.no_grad():  # the export merged from FSDP2's gathered state is the DDP run's
+        torch.testing.assert_close(merged["cpu_fsdp.yaml"](ids).logits, merged["cpu_ddp.yaml"](ids).logits,
+                                   rtol=0, atol=1e-4)
