@@ -1163,7 +1163,7 @@ def load_merged_adapter(auto_class, path, flag, what, **kwargs):
     if fingerprint(base) != record["fingerprint"]:
         fail(f"{flag} {path}: its base {record['base']} now holds other weights than the adapter was trained on "
              f"(fingerprint {fingerprint(base)}, recorded {record['fingerprint']})")
-    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)  # peft froze it
     for k, v in record.get("config", {}).items():
         setattr(model.config, k, v)
     saved = set(peft.PeftConfig.from_pretrained(path).modules_to_save or [])  # a reward head comes from the adapter
