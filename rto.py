@@ -162,22 +162,32 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
 
 
 # ============================================================================ 2. frozen pass: log-probs and values
+def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
+    """log pi(a_h | s_h) of every response token at temperature T, (b, R), 0 on padding, in plain lines; and with
+    with_entropy=True the entropy of each of those distributions (a statistic, no gradient)."""
+    P, mask = batch["prompt_len"], batch["response_mask"]  # prompts left-padded to width P
+    logits = common.forward(model, batch).logits[:, P - 1:-1].float() / temperature  # (b, R, V): token P+h from P+h-1
+    logprobs = logits.log_softmax(-1)  # (b, R, V)
+    taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(-1)  # (b, R): the response tokens' own
+    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # (b, R)
+    return (taken * mask, entropy * mask) if with_entropy else taken * mask
+
+
 def token_logprobs(model, batch, temperature=1.0, with_entropy=False):
-    """log pi(a_h | s_h) of every response token, (b, R), 0 on padding: log softmax(logits / T)[a_h], where token
-    P + h is predicted at column P + h - 1. The head runs on the response columns only and never builds the whole
-    (b, R, V) logits (common.response_logprobs); with_entropy=True also gives each position's entropy, (b, R)."""
+    """plain_token_logprobs' numbers (tested equal, gradients too) without its (b, R, V) logits, which at V = 128,256
+    outweigh everything else in a micro-step: common.response_logprobs turns the hidden states into log-probs a few
+    rows at a time. It also takes packed batches (--packing)."""
     return common.response_logprobs(model, batch, temperature, with_entropy)
 
 
-def critic_outputs(critic, batch):
-    """The critic's head at every position, (b, P + R); with config.normalize_values, in normalised-reward units."""
-    out, config = common.head_outputs(critic, batch), getattr(critic, "module", critic).config  # DDP wraps it
-    return (out - config.reward_mean) / config.reward_std if getattr(config, "normalize_values", False) else out
-
-
-def critic_values(critic, batch):
-    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens."""
-    return critic_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1] * batch["response_mask"]
+def critic_values(critic, batch, args):
+    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens. A
+    critic started from the reward model (--rm_ckpt) speaks in normalised-reward units, as r_MLE does (authors')."""
+    out = common.head_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1]  # (b, R)
+    if args.rm_ckpt and args.normalize_reward:
+        config = getattr(critic, "module", critic).config  # DDP wraps it; the RM's statistics are in it
+        out = (out - config.reward_mean) / config.reward_std
+    return out * batch["response_mask"]
 
 
 def rm_score(rm, batch, args):
@@ -200,7 +210,7 @@ def frozen_pass(accelerator, ro, models, args):
             if "logprobs" not in ro:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :r] = token_logprobs(models["policy"], mb, args.temperature)
             out["ref_logprobs"][idx, :r] = ref = token_logprobs(models["ref"], mb, args.temperature)
-            out["values"][idx, :r] = critic_values(models["critic"], mb)
+            out["values"][idx, :r] = critic_values(models["critic"], mb, args)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
                 ref = ref if args.temperature == 1 else token_logprobs(models["ref"], mb)
                 out["dpo_log_ratio"][idx, :r] = token_logprobs(models["dpo"], mb) - ref
@@ -286,7 +296,8 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
                 with accelerator.accumulate(policy, critic):
                     new_logprobs, entropy = token_logprobs(policy, mb, args.temperature, with_entropy=True)
                     pl, stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
-                    vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], m, args.value_clip)
+                    vl, vstats = value_loss(critic_values(critic, mb, args), mb["values"], mb["returns"], m,
+                                            args.value_clip)
                     skipped += not common.optimizer_step(accelerator, [policy, critic], pl + vl, optimizers,
                                                          schedulers, args, f"iteration {it + 1}")
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
@@ -337,9 +348,8 @@ def load_models(args, accelerator):
             accelerator), new_head=not args.rm_ckpt)  # a critic started from the SFT model: a new value head
         models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
         optimizers.append(optimizer)
-    config = accelerator.unwrap_model(models["critic"]).config
-    config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
-    if config.normalize_values and getattr(config, "reward_std", None) is None:
+    config = accelerator.unwrap_model(models["critic"]).config  # critic_values normalises with its statistics
+    if args.rm_ckpt and args.normalize_reward and getattr(config, "reward_std", None) is None:
         common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
                     "reward_model.py) — or pass --no_normalize_reward")
     models["ref"] = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)
