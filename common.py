@@ -783,6 +783,15 @@ def truncate_at_eos(responses, eos_id):
     return (~after_eos).float(), is_eos.any(-1)
 
 
+def left_pad(prompts, pad_id, width=None):
+    """Token-id lists -> (B, P) ids and attention mask, each prompt right-aligned at width P (default: the longest),
+    so that every response starts at column P: the prompt half of data.py's batch layout, and generate's input."""
+    P = width or max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long).view(-1, P)
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long).view(-1, P)
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False,
            prompt_width=None):
@@ -790,9 +799,8 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
 
     Returns a batch in the common layout plus 'ended' (B,): whether the response has an EOS.
     Tokens after the first EOS are padding and masked out."""
-    P = prompt_width or max(map(len, prompt_ids))  # prompts left-padded to P, as data.collate_prompts does
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (P - len(p)) + p for p in prompt_ids], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long)
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, prompt_width)  # (B, P)
+    P = input_ids.shape[1]
     device = next(model.parameters()).device
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                          do_sample=True, temperature=temperature, top_p=top_p, top_k=0,

@@ -143,7 +143,7 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, then no collective per token
         for i in range(0, len(ids), args.generation_batch_size):
-            input_ids, attention_mask = (t.to(accelerator.device) for t in data.collate_prompts(
+            input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(
                 ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
