@@ -417,7 +417,7 @@ def check_model_path(name, flag):
         fail(f"{flag} {name}: no such folder or file (and not a hub id of the form org/name)")
 
 
-def pretrained(name, flag, model=False):
+def from_pretrained_args(name, flag, model=False):
     """from_pretrained's (path, extra kwargs) for a hub id, a folder, or a local .gguf file (llama.cpp's format).
 
     A .gguf file is read from its folder with gguf_file=. A model's weights are unpacked into a plain dense one:
@@ -466,7 +466,7 @@ def load_tokenizer(name, flag="--model_name_or_path"):
     if name == TINY:
         fail(f"{flag} {TINY}: the small random model is sft.py's starting point only; pass a checkpoint folder")
     check_model_path(name, flag)
-    path, kwargs = pretrained(name, flag)
+    path, kwargs = from_pretrained_args(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
@@ -511,7 +511,7 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
     with weights=False the same model with its parameters on the meta device (buffers, such as rotary
     frequencies, computed for real). Returns (model, the checkpoint's weights that the model had to create)."""
     check_model_path(name, flag)
-    path, extra = pretrained(name, flag, model=True)
+    path, extra = from_pretrained_args(name, flag, model=True)
     try:
         if not weights:
             from accelerate import init_empty_weights
