@@ -45,7 +45,9 @@ ENGINE = {}  # this process's engine: {"llm": vllm.LLM, "max_len": its longest p
 
 
 def check(args):
-    """rto.validate's checks for --rollout_engine vllm: one line for the first bad flag."""
+    """rto.validate's checks for an --rollout_engine other than hf: one line for the first bad flag."""
+    if args.rollout_engine != "vllm":
+        common.fail(f"--rollout_engine {args.rollout_engine}: expected hf or vllm")
     if importlib.util.find_spec("vllm") is None:
         common.fail(f"--rollout_engine vllm: vLLM is not installed; {INSTALL}")
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
