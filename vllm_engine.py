@@ -88,6 +88,7 @@ def ready(accelerator, model, args):
 
 def build(accelerator, config, max_len, args):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights by reference
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up log is long; INFO to see it
     if accelerator.device.type == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave the trainer's threads where they are
