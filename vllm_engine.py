@@ -13,13 +13,14 @@ activations and KV cache; on CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (1 u
 after each rollout the engine frees its weights and KV cache (sleep level 2) for the update; they come back with
 the next push.
 
-Weights: pushed by ready() before every rollout, that is after every update (and after --resume): the policy's parameters
-one at a time, in place (vLLM's reload_weights); under FSDP2 each is gathered with full_tensor() and dropped once
-copied, so no second whole copy of the model is ever held beside the engine's.
+Weights: ready() pushes them before every rollout, that is after every update (and after --resume): the policy's
+parameters one at a time, in place (vLLM's reload_weights); under FSDP2 each is gathered with full_tensor() and
+dropped once copied, so no second whole copy of the model is ever held beside the engine's.
 
 Sampling: vLLM divides the logits by T, keeps the smallest set of tokens whose probability reaches top_p (the same
-rule as rto.draw_with_own_generators) and draws argmax(p / q), q ~ Exp(1) from the request's own generator
-(SamplingParams(seed)): Gumbel-max, the hf engine's distribution, and a prompt's draw does not depend on the batch.
+rule as rto.draw_with_own_generators) and draws with Gumbel-max noise from the request's own generator
+(SamplingParams(seed)): the hf engine's distribution, and a prompt's draw does not depend on the batch. Not the hf
+engine's tokens for a seed: the noise differs (on CPU a SplitMix64 stream seeded from that generator).
 --generation_logprobs: vLLM's "processed" log-probs, log softmax(logits / T) at the drawn token, which is what the
 frozen pass computes (the "raw" ones would be at T = 1); with top_p < 1 they are renormalised over the nucleus, which
 the update's log-probs are not, so that pair is refused.

@@ -81,7 +81,7 @@ def run(root, lm, rm, out, iterations, flags=()):
 
 def rollouts(lm, flags, repeats):
     """The rollout phase alone: iteration 1's prompts and seeds, --rollout_engine hf and vllm in turn in this process
-    (a change in the machine's load hits both alike); seconds per rollout, median of `repeats`, and the engine's start."""
+    (a change in the machine's load hits both alike): seconds per rollout, median of `repeats`; the engine's start."""
     argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, "--beta3", 0, *RUN, *flags]
     args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
     tok = common.load_tokenizer(str(lm), "lm")
@@ -151,8 +151,8 @@ def main():
         if not (a.engines or a.before):
             return
     rows, flags = {}, a.flags.split()
-    runs = [("hf", ROOT, [*flags, "--rollout_engine", "hf"]), ("vllm", ROOT, [*flags, "--rollout_engine", "vllm"])] \
-        if a.engines else ([("before", a.before, [])] if a.before else []) + [("after", ROOT, flags)] * (not a.padding_only)
+    runs = [(e, ROOT, [*flags, "--rollout_engine", e]) for e in ("hf", "vllm")] if a.engines else \
+        ([("before", a.before, [])] if a.before else []) + [("after", ROOT, flags)] * (not a.padding_only)
     for name, root, run_flags in runs:
         rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, run_flags)
         print(f"{name:>6} ({root} {' '.join(run_flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items())

@@ -108,8 +108,8 @@ def test_a_prompts_response_does_not_depend_on_the_batch_and_the_layout_is_the_h
     policy = common.load_causal_lm(str(pipeline["sft"]), tok)
     prompts, seeds = toy_task.prompts("test", 8), list(range(100, 108))
 
-    def responses(ro):
-        return [ro["input_ids"][i, ro["prompt_len"]:][ro["response_mask"][i].bool()].tolist() for i in range(len(ro["ended"]))]
+    def responses(ro):  # each row's tokens up to and including its first EOS
+        return [row[m.bool()].tolist() for row, m in zip(ro["input_ids"][:, ro["prompt_len"]:], ro["response_mask"])]
     together = responses(rto.rollout(acc, policy, tok, prompts, seeds, args))
     assert responses(rto.rollout(acc, policy, tok, prompts[::-1], seeds[::-1], args)) == together[::-1]
     for i in (0, 5):
