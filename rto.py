@@ -29,6 +29,7 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 (scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from transformers import GenerationConfig
 import common
 import data
 import toy_task
+import vllm_engine
 from common import TOY, TOYS, arg
 
 
@@ -74,6 +76,9 @@ class Args(common.TrainArgs):
     top_p: float = arg(1.0, "nucleus sampling")
     packing: bool = arg(False, "PPO update: each micro-batch's sequences in one row, no padding computed")
     generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
+    rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)")
+    vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU (weights, KV cache)")
+    vllm_sleep: bool = arg(False, "vllm, GPU only: free the engine's weights and KV cache during the update")
     actor_lr: float = arg(None, "policy learning rate")
     critic_lr: float = arg(None, "critic learning rate")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
@@ -108,6 +113,8 @@ def validate(args):
                  "max_prompt_len", "max_new_tokens", "ppo_epochs", "temperature", "top_p"):
         if not getattr(args, flag) > 0 or (flag == "top_p" and args.top_p > 1):
             common.fail(f"--{flag} {getattr(args, flag)}: must be above 0" + (" and at most 1" * (flag == "top_p")))
+    if args.rollout_engine != "hf":
+        vllm_engine.check(args)  # --rollout_engine vllm: installed, and its flags
     return args
 
 
@@ -136,22 +143,27 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
 
 @torch.no_grad()
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
-    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits."""
+    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits,
+    or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution (vllm_engine.py)."""
     model = accelerator.unwrap_model(policy).eval()
     ids = [data.encode_prompt(tokenizer, p) for p in prompts]
     width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-    with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, then no collective per token
-        for i in range(0, len(ids), args.generation_batch_size):
+    engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
+    with contextlib.nullcontext() if engine else common.gathered_weights(model):  # FSDP2: one all-gather per
+        for i in range(0, len(ids), args.generation_batch_size):  # rollout, then no collective per token
             input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(
                 ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
-            out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=False,
-                                 logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p,
-                                                                            steps)])
-            responses = out[:, width:]  # (b, R_chunk)
-            response_mask, ended = common.truncate_at_eos(responses, eos)  # no EOS: cut, keeps its last token
+            if engine:
+                responses, steps = vllm_engine.generate(engine, ids[i:i + len(input_ids)], seeds[i:i + len(input_ids)],
+                                                        args, eos, pad, accelerator.device)
+            else:
+                responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
+                                           synced_gpus=False, logits_processor=[draw_with_own_generators(
+                                               generators, args.temperature, args.top_p, steps)])[:, width:]
+            response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
                            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
                            "response_mask": response_mask, "ended": ended, "prompt_len": width})
