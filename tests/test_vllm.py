@@ -21,9 +21,9 @@ import data
 import rto
 import toy_task
 import vllm_engine
-from conftest import ROOT, read_metrics, run_main
+from conftest import ROOT, iteration_metrics, read_metrics, rto_cmd, run_main
 from test_distributed import launch
-from test_rto import iteration_metrics, prepared, rto_args, rto_cmd
+from test_rollout import prepared, rto_args
 
 needs_vllm = pytest.mark.skipif(  # CI installs it (scripts/install.sh): there these tests always run
     importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
@@ -172,6 +172,7 @@ rto.main()
 
 
 @needs_vllm
+@pytest.mark.distributed
 def test_fsdp2_on_two_ranks_with_vllm_runs_and_both_engines_hold_the_updated_weights(pipeline, tmp_path):
     """2 ranks under FSDP2, each with its own engine: 2 iterations with finite metrics; then on each rank the
     engine's log-probs equal the sharded policy's forward (the push gathers each parameter) and not the SFT model's."""
