@@ -8,6 +8,7 @@ Sections, in this order:
     sampling                       generate with the KV cache, everything after the first EOS masked
     training step, resumable state batch sizes, the optimiser step, schedules, checkpoint-<step> save/resume
     checkpoints                    the save_pretrained hand-off between stages
+    adapters (LoRA)                --lora_rank: a trained adapter on a frozen base; its roles, fingerprint, export
     logging and progress           metrics.jsonl and trackers, progress bars
 
 The dataset layouts and the batch layout (prompt left-padded, response right-padded) are in data.py, the built-in
@@ -87,6 +88,20 @@ class TrainArgs(RunArgs):
     save_total_limit: int = arg(1, "resumable checkpoints to keep, newest first")
     resume: bool = arg(False, "continue from the newest checkpoint-<step> in --output_dir")
     skip_nonfinite: bool = arg(False, "skip a step whose loss or gradient is not finite (counted) instead of stopping")
+
+
+@dataclass
+class LoraArgs:
+    """Flags of the stages that can train a LoRA adapter instead of every weight (dpo, reward model, rto)."""
+
+    lora_rank: int = arg(0, "train a LoRA adapter of this rank on the frozen model instead of every weight "
+                            "(0: off; needs peft); the checkpoint is an adapter folder (docs/lora.md)")
+    lora_alpha: float = arg(16.0, "LoRA scale numerator: the adapter adds (alpha / rank) * B A to each weight")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input (rto.py: keep 0, or the first PPO ratio is not 1)")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names to adapt, or all-linear (every "
+                                                 "linear layer but the output head)")
+    merge_lora: bool = arg(False, "also write <output_dir>/merged: the adapter merged into a plain save_pretrained "
+                                  "model that transformers loads without peft")
 
 
 @dataclass
@@ -205,6 +220,14 @@ def validate_shared(args):
         check_at_least(args, 1, "micro_batch_size", "save_total_limit")
         check_at_least(args, 0, "save_every")
         check_positive(args, "max_grad_norm")
+    if isinstance(args, LoraArgs):
+        check_at_least(args, 0, "lora_rank")
+        check_between(args, "lora_dropout", 0, 0.99)
+        if args.lora_rank:
+            check_positive(args, "lora_alpha")
+            peft_module()
+        if args.merge_lora and not args.lora_rank:
+            fail("--merge_lora needs --lora_rank: without an adapter the checkpoint is already a plain model")
     if isinstance(args, OfflineTrainArgs):
         check_at_least(args, 1, "eval_steps", "logging_steps")
         if not 0 < args.eval_fraction < 1:
@@ -511,6 +534,8 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
     with weights=False the same model with its parameters on the meta device (buffers, such as rotary
     frequencies, computed for real). Returns (model, the checkpoint's weights that the model had to create)."""
     check_model_path(name, flag)
+    if is_adapter(name):  # an adapter folder: its base, the adapter merged in (every rank reads the weights)
+        return load_merged_adapter(auto_class, name, flag, what, **kwargs)
     path, extra = from_pretrained_args(name, flag, model=True)
     try:
         if not weights:
@@ -612,11 +637,17 @@ def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     is loaded straight in that dtype, and sharded or placed before the caller loads the next model."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = load_model(name, tokenizer, flag, scorer, dtype, weights=loads_weights(accelerator))
-    for p in model.parameters():  # (the tiny random model is built in float32)
+    return place_frozen(accelerator, frozen(cast(model, dtype)))
+
+
+def cast(model, dtype):
+    """Parameters in `dtype` (the tiny random model is built in float32), buffers (rotary frequencies) in float32,
+    as FSDP's mixed precision leaves them in the trained models."""
+    for p in model.parameters():
         p.data = p.data.to(dtype)
-    for b in model.buffers():  # buffers (rotary frequencies) in float32, as FSDP's mixed precision leaves them in
-        b.data = b.data.float() if b.is_floating_point() else b.data  # the trained models
-    return place_frozen(accelerator, frozen(model))
+    for b in model.buffers():
+        b.data = b.data.float() if b.is_floating_point() else b.data
+    return model
 
 
 # ============================================================================ log-probs and masked means
@@ -726,7 +757,9 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad, _):
         h, weight, tokens, lse = ctx.saved_tensors
         w, rows, grad = weight.to(ctx.dtype), ctx.rows, grad.float()
-        grad_h, grad_w = torch.empty_like(h), torch.zeros(weight.shape, dtype=torch.float, device=weight.device)
+        need_w = ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no (V, d) fp32 gradient
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float, device=weight.device) if need_w else None
         for i in range(0, len(h), rows):
             hi, g = h[i:i + rows].to(ctx.dtype), grad[i:i + rows]
             dlogits = torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)  # (n, V), then in place:
@@ -734,8 +767,9 @@ class TokenLogprobs(torch.autograd.Function):
             dlogits.scatter_add_(1, tokens[i:i + rows, None], g[:, None]).div_(ctx.temperature)
             dlogits = dlogits.to(ctx.dtype)
             grad_h[i:i + rows] = (dlogits @ w).to(h.dtype)
-            grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+            if need_w:
+                grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 
 def head_outputs(model, batch):
@@ -955,10 +989,12 @@ def truncate_metrics(accelerator, output_dir, step):
 
 # ============================================================================ checkpoints
 # How stages hand off: a save_pretrained folder (model + tokenizer), written atomically.
-def save_model(accelerator, model, tokenizer, out_dir, extra_config=None):
+def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_lora=False):
     """save_pretrained (safetensors) + tokenizer, atomically: config.json is moved in last, so a crash
     mid-save never leaves a folder that from_pretrained would load. One consolidated folder (under FSDP2 rank 0
-    gathers it), in the training dtype: bfloat16 under --bf16 (the fp32 master weights rounded), else float32."""
+    gathers it), in the training dtype: bfloat16 under --bf16 (the fp32 master weights rounded), else float32.
+    A LoRA model (--lora_rank) is written as an adapter folder instead (save_adapter), and with merge_lora also
+    merged into a plain model in <out_dir>/merged."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
@@ -970,6 +1006,13 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None):
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)
+    if hasattr(model, "lora"):  # add_adapter's model: its keys as the peft wrapper names them
+        state = {f"base_model.model.{k}": v for k, v in state.items()}
+        save_adapter(model.lora, state, tokenizer, out_dir, extra_config)
+        if not merge_lora:
+            return
+        model, state = plain_model(model.lora), merged_state_dict(model.lora, state)
+        out_dir = os.path.join(out_dir, "merged")
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -979,6 +1022,209 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None):
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
+
+
+# ============================================================================ adapters (LoRA)
+# --lora_rank: the stage trains a LoRA adapter (peft) on a frozen base; the roles that share that base are the same
+# model with an adapter switched on or off (AdapterView), never a second copy of it. When models may share a base:
+# when their base weights are the same, checked by fingerprint() of the weights (not by a path, which can name other
+# weights tomorrow). An adapter folder records its base (the path it was trained on, and that fingerprint, in
+# lora_base.json); any stage given one as a checkpoint loads that base and merges the adapter in
+# (load_merged_adapter), unless rto.py can put it on a base it already holds (a second adapter).
+LORA_BASE = "lora_base.json"  # in an adapter folder: {"base": path, "fingerprint": ..., "config": {extra keys}}
+
+
+def peft_module():
+    """peft, imported only when an adapter is used; without it, one line saying how to install it."""
+    if importlib.util.find_spec("peft") is None:
+        fail("--lora_rank and adapter checkpoints need the peft package (pip install peft)")
+    import peft
+
+    return peft
+
+
+def is_adapter(path):
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def fingerprint(model):
+    """sha256 of a model's base weights: every body tensor's name and shape and its values, rounded to bfloat16 (so
+    that a float32 and a bfloat16 copy of one checkpoint agree), at up to 4096 evenly spaced positions. The output
+    heads (lm_head, score) are left out: a causal LM and a reward model built on the same body share it."""
+    import hashlib
+
+    digest, state = hashlib.sha256(), model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        return None  # shapes only (loads_weights): nothing to compare
+    for name, t in sorted(state.items()):
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if name.startswith(("lm_head.", "score.")) or ".lora_" in name or ".modules_to_save." in name:
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[::max(1, len(flat) // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}{tuple(t.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def add_adapter(model, args, base_path, scorer=False):
+    """Put a new LoRA adapter ("default") into `model`, the only trainable parameters with, for a scorer (reward
+    model, critic), a trainable copy of its head `score` (the original stays, for the adapter-off role). Returns the
+    same transformers model, its layers adapted: that is what the stage trains and accelerator.prepare() wraps, so
+    that under FSDP2 the root is the model generate() and the forward passes call. The peft wrapper, which switches
+    adapters and saves them, is model.lora, kept off the module tree; it records the base for the adapter folder
+    (save_adapter): `base_path` and the weights' fingerprint."""
+    peft = peft_module()
+    targets = args.lora_target_modules
+    config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets if targets == "all-linear" else targets.split(","),
+                             modules_to_save=["score"] if scorer else None)
+    base_fingerprint = fingerprint(model)
+    wrapper = peft.get_peft_model(model, config)
+    for p in trainable(model):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
+        p.data = p.data.float()
+    model.enable_input_require_grads()  # gradient checkpointing: the frozen embeddings' output must carry a grad
+    wrapper.lora_base = {"base": os.path.abspath(base_path) if os.path.exists(base_path) else base_path,
+                         "fingerprint": base_fingerprint}
+    object.__setattr__(model, "lora", wrapper)  # not a submodule: no cycle in the module tree
+    return model
+
+
+def trainable(model):
+    """The parameters the optimiser holds: all of them, or with an adapter only it (and a scorer's head copy)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def adapter_active(model, name):
+    """Run model (add_adapter's) with adapter `name` on, or with name=None with every adapter off (the bare base, whose
+    reward head is the original one); the trained adapter is active again afterwards. (peft's set_adapter makes
+    the active adapter's weights require grad: switching back makes the trained one's do, the other's not.)"""
+    wrapper = model.lora
+    if name is None:
+        with wrapper.disable_adapter():
+            yield model
+        return
+    before = wrapper.active_adapter
+    wrapper.set_adapter(name)
+    try:
+        yield model
+    finally:
+        wrapper.set_adapter(before)
+
+
+class AdapterView:
+    """A frozen role of a LoRA model, called like a model, without gradients: adapter `name` on (None: none).
+    rto.py's reference is AdapterView(policy, None), its DPO model AdapterView(policy, "dpo"), its reward model
+    AdapterView(critic, None), of the unwrapped trained models. `module` is that model (common.response_logprobs and
+    head_outputs read it)."""
+
+    def __init__(self, model, name):
+        self.module, self.name, self.config = model, name, model.config
+
+    def __call__(self, **kwargs):
+        with torch.no_grad(), adapter_active(self.module, self.name):
+            return self.module(**kwargs)
+
+    def modules(self):  # common.reshard
+        return self.module.modules()
+
+
+def add_second_adapter(model, path, flag, name):
+    """Load the adapter folder at `path` into `model` (add_adapter's) as frozen adapter `name`, if it was trained
+    on this base (same fingerprint); returns False when it was not, or `path` is not an adapter folder."""
+    if not is_adapter(path) or adapter_base(path, flag)["fingerprint"] != model.lora.lora_base["fingerprint"]:
+        return False
+    model.lora.load_adapter(path, adapter_name=name, is_trainable=False)
+    model.lora.set_adapter("default")
+    for n, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad and f".{name}." not in n)
+    return True
+
+
+def adapter_on(model, path, flag, model_flag):
+    """Whether the checkpoint at `path` is an adapter on `model`'s base weights (the same fingerprint, whatever path
+    it names); an adapter on other weights fails with one line."""
+    if not is_adapter(path):
+        return False
+    mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
+    if mine is not None and mine != theirs:  # (None: this rank holds shapes only; the main process checks)
+        fail(f"{flag} {path}: an adapter trained on other base weights than {model_flag}'s (fingerprint {theirs}, "
+             f"not {mine}); train it from the {model_flag} model, or pass a full (merged) checkpoint")
+    return True
+
+
+def adapter_base(path, flag):
+    try:
+        with open(os.path.join(path, LORA_BASE)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {path}: an adapter folder without a readable {LORA_BASE} (its base and fingerprint; write "
+             f"adapters with this project's stages): {e}")
+
+
+def load_merged_adapter(auto_class, path, flag, what, **kwargs):
+    """An adapter folder as a plain model: its recorded base loaded (checked against the recorded fingerprint),
+    the adapter merged in, the extra config keys (reward_mean, dpo_beta) set. Returns (model, missing keys)."""
+    peft, record = peft_module(), adapter_base(path, flag)
+    base, missing = from_checkpoint(auto_class, record["base"], f"{flag} {path}'s base", what, **kwargs)
+    if fingerprint(base) != record["fingerprint"]:
+        fail(f"{flag} {path}: its base {record['base']} now holds other weights than the adapter was trained on "
+             f"(fingerprint {fingerprint(base)}, recorded {record['fingerprint']})")
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)  # peft froze it
+    for k, v in record.get("config", {}).items():
+        setattr(model.config, k, v)
+    saved = set(peft.PeftConfig.from_pretrained(path).modules_to_save or [])  # a reward head comes from the adapter
+    return model, [k for k in missing if k.split(".")[0] not in saved]
+
+
+def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
+    """The adapter folder (adapter_config.json, adapter_model.safetensors: the "default" adapter and a scorer's
+    head copy), the tokenizer and lora_base.json, adapter_config.json moved in last (it marks the folder whole)."""
+    tmp = os.path.join(out_dir, ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state, selected_adapters=["default"], safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, LORA_BASE), "w") as f:
+        json.dump({**model.lora_base, "config": extra_config or {}}, f, indent=1)
+    if os.path.exists(os.path.join(out_dir, "adapter_config.json")):
+        os.remove(os.path.join(out_dir, "adapter_config.json"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def merged_state_dict(model, state, name="default"):
+    """A peft model's state dict (gathered, any dtype) -> the plain model's, adapter `name` merged in:
+    W + (alpha / r) * B A for every adapted weight, the head copy in place of the original head, other adapters
+    dropped. Computed from the tensors, so it works on a gathered FSDP2 state dict as on one process."""
+    config, out = model.peft_config[name], {}
+    scale = config.lora_alpha / config.r
+    for key, value in state.items():
+        plain = key.removeprefix("base_model.model.")
+        if ".lora_" in plain or ".original_module." in plain or \
+                (".modules_to_save." in plain and f".modules_to_save.{name}." not in plain):
+            continue
+        if ".base_layer." in plain:
+            module = key.split(".base_layer.")[0]
+            plain = plain.replace(".base_layer.", ".")
+            if plain.endswith(".weight"):
+                a, b = state[f"{module}.lora_A.{name}.weight"], state[f"{module}.lora_B.{name}.weight"]
+                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)  # (out, in)
+        out[plain.replace(f".modules_to_save.{name}.", ".")] = value
+    return out
+
+
+def plain_model(model):
+    """A peft model's underlying transformers model with no adapter layers, on the meta device (shapes and
+    config only): what save_pretrained of a merged state dict needs."""
+    from accelerate import init_empty_weights
+
+    base = model.get_base_model()
+    cls = type(base)  # FSDP2 swaps the class for FSDP<cls>, a subclass of (FSDPModule, cls)
+    cls = cls.__bases__[-1] if fsdp_modules(base) and cls.__name__.startswith("FSDP") else cls
+    with init_empty_weights():
+        return cls(base.config)
 
 
 # ============================================================================ logging and progress

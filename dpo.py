@@ -34,7 +34,7 @@ DEFAULTS = {
 
 
 @dataclass
-class Args(common.OfflineTrainArgs):
+class Args(common.OfflineTrainArgs, common.LoraArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint folder: the policy to train and, frozen, the reference")
     dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks' pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/dpo", "checkpoint folder to write")
@@ -136,8 +136,15 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator))
-    ref = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)  # bf16 under --bf16
+    if args.lora_rank:  # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt", dtype=dtype)
+        model = common.add_adapter(common.cast(model, dtype), args, args.sft_ckpt).to(accelerator.device)
+        ref = common.AdapterView(model, None)
+    else:
+        model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt",
+                                      weights=common.loads_weights(accelerator))
+        ref = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)  # bf16 under --bf16
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
     enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
                                             args.long_prompts)
@@ -155,7 +162,7 @@ def main(argv=None):
         ref = None
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad))
     held_loader = DataLoader(held, micro, collate_fn=pair_collate(pad))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr)
     model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
     scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
@@ -188,7 +195,7 @@ def main(argv=None):
             break
 
     final = evaluate(accelerator, model, ref, held_loader, args.beta)
-    common.save_model(accelerator, model, tokenizer, args.output_dir, {"dpo_beta": args.beta})
+    common.save_model(accelerator, model, tokenizer, args.output_dir, {"dpo_beta": args.beta}, args.merge_lora)
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in final.items()))
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

@@ -34,7 +34,7 @@ DEFAULTS = {
 
 
 @dataclass
-class Args(common.OfflineTrainArgs):
+class Args(common.OfflineTrainArgs, common.LoraArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint folder: the backbone (a fresh scalar head is put on it)")
     dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks' pairs), a hub id, or a local json/jsonl/parquet file of pairs")
     output_dir: str = arg("runs/rm", "checkpoint folder to write")
@@ -93,8 +93,11 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator),
-                               new_head=True)  # the reward head is new
+    dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32  # a frozen base needs no fp32 master
+    model = common.load_scorer(args.sft_ckpt, tokenizer, "--sft_ckpt", dtype, weights=args.lora_rank > 0 or
+                               common.loads_weights(accelerator), new_head=True)  # the reward head is new
+    if args.lora_rank:  # an adapter on the frozen SFT model, and a trained copy of the new head
+        model = common.add_adapter(common.cast(model, dtype), args, args.sft_ckpt, scorer=True)
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
     enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
                                             args.long_prompts)
@@ -110,7 +113,7 @@ def main(argv=None):
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
     stats_loader = DataLoader(train, micro, collate_fn=collate)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr)
     model, optimizer, train_loader, held_loader, stats_loader = accelerator.prepare(
         model, optimizer, train_loader, held_loader, stats_loader)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
@@ -145,7 +148,7 @@ def main(argv=None):
     final = {**evaluate(accelerator, model, held_loader), **reward_statistics(accelerator, model, stats_loader)}
     common.log_metrics(accelerator, args.output_dir, {"phase": "final", **final}, step)
     common.save_model(accelerator, model, tokenizer, args.output_dir,
-                      {"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]})
+                      {"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]}, args.merge_lora)
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in final.items()))
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

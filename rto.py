@@ -45,7 +45,7 @@ from common import TOY, TOYS, arg
 
 
 @dataclass
-class Args(common.TrainArgs):
+class Args(common.TrainArgs, common.LoraArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint: initial policy and the frozen reference pi_ref")
     dpo_ckpt: str = arg(None, "DPO checkpoint (trained from the SFT model): the token-level reward [rto, dppo]")
     rm_ckpt: str = arg(None, "sentence-level reward model; the critic starts from it when given")
@@ -347,28 +347,41 @@ def micro_batches(ro, size, order):
 
 def load_models(args, accelerator):
     """Policy and critic (trained: each prepared with its Adam optimiser), reference, DPO and reward model (frozen,
-    loaded only when used). Each is sharded (FSDP2) or placed before the next loads: one whole model at a time."""
+    loaded only when used). Each is sharded (FSDP2) or placed before the next loads: one whole model at a time.
+    --lora_rank (docs/lora.md): policy and critic are adapters on frozen bases (bf16 under --bf16); the reference is
+    the policy's base (adapter off), a DPO adapter on the same base weights a second adapter on it, the reward model
+    the critic's base (adapter off, the original head): two bases in all, where full training holds five models."""
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
-    models, optimizers = {}, []
+    models, optimizers, lora, dpo_shares = {}, [], args.lora_rank > 0, False
+    dtype = torch.bfloat16 if lora and args.bf16 else torch.float32  # a frozen base needs no fp32 master
     critic_flag = "--rm_ckpt" if args.rm_ckpt else "--sft_ckpt"
     for name, lr, path, flag in (("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
                                  ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, critic_flag)):
-        model = common.load_model(path, tokenizer, flag, scorer=name == "critic", weights=common.loads_weights(
-            accelerator), new_head=not args.rm_ckpt)  # a critic started from the SFT model: a new value head
-        models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr, betas=(.9, .95)))
+        model = common.load_model(path, tokenizer, flag, scorer=name == "critic", dtype=dtype, weights=lora or
+                                  common.loads_weights(accelerator), new_head=not args.rm_ckpt)  # new: a value head
+        if name == "policy" and args.reward_mode in ("rto", "dppo"):
+            dpo_shares = common.adapter_on(model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt")  # pi_ref = SFT
+        if lora:
+            model = common.add_adapter(common.cast(model, dtype), args, path, scorer=name == "critic")
+        if name == "policy" and lora and dpo_shares:
+            common.add_second_adapter(model, args.dpo_ckpt, "--dpo_ckpt", "dpo")
+        models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(common.trainable(model), lr,
+                                                                              betas=(.9, .95)))
         optimizers.append(optimizer)
-    config = accelerator.unwrap_model(models["critic"]).config  # critic_values normalises with its statistics
-    if args.rm_ckpt and args.normalize_reward and getattr(config, "reward_std", None) is None:
+    policy, critic = (accelerator.unwrap_model(models[n]) for n in ("policy", "critic"))
+    if args.rm_ckpt and args.normalize_reward and getattr(critic.config, "reward_std", None) is None:  # critic_values
         common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
                     "reward_model.py) — or pass --no_normalize_reward")
-    models["ref"] = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)
+    frozen = lambda path, flag, scorer=False: common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
+    models["ref"] = common.AdapterView(policy, None) if lora else frozen(args.sft_ckpt, "--sft_ckpt")
     if args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = common.load_frozen(accelerator, args.dpo_ckpt, tokenizer, "--dpo_ckpt", args.bf16)
-    if uses_reward_model(args):
-        models["rm"] = common.load_frozen(accelerator, args.rm_ckpt, tokenizer, "--rm_ckpt", args.bf16, scorer=True)
+        models["dpo"] = common.AdapterView(policy, "dpo") if lora and dpo_shares else frozen(args.dpo_ckpt,
+                                                                                               "--dpo_ckpt")
+    if uses_reward_model(args):  # the critic starts from --rm_ckpt whenever a reward model is used
+        models["rm"] = common.AdapterView(critic, None) if lora else frozen(args.rm_ckpt, "--rm_ckpt", True)
     return tokenizer, models, optimizers
 
 
@@ -421,9 +434,10 @@ def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
 
 
 def save(accelerator, models, tokenizer, args, iteration, beta2):
-    """Policy (a causal-LM folder), critic beside it, and resumable state, each written atomically."""
-    common.save_model(accelerator, models["policy"], tokenizer, args.output_dir)
-    common.save_model(accelerator, models["critic"], tokenizer, f"{args.output_dir}/critic")
+    """Policy (a causal-LM folder, or an adapter folder and with --merge_lora <dir>/merged), critic beside it, and
+    resumable state, each written atomically."""
+    for name, out in (("policy", args.output_dir), ("critic", f"{args.output_dir}/critic")):  # LoRA: adapters
+        common.save_model(accelerator, models[name], tokenizer, out, merge_lora=args.merge_lora)
     if args.save_every:  # resumable state (both models' optimisers too) is large: only when asked for
         common.save_state(accelerator, args, iteration, {"beta2": beta2})
 

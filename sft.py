@@ -28,7 +28,7 @@ DEFAULTS = {
 
 
 @dataclass
-class Args(common.OfflineTrainArgs):
+class Args(common.OfflineTrainArgs, common.LoraArgs):
     model_name_or_path: str = arg(common.TINY, "hub id, local folder, local .gguf file (needs the gguf package; "
                                                "de-quantised to float32), or 'tiny' (a small random Llama)")
     dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks), a hub id, or a local json/jsonl/parquet file")
@@ -49,6 +49,9 @@ def validate(args):
     common.check_at_least(args, 0, "weight_decay")
     common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len", "oracle_prompts")
     common.check_between(args, "warmup_ratio", 0, 1)
+    if args.lora_rank and args.model_name_or_path == common.TINY:
+        common.fail("--lora_rank needs a pretrained --model_name_or_path: an adapter on the random tiny model has "
+                    "no base checkpoint to name")
     return args
 
 
@@ -100,8 +103,11 @@ def main(argv=None):
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = (data.build_tiny_tokenizer(args.dataset) if args.model_name_or_path == common.TINY
                  else common.load_tokenizer(args.model_name_or_path))
-    model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed,
-                                  weights=common.loads_weights(accelerator))
+    dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32  # a frozen base needs no fp32 master
+    model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed, dtype=dtype,
+                                  weights=args.lora_rank > 0 or common.loads_weights(accelerator))
+    if args.lora_rank:  # an adapter on the frozen pretrained model; later stages load it merged (common.py)
+        model = common.add_adapter(common.cast(model, dtype), args, args.model_name_or_path)
     train, held = load_demonstrations(args, tokenizer)
     common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
                                                   "gradient_accumulation_steps": accum, "train_examples": len(train),
@@ -113,7 +119,7 @@ def main(argv=None):
     collate = lambda exs: data.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
     scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
@@ -147,7 +153,7 @@ def main(argv=None):
 
     after = {"heldout_loss": heldout_loss(accelerator, model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
     common.log_metrics(accelerator, args.output_dir, {"phase": "after", **after}, step)
-    common.save_model(accelerator, model, tokenizer, args.output_dir)
+    common.save_model(accelerator, model, tokenizer, args.output_dir, merge_lora=args.merge_lora)
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in after.items()))
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

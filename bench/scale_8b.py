@@ -1,6 +1,7 @@
 """The 8B recipe's memory and time per GPU, computed (not measured): prints the tables of docs/scale.md.
 
     python bench/scale_8b.py [--gpus 8] [--hbm_tb_s 2.0] [--tflops 312]
+    python bench/scale_8b.py --lora_rank 16 [--generation_batch_size 64]   # one GPU with adapters (docs/lora.md)
 
 recipes/llama3_8b_ultrafeedback.sh on 8 x A100-80GB under configs/gpu8_fsdp.yaml (FSDP2 full shard, bf16 compute,
 fp32 master weights): Llama-3-8B policy, reference and DPO model; reward model and critic on the same backbone
@@ -55,6 +56,35 @@ def memory(gpus):
     ]
 
 
+def lora_params(rank):
+    """Adapter parameters of one model under --lora_target_modules all-linear: rank x (in + out) for q, k, v, o,
+    gate, up, down in every layer. The same formula gives 5.01M for bench/bench_lora_memory.py's 71M model at rank
+    16 (policy + critic), as measured there."""
+    kv = KV_HEADS * HEAD_DIM
+    return LAYERS * rank * (2 * HIDDEN + 2 * (HIDDEN + kv) + 2 * HIDDEN + 3 * (HIDDEN + FFN))
+
+
+def lora_memory(rank, gen_batch, micro, dpo_adapter=True):
+    """GB on one GPU, by phase, with adapters (recipes/llama3_8b_lora_1gpu.sh): two bf16 bases (SFT: policy,
+    reference, DPO adapter; reward model: critic, reward model), adapters and their gradients and Adam state in
+    fp32 (16 bytes a parameter, bench/bench_lora_memory.py), nothing sharded or gathered."""
+    bases = (LM + SCORER + (0 if dpo_adapter else LM)) * 2 / GB  # bf16
+    adapters = (2 * lora_params(rank) + HIDDEN) * 16 / GB  # + the critic's head copy; weights, grads, 2 moments
+    activations = 2 * micro * MAX_LEN * HIDDEN * 2 * LAYERS / GB  # checkpointed layer inputs, bf16, both models
+    per_token = (2 * HIDDEN + 2 * KV_HEADS * HEAD_DIM + 4 * FFN) * 2
+    base = [(f"bases in bf16 ({'2' if dpo_adapter else '3: a full DPO model'})", bases),
+            (f"adapters rank {rank}: fp32 weights, gradients, Adam", adapters)]
+    return [
+        ("rollout", base + [(f"KV cache, {gen_batch} x {MAX_LEN} tokens x {KV_PER_TOKEN // 1024} KiB",
+                             gen_batch * MAX_LEN * KV_PER_TOKEN / GB)]),
+        ("frozen pass", base + [("the head's chunks: 256 MiB of fp32 logits + one temporary", 2 * 2**28 / GB)]),
+        ("update", base + [(f"checkpointed activations of both models, {micro} x {MAX_LEN} tokens", activations),
+                           ("LM head backward (frozen head: no grad_w): fp32 copies of a chunk's product", 2 * 2**28 / GB),
+                           ("one layer's recomputed activations and their gradients",
+                            2 * micro * MAX_LEN * per_token / GB)]),
+    ]
+
+
 def times(gpus, tflops, hbm):
     """Seconds per iteration per phase, for the recipe's flags and with --generation_logprobs too."""
     prompts = ROLLOUT // gpus
@@ -81,7 +111,19 @@ def main():
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--tflops", type=float, default=312, help="dense bf16 peak per GPU (A100: 312)")
     p.add_argument("--hbm_tb_s", type=float, default=2.0, help="HBM bandwidth per GPU, TB/s (A100-80GB: 2.0)")
+    p.add_argument("--lora_rank", type=int, default=0, help="print the one-GPU LoRA table instead (docs/lora.md)")
+    p.add_argument("--generation_batch_size", type=int, default=GEN_BATCH)
     a = p.parse_args()
+    if a.lora_rank:
+        print(f"one GPU, LoRA rank {a.lora_rank}: {2 * lora_params(a.lora_rank) / 1e6:.1f}M adapter parameters "
+              f"(policy + critic); --generation_batch_size {a.generation_batch_size}, --micro_batch_size {MICRO}\n")
+        for dpo_adapter in (True, False):
+            print("| phase | held | GB |\n|---|---|---|")
+            for phase, parts in lora_memory(a.lora_rank, a.generation_batch_size, MICRO, dpo_adapter):
+                print(f"| {phase} | " + "; ".join(f"{what} {gb:.2f}" for what, gb in parts) +
+                      f" | **{sum(gb for _, gb in parts):.1f}** |")
+            print()
+        return
     print(f"parameters: policy/reference/DPO {LM / 1e9:.2f}B, critic/reward model {SCORER / 1e9:.2f}B; "
           f"decoder layer {LAYER / 1e6:.1f}M; {a.gpus} GPUs\n")
     print("| phase | held | GB per GPU |\n|---|---|---|")
