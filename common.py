@@ -440,7 +440,7 @@ def check_model_path(name, flag):
         fail(f"{flag} {name}: no such folder or file (and not a hub id of the form org/name)")
 
 
-def pretrained(name, flag, model=False):
+def from_pretrained_args(name, flag, model=False):
     """from_pretrained's (path, extra kwargs) for a hub id, a folder, or a local .gguf file (llama.cpp's format).
 
     A .gguf file is read from its folder with gguf_file=. A model's weights are unpacked into a plain dense one:
@@ -489,7 +489,7 @@ def load_tokenizer(name, flag="--model_name_or_path"):
     if name == TINY:
         fail(f"{flag} {TINY}: the small random model is sft.py's starting point only; pass a checkpoint folder")
     check_model_path(name, flag)
-    path, kwargs = pretrained(name, flag)
+    path, kwargs = from_pretrained_args(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **LOAD_OPTIONS)
     except (OSError, ValueError) as e:
@@ -536,7 +536,7 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
     check_model_path(name, flag)
     if is_adapter(name):  # an adapter folder: its base, the adapter merged in (every rank reads the weights)
         return load_merged_adapter(auto_class, name, flag, what, **kwargs)
-    path, extra = pretrained(name, flag, model=True)
+    path, extra = from_pretrained_args(name, flag, model=True)
     try:
         if not weights:
             from accelerate import init_empty_weights
@@ -817,6 +817,15 @@ def truncate_at_eos(responses, eos_id):
     return (~after_eos).float(), is_eos.any(-1)
 
 
+def left_pad(prompts, pad_id, width=None):
+    """Token-id lists -> (B, P) ids and attention mask, each prompt right-aligned at width P (default: the longest),
+    so that every response starts at column P: the prompt half of data.py's batch layout, and generate's input."""
+    P = width or max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long).view(-1, P)
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long).view(-1, P)
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False,
            prompt_width=None):
@@ -824,9 +833,8 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
 
     Returns a batch in the common layout plus 'ended' (B,): whether the response has an EOS.
     Tokens after the first EOS are padding and masked out."""
-    P = prompt_width or max(map(len, prompt_ids))  # prompts left-padded to P, as data.collate_prompts does
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (P - len(p)) + p for p in prompt_ids], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long)
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, prompt_width)  # (B, P)
+    P = input_ids.shape[1]
     device = next(model.parameters()).device
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                          do_sample=True, temperature=temperature, top_p=top_p, top_k=0,

@@ -320,29 +320,19 @@ def encode_examples(tokenizer, rows, max_prompt_len, max_response_len, long_prom
 
 def collate(prompts, responses, pad_id):
     """Lists of token-id lists -> the batch layout in this module's docstring."""
-    P, R = max(map(len, prompts)), max(map(len, responses))
-    B = len(prompts)
-    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, P + R, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, P - len(p):P], input_ids[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r, dtype=torch.long)
-        attention_mask[i, P - len(p):P + len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "response_mask": attention_mask[:, P:].float(), "prompt_len": P}
+    prompt_ids, prompt_mask = common.left_pad(prompts, pad_id)  # (B, P)
+    R = max(map(len, responses))
+    response_ids = torch.tensor([list(r) + [pad_id] * (R - len(r)) for r in responses], dtype=torch.long).view(-1, R)
+    response_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in responses], dtype=torch.long).view(-1, R)
+    return {"input_ids": torch.cat([prompt_ids, response_ids], 1),
+            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+            "response_mask": response_mask.float(), "prompt_len": prompt_ids.shape[1]}
 
 
 def collate_pairs(examples, pad_id):
     """Chosen and rejected stacked into one batch of 2B: rows [0, B) chosen, [B, 2B) rejected."""
     return collate([e["prompt"] for e in examples] * 2,
                    [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
-
-
-def collate_prompts(prompts, pad_id, width=None):
-    """Left-padded prompts for generate: (B, P) ids and mask, P = width or the longest prompt."""
-    P = width or max(map(len, prompts))
-    b = collate([[pad_id] * (P - len(p)) + p for p in prompts], [[]] * len(prompts), pad_id)
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    return b["input_ids"], mask
 
 
 def cat_batches(batches, pad_id):

@@ -29,6 +29,7 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 (scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from transformers import GenerationConfig
 import common
 import data
 import toy_task
+import vllm_engine
 from common import TOY, TOYS, arg
 
 
@@ -74,6 +76,9 @@ class Args(common.TrainArgs, common.LoraArgs):
     top_p: float = arg(1.0, "nucleus sampling")
     packing: bool = arg(False, "PPO update: each micro-batch's sequences in one row, no padding computed")
     generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
+    rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)")
+    vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU (weights, KV cache)")
+    vllm_sleep: bool = arg(False, "vllm, GPU only: free the engine's weights and KV cache during the update")
     actor_lr: float = arg(None, "policy learning rate")
     critic_lr: float = arg(None, "critic learning rate")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
@@ -108,6 +113,8 @@ def validate(args):
                  "max_prompt_len", "max_new_tokens", "ppo_epochs", "temperature", "top_p"):
         if not getattr(args, flag) > 0 or (flag == "top_p" and args.top_p > 1):
             common.fail(f"--{flag} {getattr(args, flag)}: must be above 0" + (" and at most 1" * (flag == "top_p")))
+    if args.rollout_engine != "hf":
+        vllm_engine.check(args)  # --rollout_engine vllm: installed, and its flags
     return args
 
 
@@ -136,22 +143,27 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
 
 @torch.no_grad()
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
-    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits."""
+    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits,
+    or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution (vllm_engine.py)."""
     model = accelerator.unwrap_model(policy).eval()
     ids = [data.encode_prompt(tokenizer, p) for p in prompts]
     width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-    with common.gathered_weights(model):  # FSDP2: one all-gather per rollout, then no collective per token
-        for i in range(0, len(ids), args.generation_batch_size):
-            input_ids, attention_mask = (t.to(accelerator.device) for t in data.collate_prompts(
+    engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
+    with contextlib.nullcontext() if engine else common.gathered_weights(model):  # FSDP2: one all-gather per
+        for i in range(0, len(ids), args.generation_batch_size):  # rollout, then no collective per token
+            input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(
                 ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
-            out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=False,
-                                 logits_processor=[draw_with_own_generators(generators, args.temperature, args.top_p,
-                                                                            steps)])
-            responses = out[:, width:]  # (b, R_chunk)
-            response_mask, ended = common.truncate_at_eos(responses, eos)  # no EOS: cut, keeps its last token
+            if engine:
+                responses, steps = vllm_engine.generate(engine, ids[i:i + len(input_ids)], seeds[i:i + len(input_ids)],
+                                                        args, eos, pad, accelerator.device)
+            else:
+                responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
+                                           synced_gpus=False, logits_processor=[draw_with_own_generators(
+                                               generators, args.temperature, args.top_p, steps)])[:, width:]
+            response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
                            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
                            "response_mask": response_mask, "ended": ended, "prompt_len": width})
@@ -162,22 +174,32 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
 
 
 # ============================================================================ 2. frozen pass: log-probs and values
+def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
+    """log pi(a_h | s_h) of every response token at temperature T, (b, R), 0 on padding, in plain lines; and with
+    with_entropy=True the entropy of each of those distributions (a statistic, no gradient)."""
+    P, mask = batch["prompt_len"], batch["response_mask"]  # prompts left-padded to width P
+    logits = common.forward(model, batch).logits[:, P - 1:-1].float() / temperature  # (b, R, V): token P+h from P+h-1
+    logprobs = logits.log_softmax(-1)  # (b, R, V)
+    taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(-1)  # (b, R): the response tokens' own
+    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # (b, R)
+    return (taken * mask, entropy * mask) if with_entropy else taken * mask
+
+
 def token_logprobs(model, batch, temperature=1.0, with_entropy=False):
-    """log pi(a_h | s_h) of every response token, (b, R), 0 on padding: log softmax(logits / T)[a_h], where token
-    P + h is predicted at column P + h - 1. The head runs on the response columns only and never builds the whole
-    (b, R, V) logits (common.response_logprobs); with_entropy=True also gives each position's entropy, (b, R)."""
+    """plain_token_logprobs' numbers (tested equal, gradients too) without its (b, R, V) logits, which at V = 128,256
+    outweigh everything else in a micro-step: common.response_logprobs turns the hidden states into log-probs a few
+    rows at a time. It also takes packed batches (--packing)."""
     return common.response_logprobs(model, batch, temperature, with_entropy)
 
 
-def critic_outputs(critic, batch):
-    """The critic's head at every position, (b, P + R); with config.normalize_values, in normalised-reward units."""
-    out, config = common.head_outputs(critic, batch), getattr(critic, "module", critic).config  # DDP wraps it
-    return (out - config.reward_mean) / config.reward_std if getattr(config, "normalize_values", False) else out
-
-
-def critic_values(critic, batch):
-    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens."""
-    return critic_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1] * batch["response_mask"]
+def critic_values(critic, batch, args):
+    """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens. A
+    critic started from the reward model (--rm_ckpt) speaks in normalised-reward units, as r_MLE does (authors')."""
+    out = common.head_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1]  # (b, R)
+    if args.rm_ckpt and args.normalize_reward:
+        config = getattr(critic, "module", critic).config  # DDP wraps it; the RM's statistics are in it
+        out = (out - config.reward_mean) / config.reward_std
+    return out * batch["response_mask"]
 
 
 def rm_score(rm, batch, args):
@@ -200,7 +222,7 @@ def frozen_pass(accelerator, ro, models, args):
             if "logprobs" not in ro:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :r] = token_logprobs(models["policy"], mb, args.temperature)
             out["ref_logprobs"][idx, :r] = ref = token_logprobs(models["ref"], mb, args.temperature)
-            out["values"][idx, :r] = critic_values(models["critic"], mb)
+            out["values"][idx, :r] = critic_values(models["critic"], mb, args)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
                 ref = ref if args.temperature == 1 else token_logprobs(models["ref"], mb)
                 out["dpo_log_ratio"][idx, :r] = token_logprobs(models["dpo"], mb) - ref
@@ -286,7 +308,8 @@ def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=
                 with accelerator.accumulate(policy, critic):
                     new_logprobs, entropy = token_logprobs(policy, mb, args.temperature, with_entropy=True)
                     pl, stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
-                    vl, vstats = value_loss(critic_values(critic, mb), mb["values"], mb["returns"], m, args.value_clip)
+                    vl, vstats = value_loss(critic_values(critic, mb, args), mb["values"], mb["returns"], m,
+                                            args.value_clip)
                     skipped += not common.optimizer_step(accelerator, [policy, critic], pl + vl, optimizers,
                                                          schedulers, args, f"iteration {it + 1}")
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
@@ -349,8 +372,7 @@ def load_models(args, accelerator):
                                                                               betas=(.9, .95)))
         optimizers.append(optimizer)
     policy, critic = (accelerator.unwrap_model(models[n]) for n in ("policy", "critic"))
-    critic.config.normalize_values = bool(args.rm_ckpt and args.normalize_reward)  # as the authors'; kept on save
-    if critic.config.normalize_values and getattr(critic.config, "reward_std", None) is None:
+    if args.rm_ckpt and args.normalize_reward and getattr(critic.config, "reward_std", None) is None:  # critic_values
         common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
                     "reward_model.py) — or pass --no_normalize_reward")
     frozen = lambda path, flag, scorer=False: common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)

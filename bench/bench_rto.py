@@ -71,7 +71,7 @@ def one_iteration(acc, tok, models, opts, scheds, args, sizes, prompts, seed):
 def alone(tok, models, opts, args, sizes, prompts, ro, seed):
     """The same work without rto.py around it: one generate call, bare forward passes, bare train steps."""
     policy = models["policy"]
-    ids, mask = data.collate_prompts([data.encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    ids, mask = common.left_pad([data.encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
     torch.manual_seed(seed)
     with torch.no_grad():
         _, t_gen = timed(lambda: policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,

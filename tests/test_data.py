@@ -346,10 +346,11 @@ def test_collate_pad_equal_to_eos_is_masked_by_position():
     assert batch["response_mask"].tolist() == [[1, 1], [1, 0]]
 
 
-def test_collate_prompts():
-    input_ids, mask = data.collate_prompts([[1, 2], [3], [4, 5, 6]], pad_id=9)
+def test_left_pad():
+    input_ids, mask = common.left_pad([[1, 2], [3], [4, 5, 6]], pad_id=9)
     assert input_ids.tolist() == [[9, 1, 2], [9, 9, 3], [4, 5, 6]]
     assert mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
+    assert common.left_pad([[1]], pad_id=9, width=3)[0].tolist() == [[9, 9, 1]]
 
 
 def test_byte_level_tiny_tokenizer_round_trips_any_text():

@@ -29,7 +29,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Two tiny random causal LMs (seeds 1 and 2) saved as checkpoints; 'a' carries dpo_beta 0.25 in its config."""
+    """Two tiny random causal LMs (seeds 1 and 2) saved as checkpoints; 'a' carries dpo_beta 0.25 in its config;
+    and 'a' with a new reward head (a random reward model)."""
     root, tok = tmp_path_factory.mktemp("tiny"), data.build_tiny_tokenizer("toy")
     for name, seed in (("a", 1), ("b", 2)):
         model = common.load_causal_lm("tiny", tok, seed=seed)
@@ -37,7 +38,9 @@ def tiny(tmp_path_factory):
             model.config.dpo_beta = 0.25
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    return SimpleNamespace(tok=tok, a=root / "a", b=root / "b")
+    common.load_scorer(str(root / "a"), tok, "--judge rm:", new_head=True).save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return SimpleNamespace(tok=tok, a=root / "a", b=root / "b", rm=root / "rm")
 
 
 def hand_batch(tok):
@@ -73,7 +76,7 @@ def test_oracle_judge():
 
 @torch.no_grad()
 def test_rm_judge(tiny):
-    judge = evaluate.load_judge({"kind": "rm", "path": str(tiny.a)}, tiny.tok, SimpleNamespace(dataset="toy"), "cpu")
+    judge = evaluate.load_judge({"kind": "rm", "path": str(tiny.rm)}, tiny.tok, SimpleNamespace(dataset="toy"), "cpu")
     batch, seqs = hand_batch(tiny.tok)
     scores = evaluate.judge_scores(judge, batch, None, None)
     assert scores == common.sequence_scores(judge["rm"], batch).tolist()

@@ -37,10 +37,25 @@ def naive_logprobs(model, batch, temperature):
     return lp, ent
 
 
+def test_rtos_plain_logprob_lines_equal_a_naive_loop(tiny):
+    """rto.plain_token_logprobs, the definition a reader of rto.py sees, against a loop over positions."""
+    import rto
+    tok, model = tiny
+    pairs = [encode(tok, "tell me about fruit", "apple pear ."),
+             encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")]
+    batch = data.collate([p for p, _ in pairs], [r for _, r in pairs], tok.pad_token_id)
+    with torch.no_grad():
+        for got, want in zip(rto.plain_token_logprobs(model, batch, 0.7, with_entropy=True),
+                             naive_logprobs(model, batch, 0.7)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_chunked_logprobs_entropy_and_gradients_match_the_full_logits(monkeypatch, tied):
-    """common.response_logprobs never builds the (B, R, V) logits: its log-probs, entropies and the gradients of
-    every parameter equal a naive loop over the full logits, with chunks of 3 rows (several per sequence)."""
+def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypatch, tied):
+    """rto.token_logprobs (common.response_logprobs) never builds the (B, R, V) logits: its log-probs, entropies and
+    the gradients of every parameter equal rto.plain_token_logprobs' over the full logits, with chunks of 3 rows
+    (several per sequence)."""
+    import rto
     tok = data.build_tiny_tokenizer(common.TOY)
     torch.manual_seed(0)
     model = common.load_causal_lm(common.TINY, tok, seed=0)
@@ -53,8 +68,8 @@ def test_chunked_logprobs_entropy_and_gradients_match_the_full_logits(monkeypatc
     batch = data.collate([p for p, _ in pairs], [r for _, r in pairs], tok.pad_token_id)
     weights = torch.randn(batch["response_mask"].shape, generator=torch.Generator().manual_seed(1))
     grads = []
-    for fn in (lambda: common.response_logprobs(model, batch, 0.7, with_entropy=True),
-               lambda: naive_logprobs(model, batch, 0.7)):
+    for fn in (lambda: rto.token_logprobs(model, batch, 0.7, with_entropy=True),
+               lambda: rto.plain_token_logprobs(model, batch, 0.7, with_entropy=True)):
         model.zero_grad()
         lp, ent = fn()
         (lp * weights).sum().backward()

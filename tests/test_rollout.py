@@ -186,19 +186,21 @@ def test_critic_starts_as_the_normalised_reward_model_and_reloads_the_same(pipel
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--reward_clip", 1e9, n=8)
     T = ro["attention_mask"].shape[1]
     last = T - 1 - ro["attention_mask"].flip(-1).argmax(-1)
-    critic_at_last = rto.critic_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
-    torch.testing.assert_close(critic_at_last, ro["rm_score"], atol=1e-5, rtol=0)
+    cfg = models["rm"].config
+    critic_at_last = common.head_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
+    torch.testing.assert_close((critic_at_last - cfg.reward_mean) / cfg.reward_std, ro["rm_score"], atol=1e-5, rtol=0)
     assert ro["rm_score"].std() > 0.1 and ro["values"].abs().max() < 10  # on the normalised scale
     common.save_model(acc, models["critic"], tok, str(tmp_path / "critic"))
     again = common.load_scorer(str(tmp_path / "critic"), tok, "critic")
-    torch.testing.assert_close(rto.critic_values(again, ro), ro["values"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(rto.critic_values(again, ro, args), ro["values"], atol=1e-6, rtol=0)
     clipped = rto.rm_score(models["rm"], ro, SimpleNamespace(normalize_reward=True, reward_clip=0.5))
     torch.testing.assert_close(clipped, ro["rm_score"].clamp(-0.5, 0.5))  # normalised, then clamped
     raw = rto.rm_score(models["rm"], ro, SimpleNamespace(normalize_reward=False, reward_clip=1e9))
-    cfg = models["rm"].config
     torch.testing.assert_close((raw - cfg.reward_mean) / cfg.reward_std, ro["rm_score"], atol=1e-5, rtol=0)
-    plain = rto.load_models(rto_args(pipeline, "--no_normalize_reward"), acc)[1]["critic"]
-    assert not plain.config.normalize_values  # off with the flag: the critic keeps the raw scale
+    raw_args = rto_args(pipeline, "--no_normalize_reward")  # off with the flag: the critic keeps the raw scale
+    raw_values = common.head_outputs(again, ro)[:, ro["prompt_len"] - 1:-1] * ro["response_mask"]
+    torch.testing.assert_close(rto.critic_values(again, ro, raw_args), raw_values)
+    assert (raw_values - ro["values"]).abs().max() > 0.1
 
 
 def prepared(acc, models, accum, optimizer=lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.95))):
@@ -283,7 +285,7 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
         for m in (models["policy"], models["critic"]):
             m.zero_grad()
         lp, ent = rto.token_logprobs(models["policy"], b, 0.7, with_entropy=True)
-        values = rto.critic_values(models["critic"], b)
+        values = rto.critic_values(models["critic"], b, args)
         (lp.exp().sum() + (values ** 2).sum()).backward()
         out.append([lp.detach(), ent, values.detach()] + [p.grad.clone() for m in (models["policy"], models["critic"])
                                                            for p in m.parameters()])
