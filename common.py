@@ -1195,24 +1195,31 @@ def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
 
 
 def merged_state_dict(model, state, name="default"):
-    """A peft model's state dict (gathered, any dtype) -> the plain model's, adapter `name` merged in:
-    W + (alpha / r) * B A for every adapted weight, the head copy in place of the original head, other adapters
-    dropped. Computed from the tensors, so it works on a gathered FSDP2 state dict as on one process."""
-    config, out = model.peft_config[name], {}
+    """A peft model's state dict (gathered, any dtype) -> the plain model's, adapter `name` merged in (merged_weights)."""
+    return dict(merged_weights(model, state, name))
+
+
+def merged_weights(model, state, name="default"):
+    """(name, tensor) of the plain model, one at a time, from a peft model's state dict: W + (alpha / r) * B A for
+    every adapted weight, the head copy in place of the original head, other adapters dropped. Computed from the
+    tensors, so it works on a gathered FSDP2 state dict as on one process; FSDP2's sharded tensors (DTensor) are
+    gathered one at a time (vllm_engine.push takes the merged weights this way, never a whole second copy)."""
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    config = model.peft_config[name]
     scale = config.lora_alpha / config.r
     for key, value in state.items():
         plain = key.removeprefix("base_model.model.")
         if ".lora_" in plain or ".original_module." in plain or \
                 (".modules_to_save." in plain and f".modules_to_save.{name}." not in plain):
             continue
+        value = full(value)
         if ".base_layer." in plain:
             module = key.split(".base_layer.")[0]
             plain = plain.replace(".base_layer.", ".")
             if plain.endswith(".weight"):
-                a, b = state[f"{module}.lora_A.{name}.weight"], state[f"{module}.lora_B.{name}.weight"]
+                a, b = full(state[f"{module}.lora_A.{name}.weight"]), full(state[f"{module}.lora_B.{name}.weight"])
                 value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)  # (out, in)
-        out[plain.replace(f".modules_to_save.{name}.", ".")] = value
-    return out
+        yield plain.replace(f".modules_to_save.{name}.", "."), value
 
 
 def plain_model(model):

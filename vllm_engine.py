@@ -14,7 +14,7 @@ after each rollout the engine frees its weights and KV cache (sleep level 2) for
 the next push.
 
 Weights: ready() pushes them before every rollout, that is after every update (and after --resume): the policy's
-parameters one at a time, in place (vLLM's reload_weights); under FSDP2 each is gathered with full_tensor() and
+parameters (--lora_rank: merged with the adapter, common.merged_weights) one at a time, in place (vLLM's reload_weights); under FSDP2 each is gathered with full_tensor() and
 dropped once copied, so no second whole copy of the model is ever held beside the engine's.
 
 Sampling: vLLM divides the logits by T, keeps the smallest set of tokens whose probability reaches top_p (the same
@@ -118,6 +118,10 @@ def build(accelerator, config, max_len, args):
 def push(llm, model, args):
     """The policy's current weights into the engine, one parameter at a time (FSDP2: each gathered, then dropped)."""
     def weights():  # the state dict, tied weights under each name: vLLM's CPU backend repacks the LM head apart
+        if hasattr(model, "lora"):  # --lora_rank: the plain model's weights, the adapter merged in (W + s B A)
+            state = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
+            yield from common.merged_weights(model.lora, state)
+            return
         for name, p in model.state_dict().items():
             yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
     if args.vllm_sleep:

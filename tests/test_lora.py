@@ -21,7 +21,7 @@ RTO_FLAGS = ["--rollout_batch_size", 8, "--mini_batch_size", 4, "--max_new_token
 
 
 class Flags:  # common.add_adapter's arguments, as a stage's Args gives them
-    lora_rank, lora_alpha, lora_dropout, lora_target_modules = 4, 8.0, 0.0, "all-linear"
+    lora_rank, lora_alpha, lora_dropout, lora_target_modules, vllm_sleep = 4, 8.0, 0.0, "all-linear", False
 
 
 def save_tiny(path, tokenizer, seed=0):
@@ -231,3 +231,24 @@ def test_ddp_and_fsdp2_with_adapters_log_the_numbers_of_one_process(pipeline, lo
     with torch.no_grad():  # the export merged from FSDP2's gathered state is the DDP run's
         torch.testing.assert_close(merged["cpu_fsdp.yaml"](ids).logits, merged["cpu_ddp.yaml"](ids).logits,
                                    rtol=0, atol=1e-4)
+
+
+def test_the_vllm_engine_receives_the_merged_weights(tiny):
+    """--rollout_engine vllm with --lora_rank: vllm_engine.push sends the plain model's names and W + (alpha/r) B A,
+    the --merge_lora export's tensors (an engine stand-in records them; vLLM itself is not needed)."""
+    import vllm_engine
+
+    got = {}
+
+    class Engine:
+        def collective_rpc(self, method, kwargs):
+            assert method == "reload_weights"
+            got.update(kwargs["weights_iterator"])
+
+    tok, root = tiny["tokenizer"], tiny["root"]
+    model = dpo_adapter(root / "sft", tok, root / "pushed", seed=2)
+    vllm_engine.push(Engine(), model, Flags)
+    want = common.load_causal_lm(str(root / "pushed" / "merged"), tok).state_dict()
+    assert set(want) <= set(got) and not any(".lora_" in k or ".base_layer." in k for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
