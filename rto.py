@@ -348,9 +348,8 @@ def micro_batches(ro, size, order):
 def load_models(args, accelerator):
     """Policy and critic (trained: each prepared with its Adam optimiser), reference, DPO and reward model (frozen,
     loaded only when used). Each is sharded (FSDP2) or placed before the next loads: one whole model at a time.
-    --lora_rank (docs/lora.md): policy and critic are adapters on frozen bases (bf16 under --bf16); the reference is
-    the policy's base (adapter off), a DPO adapter on the same base weights a second adapter on it, the reward model
-    the critic's base (adapter off, the original head): two bases in all, where full training holds five models."""
+    --lora_rank (docs/lora.md): two frozen bases with adapters. Reference = the policy's base; a DPO adapter on the
+    same weights, a second adapter on it; reward model = the critic's base (adapter off, the original head)."""
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
@@ -378,8 +377,8 @@ def load_models(args, accelerator):
     frozen = lambda path, flag, scorer=False: common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
     models["ref"] = common.AdapterView(policy, None) if lora else frozen(args.sft_ckpt, "--sft_ckpt")
     if args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = common.AdapterView(policy, "dpo") if lora and dpo_shares else frozen(args.dpo_ckpt,
-                                                                                               "--dpo_ckpt")
+        dpo = common.AdapterView(policy, "dpo") if dpo_shares and lora else None
+        models["dpo"] = dpo or frozen(args.dpo_ckpt, "--dpo_ckpt")
     if uses_reward_model(args):  # the critic starts from --rm_ckpt whenever a reward model is used
         models["rm"] = common.AdapterView(critic, None) if lora else frozen(args.rm_ckpt, "--rm_ckpt", True)
     return tokenizer, models, optimizers
