@@ -156,7 +156,7 @@ def test_rto_loads_two_bases_and_trains_only_adapters_and_the_value_head(pipelin
             assert all(".lora_" in n and ".default." in n or ".modules_to_save.default." in n for n in names)
         assert any("score.modules_to_save" in n for n in names)  # the critic's value head trains
         batch = {**tiny_batch(), "response_mask": torch.ones(2, 3)}
-        loss = rto.token_logprobs(policy, batch).sum() + rto.critic_values(critic, batch).sum()
+        loss = rto.token_logprobs(policy, batch).sum() + rto.critic_values(critic, batch, args).sum()
         loss.backward()
         for model in (policy, critic):
             got = {n for n, p in model.named_parameters() if p.grad is not None}
