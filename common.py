@@ -392,13 +392,14 @@ def fsdp_modules(model):
 
 
 @contextlib.contextmanager
-def gathered_weights(model):
+def gathered_weights(model, enabled=True):
     """Under FSDP2, all-gather every weight once on entry and reshard on exit, and no collective in between:
     generate() would otherwise all-gather every layer at every decode step, and ranks whose responses end at
     different lengths would have to step together (synced_gpus). On exit each sharded module gets back the
     reshard-after-forward setting it had: Accelerate keeps the root and the final norm + LM head gathered between
-    forward and backward, which saves an all-gather per micro-step. Nothing to do for DDP or one process."""
-    modules = fsdp_modules(model)
+    forward and backward, which saves an all-gather per micro-step. Nothing to do for DDP or one process, nor
+    with enabled=False (rto.py's vLLM engine holds its own weights)."""
+    modules = fsdp_modules(model) if enabled else []
     before = {m: reshards_after_forward(m, root=m is model) for m in modules}
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
@@ -419,10 +420,10 @@ def reshards_after_forward(module, root):
         any(group._reshard_after_forward for group in state._fsdp_param_groups)
 
 
-def reshard(model):
-    """FSDP2: free the gathered full weights of every sharded module (a no-grad forward leaves the root's, e.g.
-    embeddings and LM head, gathered). Nothing to do for DDP or one process."""
-    for m in fsdp_modules(model):
+def reshard(*models):
+    """FSDP2: free the gathered full weights of every sharded module of each model (a no-grad forward leaves the
+    final norm and LM head gathered). Nothing to do for DDP or one process."""
+    for m in (module for model in models for module in fsdp_modules(model)):
         m.reshard()
 
 

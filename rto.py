@@ -29,7 +29,6 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 (scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -88,8 +87,7 @@ class Args(common.TrainArgs, common.LoraArgs):
     oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward before and after")
 
 
-# flag: its value on the built-in task, with real models (the paper's Pythia/HH settings, docs/algorithm.md; beta2:
-# the authors' Llama-3 script), on toy-long; these flags default to None in Args
+# flags defaulting to None in Args, by task: built-in, real models (docs/algorithm.md; beta2: authors'), toy-long
 DEFAULTS = {
     "rollout_batch_size": common.Default(toy=64, real=256), "mini_batch_size": common.Default(toy=16, real=16),
     "forward_batch_size": common.Default(toy=64, real=8), "max_prompt_len": common.Default(toy=24, real=512),
@@ -109,12 +107,10 @@ def validate(args):
         common.fail(f"--reward_mode {args.reward_mode} with --beta3 {args.beta3} needs --rm_ckpt (or pass --beta3 0)")
     if args.reward_mode == "ppo" and args.beta3 <= 0:
         common.fail("--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's")
-    for flag in ("rollout_batch_size", "mini_batch_size", "forward_batch_size", "generation_batch_size",
-                 "max_prompt_len", "max_new_tokens", "ppo_epochs", "temperature", "top_p"):
-        if not getattr(args, flag) > 0 or (flag == "top_p" and args.top_p > 1):
-            common.fail(f"--{flag} {getattr(args, flag)}: must be above 0" + (" and at most 1" * (flag == "top_p")))
-    if args.rollout_engine != "hf":
-        vllm_engine.check(args)  # --rollout_engine vllm: installed, and its flags
+    common.check_positive(args, "rollout_batch_size", "mini_batch_size", "forward_batch_size", "generation_batch_size",
+                          "max_prompt_len", "max_new_tokens", "ppo_epochs", "temperature", "top_p")
+    common.check_between(args, "top_p", 0, 1)
+    vllm_engine.check(args)  # --rollout_engine: hf, or vllm installed and with good flags
     return args
 
 
@@ -124,9 +120,8 @@ def uses_reward_model(args):
 
 # ============================================================================ 1. rollout
 def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
-    """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent).
-    With a list `logprobs`, each step appends log softmax(logits / T)[drawn token], (b,): the whole tempered
-    distribution, top-p or not, as the frozen pass computes log pi_old (--generation_logprobs)."""
+    """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent);
+    each step appends log softmax(logits / T)[drawn token], (b,), to a list `logprobs` (--generation_logprobs)."""
     def pick(input_ids, logits):  # (b, V) logits of the next token
         tempered = logits = logits.float() / temperature
         if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
@@ -150,15 +145,15 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
-    with contextlib.nullcontext() if engine else common.gathered_weights(model):  # FSDP2: one all-gather per
+    with common.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
         for i in range(0, len(ids), args.generation_batch_size):  # rollout, then no collective per token
-            input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(
-                ids[i:i + args.generation_batch_size], pad, width))  # (b, P) left-padded
-            generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[i:i + len(input_ids)]]
+            chunk = slice(i, i + args.generation_batch_size)
+            input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(ids[chunk], pad, width))
+            generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
             if engine:
-                responses, steps = vllm_engine.generate(engine, ids[i:i + len(input_ids)], seeds[i:i + len(input_ids)],
-                                                        args, eos, pad, accelerator.device)
+                responses, steps = vllm_engine.generate(engine, ids[chunk], seeds[chunk], args, eos, pad,
+                                                        accelerator.device)
             else:
                 responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
                                            synced_gpus=False, logits_processor=[draw_with_own_generators(
@@ -186,9 +181,8 @@ def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
 
 
 def token_logprobs(model, batch, temperature=1.0, with_entropy=False):
-    """plain_token_logprobs' numbers (tested equal, gradients too) without its (b, R, V) logits, which at V = 128,256
-    outweigh everything else in a micro-step: common.response_logprobs turns the hidden states into log-probs a few
-    rows at a time. It also takes packed batches (--packing)."""
+    """plain_token_logprobs' numbers (tested equal, gradients too) a few rows at a time (common.response_logprobs):
+    the (b, R, V) logits, at V = 128,256 the largest tensor of a micro-step, never exist whole. Packing too."""
     return common.response_logprobs(model, batch, temperature, with_entropy)
 
 
@@ -204,59 +198,58 @@ def critic_values(critic, batch, args):
 
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
-    r = common.sequence_scores(rm, batch)  # (b,)
-    r = (r - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else r
-    return r.clamp(-args.reward_clip, args.reward_clip)
+    score = common.sequence_scores(rm, batch)  # (b,)
+    score = (score - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else score
+    return score.clamp(-args.reward_clip, args.reward_clip)
 
 
 @torch.no_grad()
-def frozen_pass(accelerator, ro, models, args):
+def frozen_pass(accelerator, batch, models, args):
     """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
-    mask = ro["response_mask"]  # (B, R); every output below is 0 after the first EOS
-    out = {k: ro.get(k, torch.zeros_like(mask)) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
+    mask = batch["response_mask"]  # (B, R); every output below is 0 after the first EOS
+    out = {k: batch.get(k, torch.zeros_like(mask)) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
     out["rm_score"], computed = torch.zeros_like(mask[:, 0]), 0  # computed: the positions the forward passes run
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
-        for idx, mb in micro_batches(ro, args.forward_batch_size, ro["attention_mask"].sum(-1).argsort()):
-            r = mb["response_mask"].shape[1]
-            computed += mb["attention_mask"].numel()  # trimming drops padding only: the real ones are all of ro's
-            if "logprobs" not in ro:  # else --generation_logprobs: the sampling pass gave them
-                out["logprobs"][idx, :r] = token_logprobs(models["policy"], mb, args.temperature)
-            out["ref_logprobs"][idx, :r] = ref = token_logprobs(models["ref"], mb, args.temperature)
-            out["values"][idx, :r] = critic_values(models["critic"], mb, args)
+        for idx, micro in micro_batches(batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()):
+            width = micro["response_mask"].shape[1]  # its longest response
+            computed += micro["attention_mask"].numel()  # trimming drops padding only
+            if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
+                out["logprobs"][idx, :width] = token_logprobs(models["policy"], micro, args.temperature)
+            out["ref_logprobs"][idx, :width] = ref = token_logprobs(models["ref"], micro, args.temperature)
+            out["values"][idx, :width] = critic_values(models["critic"], micro, args)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
-                ref = ref if args.temperature == 1 else token_logprobs(models["ref"], mb)
-                out["dpo_log_ratio"][idx, :r] = token_logprobs(models["dpo"], mb) - ref
+                ref = ref if args.temperature == 1 else token_logprobs(models["ref"], micro)
+                out["dpo_log_ratio"][idx, :width] = token_logprobs(models["dpo"], micro) - ref
             if "rm" in models:
-                out["rm_score"][idx] = rm_score(models["rm"], mb, args)
-    for frozen in [models[n] for n in ("ref", "dpo", "rm") if n in models]:  # FSDP2: free the gathered weights
-        common.reshard(frozen)
+                out["rm_score"][idx] = rm_score(models["rm"], micro, args)
+    common.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))  # FSDP2: free the gathered weights
     used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
-    real, computed = common.reduce(accelerator, [ro["attention_mask"].sum().item(), computed])
-    return {**ro, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - (real / computed).item()}
+    real, computed = common.reduce(accelerator, [batch["attention_mask"].sum().item(), computed])
+    return {**batch, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - real.item() / computed}
 
 
 # ============================================================================ 3. token rewards   <- edit here
-def token_rewards(ro, args, beta2):
+def token_rewards(batch, args, beta2):
     """The reward of every response token, (B, R). This is the function to edit for a reward ablation:
         ppo :                          - beta2 * kl(h) + 1[h=H] * beta3 * r_MLE(x, y)
         dppo:                          - beta2 * kl(h) + 1[h=H] * beta1 * sum_h' dpo(h')
         rto : clip(beta1 * dpo(h))     - beta2 * kl(h) + 1[h=H] * beta3 * r_MLE(x, y)
-    with dpo(h) = log pi_dpo(a_h|s_h) - log pi_ref(a_h|s_h) (ro['dpo_log_ratio']), kl(h) = log pi_old - log pi_ref
+    with dpo(h) = log pi_dpo(a_h|s_h) - log pi_ref(a_h|s_h) (batch['dpo_log_ratio']), kl(h) = log pi_old - log pi_ref
     of the sampling policy (the k1 estimator, no gradient), H the last real token (EOS included)."""
-    mask = ro["response_mask"]
+    mask = batch["response_mask"]
     last = torch.nn.functional.one_hot(mask.sum(-1).long() - 1, mask.shape[1]).float()  # (B, R): 1 at h = H
-    rewards = -beta2 * (ro["logprobs"] - ro["ref_logprobs"])
+    rewards = -beta2 * (batch["logprobs"] - batch["ref_logprobs"])
     if args.reward_mode == "rto":
-        dense = args.beta1 * ro["dpo_log_ratio"]
+        dense = args.beta1 * batch["dpo_log_ratio"]
         if args.dpo_reward_clip > 0:  # "do not let DPO token rewards dominate" (authors' code)
             dense = dense.clamp(-args.dpo_reward_clip, args.dpo_reward_clip)
         rewards = rewards + dense
     if args.reward_mode == "dppo":  # DPO's sentence-level implicit reward, paid at the end
-        rewards = rewards + last * args.beta1 * ro["dpo_log_ratio"].sum(-1, keepdim=True)
+        rewards = rewards + last * args.beta1 * batch["dpo_log_ratio"].sum(-1, keepdim=True)
     if uses_reward_model(args):
-        rewards = rewards + last * args.beta3 * ro["rm_score"][:, None]
+        rewards = rewards + last * args.beta3 * batch["rm_score"][:, None]
     if args.missing_eos_penalty:
-        rewards = rewards - last * args.missing_eos_penalty * (~ro["ended"]).float()[:, None]
+        rewards = rewards - last * args.missing_eos_penalty * (~batch["ended"]).float()[:, None]
     return rewards * mask
 
 
@@ -297,27 +290,28 @@ def value_loss(values, old_values, returns, mask, clip):
     return common.masked_mean(loss, mask, -1).mean(), {"value_clip_frac": ((values - old_values).abs() > clip).float()}
 
 
-def ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it=0):
+def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, it=0):
     """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes."""
     policy, critic, sums, skipped = models["policy"], models["critic"], {}, 0
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
-            for _, mb in micro_batches(ro, sizes["micro"], order[start:start + sizes["mini"]]):  # ... in micro-batches
-                mb, m = {**mb, "pack": args.packing}, mb["response_mask"]  # pack: no padding computed
+            for _, micro in micro_batches(batch, sizes["micro"], order[start:start + sizes["mini"]]):  # in micros
+                micro, mask = {**micro, "pack": args.packing}, micro["response_mask"]  # pack: no padding computed
                 with accelerator.accumulate(policy, critic):
-                    new_logprobs, entropy = token_logprobs(policy, mb, args.temperature, with_entropy=True)
-                    pl, stats = policy_loss(new_logprobs, mb["logprobs"], mb["advantages"], m, args.eps_clip)
-                    vl, vstats = value_loss(critic_values(critic, mb, args), mb["values"], mb["returns"], m,
-                                            args.value_clip)
-                    skipped += not common.optimizer_step(accelerator, [policy, critic], pl + vl, optimizers,
+                    logprobs, entropy = token_logprobs(policy, micro, args.temperature, with_entropy=True)
+                    pg_loss, stats = policy_loss(logprobs, micro["logprobs"], micro["advantages"], mask, args.eps_clip)
+                    values = critic_values(critic, micro, args)
+                    v_loss, vstats = value_loss(values, micro["values"], micro["returns"], mask, args.value_clip)
+                    skipped += not common.optimizer_step(accelerator, [policy, critic], pg_loss + v_loss, optimizers,
                                                          schedulers, args, f"iteration {it + 1}")
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
-                    real = mb["attention_mask"].sum()  # positions computed: all of them, or packed only these
+                    real = micro["attention_mask"].sum()  # positions computed: all of them, or packed only these
                     for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
-                        sums[k] = sums.get(k, 0) + (v * m).sum()
-                    for k, v in (("sequences", len(m)), ("policy_loss", pl * len(m)), ("value_loss", vl * len(m)),
-                                 ("positions", real if args.packing else mb["attention_mask"].numel()), ("real", real)):
+                        sums[k] = sums.get(k, 0) + (v * mask).sum()
+                    n, positions = len(mask), real if args.packing else micro["attention_mask"].numel()
+                    for k, v in (("sequences", n), ("policy_loss", pg_loss * n), ("value_loss", v_loss * n),
+                                 ("positions", positions), ("real", real)):
                         sums[k] = sums.get(k, 0) + v
     totals = {k: common.reduce(accelerator, v).item() for k, v in {**sums, "skipped_nonfinite": skipped}.items()}
     out = {k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
@@ -333,23 +327,22 @@ def update_kl_coef(beta2, kl_per_response, args, n_prompts):
 
 
 # ============================================================================ plumbing: batches, models, logging
-def micro_batches(ro, size, order):
+def micro_batches(batch, size, order):
     """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence."""
     for idx in order.split(size):
-        mb = {k: v[idx] if torch.is_tensor(v) else v for k, v in ro.items()}
-        real, P, R = mb["attention_mask"].any(0).nonzero(), mb["prompt_len"], mb["response_mask"].shape[1]
+        micro = {k: v[idx] if torch.is_tensor(v) else v for k, v in batch.items()}
+        real, P, R = micro["attention_mask"].any(0).nonzero(), micro["prompt_len"], micro["response_mask"].shape[1]
         first, end = real.min().item(), real.max().item() + 1
-        for k, v in mb.items():
+        for k, v in micro.items():
             if torch.is_tensor(v) and v.dim() == 2:
-                mb[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]  # all-padding columns go
-        yield idx, {**mb, "prompt_len": P - first}  # the left ones were prompt padding
+                micro[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]  # all-padding columns go
+        yield idx, {**micro, "prompt_len": P - first}  # the left ones were prompt padding
 
 
 def load_models(args, accelerator):
-    """Policy and critic (trained: each prepared with its Adam optimiser), reference, DPO and reward model (frozen,
-    loaded only when used). Each is sharded (FSDP2) or placed before the next loads: one whole model at a time.
-    --lora_rank (docs/lora.md): two frozen bases with adapters. Reference = the policy's base; a DPO adapter on the
-    same weights, a second adapter on it; reward model = the critic's base (adapter off, the original head)."""
+    """Policy and critic (trained, with Adam), reference, DPO and reward model (frozen, only when used), each sharded
+    or placed before the next loads. --lora_rank (docs/lora.md): two frozen bases, not five models: the reference is
+    the policy's base, adapter off; a DPO adapter on it is a second adapter; the reward model is the critic's base."""
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
@@ -374,13 +367,12 @@ def load_models(args, accelerator):
     if args.rm_ckpt and args.normalize_reward and getattr(critic.config, "reward_std", None) is None:  # critic_values
         common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
                     "reward_model.py) — or pass --no_normalize_reward")
-    frozen = lambda path, flag, scorer=False: common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
-    models["ref"] = common.AdapterView(policy, None) if lora else frozen(args.sft_ckpt, "--sft_ckpt")
+    load = lambda path, flag, scorer=False: common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
+    models["ref"] = common.AdapterView(policy, None) if lora else load(args.sft_ckpt, "--sft_ckpt")
     if args.reward_mode in ("rto", "dppo"):
-        dpo = common.AdapterView(policy, "dpo") if dpo_shares and lora else None
-        models["dpo"] = dpo or frozen(args.dpo_ckpt, "--dpo_ckpt")
+        models["dpo"] = common.AdapterView(policy, "dpo") if lora and dpo_shares else load(args.dpo_ckpt, "--dpo_ckpt")
     if uses_reward_model(args):  # the critic starts from --rm_ckpt whenever a reward model is used
-        models["rm"] = common.AdapterView(critic, None) if lora else frozen(args.rm_ckpt, "--rm_ckpt", True)
+        models["rm"] = common.AdapterView(critic, None) if lora else load(args.rm_ckpt, "--rm_ckpt", True)
     return tokenizer, models, optimizers
 
 
@@ -409,27 +401,28 @@ def iteration_prompts(prompts, order, it, args, process_index, local):
     return [prompts[order[p % len(prompts)]] for p in positions], [args.seed * 2**32 + p for p in positions]  # wraps
 
 
-def rollout_metrics(accelerator, ro, tokenizer, prompts, beta2, args):
+def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
     """What the iteration's rollout looked like (means over all processes); the oracle reward on the built-in task."""
-    mask = ro["response_mask"]
+    mask = batch["response_mask"]
     mean = lambda x: common.reduce(accelerator, x.float().mean(), "mean").item()
     n_tokens = common.reduce(accelerator, mask.sum())
     token_mean = lambda x: (common.reduce(accelerator, (x * mask).sum()) / n_tokens).item()
-    kl = (ro["logprobs"] - ro["ref_logprobs"]) * mask
-    m = {"reward_total": mean(ro["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
+    kl = (batch["logprobs"] - batch["ref_logprobs"]) * mask
+    metrics = {"reward_total": mean(batch["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
          "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
-         "eos_rate": mean(ro["ended"]), "value_mean": token_mean(ro["values"]), "padding_share": ro["padding_share"],
-         "explained_variance": 1 - (token_mean((ro["returns"] - ro["values"]) ** 2) /
-                                    max(token_mean((ro["returns"] - token_mean(ro["returns"])) ** 2), 1e-8))}
-    if "rm_score" in ro:
-        m["sentence_reward"] = mean(ro["rm_score"])
-    if "dpo_log_ratio" in ro:
-        m["dpo_reward_per_token"] = token_mean(args.beta1 * ro["dpo_log_ratio"])
-        m["dpo_reward_per_response"] = mean(args.beta1 * ro["dpo_log_ratio"].sum(-1))
+         "eos_rate": mean(batch["ended"]), "value_mean": token_mean(batch["values"]),
+         "padding_share": batch["padding_share"],
+         "explained_variance": 1 - (token_mean((batch["returns"] - batch["values"]) ** 2) /
+                                    max(token_mean((batch["returns"] - token_mean(batch["returns"])) ** 2), 1e-8))}
+    if "rm_score" in batch:
+        metrics["sentence_reward"] = mean(batch["rm_score"])
+    if "dpo_log_ratio" in batch:
+        metrics["dpo_reward_per_token"] = token_mean(args.beta1 * batch["dpo_log_ratio"])
+        metrics["dpo_reward_per_response"] = mean(args.beta1 * batch["dpo_log_ratio"].sum(-1))
     if args.dataset in TOYS:
-        texts = data.decode_responses(tokenizer, ro)
-        m["oracle_reward"] = mean(torch.tensor([toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]))
-    return m
+        texts = data.decode_responses(tokenizer, batch)
+        metrics["oracle_reward"] = mean(torch.tensor([toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]))
+    return metrics
 
 
 def save(accelerator, models, tokenizer, args, iteration, beta2):
@@ -456,8 +449,8 @@ def main(argv=None):
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
     schedulers = [common.lr_schedule(accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps,
                                      min_lr_rate=0.1) for o in optimizers]  # authors': cosine to 0.1 x lr
-    for m in ("policy", "critic") if args.gradient_checkpointing else ():
-        accelerator.unwrap_model(models[m]).gradient_checkpointing_enable()
+    for name in ("policy", "critic") if args.gradient_checkpointing else ():
+        accelerator.unwrap_model(models[name]).gradient_checkpointing_enable()
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
     start, beta2 = state["step"], state["beta2"]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -470,26 +463,28 @@ def main(argv=None):
     for it in range(start, n_iter):
         batch_prompts, seeds = iteration_prompts(prompts, order, it, args, accelerator.process_index, sizes["rollout"])
         clock = common.phase_clock(accelerator)  # seconds (and on GPUs peak memory) of each phase
-        ro = rollout(accelerator, models["policy"], tokenizer, batch_prompts, seeds, args)  # 1.
+        batch = rollout(accelerator, models["policy"], tokenizer, batch_prompts, seeds, args)  # 1.
         clock("generate")
-        ro = frozen_pass(accelerator, ro, models, args)  # 2.
-        ro["rewards"] = token_rewards(ro, args, beta2)  # 3.
-        if not common.all_finite(accelerator, ro["rewards"]):  # a broken DPO or reward-model checkpoint
+        batch = frozen_pass(accelerator, batch, models, args)  # 2.
+        batch["rewards"] = token_rewards(batch, args, beta2)  # 3.
+        if not common.all_finite(accelerator, batch["rewards"]):  # a broken DPO or reward-model checkpoint
             common.nonfinite(args, "reward", f"iteration {it + 1}", optimizers)
             continue
-        ro["advantages"], ro["returns"] = gae(ro["rewards"], ro["values"], ro["response_mask"], args.gamma, args.lam)
-        ro["advantages"] = whiten(accelerator, ro["advantages"], ro["response_mask"])  # 4.
+        batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["response_mask"],
+                                                    args.gamma, args.lam)
+        batch["advantages"] = whiten(accelerator, batch["advantages"], batch["response_mask"])  # 4.
         clock("frozen_pass")
-        train_stats = ppo_update(accelerator, ro, models, optimizers, schedulers, args, sizes, it)  # 5.
+        train_stats = ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, it)  # 5.
         clock("update")
-        metrics = {**rollout_metrics(accelerator, ro, tokenizer, batch_prompts, beta2, args), **train_stats,
+        metrics = {**rollout_metrics(accelerator, batch, tokenizer, batch_prompts, beta2, args), **train_stats,
                    **clock.metrics}
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
         common.log_metrics(accelerator, args.output_dir, metrics, it + 1)
         bar.update(1)
         if args.sample_every and (it + 1) % args.sample_every == 0:  # a few (reward, prompt, response)
-            for p, t, r in list(zip(batch_prompts, data.decode_responses(tokenizer, ro), ro["rewards"].sum(-1)))[:3]:
-                accelerator.print(f"  [{r:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
+            for p, t, reward in list(zip(batch_prompts, data.decode_responses(tokenizer, batch),
+                                         batch["rewards"].sum(-1)))[:3]:
+                accelerator.print(f"  [{reward:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
     save(accelerator, models, tokenizer, args, n_iter, beta2)

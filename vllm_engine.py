@@ -46,7 +46,9 @@ ENGINE = {}  # this process's engine: {"llm": vllm.LLM, "max_len": its longest p
 
 
 def check(args):
-    """rto.validate's checks for an --rollout_engine other than hf: one line for the first bad flag."""
+    """rto.validate's checks of --rollout_engine and, for vllm, its flags: one line for the first bad one."""
+    if args.rollout_engine == "hf":
+        return
     if args.rollout_engine != "vllm":
         common.fail(f"--rollout_engine {args.rollout_engine}: expected hf or vllm")
     if importlib.util.find_spec("vllm") is None:
