@@ -225,7 +225,7 @@ def frozen_pass(accelerator, batch, models, args):
     common.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))  # FSDP2: free the gathered weights
     used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
     real, computed = common.reduce(accelerator, [batch["attention_mask"].sum().item(), computed])
-    return {**batch, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - real.item() / computed}
+    return {**batch, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - (real / computed).item()}
 
 
 # ============================================================================ 3. token rewards   <- edit here
