@@ -223,9 +223,9 @@ def frozen_pass(accelerator, batch, models, args):
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], micro, args)
     common.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))  # FSDP2: free the gathered weights
-    used = {"dpo_log_ratio": "dpo" in models, "rm_score": "rm" in models}
+    unused = [k for k, model in (("dpo_log_ratio", "dpo"), ("rm_score", "rm")) if model not in models]
     real, computed = common.reduce(accelerator, [batch["attention_mask"].sum().item(), computed])
-    return {**batch, **{k: v for k, v in out.items() if used.get(k, True)}, "padding_share": 1 - (real / computed).item()}
+    return {**batch, **{k: v for k, v in out.items() if k not in unused}, "padding_share": 1 - (real / computed).item()}
 
 
 # ============================================================================ 3. token rewards   <- edit here
