@@ -162,7 +162,7 @@ def main(argv=None):
         ref = None
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad))
     held_loader = DataLoader(held, micro, collate_fn=pair_collate(pad))
-    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr)
+    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, fused=True)
     model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
     scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)

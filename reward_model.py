@@ -113,7 +113,7 @@ def main(argv=None):
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
     stats_loader = DataLoader(train, micro, collate_fn=collate)
-    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr)
+    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, fused=True)
     model, optimizer, train_loader, held_loader, stats_loader = accelerator.prepare(
         model, optimizer, train_loader, held_loader, stats_loader)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches

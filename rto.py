@@ -361,7 +361,7 @@ def load_models(args, accelerator):
         if name == "policy" and lora and dpo_shares:
             common.add_second_adapter(model, args.dpo_ckpt, "--dpo_ckpt", "dpo")
         models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(common.trainable(model), lr,
-                                                                              betas=(.9, .95)))
+                                                                              betas=(.9, .95), fused=True))
         optimizers.append(optimizer)
     policy, critic = (accelerator.unwrap_model(models[n]) for n in ("policy", "critic"))
     if args.rm_ckpt and args.normalize_reward and getattr(critic.config, "reward_std", None) is None:  # critic_values

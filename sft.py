@@ -119,7 +119,7 @@ def main(argv=None):
     collate = lambda exs: data.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
-    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
     steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
     scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)

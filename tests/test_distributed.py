@@ -76,30 +76,61 @@ def numbers(folder):
             if isinstance(v, float) and k != "oracle_reward"]
 
 
+IN_TURN = """
+import os, sys
+sys.path.insert(0, {root!r})
+import common
+from accelerate.state import AcceleratorState, GradientState, PartialState
+{prelude}
+common.finish = lambda accelerator: accelerator.wait_for_everyone()  # the process group stays up for the next run
+for script, argv in {runs!r}:
+    for state in (PartialState, AcceleratorState, GradientState):
+        state._shared_state.clear()  # the next stage builds its own Accelerator, as in a process of its own
+    __import__(script).main(argv)
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)  # as common.finish ends a rank
+"""
+
+
+def launch_in_turn(config, runs, folder, prelude=""):
+    """One launch whose 2 ranks run several stages' main(argv) in turn, each with an Accelerator of its own, on
+    one process group: starting the launcher and 2 ranks (three imports of torch) costs more than a small run.
+    `prelude` is code that runs first on both ranks."""
+    probe = folder / f"in_turn_{config}.py"
+    runs = [(script.removesuffix(".py"), list(map(str, argv))) for script, argv in runs]
+    probe.write_text(IN_TURN.format(root=str(ROOT), prelude=prelude, runs=runs))
+    return launch(config, probe)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", list(SMALL))
-def test_ddp_and_fsdp_train_like_one_process_on_the_global_batch(stage, pipeline, tmp_path):
-    args = [*SMALL[stage], "--batch_size", 8, "--logging_steps", 1]
-    if stage != "sft.py":
-        pairs = tmp_path / "pairs.jsonl"
-        pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", PAIRS, seed=1)))
-        args += ["--sft_ckpt", pipeline["sft"], "--dataset", pairs, "--max_prompt_len", 24, "--max_response_len", 24]
-    run_main(stage, *args, "--micro_batch_size", 4, "--output_dir", tmp_path / "one")  # 4 x 2 accumulation
-    launch("cpu_ddp.yaml", stage, *args, "--output_dir", tmp_path / "ddp")  # 4 per rank x 2 ranks
-    launch("cpu_fsdp.yaml", stage, *args, "--output_dir", tmp_path / "fsdp")
-    # the GPU configs' loading (rank 1 reads no checkpoint, rank 0's weights are sent to it) and recomputed
-    # activations: the same numbers
-    launch("cpu_fsdp_ram_efficient.yaml", stage, *args, "--gradient_checkpointing", "--output_dir",
-           tmp_path / "fsdp_gpu_loading")
-    one = numbers(tmp_path / "one")
-    for name in ("ddp", "fsdp", "fsdp_gpu_loading"):
-        other = numbers(tmp_path / name)
-        assert [x[:2] for x in other] == [x[:2] for x in one]
-        assert [x[2] for x in other] == pytest.approx([x[2] for x in one], abs=2e-5), name
-    if stage == "sft.py":  # the FSDP checkpoint is a consolidated folder holding the trained weights
-        ids = torch.arange(5, 25)[None]
-        logits = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n)(ids).logits for n in ("one", "fsdp")}
-        torch.testing.assert_close(logits["fsdp"], logits["one"], atol=1e-4, rtol=0)
+def test_ddp_and_fsdp_train_each_stage_like_one_process_on_the_global_batch(pipeline, tmp_path):
+    """sft.py, dpo.py and reward_model.py: one process accumulating 2 micro-batches of 4, then 2 ranks of 4 each
+    under DDP, FSDP2, and FSDP2 with the GPU configs' loading (rank 1 reads no checkpoint, rank 0's weights are
+    sent to it) and recomputed activations: every logged number the same."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", PAIRS, seed=1)))
+    args = {}
+    for stage in SMALL:
+        args[stage] = [*SMALL[stage], "--batch_size", 8, "--logging_steps", 1, "--overwrite"]
+        if stage != "sft.py":
+            args[stage] += ["--sft_ckpt", pipeline["sft"], "--dataset", pairs, "--max_prompt_len", 24,
+                            "--max_response_len", 24]
+        run_main(stage, *args[stage], "--micro_batch_size", 4, "--output_dir", tmp_path / "one" / stage)
+    runs = {"ddp": ("cpu_ddp.yaml", []), "fsdp": ("cpu_fsdp.yaml", []),
+            "fsdp_gpu_loading": ("cpu_fsdp_ram_efficient.yaml", ["--gradient_checkpointing"])}
+    for name, (config, extra) in runs.items():
+        launch_in_turn(config, [(stage, [*args[stage], *extra, "--output_dir", tmp_path / name / stage])
+                                for stage in SMALL], tmp_path)
+    for stage in SMALL:
+        one = numbers(tmp_path / "one" / stage)
+        for name in runs:
+            other = numbers(tmp_path / name / stage)
+            assert [x[:2] for x in other] == [x[:2] for x in one], (stage, name)
+            assert [x[2] for x in other] == pytest.approx([x[2] for x in one], abs=2e-5), (stage, name)
+    # the FSDP checkpoint is a consolidated folder holding the trained weights
+    ids = torch.arange(5, 25)[None]
+    logits = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "sft.py")(ids).logits for n in ("one", "fsdp")}
+    torch.testing.assert_close(logits["fsdp"], logits["one"], atol=1e-4, rtol=0)
 
 
 def rto_numbers(folder):
@@ -131,9 +162,16 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
         AutoModelForCausalLM.from_pretrained(out)
         assert (out / "checkpoint-2" / "state.json").exists()
-    # the GPU configs' loading settings and --gradient_checkpointing: the numbers of the run above
-    launch("cpu_fsdp_ram_efficient.yaml", "rto.py", *run, "--packing", "--micro_batch_size", 4, "--output_dir",
-           tmp_path / "gpu_loading", "--gradient_checkpointing")
+    # the GPU configs' loading settings (rank 1 reads no checkpoint) and --gradient_checkpointing: every rank holds
+    # the checkpoints' weights (LOADING_PROBE), then the run gives the numbers of the FSDP2 run above
+    argv = [*run, "--packing", "--micro_batch_size", 4, "--output_dir", tmp_path / "gpu_loading",
+            "--gradient_checkpointing", "--overwrite"]
+    prelude = LOADING_PROBE.format(argv=list(map(str, argv)), out=str(tmp_path))
+    launch_in_turn("cpu_fsdp_ram_efficient.yaml", [("rto.py", argv)], tmp_path, prelude)
+    for rank in (0, 1):
+        worst = eval((tmp_path / f"rank-{rank}.txt").read_text())
+        assert set(worst) == {"policy", "ref", "dpo", "rm", "critic", "untied_step"}, worst
+        assert max(worst.values()) == 0, (rank, worst)
     fsdp, gpu_loading = rto_numbers(tmp_path / "cpu_fsdp.yaml"), rto_numbers(tmp_path / "gpu_loading")
     assert [x[:2] for x in gpu_loading] == [x[:2] for x in fsdp]
     assert [x[2] for x in gpu_loading] == pytest.approx([x[2] for x in fsdp], abs=1e-5)
@@ -262,10 +300,11 @@ def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans
 
 
 LOADING_PROBE = """
-import sys
-sys.path.insert(0, {root!r})
+# fsdp_cpu_ram_efficient_loading: true (configs/gpu8_fsdp.yaml): rank 1 builds each of rto.py's five models on the
+# meta device and gets its shards from rank 0. Every parameter of every model, trained and frozen, gathered on each
+# rank, must equal the checkpoint's (the critic's value head: the reward model's).
+import rto
 import torch
-import common, rto
 args = rto.validate(common.parse_args(rto.Args, {argv!r}, rto.DEFAULTS))
 acc = common.setup(args)
 tokenizer, models, _ = rto.load_models(args, acc)
@@ -289,26 +328,16 @@ norms = [common.clip_grad_norm(acc, m, 1.0) for m in (acc.backward(loss), *pair)
 worst["untied_step"] = 0.0 if all(bool(torch.isfinite(n.full_tensor())) for n in norms) else 1.0
 with open({out!r} + f"/rank-{{acc.process_index}}.txt", "w") as f:
     f.write(repr(worst))
-common.finish(acc)
+del tokenizer, models, pair, loss, norms, full, saved, acc
 """
 
 
 @pytest.mark.distributed
-def test_with_the_gpu_loading_settings_every_rank_holds_the_checkpoints_weights_and_a_headless_rm_is_refused(
-        pipeline, tmp_path):
-    """fsdp_cpu_ram_efficient_loading: true (configs/gpu8_fsdp.yaml): rank 1 builds each of rto.py's five models on
-    the meta device and gets its shards from rank 0. Every parameter of every model, trained and frozen, gathered on
-    each rank, equals the checkpoint's (the critic's value head: the reward model's). A reward model whose head
-    transformers cannot find stops the run with one line, instead of a random head on rank 0 and none on rank 1."""
-    argv = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
-            "--output_dir", tmp_path / "run"]
-    probe = tmp_path / "probe.py"
-    probe.write_text(LOADING_PROBE.format(root=str(ROOT), argv=list(map(str, argv)), out=str(tmp_path)))
-    launch("cpu_fsdp_ram_efficient.yaml", probe)
-    for rank in (0, 1):
-        worst = eval((tmp_path / f"rank-{rank}.txt").read_text())
-        assert set(worst) == {"policy", "ref", "dpo", "rm", "critic", "untied_step"}, worst
-        assert max(worst.values()) == 0, (rank, worst)
+def test_with_the_gpu_loading_settings_a_reward_model_without_its_head_stops_every_rank_with_one_line(pipeline,
+                                                                                                    tmp_path):
+    """Under fsdp_cpu_ram_efficient_loading a reward model whose head transformers cannot find stops the run with
+    one line on every rank, instead of a random head on rank 0 and none on rank 1. (That every rank holds the
+    checkpoints' weights under this setting: test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch.)"""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                       str(ROOT / "configs" / "cpu_fsdp_ram_efficient.yaml"), str(ROOT / "rto.py"),
