@@ -79,6 +79,56 @@ def run(root, lm, rm, out, iterations, flags=()):
     return {**times, "iteration": sum(times.values()), "whole run": time.perf_counter() - t}, its
 
 
+def matmul_rate(n=2048, repeats=7):
+    """This machine's fp32 matmul rate now, in GFLOP/s, 2 threads: the median of `repeats` n x n products."""
+    torch.set_num_threads(2)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def iteration_flops(config, args, prompt_lens, response_len):
+    """The FLOPs one iteration cannot do without, per phase: dense matmuls over the real tokens only (no padding),
+    from the model's shapes. Every sequence is its prompt plus the iteration's mean response length; a pass
+    multiplies each token by the body's weights, attends causally (2 T^2 d per layer: QK^T and AV), and an LM head
+    (2 d V per position) runs at the response positions, where log-probs are taken. Generation with a KV cache does
+    the work of one such pass. The update runs forward and backward (3 passes' worth) of policy and critic."""
+    L, d, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    kv = config.num_key_value_heads * d // config.num_attention_heads
+    body = L * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)  # weights per token, q/o, k/v, MLP
+    lengths = [p + response_len for p in prompt_lens]
+    scalar = sum(2 * body * T + 2 * L * d * T ** 2 for T in lengths)  # a pass with a scalar head (critic, reward)
+    lm = scalar + len(lengths) * 2 * d * V * response_len  # a pass with the LM head at the response positions
+    causal = (not args.generation_logprobs) + 1 + (args.temperature != 1) + (args.reward_mode != "ppo")  # policy,
+    # reference (again at T = 1 for the DPO reward when T != 1), DPO model
+    frozen = causal * lm + (1 + rto.uses_reward_model(args)) * scalar  # + critic, reward model
+    return {"generate": lm, "frozen pass": frozen, "update": args.ppo_epochs * 3 * (lm + scalar)}
+
+
+def floor(lm, flags, its, rate):
+    """Seconds per phase at `rate` GFLOP/s for the FLOPs of iteration_flops, median over the logged iterations
+    (each with its own prompts and mean response length)."""
+    from transformers import AutoConfig
+    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", lm, "--dataset", PROMPTS, *RUN, *flags]
+    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
+    tok = common.load_tokenizer(str(lm), "lm")
+    fitted = data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args), args.max_prompt_len,
+                              args.long_prompts)
+    order = torch.randperm(len(fitted), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    config, per_it = AutoConfig.from_pretrained(lm), []
+    for m in its:
+        batch, _ = rto.iteration_prompts(fitted, order, m["step"] - 1, args, 0, args.rollout_batch_size)
+        flops = iteration_flops(config, args, [len(ids) for _, ids in batch], m["response_length"])
+        per_it.append({k: v / rate / 1e9 for k, v in flops.items()})
+    times = {k: statistics.median(f[k] for f in per_it) for k in per_it[0]}
+    return {**times, "iteration": sum(times.values())}
+
+
 def rollouts(lm, flags, repeats):
     """The rollout phase alone: iteration 1's prompts and seeds, --rollout_engine hf and vllm in turn in this process
     (a change in the machine's load hits both alike): seconds per rollout, median of `repeats`; the engine's start."""
@@ -150,13 +200,20 @@ def main():
               flush=True)
         if not (a.engines or a.before):
             return
-    rows, flags = {}, a.flags.split()
+    rows, flags, rates = {}, a.flags.split(), [matmul_rate()]
+    print(f"fp32 matmul rate (2048 x 2048, 2 threads): {rates[0]:.0f} GFLOP/s", flush=True)
     runs = [(e, ROOT, [*flags, "--rollout_engine", e]) for e in ("hf", "vllm")] if a.engines else \
         ([("before", a.before, [])] if a.before else []) + [("after", ROOT, flags)] * (not a.padding_only)
     for name, root, run_flags in runs:
         rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, run_flags)
         print(f"{name:>6} ({root} {' '.join(run_flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items())
               + f" (first iteration's generate {its[0]['time_generate']:.1f} s)", flush=True)
+        if root == ROOT:  # the compute floor of the same iterations at this run's matmul rate (measured again)
+            rates.append(matmul_rate())
+            low = floor(lm, run_flags, its, statistics.median(rates))
+            print(f"{name:>6} floor at {statistics.median(rates):.0f} GFLOP/s: "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in low.items()) + "; measured / floor: "
+                  + ", ".join(f"{k} {rows[name][k] / v:.2f}" for k, v in low.items()), flush=True)
     if a.padding_only:  # the first iteration that the last timed run logged
         with open(work / "run_after" / "metrics.jsonl") as f:
             its = [m for m in map(json.loads, f) if "time_generate" in m]

