@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the whole test suite (about 4.5 min on 2 CPU cores, plus the install).
+# Install, then run the whole test suite (about 7 min on 2 CPU cores, plus the install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
