@@ -93,7 +93,7 @@ DEFAULTS = {
     "forward_batch_size": common.Default(toy=64, real=8), "max_prompt_len": common.Default(toy=24, real=512),
     "max_new_tokens": common.Default(toy=24, real=512, toy_long=96), "beta2": common.Default(toy=0.1, real=0.01),
     "actor_lr": common.Default(toy=1e-4, real=5e-6), "critic_lr": common.Default(toy=3e-4, real=9e-6),
-    "packing": common.Default(toy=False, real=True)}  # real prompts vary in length: padding is 40-60% of a batch
+    "packing": common.Default(toy=False, real=True)}  # real prompts vary in length: a third of a batch is padding
 
 
 def validate(args):
@@ -213,7 +213,7 @@ def frozen_pass(accelerator, batch, models, args):
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, micro in micro_batches(batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()):
             micro, width = {**micro, "pack": args.packing}, micro["response_mask"].shape[1]  # its longest response
-            computed += micro["attention_mask"].sum().item() if args.packing else micro["attention_mask"].numel()
+            computed += micro["attention_mask"].sum() if args.packing else micro["attention_mask"].numel()  # no sync
             if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :width] = token_logprobs(models["policy"], micro, args.temperature)
             out["ref_logprobs"][idx, :width] = ref = token_logprobs(models["ref"], micro, args.temperature)
@@ -225,7 +225,7 @@ def frozen_pass(accelerator, batch, models, args):
                 out["rm_score"][idx] = rm_score(models["rm"], micro, args)
     common.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))  # FSDP2: free the gathered weights
     unused = [k for k, model in (("dpo_log_ratio", "dpo"), ("rm_score", "rm")) if model not in models]
-    real, computed = common.reduce(accelerator, [batch["attention_mask"].sum().item(), computed])
+    real, computed = common.reduce(accelerator, [batch["attention_mask"].sum().item(), float(computed)])
     return {**batch, **{k: v for k, v in out.items() if k not in unused}, "padding_share": 1 - (real / computed).item()}
 
 

@@ -11,7 +11,8 @@ none: rto.py's defaults, which pack sequences on real data), for --iterations it
 median over them of the seconds each phase logged (time_generate, time_frozen_pass or the old time_score,
 time_update). For this checkout's runs it also prints each phase's compute floor: the FLOPs the phase cannot do
 without (iteration_flops: the model's shapes and the real token counts) at this machine's fp32 matmul rate,
-measured before and after every run (2048 x 2048 products, 2 threads), and measured / floor. The same prompts and seeds for both: the responses differ only if the samplers do.
+measured before and after every run (2048 x 2048 products, 2 threads), and measured / floor. The same prompts
+and seeds for both: the responses differ only if the samplers do.
 With --engines, the two runs are this checkout's with --rollout_engine hf and vllm (the vLLM engine's start is in
 the first iteration's time_generate, so out of the median; it is printed apart).
 
@@ -81,6 +82,20 @@ def run(root, lm, rm, out, iterations, flags=()):
     return {**times, "iteration": sum(times.values()), "whole run": time.perf_counter() - t}, its
 
 
+def iteration_batch(lm, flags, it=0, rm=None):
+    """rto.py's args for these flags, and iteration `it`'s prompts (with their token ids) and seeds, as rto.py
+    draws them (one walk through one shuffle of the prompts that fit)."""
+    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, *RUN, *flags]
+    argv += ["--rm_ckpt", rm] if rm else ["--beta3", 0]
+    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
+    tok = common.load_tokenizer(str(lm), "lm")
+    fitted = data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args), args.max_prompt_len,
+                              args.long_prompts)
+    order = torch.randperm(len(fitted), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    batch, seeds = rto.iteration_prompts(fitted, order, it, args, 0, args.rollout_batch_size)
+    return args, tok, batch, seeds
+
+
 def matmul_rate(n=2048, repeats=7):
     """This machine's fp32 matmul rate now, in GFLOP/s, 2 threads: the median of `repeats` n x n products."""
     torch.set_num_threads(2)
@@ -116,15 +131,9 @@ def floor(lm, flags, its, rate):
     """Seconds per phase at `rate` GFLOP/s for the FLOPs of iteration_flops, median over the logged iterations
     (each with its own prompts and mean response length)."""
     from transformers import AutoConfig
-    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", lm, "--dataset", PROMPTS, *RUN, *flags]
-    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
-    tok = common.load_tokenizer(str(lm), "lm")
-    fitted = data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args), args.max_prompt_len,
-                              args.long_prompts)
-    order = torch.randperm(len(fitted), generator=torch.Generator().manual_seed(args.seed)).tolist()
     config, per_it = AutoConfig.from_pretrained(lm), []
     for m in its:
-        batch, _ = rto.iteration_prompts(fitted, order, m["step"] - 1, args, 0, args.rollout_batch_size)
+        args, _, batch, _ = iteration_batch(lm, flags, m["step"] - 1, rm=lm)
         flops = iteration_flops(config, args, [len(ids) for _, ids in batch], m["response_length"])
         per_it.append({k: v / rate / 1e9 for k, v in flops.items()})
     times = {k: statistics.median(f[k] for f in per_it) for k in per_it[0]}
@@ -134,13 +143,8 @@ def floor(lm, flags, its, rate):
 def rollouts(lm, flags, repeats):
     """The rollout phase alone: iteration 1's prompts and seeds, --rollout_engine hf and vllm in turn in this process
     (a change in the machine's load hits both alike): seconds per rollout, median of `repeats`; the engine's start."""
-    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, "--beta3", 0, *RUN, *flags]
-    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
-    tok = common.load_tokenizer(str(lm), "lm")
-    prompts = [p for p, _ in data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args),
-                                              args.max_prompt_len, args.long_prompts)]
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    batch, seeds = rto.iteration_prompts(prompts, order, 0, args, 0, args.rollout_batch_size)
+    args, tok, batch, seeds = iteration_batch(lm, flags)
+    batch = [prompt for prompt, _ in batch]
     acc, policy, times = Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), {"hf": [], "vllm": []}
     torch.set_num_threads(2)
     t = time.perf_counter()
@@ -158,13 +162,8 @@ def rollouts(lm, flags, repeats):
 
 def padding(lm, logged):
     """Padding shares of iteration 1's rollout (the same prompts and seeds as rto.py's), before and after."""
-    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, "--beta3", 0, *RUN]
-    args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
-    tok = common.load_tokenizer(str(lm), "lm")
-    prompts = [p for p, _ in data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args),
-                                              args.max_prompt_len, args.long_prompts)]
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    batch, seeds = rto.iteration_prompts(prompts, order, 0, args, 0, args.rollout_batch_size)
+    args, tok, batch, seeds = iteration_batch(lm, [])
+    batch = [prompt for prompt, _ in batch]
     ro = rto.rollout(Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), tok, batch, seeds, args)
     mask = ro["attention_mask"]
 
