@@ -660,24 +660,39 @@ def position_ids(attention_mask):
 
 
 def pack(batch):
-    """A batch's real tokens in one row, (1, L), positions restarting at 0 for each sequence, to be run with no
-    attention mask: transformers then masks attention sequence by sequence (sdpa: a block-diagonal causal mask;
-    flash-attention: variable lengths), and no padding is computed. Also 'columns', (B, R): where in the row each
-    response token is predicted (the column before it); masked tokens point at column 0."""
+    """The batch with its packed layout under 'packed', which forward() then runs: the real tokens of its sequences
+    laid end to end in rows no longer than its longest sequence (first fit, longest first), positions restarting at
+    0 for each sequence, and no attention mask, so transformers masks attention sequence by sequence (sdpa: a
+    block-diagonal causal mask; flash-attention: variable lengths) and no padding is computed but the rows' tails.
+    The rows are capped because sdpa computes every pair of positions in a row before masking: at the longest
+    sequence's length, a row costs no more attention or memory than a padded one. A row's tail is filler that no
+    real token attends to (attention is causal). 'packed' holds:
+        input_ids, position_ids: (n, C), C the longest sequence's length
+        index: (B, T), where in the flattened rows each token of the padded batch is (0 on padding)
+        columns: (B, R), where the column predicting each response token is (the one before it; 0 if masked)"""
     real = batch["attention_mask"].bool()  # (B, T)
-    lengths = real.sum(-1)  # (B,)
-    starts = lengths.cumsum(0) - lengths  # where each sequence begins in the row
-    P, mask = batch["prompt_len"], batch["response_mask"]
-    columns = starts[:, None] + real[:, :P].sum(-1, keepdim=True) - 1 + torch.arange(mask.shape[1], device=mask.device)
-    return {"input_ids": batch["input_ids"][real][None], "position_ids": position_ids(real.long())[real][None],
-            "columns": (columns * mask).long()}  # (B, R)
+    lengths = real.sum(-1).tolist()  # one host sync: the layout is decided on the host
+    width, fill, start = max(lengths), [], [0] * len(lengths)
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        row = next((r for r, used in enumerate(fill) if used + lengths[b] <= width), len(fill))
+        if row == len(fill):  # no room in any row: a new one
+            fill.append(0)
+        start[b], fill[row] = row * width + fill[row], fill[row] + lengths[b]
+    positions = position_ids(real.long())  # (B, T): from 0 at each sequence's first real token
+    index = (torch.tensor(start, device=real.device)[:, None] + positions) * real  # (B, T)
+    input_ids = batch["input_ids"].new_zeros(len(fill) * width).index_put_((index[real],), batch["input_ids"][real])
+    row_positions = positions.new_zeros(len(fill) * width).index_put_((index[real],), positions[real])  # tails: 0
+    P, mask = batch["prompt_len"], batch["response_mask"]  # response token j is predicted at padded column P-1+j
+    columns = (index[:, P - 1:P - 1 + mask.shape[1]] * mask).long()  # (B, R)
+    return {**batch, "packed": {"input_ids": input_ids.view(-1, width), "position_ids": row_positions.view(-1, width),
+                                "index": index, "columns": columns}}
 
 
 def forward(model, batch, **kwargs):
-    """The model over a batch of the common layout: padded, or packed if batch['pack'] (pack())."""
-    if batch.get("pack"):
-        row = pack(batch)
-        return model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False, **kwargs)
+    """The model over a batch of the common layout: padded, or packed if it holds a layout from pack()."""
+    if "packed" in batch:
+        rows = batch["packed"]
+        return model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False, **kwargs)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
 
@@ -689,24 +704,25 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     """log pi(token | prefix) of each response token, (B, R), 0 on padding; with_entropy=True also returns the
     entropy of the distribution at each of those positions, (B, R), as a statistic (no gradient).
 
-    The model's lm_head is asked for the R + 1 last columns only (logits_to_keep; packed: the R columns of each
-    sequence that predict its response tokens), and for those it returns the
-    log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole, in the
-    forward or the backward, which at V = 128,256 would be several times the size of everything else in a micro-step.
-    The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the whole model.
-    A head that is not a plain bias-free linear map, or a model that rescales its logits after the head (soft-capping,
-    logit scales), gets the plain computation from the full logits instead."""
+    The model's lm_head is given the R columns that predict the response tokens only (padded: the R + 1 last,
+    through logits_to_keep; packed: the columns of pack(), picked from the rows' hidden states), and for those it
+    returns the log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole,
+    in the forward or the backward, which at V = 128,256 would be several times the size of everything else in a
+    micro-step. The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the
+    whole model. A head that is not a plain bias-free linear map, or a model that rescales its logits after the head
+    (soft-capping, logit scales), gets the plain computation from the full logits instead (packed: of every
+    position in the rows)."""
     tokens, mask = batch["input_ids"][:, batch["prompt_len"]:], batch["response_mask"]  # (B, R)
     inner = getattr(model, "module", model)  # DDP
     head, config, caught = inner.get_output_embeddings(), inner.config, {}
     fused = (isinstance(head, torch.nn.Linear) and head.bias is None and
              not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
 
-    packed = bool(batch.get("pack"))  # rto.py --packing
-    keep = pack(batch)["columns"].flatten() if packed else tokens.shape[1] + 1
+    columns = batch["packed"]["columns"].flatten() if "packed" in batch else None  # (B * R,) rto.py --packing
+    keep = 0 if "packed" in batch else tokens.shape[1] + 1  # 0: all, the rows' columns are picked below
 
     def head_to_logprobs(hidden):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
-        hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
+        hidden = hidden.flatten(0, 1)[columns] if "packed" in batch else hidden[:, :-1].flatten(0, 1)  # (B * R, d)
         logprobs, entropy = TokenLogprobs.apply(hidden, head.weight, tokens.flatten(), temperature, with_entropy)
         caught["entropy"] = entropy.view(tokens.shape) if with_entropy else None
         return logprobs.view(tokens.shape)
@@ -721,7 +737,8 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     if fused:
         logprobs, entropy = out.logits, caught["entropy"]
     else:  # (B, R, V) logits, the plain way
-        logits = (out.logits.view(*tokens.shape, -1) if packed else out.logits[:, :-1]).float() / temperature
+        logits = out.logits.flatten(0, 1)[columns].view(*tokens.shape, -1) if "packed" in batch else out.logits[:, :-1]
+        logits = logits.float() / temperature
         logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         entropy = torch.cat([torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1)
     return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
@@ -787,9 +804,8 @@ def head_outputs(model, batch):
         forward(model, batch)
     finally:
         hook.remove()
-    out = caught[0].squeeze(-1).float()  # (B, T), packed (1, L): put back where the real tokens are
-    return out.new_zeros(batch["attention_mask"].shape).masked_scatter(batch["attention_mask"].bool(), out) \
-        if batch.get("pack") else out
+    out = caught[0].squeeze(-1).float()  # (B, T), packed (n, C): put back where the tokens were
+    return out.flatten()[batch["packed"]["index"]] * batch["attention_mask"] if "packed" in batch else out
 
 
 def sequence_scores(model, batch):
@@ -828,6 +844,35 @@ def left_pad(prompts, pad_id, width=None):
 
 
 @torch.no_grad()
+def prefill(model, input_ids, attention_mask):
+    """The KV cache of left-padded prompts but their last column, from one forward pass over packed rows (pack()),
+    so none of the padding is computed; generate() given it runs the last column and goes on. With a cache to fill,
+    transformers does not find the sequences of a packed row by itself, so the row's block-diagonal causal mask is
+    given (sdpa's boolean form). None, and generate() runs the padded prompts itself, for other attention kernels
+    and for caches that are not full attention in every layer (sliding windows, linear attention)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache, (B, W) = DynamicCache(config=model.config), input_ids.shape
+    if (model.config._attn_implementation != "sdpa" or any(type(layer) is not DynamicLayer for layer in cache.layers)
+            or not attention_mask[:, :-1].any()):
+        return None
+    rows = pack({"input_ids": input_ids[:, :-1], "attention_mask": attention_mask[:, :-1],
+                 "response_mask": attention_mask[:, :0], "prompt_len": W - 1})["packed"]
+    sequence = (rows["position_ids"] == 0).cumsum(-1)  # (n, C): each sequence starts at position 0
+    causal = torch.ones(sequence.shape[1], sequence.shape[1], dtype=torch.bool, device=sequence.device).tril()
+    mask = (sequence[:, :, None] == sequence[:, None, :]) & causal  # (n, C, C): True where attention goes
+    packed = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], attention_mask=mask[:, None],
+                   use_cache=True, logits_to_keep=1).past_key_values  # layers of (n, h, C, d)
+    index = rows["index"].flatten()  # (B * (W - 1),): each padded position's place in the rows (padding: 0, masked)
+    for i, layer in enumerate(packed.layers):
+        keys, values = (t.transpose(1, 2).flatten(0, 1)[index].unflatten(0, (B, W - 1)).transpose(1, 2)
+                        for t in (layer.keys, layer.values))  # (B, h, W - 1, d), left-padded as the prompts
+        cache.update(keys.contiguous(), values.contiguous(), i)
+    return cache
+
+
+@torch.no_grad()
 def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False,
            prompt_width=None):
     """Sample responses with the KV cache. prompt_ids: list of id lists.
@@ -837,15 +882,17 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, prompt_width)  # (B, P)
     P = input_ids.shape[1]
     device = next(model.parameters()).device
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    cache = None if synced_gpus else prefill(model, input_ids, attention_mask)  # synced: every rank's forwards alike
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                          do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
     responses = out[:, P:]  # (B, R)
     response_mask, ended = truncate_at_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return {"input_ids": torch.cat([input_ids.to(device), responses], 1),
-            "attention_mask": torch.cat([attention_mask.to(device), response_mask.long()], 1),
+    return {"input_ids": torch.cat([input_ids, responses], 1),
+            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
             "response_mask": response_mask, "prompt_len": P, "ended": ended}
 
 

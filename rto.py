@@ -73,7 +73,7 @@ class Args(common.TrainArgs, common.LoraArgs):
     max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
     temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
     top_p: float = arg(1.0, "nucleus sampling")
-    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences in one row, no padding computed")
+    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences end to end in rows (common.pack)")
     generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
     rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU (weights, KV cache)")
@@ -139,10 +139,9 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
 
 @torch.no_grad()
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
-    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits,
-    or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution (vllm_engine.py)."""
-    model = accelerator.unwrap_model(policy).eval()
-    ids = [data.encode_prompt(tokenizer, p) for p in prompts]
+    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits
+    (prompts prefilled unpadded), or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution."""
+    model, ids = accelerator.unwrap_model(policy).eval(), [data.encode_prompt(tokenizer, p) for p in prompts]
     width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
@@ -157,7 +156,8 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
                                                         accelerator.device)
             else:
                 responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
-                                           synced_gpus=False, logits_processor=[draw_with_own_generators(
+                                           past_key_values=common.prefill(model, input_ids, attention_mask),
+                                           logits_processor=[draw_with_own_generators(
                                                generators, args.temperature, args.top_p, steps)])[:, width:]
             response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
@@ -212,8 +212,8 @@ def frozen_pass(accelerator, batch, models, args):
     out["rm_score"], computed = torch.zeros_like(mask[:, 0]), 0  # computed: the positions the forward passes run
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, micro in micro_batches(batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()):
-            micro, width = {**micro, "pack": args.packing}, micro["response_mask"].shape[1]  # its longest response
-            computed += micro["attention_mask"].sum() if args.packing else micro["attention_mask"].numel()  # no sync
+            micro, width = common.pack(micro) if args.packing else micro, micro["response_mask"].shape[1]
+            computed += micro.get("packed", micro)["input_ids"].numel()  # the ids it runs: rows or padded
             if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :width] = token_logprobs(models["policy"], micro, args.temperature)
             out["ref_logprobs"][idx, :width] = ref = token_logprobs(models["ref"], micro, args.temperature)
@@ -298,7 +298,7 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
             for _, micro in micro_batches(batch, sizes["micro"], order[start:start + sizes["mini"]]):  # in micros
-                micro, mask = {**micro, "pack": args.packing}, micro["response_mask"]  # pack: no padding computed
+                micro, mask = common.pack(micro) if args.packing else micro, micro["response_mask"]
                 with accelerator.accumulate(policy, critic):
                     logprobs, entropy = token_logprobs(policy, micro, args.temperature, with_entropy=True)
                     pg_loss, stats = policy_loss(logprobs, micro["logprobs"], micro["advantages"], mask, args.eps_clip)
@@ -307,10 +307,10 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
                     skipped += not common.optimizer_step(accelerator, [policy, critic], pg_loss + v_loss, optimizers,
                                                          schedulers, args, f"iteration {it + 1}")
                 with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
-                    real = micro["attention_mask"].sum()  # positions computed: all of them, or packed only these
+                    real = micro["attention_mask"].sum()  # of the positions computed, padded or packed
                     for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
                         sums[k] = sums.get(k, 0) + (v * mask).sum()
-                    n, positions = len(mask), real if args.packing else micro["attention_mask"].numel()
+                    n, positions = len(mask), micro.get("packed", micro)["input_ids"].numel()
                     for k, v in (("sequences", n), ("policy_loss", pg_loss * n), ("value_loss", v_loss * n),
                                  ("positions", positions), ("real", real)):
                         sums[k] = sums.get(k, 0) + v

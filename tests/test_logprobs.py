@@ -156,6 +156,42 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
 
 
 # ---------------------------------------------------------------------------- scores and checkpoints
+def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_it_unchanged(tiny):
+    """common.prefill: the keys and values of left-padded prompts but their last column, computed over packed rows
+    without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from that cache
+    gives the tokens and scores of a plain generate(). A model with a sliding window, or attention other than
+    sdpa, gets None (generate() then runs the padded prompts itself)."""
+    from transformers import MistralConfig
+    tok, model = tiny
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20]]  # one of a single token
+    input_ids, mask = common.left_pad(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        cache = common.prefill(model, input_ids, mask)
+        padded = model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                       position_ids=common.position_ids(mask[:, :-1])).past_key_values
+        real = mask[:, :-1].bool()  # (B, W - 1)
+        assert len(cache.layers) == len(padded.layers) == model.config.num_hidden_layers
+        for ours, theirs in zip(cache.layers, padded.layers):  # (B, h, W - 1, d)
+            for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5, rtol=0)
+        kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "output_scores": True,
+                  "return_dict_in_generate": True, "pad_token_id": tok.pad_token_id}
+        plain = model.generate(input_ids, **kwargs)
+        cached = model.generate(input_ids, past_key_values=common.prefill(model, input_ids, mask), **kwargs)
+    assert torch.equal(cached.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), atol=1e-5, rtol=0)
+    windowed = MistralConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, sliding_window=4)
+    windowed._attn_implementation = "sdpa"  # as a loaded model's: the window, not the kernel, is what is refused
+    assert common.prefill(type("Model", (), {"config": windowed})(), input_ids, mask) is None
+    model.config._attn_implementation = "eager"
+    try:
+        assert common.prefill(model, input_ids, mask) is None
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
 def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny, tmp_path):
     tok, model = tiny
     model.save_pretrained(tmp_path)
