@@ -848,13 +848,15 @@ def prefill(model, input_ids, attention_mask):
     """The KV cache of left-padded prompts but their last column, from one forward pass over packed rows (pack()),
     so none of the padding is computed; generate() given it runs the last column and goes on. With a cache to fill,
     transformers does not find the sequences of a packed row by itself, so the row's block-diagonal causal mask is
-    given (sdpa's boolean form). None, and generate() runs the padded prompts itself, for other attention kernels
-    and for caches that are not full attention in every layer (sliding windows, linear attention)."""
+    given (sdpa's boolean form). None, and generate() runs the padded prompts itself, for other attention kernels,
+    for caches that are not full attention in every layer (sliding windows, linear attention), and while training
+    with gradient checkpointing (transformers then keeps no cache)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache, (B, W) = DynamicCache(config=model.config), input_ids.shape
     if (model.config._attn_implementation != "sdpa" or any(type(layer) is not DynamicLayer for layer in cache.layers)
+            or (model.training and getattr(model, "is_gradient_checkpointing", False))
             or not attention_mask[:, :-1].any()):
         return None
     rows = pack({"input_ids": input_ids[:, :-1], "attention_mask": attention_mask[:, :-1],

@@ -155,10 +155,10 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
                 responses, steps = vllm_engine.generate(engine, ids[chunk], seeds[chunk], args, eos, pad,
                                                         accelerator.device)
             else:
+                pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
                 responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
                                            past_key_values=common.prefill(model, input_ids, attention_mask),
-                                           logits_processor=[draw_with_own_generators(
-                                               generators, args.temperature, args.top_p, steps)])[:, width:]
+                                           synced_gpus=False, logits_processor=[pick])[:, width:]
             response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
                            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),

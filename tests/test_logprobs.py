@@ -159,8 +159,8 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
 def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_it_unchanged(tiny):
     """common.prefill: the keys and values of left-padded prompts but their last column, computed over packed rows
     without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from that cache
-    gives the tokens and scores of a plain generate(). A model with a sliding window, or attention other than
-    sdpa, gets None (generate() then runs the padded prompts itself)."""
+    gives the tokens and scores of a plain generate(). A model with a sliding window, attention other than sdpa, or
+    training with gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
     from transformers import MistralConfig
     tok, model = tiny
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20]]  # one of a single token
@@ -190,6 +190,12 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
         assert common.prefill(model, input_ids, mask) is None
     finally:
         model.config._attn_implementation = "sdpa"
+    model.gradient_checkpointing_enable()  # training with it, transformers keeps no cache
+    try:
+        assert common.prefill(model.train(), input_ids, mask) is None
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
 
 
 def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny, tmp_path):
