@@ -34,8 +34,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler)
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TOY, TOY_LONG = "toy", "toy-long"  # --dataset names of the built-in task and its long variant (toy_task.py)
 TOYS = (TOY, TOY_LONG)  # every built-in task; toy_task.py takes the names from here
@@ -579,9 +581,9 @@ def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=t
     (loads_weights)."""
     if name == TINY:
         torch.manual_seed(seed)
-        return disable_dropout(LlamaForCausalLM(tiny_config(tokenizer)))
+        return use_packed_sdpa(disable_dropout(LlamaForCausalLM(tiny_config(tokenizer))))
     model, _ = from_checkpoint(AutoModelForCausalLM, name, flag, "a causal LM", weights, dtype=dtype)
-    return disable_dropout(model)
+    return use_packed_sdpa(disable_dropout(model))
 
 
 def load_model(name, tokenizer, flag, scorer=False, dtype=torch.float32, weights=True, new_head=False):
@@ -605,7 +607,7 @@ def load_scorer(name, tokenizer, flag, dtype=torch.float32, weights=True, new_he
         fail(f"{flag} {name}: the checkpoint has no weights for the reward head `score` (a causal LM, or a head "
              "stored under another name); train one with reward_model.py, or rename the head's tensors to score.*")
     model.config.pad_token_id = tokenizer.pad_token_id
-    return disable_dropout(model)
+    return use_packed_sdpa(disable_dropout(model))
 
 
 def disable_dropout(model):
@@ -661,38 +663,61 @@ def position_ids(attention_mask):
 
 def pack(batch):
     """The batch with its packed layout under 'packed', which forward() then runs: the real tokens of its sequences
-    laid end to end in rows no longer than its longest sequence (first fit, longest first), positions restarting at
-    0 for each sequence, and no attention mask, so transformers masks attention sequence by sequence (sdpa: a
-    block-diagonal causal mask; flash-attention: variable lengths) and no padding is computed but the rows' tails.
-    The rows are capped because sdpa computes every pair of positions in a row before masking: at the longest
-    sequence's length, a row costs no more attention or memory than a padded one. A row's tail is filler that no
-    real token attends to (attention is causal). 'packed' holds:
-        input_ids, position_ids: (n, C), C the longest sequence's length
-        index: (B, T), where in the flattened rows each token of the padded batch is (0 on padding)
+    end to end in one row, positions restarting at 0 for each sequence, no padding computed. 'packed' holds:
+        input_ids, position_ids: (1, L), L the batch's real tokens
+        sequences: each sequence's (start, end) in the row, for packed_sdpa
+        index: (B, T), where in the row each token of the padded batch is (0 on padding)
         columns: (B, R), where the column predicting each response token is (the one before it; 0 if masked)"""
     real = batch["attention_mask"].bool()  # (B, T)
-    lengths = real.sum(-1).tolist()  # one host sync: the layout is decided on the host
-    width, fill, start = max(lengths), [], [0] * len(lengths)
-    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
-        row = next((r for r, used in enumerate(fill) if used + lengths[b] <= width), len(fill))
-        if row == len(fill):  # no room in any row: a new one
-            fill.append(0)
-        start[b], fill[row] = row * width + fill[row], fill[row] + lengths[b]
+    lengths = real.sum(-1)  # (B,)
+    ends = lengths.cumsum(0).tolist()  # one host sync: packed_sdpa cuts the row on the host
     positions = position_ids(real.long())  # (B, T): from 0 at each sequence's first real token
-    index = (torch.tensor(start, device=real.device)[:, None] + positions) * real  # (B, T)
-    input_ids = batch["input_ids"].new_zeros(len(fill) * width).index_put_((index[real],), batch["input_ids"][real])
-    row_positions = positions.new_zeros(len(fill) * width).index_put_((index[real],), positions[real])  # tails: 0
+    index = ((lengths.cumsum(0) - lengths)[:, None] + positions) * real  # (B, T)
     P, mask = batch["prompt_len"], batch["response_mask"]  # response token j is predicted at padded column P-1+j
     columns = (index[:, P - 1:P - 1 + mask.shape[1]] * mask).long()  # (B, R)
-    return {**batch, "packed": {"input_ids": input_ids.view(-1, width), "position_ids": row_positions.view(-1, width),
-                                "index": index, "columns": columns}}
+    return {**batch, "packed": {"input_ids": batch["input_ids"][real][None], "position_ids": positions[real][None],
+                                "sequences": list(zip([0] + ends[:-1], ends)), "index": index, "columns": columns}}
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sequences=None, **kwargs):
+    """transformers' sdpa attention, except over a packed row (forward() passes its `sequences`): there each
+    sequence attends causally to itself alone, one kernel call per sequence. sdpa over the whole row would compute
+    every pair of positions in it, then mask out the pairs across sequences (on the CPU, and on GPUs without a
+    variable-length kernel); the mask given alongside is not read. query (1, h, L, d), key and value (1, h_kv, L, d)."""
+    if sequences is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1]) for s, e in sequences], dim=2)  # (1, h, L, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_packed", packed_sdpa)
+AttentionMaskInterface.register("sdpa_packed", sdpa_mask)  # padded batches: sdpa's masks
+
+
+def use_packed_sdpa(model):
+    """A model that attends with sdpa attends with packed_sdpa, which is the same but for packed rows."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation("sdpa_packed")
+    return model
+
+
+def packed_kwargs(model, rows):
+    """What a packed row runs with: its positions, and for packed_sdpa its sequences with a placeholder 4D mask
+    (one is passed through as is, so transformers builds no (L, L) mask that packed_sdpa would not read)."""
+    config = getattr(model, "module", model).config  # DDP
+    if config._attn_implementation != "sdpa_packed":  # transformers finds the sequences from the positions
+        return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"]}
+    return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"], "sequences": rows["sequences"],
+            "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=rows["input_ids"].device)}
 
 
 def forward(model, batch, **kwargs):
     """The model over a batch of the common layout: padded, or packed if it holds a layout from pack()."""
     if "packed" in batch:
-        rows = batch["packed"]
-        return model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False, **kwargs)
+        return model(**packed_kwargs(model, batch["packed"]), use_cache=False, **kwargs)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
 
@@ -845,28 +870,24 @@ def left_pad(prompts, pad_id, width=None):
 
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask):
-    """The KV cache of left-padded prompts but their last column, from one forward pass over packed rows (pack()),
-    so none of the padding is computed; generate() given it runs the last column and goes on. With a cache to fill,
-    transformers does not find the sequences of a packed row by itself, so the row's block-diagonal causal mask is
-    given (sdpa's boolean form). None, and generate() runs the padded prompts itself, for other attention kernels,
-    for caches that are not full attention in every layer (sliding windows, linear attention), and while training
-    with gradient checkpointing (transformers then keeps no cache)."""
+    """The KV cache of left-padded prompts but their last column, from one forward pass over the prompts packed
+    (pack(), packed_sdpa), so none of the padding is computed; generate() given it runs the last column and goes on.
+    None, and generate() runs the padded prompts itself, for attention other than packed_sdpa, for caches that are
+    not full attention in every layer (sliding windows, linear attention), and while training with gradient
+    checkpointing (transformers then keeps no cache)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache, (B, W) = DynamicCache(config=model.config), input_ids.shape
-    if (model.config._attn_implementation != "sdpa" or any(type(layer) is not DynamicLayer for layer in cache.layers)
-            or (model.training and getattr(model, "is_gradient_checkpointing", False))
-            or not attention_mask[:, :-1].any()):
+    full = all(type(layer) is DynamicLayer for layer in cache.layers)  # full attention in every layer
+    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
+    empty = not attention_mask[:, :-1].any()  # every prompt one token long: nothing to cache
+    if not full or checkpointing or empty or model.config._attn_implementation != "sdpa_packed":
         return None
     rows = pack({"input_ids": input_ids[:, :-1], "attention_mask": attention_mask[:, :-1],
                  "response_mask": attention_mask[:, :0], "prompt_len": W - 1})["packed"]
-    sequence = (rows["position_ids"] == 0).cumsum(-1)  # (n, C): each sequence starts at position 0
-    causal = torch.ones(sequence.shape[1], sequence.shape[1], dtype=torch.bool, device=sequence.device).tril()
-    mask = (sequence[:, :, None] == sequence[:, None, :]) & causal  # (n, C, C): True where attention goes
-    packed = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], attention_mask=mask[:, None],
-                   use_cache=True, logits_to_keep=1).past_key_values  # layers of (n, h, C, d)
-    index = rows["index"].flatten()  # (B * (W - 1),): each padded position's place in the rows (padding: 0, masked)
+    packed = model(**packed_kwargs(model, rows), use_cache=True, logits_to_keep=1).past_key_values  # (1, h, L, d)
+    index = rows["index"].flatten()  # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
     for i, layer in enumerate(packed.layers):
         keys, values = (t.transpose(1, 2).flatten(0, 1)[index].unflatten(0, (B, W - 1)).transpose(1, 2)
                         for t in (layer.keys, layer.values))  # (B, h, W - 1, d), left-padded as the prompts

@@ -73,7 +73,7 @@ class Args(common.TrainArgs, common.LoraArgs):
     max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
     temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
     top_p: float = arg(1.0, "nucleus sampling")
-    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences end to end in rows (common.pack)")
+    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences end to end in one row (common.pack)")
     generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
     rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU (weights, KV cache)")

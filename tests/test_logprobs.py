@@ -157,10 +157,10 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
 
 # ---------------------------------------------------------------------------- scores and checkpoints
 def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_it_unchanged(tiny):
-    """common.prefill: the keys and values of left-padded prompts but their last column, computed over packed rows
-    without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from that cache
-    gives the tokens and scores of a plain generate(). A model with a sliding window, attention other than sdpa, or
-    training with gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
+    """common.prefill: the keys and values of left-padded prompts but their last column, computed over the packed
+    prompts without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from
+    that cache gives the tokens and scores of a plain generate(). A model with a sliding window, attention other than
+    packed_sdpa, or training with gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
     from transformers import MistralConfig
     tok, model = tiny
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20]]  # one of a single token
@@ -183,13 +183,13 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), atol=1e-5, rtol=0)
     windowed = MistralConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=1, sliding_window=4)
-    windowed._attn_implementation = "sdpa"  # as a loaded model's: the window, not the kernel, is what is refused
-    assert common.prefill(type("Model", (), {"config": windowed})(), input_ids, mask) is None
-    model.config._attn_implementation = "eager"
+    windowed._attn_implementation = "sdpa_packed"  # as a loaded model's: the window, not the kernel, is refused
+    assert common.prefill(type("Model", (), {"config": windowed, "training": False})(), input_ids, mask) is None
+    model.set_attn_implementation("eager")
     try:
         assert common.prefill(model, input_ids, mask) is None
     finally:
-        model.config._attn_implementation = "sdpa"
+        model.set_attn_implementation("sdpa_packed")
     model.gradient_checkpointing_enable()  # training with it, transformers keeps no cache
     try:
         assert common.prefill(model.train(), input_ids, mask) is None

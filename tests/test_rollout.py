@@ -158,15 +158,13 @@ def test_generation_logprobs_equal_the_frozen_pass_ones(pipeline, acc):
 
 def padding_share(ro, order, size, packing=False):
     """By hand: each batch of `size` sequences in `order` computes its rows times the span of its real columns;
-    packed, the rows common.pack lays out (their layout is checked by hand in test_pack_*)."""
+    packed, only its real tokens."""
     real = computed = 0
     for i in range(0, len(order), size):
         rows = ro["attention_mask"][order[i:i + size]]
         columns = [j for j in range(rows.shape[1]) if rows[:, j].any()]
-        if packing:
-            _, micro = next(rto.micro_batches(ro, size, order[i:i + size]))
-            columns = range(common.pack(micro)["packed"]["input_ids"].numel() // len(rows))  # rows * C in all
-        real, computed = real + rows.sum().item(), computed + len(rows) * (columns[-1] - columns[0] + 1)
+        real += rows.sum().item()
+        computed += rows.sum().item() if packing else len(rows) * (columns[-1] - columns[0] + 1)
     return 1 - real / computed
 
 
@@ -276,11 +274,10 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_pack_lays_sequences_end_to_end_in_rows_no_longer_than_the_longest():
+def test_pack_lays_sequences_end_to_end_in_one_row():
     """common.pack on a hand-made batch: sequences of 5, 4, 3, 2 and 1 real tokens (prompts left-padded to 3,
-    responses right-padded to 4) go, longest first, into the first row with room for them, rows of 5: [5], [4, 1],
-    [3, 2]. Each sequence's tokens lie in a row in order with positions 0, 1, ...; `columns` points at the position
-    before each response token."""
+    responses right-padded to 4) end to end in one row, positions 0, 1, ... for each, their spans for packed_sdpa;
+    `index` puts each token back, `columns` points at the position before each response token."""
     prompts, responses = [3, 2, 1, 1, 1], [2, 2, 2, 1, 0]  # lengths 5, 4, 3, 2, 1
     mask = torch.tensor([[0] * (3 - p) + [1] * (p + r) + [0] * (4 - r) for p, r in zip(prompts, responses)])
     ids = torch.arange(1, 36).view(5, 7) * mask
@@ -288,31 +285,45 @@ def test_pack_lays_sequences_end_to_end_in_rows_no_longer_than_the_longest():
     packed = common.pack({"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
                           "prompt_len": 3})["packed"]
     rows = ids[mask.bool()].split(mask.sum(-1).tolist())  # each sequence's real tokens
-    assert packed["input_ids"].tolist() == [rows[0].tolist(), rows[1].tolist() + rows[4].tolist(),
-                                            rows[2].tolist() + rows[3].tolist()]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert packed["input_ids"].tolist() == [sum((r.tolist() for r in rows), [])]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 0, 1, 0]]
+    assert packed["sequences"] == [(0, 5), (5, 9), (9, 12), (12, 14), (14, 15)]
     flat = packed["input_ids"].flatten()
     for b in range(5):
         assert flat[packed["index"][b][mask[b].bool()]].tolist() == rows[b].tolist()
         for j in range(4):  # response token j is predicted at the position of the token before it
             want = packed["index"][b, 2 + j].item() if response_mask[b, j] else 0
             assert packed["columns"][b, j].item() == want
-    # a row's tail is filler: sequences of 3 and 3 in rows of 3 need none; 3 and 2 leave one filler at the end
-    tail = common.pack({"input_ids": ids[2:4], "attention_mask": mask[2:4], "response_mask": response_mask[2:4],
-                        "prompt_len": 3})["packed"]
-    assert tail["input_ids"].tolist() == [rows[2].tolist(), rows[3].tolist() + [0]]
-    assert tail["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+
+
+def test_packed_sdpa_attends_within_each_sequence_as_a_block_diagonal_mask_does():
+    """common.packed_sdpa over a row of 3 sequences (grouped-query: 4 query heads, 2 key/value heads) against sdpa
+    with the block-diagonal causal mask over the whole row: outputs and gradients to 1e-6. Without `sequences` it
+    is transformers' sdpa."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 8, requires_grad=True) for h in (4, 2, 2))
+    seq = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    mask = (seq[:, None] == seq[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()  # (L, L)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    outs, grads = [], []
+    for run in (lambda: common.packed_sdpa(module, q, k, v, None, scaling=0.3, sequences=[(0, 4), (4, 6), (6, 9)]),
+                lambda: common.packed_sdpa(module, q, k, v, mask[None, None], scaling=0.3)):
+        out, _ = run()  # (1, L, h, d)
+        grads.append(torch.autograd.grad((out * torch.arange(out.numel()).view(out.shape).sin()).sum(), (q, k, v)))
+        outs.append(out.detach())
+    assert outs[0].shape == (1, 9, 4, 8)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, acc):
-    """common.pack: the sequences of a micro-batch end to end in rows, little padding: log-probs, entropies, values
+    """common.pack: the sequences of a micro-batch end to end in one row, no padding: log-probs, entropies, values
     and every gradient of a loss over them equal the padded batch's to 1e-5."""
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, n=8)
     _, mb = next(rto.micro_batches(ro, 8, torch.arange(8)))
-    mb["attention_mask"][::2, :mb["prompt_len"] - 2] = 0  # every other prompt cut to its last 2 tokens: short ones
     assert (mb["attention_mask"] == 0).float().mean() > 0.2  # much padding to drop
-    rows = common.pack(mb)["packed"]["input_ids"]
-    assert 1 < len(rows) < 8 and rows.shape[1] == mb["attention_mask"].sum(-1).max()  # several sequences in a row
+    assert models["policy"].config._attn_implementation == "sdpa_packed"  # common.packed_sdpa for packed rows
     out = []
     for packing in (False, True):
         b = common.pack(mb) if packing else mb
@@ -328,15 +339,14 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
 
 def test_packed_frozen_pass_gives_the_padded_outputs_and_packing_is_the_default_on_real_data(pipeline, acc):
     """--packing in the frozen pass: every output (log pi_old, log pi_ref, values, DPO log-ratios, reward scores)
-    equals the padded passes' to 1e-5, and less padding is computed (the rows' tails only). Real prompts vary in
-    length, so it is on there by default; the built-in task keeps the padded passes."""
+    equals the padded passes' to 1e-5, and no padding is computed. Real prompts vary in length, so it is on there
+    by default; the built-in task keeps the padded passes."""
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, "--forward_batch_size", 8, n=16)
     packed = rto.frozen_pass(acc, {k: v for k, v in ro.items() if k in ("input_ids", "attention_mask",
                              "response_mask", "ended", "prompt_len")}, models, dataclasses.replace(args, packing=True))
     order = ro["attention_mask"].sum(-1).argsort()  # the frozen pass's forward batches: grouped by length
     assert ro["padding_share"] == pytest.approx(padding_share(ro, order, 8)) and ro["padding_share"] > 0.1
-    assert packed["padding_share"] == pytest.approx(padding_share(ro, order, 8, packing=True))
-    assert packed["padding_share"] < ro["padding_share"]
+    assert packed["padding_share"] == 0
     for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio", "rm_score"):
         torch.testing.assert_close(packed[k], ro[k], atol=1e-5, rtol=0, msg=k)
     assert args.packing is False
