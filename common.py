@@ -729,25 +729,24 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     """log pi(token | prefix) of each response token, (B, R), 0 on padding; with_entropy=True also returns the
     entropy of the distribution at each of those positions, (B, R), as a statistic (no gradient).
 
-    The model's lm_head is given the R columns that predict the response tokens only (padded: the R + 1 last,
-    through logits_to_keep; packed: the columns of pack(), picked from the rows' hidden states), and for those it
-    returns the log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole,
-    in the forward or the backward, which at V = 128,256 would be several times the size of everything else in a
-    micro-step. The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the
-    whole model. A head that is not a plain bias-free linear map, or a model that rescales its logits after the head
-    (soft-capping, logit scales), gets the plain computation from the full logits instead (packed: of every
-    position in the rows)."""
+    The model's lm_head is asked for the R + 1 last columns only (logits_to_keep; packed: the R columns of each
+    sequence that predict its response tokens), and for those it returns the
+    log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole, in the
+    forward or the backward, which at V = 128,256 would be several times the size of everything else in a micro-step.
+    The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the whole model.
+    A head that is not a plain bias-free linear map, or a model that rescales its logits after the head (soft-capping,
+    logit scales), gets the plain computation from the full logits instead."""
     tokens, mask = batch["input_ids"][:, batch["prompt_len"]:], batch["response_mask"]  # (B, R)
     inner = getattr(model, "module", model)  # DDP
     head, config, caught = inner.get_output_embeddings(), inner.config, {}
     fused = (isinstance(head, torch.nn.Linear) and head.bias is None and
              not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
 
-    columns = batch["packed"]["columns"].flatten() if "packed" in batch else None  # (B * R,) rto.py --packing
-    keep = 0 if "packed" in batch else tokens.shape[1] + 1  # 0: all, the rows' columns are picked below
+    packed = "packed" in batch  # rto.py --packing
+    keep = batch["packed"]["columns"].flatten() if packed else tokens.shape[1] + 1
 
     def head_to_logprobs(hidden):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
-        hidden = hidden.flatten(0, 1)[columns] if "packed" in batch else hidden[:, :-1].flatten(0, 1)  # (B * R, d)
+        hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
         logprobs, entropy = TokenLogprobs.apply(hidden, head.weight, tokens.flatten(), temperature, with_entropy)
         caught["entropy"] = entropy.view(tokens.shape) if with_entropy else None
         return logprobs.view(tokens.shape)
@@ -762,8 +761,7 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     if fused:
         logprobs, entropy = out.logits, caught["entropy"]
     else:  # (B, R, V) logits, the plain way
-        logits = out.logits.flatten(0, 1)[columns].view(*tokens.shape, -1) if "packed" in batch else out.logits[:, :-1]
-        logits = logits.float() / temperature
+        logits = (out.logits.view(*tokens.shape, -1) if packed else out.logits[:, :-1]).float() / temperature
         logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         entropy = torch.cat([torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1)
     return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
@@ -829,7 +827,7 @@ def head_outputs(model, batch):
         forward(model, batch)
     finally:
         hook.remove()
-    out = caught[0].squeeze(-1).float()  # (B, T), packed (n, C): put back where the tokens were
+    out = caught[0].squeeze(-1).float()  # (B, T), packed (1, L): put back where the real tokens were
     return out.flatten()[batch["packed"]["index"]] * batch["attention_mask"] if "packed" in batch else out
 
 

@@ -213,7 +213,7 @@ def frozen_pass(accelerator, batch, models, args):
     with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
         for idx, micro in micro_batches(batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()):
             micro, width = common.pack(micro) if args.packing else micro, micro["response_mask"].shape[1]
-            computed += micro.get("packed", micro)["input_ids"].numel()  # the ids it runs: rows or padded
+            computed += micro.get("packed", micro)["input_ids"].numel()  # the ids it runs: the row or padded
             if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :width] = token_logprobs(models["policy"], micro, args.temperature)
             out["ref_logprobs"][idx, :width] = ref = token_logprobs(models["ref"], micro, args.temperature)

@@ -156,15 +156,13 @@ def test_generation_logprobs_equal_the_frozen_pass_ones(pipeline, acc):
     assert (g_ro["logprobs"] * (1 - ro["response_mask"]) == 0).all() and (g_ro["logprobs"] < 0).any()
 
 
-def padding_share(ro, order, size, packing=False):
-    """By hand: each batch of `size` sequences in `order` computes its rows times the span of its real columns;
-    packed, only its real tokens."""
+def padding_share(ro, order, size):
+    """By hand: each batch of `size` sequences in `order` computes its rows times the span of its real columns."""
     real = computed = 0
     for i in range(0, len(order), size):
         rows = ro["attention_mask"][order[i:i + size]]
         columns = [j for j in range(rows.shape[1]) if rows[:, j].any()]
-        real += rows.sum().item()
-        computed += rows.sum().item() if packing else len(rows) * (columns[-1] - columns[0] + 1)
+        real, computed = real + rows.sum().item(), computed + len(rows) * (columns[-1] - columns[0] + 1)
     return 1 - real / computed
 
 
@@ -265,7 +263,8 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
         stats = rto.ppo_update(acc, ro, {**copies, "policy": policy, "critic": critic}, rest[:2], rest[2:], args,
                                sizes)
         torch.manual_seed(0)
-        assert stats["padding_share_update"] == pytest.approx(padding_share(ro, torch.randperm(8), micro, packing))
+        assert stats["padding_share_update"] == (0 if packing else pytest.approx(padding_share(ro, torch.randperm(8),
+                                                                                                micro)))
         weights.append([p.detach().clone() for m in (policy, critic) for p in m.parameters()])
     moved = max((a - b).abs().max().item() for a, b in zip(weights[0], models["policy"].parameters()))
     assert moved > 1e-4  # the update did something
