@@ -680,16 +680,24 @@ def pack(batch):
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sequences=None, **kwargs):
-    """transformers' sdpa attention, except over a packed row (forward() passes its `sequences`): there each
-    sequence attends causally to itself alone, one kernel call per sequence. sdpa over the whole row would compute
+    """transformers' sdpa attention, except in two cases. Over a packed row (forward() passes its `sequences`) each
+    sequence attends causally to itself alone, one kernel call per sequence: sdpa over the whole row would compute
     every pair of positions in it, then mask out the pairs across sequences (on the CPU, and on GPUs without a
-    variable-length kernel); the mask given alongside is not read. query (1, h, L, d), key and value (1, h_kv, L, d)."""
-    if sequences is None:
+    variable-length kernel); the mask given alongside is not read. And on the CPU, grouped-query attention under a
+    mask (padded batches, every decoding step) is left to the kernel, which has it: transformers copies the key and
+    value heads out to the query heads' number first, for GPU kernels that lack it. query (b, h, L, d), key and
+    value (b, h_kv, L_kv, d)."""
+    grouped = query.shape[1] != key.shape[1]
+    if sequences is not None:
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
+            enable_gqa=grouped) for s, e in sequences], dim=2)  # (1, h, L, d)
+    elif grouped and attention_mask is not None and query.device.type == "cpu" and kwargs.get("position_bias") is None:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               dropout_p=dropout, scale=scaling, enable_gqa=True)
+    else:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1]) for s, e in sequences], dim=2)  # (1, h, L, d)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -867,17 +875,20 @@ def left_pad(prompts, pad_id, width=None):
 
 
 @torch.no_grad()
-def prefill(model, input_ids, attention_mask):
+def prefill(model, input_ids, attention_mask, max_new_tokens):
     """The KV cache of left-padded prompts but their last column, from one forward pass over the prompts packed
     (pack(), packed_sdpa), so none of the padding is computed; generate() given it runs the last column and goes on.
+    The cache is a StaticCache with room for max_new_tokens more: decoding writes each token's keys and values in
+    place, where a DynamicCache would copy the whole cache to grow it by one column at every step.
     None, and generate() runs the padded prompts itself, for attention other than packed_sdpa, for caches that are
     not full attention in every layer (sliding windows, linear attention), and while training with gradient
     checkpointing (transformers then keeps no cache)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
-    cache, (B, W) = DynamicCache(config=model.config), input_ids.shape
-    full = all(type(layer) is DynamicLayer for layer in cache.layers)  # full attention in every layer
+    B, W = input_ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=W + max_new_tokens)  # allocated at its first update
+    full = all(type(layer) is StaticLayer for layer in cache.layers)  # full attention in every layer
     checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
     empty = not attention_mask[:, :-1].any()  # every prompt one token long: nothing to cache
     if not full or checkpointing or empty or model.config._attn_implementation != "sdpa_packed":
@@ -904,7 +915,7 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
     P = input_ids.shape[1]
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = None if synced_gpus else prefill(model, input_ids, attention_mask)  # synced: every rank's forwards alike
+    cache = None if synced_gpus else prefill(model, input_ids, attention_mask, max_new_tokens)  # synced: every rank's forwards alike
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                          do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

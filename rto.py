@@ -157,7 +157,7 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
             else:
                 pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
                 responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
-                                           past_key_values=common.prefill(model, input_ids, attention_mask),
+                                           past_key_values=common.prefill(model, input_ids, attention_mask, args.max_new_tokens),
                                            synced_gpus=False, logits_processor=[pick])[:, width:]
             response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),

@@ -3,7 +3,7 @@
     python bench/profile_smollm2.py [--flags "..."] [--rows 12]
 
 The run of bench_smollm2.py (the same model, prompts and sizes, rto.py's defaults unless --flags says otherwise),
-2 iterations in this process; the second iteration's frozen pass and update each run under torch.profiler, and
+2 iterations in this process; the second iteration's rollout, frozen pass and update each run under torch.profiler, and
 each phase's table lists the ops by their own CPU time (self time: a matmul's time is in aten::mm or aten::addmm,
 not in the linear layer that called it), with each op's share of the phase.
 """
@@ -51,6 +51,7 @@ def main():
             return out
         return run
 
+    rto.rollout = profiled("rollout", rto.rollout)
     rto.frozen_pass = profiled("frozen pass", rto.frozen_pass)
     rto.ppo_update = profiled("update", rto.ppo_update)
     argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", rm, "--dataset", bench_smollm2.PROMPTS,

@@ -159,40 +159,42 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
 def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_it_unchanged(tiny):
     """common.prefill: the keys and values of left-padded prompts but their last column, computed over the packed
     prompts without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from
-    that cache gives the tokens and scores of a plain generate(). A model with a sliding window, attention other than
+    that cache gives the tokens and scores of a plain generate(); the cache has room for the new tokens and keeps
+    them in place (a StaticCache). A model with a sliding window, attention other than
     packed_sdpa, or training with gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
     from transformers import MistralConfig
     tok, model = tiny
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20]]  # one of a single token
     input_ids, mask = common.left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
-        cache = common.prefill(model, input_ids, mask)
+        cache = common.prefill(model, input_ids, mask, 8)
         padded = model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
                        position_ids=common.position_ids(mask[:, :-1])).past_key_values
         real = mask[:, :-1].bool()  # (B, W - 1)
         assert len(cache.layers) == len(padded.layers) == model.config.num_hidden_layers
         for ours, theirs in zip(cache.layers, padded.layers):  # (B, h, W - 1, d)
             for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-                assert a.shape == b.shape
+                assert a.shape[:2] + a.shape[3:] == b.shape[:2] + b.shape[3:] and a.shape[2] == b.shape[2] + 1 + 8
+                a = a[:, :, :b.shape[2]]  # the prompts' columns; the rest is room for the last one and 8 new
                 torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5, rtol=0)
         kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "output_scores": True,
                   "return_dict_in_generate": True, "pad_token_id": tok.pad_token_id}
         plain = model.generate(input_ids, **kwargs)
-        cached = model.generate(input_ids, past_key_values=common.prefill(model, input_ids, mask), **kwargs)
+        cached = model.generate(input_ids, past_key_values=common.prefill(model, input_ids, mask, 8), **kwargs)
     assert torch.equal(cached.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), atol=1e-5, rtol=0)
     windowed = MistralConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=1, sliding_window=4)
     windowed._attn_implementation = "sdpa_packed"  # as a loaded model's: the window, not the kernel, is refused
-    assert common.prefill(type("Model", (), {"config": windowed, "training": False})(), input_ids, mask) is None
+    assert common.prefill(type("Model", (), {"config": windowed, "training": False})(), input_ids, mask, 8) is None
     model.set_attn_implementation("eager")
     try:
-        assert common.prefill(model, input_ids, mask) is None
+        assert common.prefill(model, input_ids, mask, 8) is None
     finally:
         model.set_attn_implementation("sdpa_packed")
     model.gradient_checkpointing_enable()  # training with it, transformers keeps no cache
     try:
-        assert common.prefill(model.train(), input_ids, mask) is None
+        assert common.prefill(model.train(), input_ids, mask, 8) is None
     finally:
         model.gradient_checkpointing_disable()
         model.eval()

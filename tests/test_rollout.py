@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import common
 import data
@@ -296,9 +297,9 @@ def test_pack_lays_sequences_end_to_end_in_one_row():
 
 
 def test_packed_sdpa_attends_within_each_sequence_as_a_block_diagonal_mask_does():
-    """common.packed_sdpa over a row of 3 sequences (grouped-query: 4 query heads, 2 key/value heads) against sdpa
-    with the block-diagonal causal mask over the whole row: outputs and gradients to 1e-6. Without `sequences` it
-    is transformers' sdpa."""
+    """common.packed_sdpa over a row of 3 sequences (grouped-query: 4 query heads, 2 key/value heads) against
+    transformers' sdpa (key and value heads repeated) with the block-diagonal causal mask over the whole row; and
+    under a mask itself (the kernel's grouped-query attention) against the same: outputs and gradients to 1e-6."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, h, 9, 8, requires_grad=True) for h in (4, 2, 2))
     seq = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
@@ -306,14 +307,29 @@ def test_packed_sdpa_attends_within_each_sequence_as_a_block_diagonal_mask_does(
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
     outs, grads = [], []
     for run in (lambda: common.packed_sdpa(module, q, k, v, None, scaling=0.3, sequences=[(0, 4), (4, 6), (6, 9)]),
-                lambda: common.packed_sdpa(module, q, k, v, mask[None, None], scaling=0.3)):
+                lambda: common.packed_sdpa(module, q, k, v, mask[None, None], scaling=0.3),
+                lambda: sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=0.3)):
         out, _ = run()  # (1, L, h, d)
         grads.append(torch.autograd.grad((out * torch.arange(out.numel()).view(out.shape).sin()).sum(), (q, k, v)))
         outs.append(out.detach())
     assert outs[0].shape == (1, 9, 4, 8)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for i in (0, 1):
+        torch.testing.assert_close(outs[i], outs[2], atol=1e-6, rtol=0)
+        for a, b in zip(grads[i], grads[2]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_packed_sdpa_decodes_left_padded_rows_with_grouped_heads_as_transformers_sdpa_does():
+    """One decoding step of 3 left-padded rows (one query each, 9 cached keys, 2 query heads per key/value head):
+    packed_sdpa under the padding mask equals transformers' sdpa, which repeats the key and value heads, to 1e-6."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 9, 8), torch.randn(3, 2, 9, 8)
+    mask = (torch.arange(9) >= torch.tensor([0, 3, 7])[:, None])[:, None, None]  # (b, 1, 1, L_kv): left padding
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    ours, _ = common.packed_sdpa(module, q, k, v, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert ours.shape == (3, 1, 4, 8)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
 def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, acc):
