@@ -730,7 +730,7 @@ def forward(model, batch, **kwargs):
                  position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
 
 
-LOGITS_CHUNK_BYTES = 2**28  # float32 logits of at most this size, and a quarter of them, exist at once
+LOGITS_CHUNK_BYTES = 2**28  # float32 logits of at most this size (and one temporary as large) exist at once
 
 
 def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
@@ -786,9 +786,10 @@ class TokenLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, tokens, temperature, with_entropy):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        # rows per chunk: a quarter of them (so the chunks' temporaries stay well under the (N, V) logits' size),
-        # at most 256 MiB of logits (Llama-3-8B, 2 x 1024 tokens: 4 chunks of 512 rows, W read 4 times, not 2048)
-        w, rows = weight.to(dtype), max(1, min(-(-len(h) // 4), LOGITS_CHUNK_BYTES // (4 * weight.shape[0])))
+        # rows per chunk: as many as 256 MiB of logits hold (Llama-3-8B, 2 x 1024 tokens: 4 chunks of 523 rows).
+        # Each chunk reads all of W, so fewer, larger chunks run nearer the matmul rate: W is (V, d), 113 MB for
+        # SmolLM2, and a chunk of a few dozen rows spends its time reading it
+        w, rows = weight.to(dtype), max(1, min(len(h), LOGITS_CHUNK_BYTES // (4 * weight.shape[0])))
         logprobs, lses, entropy = h.new_empty(len(h), dtype=torch.float), [], h.new_empty(len(h), dtype=torch.float)
         for i in range(0, len(h), rows):
             logits = torch.nn.functional.linear(h[i:i + rows].to(dtype), w).float().div_(temperature)  # (n, V)

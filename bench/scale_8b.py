@@ -92,16 +92,16 @@ def times(gpus, tflops, hbm):
     rate = tflops * 1e12 * 0.4  # 40% of the dense bf16 peak for forward/backward
     bandwidth = hbm * 1e12 * 0.6  # 60% of the HBM bandwidth for decoding
     calls = prompts // GEN_BATCH
-    mean_kv = GEN_BATCH * (PROMPT + RESPONSE / 2) * KV_PER_TOKEN  # bytes of KV cache read per step, on average
-    step_read = (LM * 2 + mean_kv) / bandwidth  # weights and cache read once per decode step
-    step_concat = 2 * mean_kv / bandwidth  # DynamicCache.update concatenates: the cache read and written again
+    # common.prefill's StaticCache: every step attends over the prompt and room for all the new tokens (masked)
+    cache = GEN_BATCH * (PROMPT + MAX_LEN // 2) * KV_PER_TOKEN  # bytes of KV cache read per step
+    step_read = (LM * 2 + cache) / bandwidth  # weights and cache read once per decode step
     step_overhead = (0.010, 0.020)  # Python, ~20 kernel launches per layer x 32 layers, a host sync per step
-    rollout = [calls * MAX_LEN // 2 * (step_read + step_concat + o) for o in step_overhead]
+    rollout = [calls * MAX_LEN // 2 * (step_read + o) for o in step_overhead]
     frozen = lambda models: 2 * models * real / (1 - PAD_FROZEN) / rate
     update = lambda pad: 8 * (LM + SCORER) * real / (1 - pad) / rate  # fwd 2 + bwd 4 + recompute 2, per token
     recipe = {"rollout": rollout, "frozen pass (5 models)": frozen(3 * LM + 2 * SCORER),
               "update (--packing)": update(0)}
-    return step_read + step_concat, step_overhead, recipe, {
+    return step_read, step_overhead, recipe, {
         "frozen pass, --generation_logprobs (4 models)": frozen(2 * LM + 2 * SCORER),
         "update without --packing": update(PAD_UPDATE)}
 
