@@ -880,7 +880,8 @@ def prefill(model, input_ids, attention_mask, max_new_tokens):
     """The KV cache of left-padded prompts but their last column, from one forward pass over the prompts packed
     (pack(), packed_sdpa), so none of the padding is computed; generate() given it runs the last column and goes on.
     The cache is a StaticCache with room for max_new_tokens more: decoding writes each token's keys and values in
-    place, where a DynamicCache would copy the whole cache to grow it by one column at every step.
+    place, where a DynamicCache would copy the whole cache to grow it by one column at every step. Generate with
+    disable_compile=True: on GPUs transformers compiles the decoding step for a StaticCache, once per cache size.
     None, and generate() runs the padded prompts itself, for attention other than packed_sdpa, for caches that are
     not full attention in every layer (sliding windows, linear attention), and while training with gradient
     checkpointing (transformers then keeps no cache)."""
@@ -916,11 +917,13 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
     P = input_ids.shape[1]
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = None if synced_gpus else prefill(model, input_ids, attention_mask, max_new_tokens)  # synced: every rank's forwards alike
+    # synced_gpus: every rank must run the same forwards, and prefill skips its own on a rank whose prompts are all
+    # one token long
+    cache = None if synced_gpus else prefill(model, input_ids, attention_mask, max_new_tokens)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                          do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
+                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, disable_compile=True)
     responses = out[:, P:]  # (B, R)
     response_mask, ended = truncate_at_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)

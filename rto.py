@@ -143,7 +143,8 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     (prompts prefilled unpadded), or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution."""
     model, ids = accelerator.unwrap_model(policy).eval(), [data.encode_prompt(tokenizer, p) for p in prompts]
     width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
-    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                              disable_compile=True)  # on GPUs transformers compiles decoding for a StaticCache
     engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
     with common.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
         for i in range(0, len(ids), args.generation_batch_size):  # rollout, then no collective per token
@@ -152,13 +153,12 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
             if engine:
-                responses, steps = vllm_engine.generate(engine, ids[chunk], seeds[chunk], args, eos, pad,
-                                                        accelerator.device)
+                responses, steps = vllm_engine.generate(engine, ids[chunk], seeds[chunk], args, eos, accelerator.device)
             else:
                 pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
+                kv = common.prefill(model, input_ids, attention_mask, args.max_new_tokens)  # prompts' cache, or None
                 responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
-                                           past_key_values=common.prefill(model, input_ids, attention_mask, args.max_new_tokens),
-                                           synced_gpus=False, logits_processor=[pick])[:, width:]
+                                           past_key_values=kv, synced_gpus=False, logits_processor=[pick])[:, width:]
             response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
             chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
                            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),

@@ -14,8 +14,9 @@ after each rollout the engine frees its weights and KV cache (sleep level 2) for
 the next push.
 
 Weights: ready() pushes them before every rollout, that is after every update (and after --resume): the policy's
-parameters (--lora_rank: merged with the adapter, common.merged_weights) one at a time, in place (vLLM's reload_weights); under FSDP2 each is gathered with full_tensor() and
-dropped once copied, so no second whole copy of the model is ever held beside the engine's.
+parameters (--lora_rank: merged with the adapter, common.merged_weights) one at a time, in place (vLLM's
+reload_weights); under FSDP2 each is gathered with full_tensor() and dropped once copied, so no second whole copy of
+the model is ever held beside the engine's.
 
 Sampling: vLLM divides the logits by T, keeps the smallest set of tokens whose probability reaches top_p (the same
 rule as rto.draw_with_own_generators) and draws with Gumbel-max noise from the request's own generator
@@ -131,10 +132,11 @@ def push(llm, model, args):
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
 
 
-def generate(llm, prompt_ids, seeds, args, eos, pad, device):
-    """One response per prompt (lists of token ids), prompt i drawn with seed seeds[i]: (b, R) tokens right-padded
-    with pad, and with --generation_logprobs log softmax(logits / T) of the drawn tokens, one (b,) tensor per step
-    as rto.draw_with_own_generators records them (else None)."""
+def generate(llm, prompt_ids, seeds, args, eos, device):
+    """One response per prompt (lists of token ids), prompt i drawn with seed seeds[i]: (b, R) tokens, a response
+    that ended early followed by more EOS (rollout() masks everything after the first EOS, as after generate()); and
+    with --generation_logprobs log softmax(logits / T) of the drawn tokens, one (b,) tensor per step as
+    rto.draw_with_own_generators records them (else None)."""
     from vllm import SamplingParams
     params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens, seed=s,
                              stop_token_ids=[eos], ignore_eos=True,  # stop at the tokenizer's EOS only, as hf
@@ -145,7 +147,7 @@ def generate(llm, prompt_ids, seeds, args, eos, pad, device):
     if args.vllm_sleep:
         llm.sleep(level=2)  # weights and KV cache freed; the next push brings the weights back
     width = max(len(o.token_ids) for o in outputs)
-    responses = torch.full((len(outputs), width), pad, dtype=torch.long)  # (b, R)
+    responses = torch.full((len(outputs), width), eos, dtype=torch.long)  # (b, R)
     logprobs = torch.zeros(len(outputs), width)  # (b, R)
     for i, o in enumerate(outputs):
         responses[i, :len(o.token_ids)] = torch.tensor(o.token_ids)

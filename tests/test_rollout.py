@@ -332,6 +332,22 @@ def test_packed_sdpa_decodes_left_padded_rows_with_grouped_heads_as_transformers
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
+def test_generation_decodes_eagerly_from_the_prefilled_static_cache(pipeline, acc, monkeypatch):
+    """rto.rollout and common.sample hand generate() common.prefill's StaticCache with disable_compile=True: on GPUs
+    transformers would otherwise compile the decoding step for a StaticCache, again for every cache size."""
+    from transformers import StaticCache
+    args = rto_args(pipeline, "--max_new_tokens", 8)
+    tok, models, _ = rto.load_models(args, acc)
+    model, seen = models["policy"], []
+    criteria = type(model)._valid_auto_compile_criteria
+    monkeypatch.setattr(type(model), "_valid_auto_compile_criteria", lambda self, kwargs, config: seen.append(
+        (type(kwargs.get("past_key_values")), config.disable_compile)) or criteria(self, kwargs, config))
+    prompts = toy_task.prompts("test", 4)
+    rto.rollout(acc, model, tok, prompts, list(range(4)), args)
+    common.sample(model, tok, [data.encode_prompt(tok, p) for p in prompts], 8)
+    assert seen == [(StaticCache, True)] * 2
+
+
 def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, acc):
     """common.pack: the sequences of a micro-batch end to end in one row, no padding: log-probs, entropies, values
     and every gradient of a loss over them equal the padded batch's to 1e-5."""
