@@ -670,9 +670,10 @@ def pack(batch):
         columns: (B, R), where the column predicting each response token is (the one before it; 0 if masked)"""
     real = batch["attention_mask"].bool()  # (B, T)
     lengths = real.sum(-1)  # (B,)
-    ends = lengths.cumsum(0).tolist()  # one host sync: packed_sdpa cuts the row on the host
+    ends = lengths.cumsum(0)  # (B,): where each sequence ends in the row
     positions = position_ids(real.long())  # (B, T): from 0 at each sequence's first real token
-    index = ((lengths.cumsum(0) - lengths)[:, None] + positions) * real  # (B, T)
+    index = ((ends - lengths)[:, None] + positions) * real  # (B, T)
+    ends = ends.tolist()  # one host sync: packed_sdpa cuts the row on the host
     P, mask = batch["prompt_len"], batch["response_mask"]  # response token j is predicted at padded column P-1+j
     columns = (index[:, P - 1:P - 1 + mask.shape[1]] * mask).long()  # (B, R)
     return {**batch, "packed": {"input_ids": batch["input_ids"][real][None], "position_ids": positions[real][None],

@@ -160,8 +160,8 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
     """common.prefill: the keys and values of left-padded prompts but their last column, computed over the packed
     prompts without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from
     that cache gives the tokens and scores of a plain generate(); the cache has room for the new tokens and keeps
-    them in place (a StaticCache). A model with a sliding window, attention other than
-    packed_sdpa, or training with gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
+    them in place (a StaticCache). A model with a sliding window, attention other than packed_sdpa, or training with
+    gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
     from transformers import MistralConfig
     tok, model = tiny
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20]]  # one of a single token

@@ -350,7 +350,7 @@ def test_generation_decodes_eagerly_from_the_prefilled_static_cache(pipeline, ac
 
 def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, acc):
     """common.pack: the sequences of a micro-batch end to end in one row, no padding: log-probs, entropies, values
-    and every gradient of a loss over them equal the padded batch's to 1e-5."""
+    and every gradient of a loss over them equal the padded batch's (1e-6 on the numbers, 1e-5 on gradients)."""
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, n=8)
     _, mb = next(rto.micro_batches(ro, 8, torch.arange(8)))
     assert (mb["attention_mask"] == 0).float().mean() > 0.2  # much padding to drop
@@ -365,7 +365,8 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
         (lp.exp().sum() + (values ** 2).sum()).backward()
         out.append([lp.detach(), ent, values.detach()] + [p.grad.clone() for m in (models["policy"], models["critic"])
                                                            for p in m.parameters()])
-    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)  # other shapes, other float32 rounding
+    torch.testing.assert_close(out[1][:3], out[0][:3], atol=1e-6, rtol=1e-6)  # log-probs ~ -3: float32 rounding
+    torch.testing.assert_close(out[1][3:], out[0][3:], atol=1e-5, rtol=1e-5)  # gradients: other summation orders
 
 
 def test_packed_frozen_pass_gives_the_padded_outputs_and_packing_is_the_default_on_real_data(pipeline, acc):
