@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import weakref
 from argparse import ArgumentDefaultsHelpFormatter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -139,7 +140,8 @@ def parse_args(args_class, argv=None, defaults=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     read_config(parser, argv)
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        # look_for_args_file=False: HfArgumentParser would otherwise prepend the flags of a <script>.args file
+        (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:  # leftover arguments: an unknown flag
         fail(f"{str(e).splitlines()[0]} (see --help)")
     return validate_shared(apply_defaults(args, defaults))
@@ -315,13 +317,17 @@ def gather(accelerator, x):
 
 
 def phase_clock(accelerator):
-    """clock(name) logs the seconds since the previous call (or since phase_clock) as time_<name>, and on GPUs the
+    """clock(name) logs the seconds since the previous call (or since phase_clock), device work included, as
+    time_<name>, and on GPUs the
     peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
-    cuda, metrics, last = accelerator.device.type == "cuda", {}, [time.perf_counter()]
+    device = accelerator.device
+    cuda, metrics, last = device.type == "cuda", {}, [time.perf_counter()]
     if cuda:
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
+        torch.cuda.reset_peak_memory_stats(device)
 
     def clock(name):
+        if device.type != "cpu":  # kernels run asynchronously: the phase ends when its device work has finished
+            torch.accelerator.synchronize(device)
         now = time.perf_counter()
         metrics[f"time_{name}"], last[0] = now - last[0], now
         if cuda:
@@ -610,10 +616,27 @@ def load_scorer(name, tokenizer, flag, dtype=torch.float32, weights=True, new_he
     return use_packed_sdpa(disable_dropout(model))
 
 
+# Attribute names of the training-mode noise that disable_dropout switches off: attention dropout is a float that
+# attention modules pass to the kernel while training, not an nn.Dropout (Llama, Mistral, Qwen, GPT-NeoX), some
+# models read it from the config at every forward (Falcon, GPT-Neo), and MoE routers jitter their input (Mixtral).
+NOISE = ("drop", "jitter")
+
+
 def disable_dropout(model):
+    """Every source of training-mode noise off, so that a forward in train mode gives the numbers of one in eval mode
+    (PPO's first ratio is then exactly 1): nn.Dropout modules, float dropout rates held by modules, and the
+    config's (the saved config then records the 0 the model trained with)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for name, value in vars(m).items():
+            if any(word in name for word in NOISE) and type(value) is float:
+                setattr(m, name, 0.0)
+    configs = [model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)]
+    for config in (c for c in configs if c is not None):  # a multimodal model's text_config among them
+        for name, value in vars(config).items():
+            if any(word in name for word in NOISE) and type(value) is float:
+                setattr(config, name, 0.0)
     return model
 
 
@@ -682,17 +705,27 @@ def pack(batch):
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sequences=None, **kwargs):
     """transformers' sdpa attention, except in two cases. Over a packed row (forward() passes its `sequences`) each
-    sequence attends causally to itself alone, one kernel call per sequence: sdpa over the whole row would compute
-    every pair of positions in it, then mask out the pairs across sequences (on the CPU, and on GPUs without a
-    variable-length kernel); the mask given alongside is not read. And on the CPU, grouped-query attention under a
+    sequence attends causally to itself alone, one kernel call per sequence, within the layer's sliding window if it
+    has one: sdpa over the whole row would compute every pair of positions in it, then mask out the pairs across
+    sequences (on the CPU, and on GPUs without a variable-length kernel); the mask given alongside is not read.
+    Attention that sdpa cannot express here (a position bias, attention sinks) stops the run with one line. And on the CPU, grouped-query attention under a
     mask (padded batches, every decoding step) is left to the kernel, which has it: transformers copies the key and
     value heads out to the query heads' number first, for GPU kernels that lack it. query (b, h, L, d), key and
     value (b, h_kv, L_kv, d)."""
     grouped = query.shape[1] != key.shape[1]
     if sequences is not None:
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
-            enable_gqa=grouped) for s, e in sequences], dim=2)  # (1, h, L, d)
+        unsupported = [k for k in ("position_bias", "s_aux", "sinks", "softcap") if kwargs.get(k) is not None]
+        if unsupported or kwargs.get("is_causal") is False:
+            fail(f"packed rows: {type(module).__name__} attends with {unsupported or 'no causal mask'}, which packed "
+                 "attention does not compute; pass --packing false")
+        window = kwargs.get("sliding_window")  # a layer of a sliding-window model: each query sees `window` keys
+        outs = []
+        for s, e in sequences:
+            mask = sliding_causal_mask(e - s, window, query.device) if window and e - s > window else None
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, dropout_p=dropout,
+                is_causal=mask is None, scale=scaling, enable_gqa=grouped))  # (1, h, e - s, d)
+        out = torch.cat(outs, dim=2)  # (1, h, L, d)
     elif grouped and attention_mask is not None and query.device.type == "cpu" and kwargs.get("position_bias") is None:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                dropout_p=dropout, scale=scaling, enable_gqa=True)
@@ -700,6 +733,13 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     return out.transpose(1, 2).contiguous(), None
+
+
+def sliding_causal_mask(n, window, device):
+    """(n, n) bool: query i sees key j when 0 <= i - j < window (transformers' sliding_window_overlay)."""
+    i = torch.arange(n, device=device)
+    back = i[:, None] - i[None, :]  # (n, n): how far key j lies behind query i
+    return (back >= 0) & (back < window)
 
 
 AttentionInterface.register("sdpa_packed", packed_sdpa)
@@ -743,13 +783,12 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole, in the
     forward or the backward, which at V = 128,256 would be several times the size of everything else in a micro-step.
     The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the whole model.
-    A head that is not a plain bias-free linear map, or a model that rescales its logits after the head (soft-capping,
-    logit scales), gets the plain computation from the full logits instead."""
+    A head that is not a plain bias-free linear map, or a model that changes its logits after the head
+    (changes_logits: soft-capping, logit scales), gets the plain computation from the full logits instead."""
     tokens, mask = batch["input_ids"][:, batch["prompt_len"]:], batch["response_mask"]  # (B, R)
     inner = getattr(model, "module", model)  # DDP
-    head, config, caught = inner.get_output_embeddings(), inner.config, {}
-    fused = (isinstance(head, torch.nn.Linear) and head.bias is None and
-             not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
+    head, caught = inner.get_output_embeddings(), {}
+    fused = isinstance(head, torch.nn.Linear) and head.bias is None and not changes_logits(model, head, tokens)
 
     packed = "packed" in batch  # rto.py --packing
     keep = batch["packed"]["columns"].flatten() if packed else tokens.shape[1] + 1
@@ -774,6 +813,32 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
         logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         entropy = torch.cat([torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1)
     return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
+
+
+CHANGES_LOGITS = weakref.WeakKeyDictionary()  # output head -> whether its model changes the head's output
+
+
+def changes_logits(model, head, tokens):
+    """Whether the model's forward changes what its head returns (Gemma's soft-capping, Cohere's and Granite's
+    scales, Falcon-H1's multiplier), in which case response_logprobs' head, which returns log-probs in place of the
+    logits, must not be swapped in. Found once per model by a no-grad forward of one token whose head returns a
+    marker tensor: the model hands back that very tensor, or a new one it made from it. (Under gradients a second
+    forward before the backward would break DDP; the no-grad probe does not.)"""
+    if head not in CHANGES_LOGITS:
+        made = {}
+
+        def marker(hidden):  # float32, as the log-probs: a model's .float() returns it unchanged
+            made["marker"] = hidden[..., 0].float()
+            return made["marker"]
+
+        head.forward = marker
+        try:
+            with torch.no_grad():
+                out = model(input_ids=tokens[:1, :1], use_cache=False, logits_to_keep=1)
+        finally:
+            del head.forward
+        CHANGES_LOGITS[head] = out.logits is not made["marker"]
+    return CHANGES_LOGITS[head]
 
 
 class TokenLogprobs(torch.autograd.Function):
@@ -1227,13 +1292,16 @@ def add_second_adapter(model, path, flag, name):
     return True
 
 
-def adapter_on(model, path, flag, model_flag):
+def adapter_on(accelerator, model, path, flag, model_flag):
     """Whether the checkpoint at `path` is an adapter on `model`'s base weights (the same fingerprint, whatever path
-    it names); an adapter on other weights fails with one line."""
+    it names); an adapter on other weights stops every process, the main one with one line."""
     if not is_adapter(path):
         return False
     mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
-    if mine is not None and mine != theirs:  # (None: this rank holds shapes only; the main process checks)
+    other = mine is not None and mine != theirs  # (None: this rank holds shapes only; the main process holds weights)
+    if reduce(accelerator, float(other)).item() > 0:  # every rank takes the branch the weights decide
+        if not accelerator.is_main_process:
+            raise SystemExit(1)
         fail(f"{flag} {path}: an adapter trained on other base weights than {model_flag}'s (fingerprint {theirs}, "
              f"not {mine}); train it from the {model_flag} model, or pass a full (merged) checkpoint")
     return True
@@ -1285,13 +1353,11 @@ def merged_state_dict(model, state, name="default"):
 
 
 def merged_weights(model, state, name="default"):
-    """(name, tensor) of the plain model, one at a time, from a peft model's state dict: W + (alpha / r) * B A for
-    every adapted weight, the head copy in place of the original head, other adapters dropped. Computed from the
+    """(name, tensor) of the plain model, one at a time, from a peft model's state dict: W + s * B A for every adapted
+    weight (s: the layer's scale, alpha / r, or alpha / sqrt(r) under rsLoRA; transposed for Conv1D layers), the head copy in place of the original head, other adapters dropped. Computed from the
     tensors, so it works on a gathered FSDP2 state dict as on one process; FSDP2's sharded tensors (DTensor) are
     gathered one at a time (vllm_engine.push takes the merged weights this way, never a whole second copy)."""
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    config = model.peft_config[name]
-    scale = config.lora_alpha / config.r
     for key, value in state.items():
         plain = key.removeprefix("base_model.model.")
         if ".lora_" in plain or ".original_module." in plain or \
@@ -1302,8 +1368,12 @@ def merged_weights(model, state, name="default"):
             module = key.split(".base_layer.")[0]
             plain = plain.replace(".base_layer.", ".")
             if plain.endswith(".weight"):
+                layer = model.get_submodule(module)  # peft's LoRA layer: its own scale and weight layout
                 a, b = full(state[f"{module}.lora_A.{name}.weight"]), full(state[f"{module}.lora_B.{name}.weight"])
-                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)  # (out, in)
+                delta = layer.scaling[name] * (b.float() @ a.float())  # (out, in)
+                if layer.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
+                    delta = delta.T
+                value = (value.float() + delta).to(value.dtype)
         yield plain.replace(f".modules_to_save.{name}.", "."), value
 
 

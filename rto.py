@@ -68,7 +68,8 @@ class Args(common.TrainArgs, common.LoraArgs):
     rollout_batch_size: int = arg(None, "prompts per iteration, all processes")
     mini_batch_size: int = arg(None, "sequences per optimiser step, all processes")
     forward_batch_size: int = arg(None, "sequences per forward pass of frozen_pass, per process, grouped by length")
-    generation_batch_size: int = arg(64, "prompts per generate call on each process (bounds KV-cache memory)")
+    generation_batch_size: int = arg(64, "hf engine: prompts per generate call on each process (bounds KV-cache "
+                                     "memory); vllm takes them all at once and batches them itself")
     max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts)")
     max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
     temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
@@ -146,9 +147,12 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                               disable_compile=True)  # on GPUs transformers compiles decoding for a StaticCache
     engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
+    # hf: --generation_batch_size prompts per generate() call; vllm: every prompt in one call (the engine schedules
+    # its own batches within its memory share, and with --vllm_sleep it sleeps once the call returns)
+    size = len(ids) if engine else args.generation_batch_size
     with common.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
-        for i in range(0, len(ids), args.generation_batch_size):  # rollout, then no collective per token
-            chunk = slice(i, i + args.generation_batch_size)
+        for i in range(0, len(ids), size):  # rollout, then no collective per token
+            chunk = slice(i, i + size)
             input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(ids[chunk], pad, width))
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
@@ -356,7 +360,7 @@ def load_models(args, accelerator):
         model = common.load_model(path, tokenizer, flag, scorer=name == "critic", dtype=dtype, weights=lora or
                                   common.loads_weights(accelerator), new_head=not args.rm_ckpt)  # new: a value head
         if name == "policy" and args.reward_mode in ("rto", "dppo"):
-            dpo_shares = common.adapter_on(model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt")  # pi_ref = SFT
+            dpo_shares = common.adapter_on(accelerator, model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt")  # pi_ref = SFT
         if lora:
             model = common.add_adapter(common.cast(model, dtype), args, path, scorer=name == "critic")
         if name == "policy" and lora and dpo_shares:

@@ -133,7 +133,8 @@ def push(llm, model, args):
 
 
 def generate(llm, prompt_ids, seeds, args, eos, device):
-    """One response per prompt (lists of token ids), prompt i drawn with seed seeds[i]: (b, R) tokens, a response
+    """A rollout's responses, one per prompt (lists of token ids), in one call: with --vllm_sleep the engine sleeps
+    when it returns, until the next push. Prompt i is drawn with seed seeds[i]: (b, R) tokens, a response
     that ended early followed by more EOS (rollout() masks everything after the first EOS, as after generate()); and
     with --generation_logprobs log softmax(logits / T) of the drawn tokens, one (b,) tensor per step as
     rto.draw_with_own_generators records them (else None)."""

@@ -131,6 +131,42 @@ def iteration_metrics(folder):
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in read_metrics(folder) if "phase" not in r]
 
 
+# ---------------------------------------------------------------------------- tiny models of other families
+def tiny_model(tokenizer, family, seed=0, scorer=False, **config):
+    """A small random model of `family`, set up as a loaded checkpoint is (common.load_causal_lm: dropout off,
+    packed_sdpa): "llama-gqa" (4 query heads share 2 key/value heads, as in Llama-3 and SmolLM2), "mistral" (the
+    same, and a sliding window of 4 tokens), "gpt2" (Conv1D layers), "falcon", "granite", "mixtral" (experts). `config` sets
+    more of the configuration."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, FalconConfig, GPT2Config,
+                              GraniteConfig, LlamaConfig, MistralConfig, MixtralConfig)
+
+    import common
+
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": None}
+    if family == "gpt2":
+        made = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids, **config)
+    elif family == "falcon":
+        made = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **ids, **config)
+    elif family == "granite":
+        made = GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **ids, **config)
+    elif family == "mixtral":
+        made = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **ids, **config)
+    else:
+        cls = MistralConfig if family == "mistral" else LlamaConfig
+        window = {"sliding_window": 4} if family == "mistral" else {}
+        made = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, **window, **ids, **config)
+    made.num_labels = 1
+    torch.manual_seed(seed)
+    auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    model = auto.from_config(made, attn_implementation="sdpa")
+    return common.use_packed_sdpa(common.disable_dropout(model))
+
+
 # ---------------------------------------------------------------------------- data files and messages
 def U(content):
     return {"role": "user", "content": content}

@@ -144,3 +144,13 @@ def test_a_bad_config_fails_with_one_line_naming_it(tmp_path, text, message):
     assert message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="No such file"):
         parse("sft.py", "--config", tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stray_args_file_beside_the_script_changes_nothing(stage, tmp_path, monkeypatch):
+    """HfArgumentParser reads <script>.args beside sys.argv[0] by default and prepends its flags; a stage's flags
+    come from its command line and --config only."""
+    (tmp_path / stage).with_suffix(".args").write_text("--seed 7 --overwrite\n")
+    monkeypatch.setattr("sys.argv", [str(tmp_path / stage)])
+    args = parse(stage)
+    assert (args.seed, args.overwrite) == (0, False)

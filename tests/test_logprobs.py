@@ -10,9 +10,15 @@ import common
 import data
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", params=["llama", "llama-gqa"])
+def tiny(request):
+    """The tiny Llama (as many key/value heads as query heads), and one whose 4 query heads share 2 key/value heads
+    (grouped-query attention, as Llama-3 and SmolLM2 have)."""
+    from conftest import tiny_model
+
     tok = data.build_tiny_tokenizer(common.TOY)
+    if request.param == "llama-gqa":
+        return tok, tiny_model(tok, "llama-gqa").eval()
     return tok, common.load_causal_lm(common.TINY, tok, seed=0).eval()
 
 
@@ -50,15 +56,17 @@ def test_rtos_plain_logprob_lines_equal_a_naive_loop(tiny):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypatch, tied):
+@pytest.mark.parametrize("tied, family", [(True, "llama"), (False, "llama"), (True, "llama-gqa")])
+def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypatch, tied, family):
     """rto.token_logprobs (common.response_logprobs) never builds the (B, R, V) logits: its log-probs, entropies and
     the gradients of every parameter equal rto.plain_token_logprobs' over the full logits, with chunks of 3 rows
     (several per sequence)."""
     import rto
     tok = data.build_tiny_tokenizer(common.TOY)
+    from conftest import tiny_model
+
     torch.manual_seed(0)
-    model = common.load_causal_lm(common.TINY, tok, seed=0)
+    model = common.load_causal_lm(common.TINY, tok, seed=0) if family == "llama" else tiny_model(tok, family)
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
@@ -94,17 +102,25 @@ def test_chunked_logprobs_compute_in_the_models_dtype_under_autocast(tiny):
     assert (fused - full).abs().max() > 1e-4  # bf16 is visibly not float32 here
 
 
-def test_heads_that_rescale_logits_take_the_plain_path(tiny, monkeypatch):
-    """A model that changes its logits after the head (Gemma's soft-capping) gets the full-logits computation."""
-    tok, model = tiny
+@pytest.mark.parametrize("family, rescaled", [("granite", True), ("llama-gqa", False)])
+def test_models_that_change_their_logits_after_the_head_take_the_plain_path(family, rescaled, monkeypatch):
+    """A model whose forward changes the head's output (Granite divides the logits by its config's logits_scaling)
+    gets the full-logits computation; a Llama, whose forward does not read that key, keeps the fused head. Both
+    give the naive numbers."""
+    from conftest import tiny_model
+
+    tok = data.build_tiny_tokenizer(common.TOY)
+    model = tiny_model(tok, family, logits_scaling=4.0)
     a = encode(tok, "tell me about fruit", "apple pear .")
     batch = data.collate([a[0]], [a[1]], tok.pad_token_id)
-    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
     calls = []
-    monkeypatch.setattr(common.TokenLogprobs, "apply", lambda *a: calls.append(a))
-    lp, ent = common.response_logprobs(model, batch, with_entropy=True)
-    assert not calls and lp.shape == ent.shape == batch["response_mask"].shape
-    torch.testing.assert_close((lp, ent), naive_logprobs(model, batch, 1.0), atol=1e-5, rtol=0)
+    fused = common.TokenLogprobs.apply
+    monkeypatch.setattr(common.TokenLogprobs, "apply", lambda *a: calls.append(1) or fused(*a))
+    with torch.no_grad():
+        lp, ent = common.response_logprobs(model, batch, with_entropy=True)
+        want = naive_logprobs(model, batch, 1.0)
+    assert bool(calls) is not rescaled and lp.shape == ent.shape == batch["response_mask"].shape
+    torch.testing.assert_close((lp, ent), want, atol=1e-5, rtol=0)
 
 
 def test_logprobs_do_not_depend_on_padding(tiny):

@@ -30,8 +30,11 @@ def save_tiny(path, tokenizer, seed=0):
     return common.load_causal_lm(str(path), tokenizer)
 
 
-class FakeAccelerator:  # what common.save_model asks of an Accelerator, on one process
-    is_main_process, mixed_precision = True, "no"
+class FakeAccelerator:  # what common.save_model and common.adapter_on ask of an Accelerator, on one process
+    is_main_process, mixed_precision, device = True, "no", torch.device("cpu")
+
+    def reduce(self, x, op):
+        return x
 
     def wait_for_everyone(self):
         pass
@@ -106,7 +109,7 @@ def test_merged_export_and_adapter_folder_reload_with_the_same_logits(tiny):
 def test_a_base_with_other_weights_fails_with_one_line(tiny, tmp_path):
     other = save_tiny(tmp_path / "other", tiny["tokenizer"], seed=5)
     with pytest.raises(SystemExit, match=r"^error: --dpo_ckpt .*other base weights than --sft_ckpt's"):
-        common.adapter_on(other, str(tiny["root"] / "dpo"), "--dpo_ckpt", "--sft_ckpt")
+        common.adapter_on(FakeAccelerator(), other, str(tiny["root"] / "dpo"), "--dpo_ckpt", "--sft_ckpt")
     assert common.fingerprint(other) != common.fingerprint(tiny["sft"])
     bf16 = common.cast(common.load_causal_lm(str(tiny["root"] / "sft"), tiny["tokenizer"]), torch.bfloat16)
     assert common.fingerprint(bf16) == common.fingerprint(tiny["sft"])  # the rule is the weights, not the dtype
@@ -252,3 +255,62 @@ def test_the_vllm_engine_receives_the_merged_weights(tiny):
     assert set(want) <= set(got) and not any(".lora_" in k or ".base_layer." in k for k in got)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_the_merged_export_equals_peffts_own_merge_on_conv1d_and_linear_layers(family, tmp_path):
+    """dpo.py --lora_rank 4 --merge_lora on a tiny GPT-2 (Conv1D layers, which store their weight as (in, out), so
+    peft transposes their update; two of them square) and on a tiny Llama, every linear layer adapted: the run
+    saves, and <out>/merged (common.merged_weights, which vllm_engine.push sends too) equals peft's own
+    merge_and_unload() of the adapter folder, tensor for tensor, to 1e-5."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import toy_task
+    from conftest import tiny_model
+
+    tok = data.build_tiny_tokenizer("toy")
+    tiny_model(tok, family).save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", 24, seed=1)))
+    run_main("dpo.py", "--sft_ckpt", tmp_path / "sft", "--dataset", pairs, "--output_dir", tmp_path / "dpo",
+             "--max_steps", 2, "--batch_size", 4, "--lr", 0.05, "--merge_lora", *LORA)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "sft").state_dict()
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "sft"), tmp_path / "dpo")
+    want = adapted.merge_and_unload().state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "merged").state_dict()
+    assert set(got) == set(want)
+    moved = max((want[k] - base[k]).abs().max().item() for k in want)
+    assert moved > 1e-3  # the adapter trained: the merge adds something
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.distributed
+def test_an_adapter_on_other_weights_stops_both_ranks_within_a_minute_with_one_line(pipeline, tmp_path):
+    """2 ranks under the GPU configs' loading (rank 1 holds the policy's shapes only, so only rank 0 can compare
+    fingerprints) and a DPO adapter trained on other base weights: every rank stops at once, rank 0 with the one
+    line, instead of rank 1 waiting in the next collective until the launcher's timeout."""
+    import os
+    import sys
+    import time
+
+    from conftest import ROOT
+    from test_distributed import run_group
+
+    tok = data.build_tiny_tokenizer("toy")
+    save_tiny(tmp_path / "other", tok, seed=5)
+    dpo_adapter(tmp_path / "other", tok, tmp_path / "dpo")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(ROOT / "configs" / "cpu_fsdp_ram_efficient.yaml"), str(ROOT / "rto.py"),
+                      "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", tmp_path / "dpo", "--rm_ckpt", pipeline["rm"],
+                      "--output_dir", tmp_path / "out"], env, 120)
+    seconds = time.monotonic() - start
+    assert proc is not None and proc.returncode != 0 and seconds < 60, seconds
+    assert f"error: --dpo_ckpt {tmp_path / 'dpo'}: an adapter trained on other base weights" in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr  # (the launcher's
+    assert not (tmp_path / "out").exists()  # own report of the failed ranks has one)

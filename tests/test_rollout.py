@@ -227,7 +227,8 @@ def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc
     ro = rto.rollout(acc, models["policy"], tok, toy_task.prompts("train", 16), list(range(16)), args)
     calls.update(policy=0)  # generation's own forward passes
     ro = rto.frozen_pass(acc, ro, models, args)
-    assert calls == {"policy": 4, "critic": 4, "ref": 4, "dpo": 4, "rm": 4}  # one pass per forward batch
+    # one pass per forward batch, and a one-token probe of each causal LM's head (common.changes_logits, once)
+    assert calls == {"policy": 4 + 1, "critic": 4, "ref": 4 + 1, "dpo": 4 + 1, "rm": 4}
     ro["rewards"] = rto.token_rewards(ro, args, 0.1)
     ro["advantages"], ro["returns"] = rto.gae(ro["rewards"], ro["values"], ro["response_mask"], 1.0, 0.95)
     ratios = []
@@ -434,3 +435,102 @@ def test_a_non_finite_reward_stops_the_run_or_skips_the_iteration(pipeline, tmp_
     rto.main(list(map(str, rto_cmd(pipeline, tmp_path / "skip", *small, "--skip_nonfinite"))))
     assert iteration_metrics(tmp_path / "skip") == []  # both iterations skipped, the run still ends and saves
     assert (tmp_path / "skip" / "model.safetensors").exists()
+
+
+def test_a_phases_seconds_include_the_device_work_it_queued(monkeypatch):
+    """On GPUs kernels run after the host has moved on: common.phase_clock waits for the device before it reads the
+    clock. A stand-in device whose queued work takes 0.3 s to finish: the phase that queued it is billed for it, not
+    the next one."""
+    import time
+
+    queued = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: [time.sleep(queued.pop()) for _ in
+                                                                                 list(queued)])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    clock = common.phase_clock(SimpleNamespace(device=torch.device("cuda")))
+    queued.append(0.3)  # the first phase's kernels, still running when its Python returns
+    clock("generate")
+    clock("update")
+    assert clock.metrics["time_generate"] >= 0.3 and clock.metrics["time_update"] < 0.3
+
+
+NOISY = [("llama-gqa", {"attention_dropout": 0.5}),  # a float the attention modules pass to the kernel
+         ("gpt2", {"attn_pdrop": 0.5, "resid_pdrop": 0.5, "embd_pdrop": 0.5}),  # nn.Dropout modules
+         ("falcon", {"attention_dropout": 0.5, "hidden_dropout": 0.5}),  # read from the config at every forward
+         ("mixtral", {"router_jitter_noise": 0.5, "attention_dropout": 0.5})]  # the router's input jittered
+
+
+@pytest.mark.parametrize("family, noise", NOISY, ids=[f for f, _ in NOISY])
+def test_a_checkpoint_whose_config_sets_dropout_computes_the_same_in_train_and_eval_mode(family, noise, tmp_path):
+    """Whatever training-mode noise a checkpoint's config asks for, a loaded model computes in train mode what it
+    does in eval mode: the frozen pass and the update see one policy."""
+    tok = data.build_tiny_tokenizer(common.TOY)
+    from conftest import tiny_model
+
+    tiny_model(tok, family, **noise).save_pretrained(tmp_path)
+    ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    for scorer in (False, True):
+        model = (common.load_scorer(str(tmp_path), tok, "m", new_head=True) if scorer else
+                 common.load_causal_lm(str(tmp_path), tok))
+        with torch.no_grad():
+            train = [model.train()(ids).logits for _ in range(2)]
+            torch.testing.assert_close(train[0], model.eval()(ids).logits, atol=1e-6, rtol=0)
+        assert torch.equal(train[0], train[1]), family
+
+
+def test_with_attention_dropout_in_the_config_the_first_ppo_ratio_is_one(tmp_path):
+    """rto.py on a policy whose config sets attention_dropout 0.5, one mini-batch, one epoch: the logged ratio
+    (the mean over the mini-batch's tokens, before its optimiser step) is 1."""
+    from conftest import tiny_model
+
+    tok = data.build_tiny_tokenizer(common.TOY)
+    tiny_model(tok, "llama-gqa", attention_dropout=0.5).save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    run_main("rto.py", "--sft_ckpt", tmp_path / "sft", "--reward_mode", "dppo", "--dpo_ckpt", tmp_path / "sft",
+             "--beta3", 0, "--rollout_batch_size", 8, "--mini_batch_size", 8, "--ppo_epochs", 1, "--num_iterations", 1,
+             "--max_new_tokens", 8, "--oracle_prompts", 4, "--sample_every", 0, "--output_dir", tmp_path / "rto")
+    (first,) = iteration_metrics(tmp_path / "rto")
+    assert first["ratio"] == pytest.approx(1, abs=1e-6) and first["approx_kl"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama-gqa"])
+def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_window(family):
+    """A tiny Mistral (a sliding window of 4 tokens; 4 query heads share 2 key/value heads) and a tiny Llama with
+    the same heads, on sequences of 9 to 15 tokens: log-probs, entropies, critic values, DPO log-ratios and the
+    gradients, packed (common.pack, packed_sdpa) and padded, equal to 1e-5; and the padded numbers equal
+    transformers' eager attention's, padded and packed (there transformers masks the sequences from the positions,
+    as for any attention but packed_sdpa). The window changes the numbers (against the same model without it), so the
+    test sees whether packing honours it."""
+    from conftest import tiny_model
+
+    tok = data.build_tiny_tokenizer(common.TOY)
+    policy, dpo = tiny_model(tok, family, seed=0), tiny_model(tok, family, seed=1)
+    critic = tiny_model(tok, family, seed=2, scorer=True)
+    prompts = [[5 + i for i in range(n)] for n in (3, 7, 5)]
+    responses = [[20 + i for i in range(n)] for n in (8, 2, 10)]  # sequences of 11, 9 and 15 tokens
+    batch = data.collate(prompts, responses, tok.pad_token_id)
+    args = SimpleNamespace(rm_ckpt=None, normalize_reward=False)
+    out = {}
+    for layout in ("padded", "packed"):
+        b = common.pack(batch) if layout == "packed" else batch
+        for m in (policy, critic):
+            m.zero_grad()
+        lp, ent = rto.token_logprobs(policy, b, 0.7, with_entropy=True)
+        values = rto.critic_values(critic, b, args)
+        (lp.exp().sum() + (values ** 2).sum()).backward()
+        with torch.no_grad():
+            ratio = rto.token_logprobs(dpo, b) - rto.token_logprobs(policy, b)
+        grads = [p.grad.clone() for m in (policy, critic) for p in m.parameters()]
+        out[layout] = [lp.detach(), ent, values.detach(), ratio], grads
+    torch.testing.assert_close(out["packed"][0], out["padded"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["packed"][1], out["padded"][1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        policy.set_attn_implementation("eager")  # transformers' own attention, its own masks (packed: from positions)
+        for b in (batch, common.pack(batch)):
+            torch.testing.assert_close(rto.token_logprobs(policy, b, 0.7), out["padded"][0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rto.plain_token_logprobs(policy, batch, 0.7), out["padded"][0][0], atol=1e-5,
+                                   rtol=0)
+        if family == "mistral":
+            policy.config.sliding_window = None
+            assert (rto.plain_token_logprobs(policy, batch, 0.7) - out["padded"][0][0]).abs().max() > 1e-3

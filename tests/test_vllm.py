@@ -129,6 +129,53 @@ def test_a_prompts_response_does_not_depend_on_the_batch_and_the_layout_is_the_h
 
 
 @needs_vllm
+def test_with_vllm_sleep_a_rollout_of_several_chunks_never_asks_a_sleeping_engine(acc, monkeypatch):
+    """--vllm_sleep: vLLM pauses its scheduler while asleep, so no request may reach it between the sleep after a
+    rollout and the next push's wake-up. A stand-in engine that refuses work while asleep, driven through rollout()
+    twice with 5 prompts and --generation_batch_size 2 (three hf chunks): each rollout is one generate call of every
+    prompt (the engine batches by itself), pushed before and put to sleep after."""
+    from types import SimpleNamespace
+
+    events = []
+
+    class Engine:
+        asleep = False
+
+        def wake_up(self):
+            self.asleep = False
+            events.append("wake")
+
+        def sleep(self, level):
+            assert level == 2
+            self.asleep = True
+            events.append("sleep")
+
+        def collective_rpc(self, method, kwargs):
+            assert method == "reload_weights" and not self.asleep
+            list(kwargs["weights_iterator"])
+            events.append("push")
+
+        def generate(self, requests, params, use_tqdm):
+            if self.asleep:
+                raise RuntimeError("a request to a sleeping engine")
+            events.append(f"generate {len(requests)}")
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7, 8, 2][: 1 + i % 3], logprobs=None)])
+                    for i in range(len(requests))]
+
+    tok = data.build_tiny_tokenizer(common.TOY)
+    policy = common.load_causal_lm(common.TINY, tok)
+    args = common.parse_args(rto.Args, ["--sft_ckpt", "x", "--rollout_engine", "vllm", "--vllm_sleep",
+                                        "--generation_batch_size", 2, "--max_new_tokens", 4], rto.DEFAULTS)
+    monkeypatch.setattr(vllm_engine, "ENGINE", {"llm": Engine(), "max_len": 28})
+    prompts = toy_task.prompts("train", 5)
+    for _ in range(2):
+        ro = rto.rollout(acc, policy, tok, prompts, list(range(5)), args)
+    assert events == ["wake", "push", "generate 5", "sleep"] * 2
+    # responses [7], [7, 8], [7, 8, 2], ... padded with EOS to 3 tokens: cut after the first EOS, or kept whole
+    assert ro["input_ids"].shape[0] == 5 and ro["response_mask"].sum(-1).tolist() == [2, 3, 3, 2, 3]
+
+
+@needs_vllm
 def test_resume_with_vllm_reproduces_the_uninterrupted_run(pipeline, tmp_path, engine):
     """3 iterations saving after each; then from a copy that lost checkpoints 2 and 3, --resume from checkpoint-1:
     the same numbers. The engine (shared with the clean run, which left later weights in it) gets the checkpoint's."""
