@@ -465,10 +465,13 @@ NOISY = [("llama-gqa", {"attention_dropout": 0.5}),  # a float the attention mod
 def test_a_checkpoint_whose_config_sets_dropout_computes_the_same_in_train_and_eval_mode(family, noise, tmp_path):
     """Whatever training-mode noise a checkpoint's config asks for, a loaded model computes in train mode what it
     does in eval mode: the frozen pass and the update see one policy."""
-    tok = data.build_tiny_tokenizer(common.TOY)
     from conftest import tiny_model
 
-    tiny_model(tok, family, **noise).save_pretrained(tmp_path)
+    tok = data.build_tiny_tokenizer(common.TOY)
+    model = tiny_model(tok, family)
+    model.config.update(noise)  # as a checkpoint's config.json gives them
+    model.save_pretrained(tmp_path)
+    assert all(json.loads((tmp_path / "config.json").read_text())[k] == v for k, v in noise.items())
     ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
     for scorer in (False, True):
         model = (common.load_scorer(str(tmp_path), tok, "m", new_head=True) if scorer else
@@ -485,8 +488,11 @@ def test_with_attention_dropout_in_the_config_the_first_ppo_ratio_is_one(tmp_pat
     from conftest import tiny_model
 
     tok = data.build_tiny_tokenizer(common.TOY)
-    tiny_model(tok, "llama-gqa", attention_dropout=0.5).save_pretrained(tmp_path / "sft")
+    model = tiny_model(tok, "llama-gqa")
+    model.config.attention_dropout = 0.5  # as a checkpoint's config.json gives it
+    model.save_pretrained(tmp_path / "sft")
     tok.save_pretrained(tmp_path / "sft")
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["attention_dropout"] == 0.5
     run_main("rto.py", "--sft_ckpt", tmp_path / "sft", "--reward_mode", "dppo", "--dpo_ckpt", tmp_path / "sft",
              "--beta3", 0, "--rollout_batch_size", 8, "--mini_batch_size", 8, "--ppo_epochs", 1, "--num_iterations", 1,
              "--max_new_tokens", 8, "--oracle_prompts", 4, "--sample_every", 0, "--output_dir", tmp_path / "rto")
