@@ -35,12 +35,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM, get_scheduler)
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    get_scheduler,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-TOY, TOY_LONG = "toy", "toy-long"  # --dataset names of the built-in task and its long variant (toy_task.py)
+TOY, TOY_LONG = (
+    "toy",
+    "toy-long",
+)  # --dataset names of the built-in task and its long variant (toy_task.py)
 TOYS = (TOY, TOY_LONG)  # every built-in task; toy_task.py takes the names from here
 COLLECTIVE_TIMEOUT = 1800  # seconds, --collective_timeout's default
 TINY = "tiny"  # --model_name_or_path of the small randomly initialised Llama
@@ -66,52 +78,92 @@ class RunArgs:
     output_dir: str = arg(None, "where the checkpoint folder and metrics.jsonl go")
     seed: int = arg(0, "random seed (data order, initialisation, sampling)")
     overwrite: bool = arg(False, "replace --output_dir if it already holds something")
-    report_to: str = arg("none", "Accelerate tracker for metrics besides metrics.jsonl: none | tensorboard | wandb")
-    skip_bad_rows: bool = arg(False, "skip data rows that cannot be parsed (counted) instead of failing on the first")
+    report_to: str = arg(
+        "none", "Accelerate tracker for metrics besides metrics.jsonl: none | tensorboard | wandb"
+    )
+    skip_bad_rows: bool = arg(
+        False, "skip data rows that cannot be parsed (counted) instead of failing on the first"
+    )
     long_prompts: str = arg("skip", "prompts longer than --max_prompt_len: skip (counted) | fail")
-    trust_remote_code: bool = arg(False, "let checkpoints run their own Python code (off: only built-in models)")
-    collective_timeout: int = arg(COLLECTIVE_TIMEOUT, "seconds a rank waits in a collective before the run fails "
-                                  "(torch: 600); rank 0 writing a consolidated 8B checkpoint takes minutes")
-    config: str = arg(None, "a YAML file of 'flag: value' lines (flag names without --); a flag given on the command "
-                            "line overrides it, and args.json records the values the run used")
+    trust_remote_code: bool = arg(
+        False, "let checkpoints run their own Python code (off: only built-in models)"
+    )
+    collective_timeout: int = arg(
+        COLLECTIVE_TIMEOUT,
+        "seconds a rank waits in a collective before the run fails "
+        "(torch: 600); rank 0 writing a consolidated 8B checkpoint takes minutes",
+    )
+    config: str = arg(
+        None,
+        "a YAML file of 'flag: value' lines (flag names without --); a flag given on the command "
+        "line overrides it, and args.json records the values the run used",
+    )
 
 
 @dataclass
 class TrainArgs(RunArgs):
     """Flags every training stage takes (sft, dpo, reward model, rto)."""
 
-    dataset_split: str = arg("train", "split of a hub --dataset to train on (UltraFeedback: train_prefs)")
+    dataset_split: str = arg(
+        "train", "split of a hub --dataset to train on (UltraFeedback: train_prefs)"
+    )
     max_steps: int = arg(-1, "stop after this many optimiser steps (-1: run the epochs)")
-    micro_batch_size: int = arg(None, "sequences per device per forward pass (default: the optimiser step's "
-                                "sequences / processes: --batch_size, or rto.py's --mini_batch_size)")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
+    micro_batch_size: int = arg(
+        None,
+        "sequences per device per forward pass (default: the optimiser step's "
+        "sequences / processes: --batch_size, or rto.py's --mini_batch_size)",
+    )
+    gradient_checkpointing: bool = arg(
+        False, "recompute activations in the backward pass to save memory"
+    )
     bf16: bool = arg(False, "bfloat16 mixed precision")
-    max_grad_norm: float = arg(1.0, "clip each model's gradient norm to this before every optimiser step")
-    save_every: int = arg(0, "write resumable state every N optimiser steps (0: only the final model)")
+    max_grad_norm: float = arg(
+        1.0, "clip each model's gradient norm to this before every optimiser step"
+    )
+    save_every: int = arg(
+        0, "write resumable state every N optimiser steps (0: only the final model)"
+    )
     save_total_limit: int = arg(1, "resumable checkpoints to keep, newest first")
     resume: bool = arg(False, "continue from the newest checkpoint-<step> in --output_dir")
-    skip_nonfinite: bool = arg(False, "skip a step whose loss or gradient is not finite (counted) instead of stopping")
+    skip_nonfinite: bool = arg(
+        False, "skip a step whose loss or gradient is not finite (counted) instead of stopping"
+    )
 
 
 @dataclass
 class LoraArgs:
     """Flags of the stages that can train a LoRA adapter instead of every weight (dpo, reward model, rto)."""
 
-    lora_rank: int = arg(0, "train a LoRA adapter of this rank on the frozen model instead of every weight "
-                            "(0: off; needs peft); the checkpoint is an adapter folder (docs/lora.md)")
-    lora_alpha: float = arg(16.0, "LoRA scale numerator: the adapter adds (alpha / rank) * B A to each weight")
-    lora_dropout: float = arg(0.0, "dropout on the adapters' input (rto.py: keep 0, or the first PPO ratio is not 1)")
-    lora_target_modules: str = arg("all-linear", "comma-separated module names to adapt, or all-linear (every "
-                                                 "linear layer but the output head)")
-    merge_lora: bool = arg(False, "also write <output_dir>/merged: the adapter merged into a plain save_pretrained "
-                                  "model that transformers loads without peft")
+    lora_rank: int = arg(
+        0,
+        "train a LoRA adapter of this rank on the frozen model instead of every weight "
+        "(0: off; needs peft); the checkpoint is an adapter folder (docs/lora.md)",
+    )
+    lora_alpha: float = arg(
+        16.0, "LoRA scale numerator: the adapter adds (alpha / rank) * B A to each weight"
+    )
+    lora_dropout: float = arg(
+        0.0, "dropout on the adapters' input (rto.py: keep 0, or the first PPO ratio is not 1)"
+    )
+    lora_target_modules: str = arg(
+        "all-linear",
+        "comma-separated module names to adapt, or all-linear (every "
+        "linear layer but the output head)",
+    )
+    merge_lora: bool = arg(
+        False,
+        "also write <output_dir>/merged: the adapter merged into a plain save_pretrained "
+        "model that transformers loads without peft",
+    )
 
 
 @dataclass
 class OfflineTrainArgs(TrainArgs):
     """Flags of the stages that train on a fixed dataset (sft, dpo, reward model), not on their own samples."""
 
-    eval_fraction: float = arg(0.05, "held-out share of a --dataset file (the built-in task has its own test set)")
+    eval_fraction: float = arg(
+        0.05, "held-out share of a --dataset file (the built-in task has its own test set)"
+    )
     eval_steps: int = arg(50, "held-out metrics every this many optimiser steps")
     logging_steps: int = arg(10, "log training metrics every this many optimiser steps")
 
@@ -135,8 +187,12 @@ def parse_args(args_class, argv=None, defaults=None):
     defaults = defaults or {}
     fields = {f.name: f for f in dataclasses.fields(args_class)}
     for flag in defaults:  # a flag with a default of its own would never take the table's
-        assert fields[flag].default is None, f"DEFAULTS[{flag!r}]: the field {flag} must default to None"
-    parser = HfArgumentParser(args_class, formatter_class=functools.partial(TwoDefaultsHelp, defaults=defaults))
+        assert fields[flag].default is None, (
+            f"DEFAULTS[{flag!r}]: the field {flag} must default to None"
+        )
+    parser = HfArgumentParser(
+        args_class, formatter_class=functools.partial(TwoDefaultsHelp, defaults=defaults)
+    )
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     read_config(parser, argv)
     try:
@@ -168,17 +224,26 @@ def read_config(parser, argv):
     values = {} if values is None else values  # an empty file
     if not isinstance(values, dict):
         fail(f"--config {path}: expected 'flag: value' lines (a YAML mapping)")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    actions = {
+        a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")
+    }
     for key, value in values.items():
         if key not in actions:
-            fail(f"--config {path}: unknown key {key!r}, not a flag of this stage (keys are flag names without --; "
-                 "see --help)")
+            fail(
+                f"--config {path}: unknown key {key!r}, not a flag of this stage (keys are flag names without --; "
+                "see --help)"
+            )
         listed = actions[key].nargs in ("+", "*")
         if isinstance(value, (list, dict)) and not (listed and isinstance(value, list)):
             fail(f"--config {path}: {key} takes one value, not {type(value).__name__} {value}")
         if value is not None:  # as text: parsed by the flag's own type, as on the command line
-            values[key] = [str(v) for v in value] if isinstance(value, list) else \
-                [str(value)] if listed else str(value)
+            values[key] = (
+                [str(v) for v in value]
+                if isinstance(value, list)
+                else [str(value)]
+                if listed
+                else str(value)
+            )
     parser.set_defaults(**values)
 
 
@@ -206,11 +271,17 @@ class TwoDefaultsHelp(ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         if action.dest not in self.defaults:
-            return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+            return (
+                action.help
+                if "(default:" in (action.help or "")
+                else super()._get_help_string(action)
+            )
         default = self.defaults[action.dest]
         long = "" if default.toy_long is None else f"{default.toy_long} on toy-long, "
-        return (f"{action.help} (default: {default.toy} on the built-in task, {long}"
-                f"{'required' if default.real is None else default.real} otherwise)")
+        return (
+            f"{action.help} (default: {default.toy} on the built-in task, {long}"
+            f"{'required' if default.real is None else default.real} otherwise)"
+        )
 
 
 def validate_shared(args):
@@ -231,7 +302,9 @@ def validate_shared(args):
             check_positive(args, "lora_alpha")
             peft_module()
         if args.merge_lora and not args.lora_rank:
-            fail("--merge_lora needs --lora_rank: without an adapter the checkpoint is already a plain model")
+            fail(
+                "--merge_lora needs --lora_rank: without an adapter the checkpoint is already a plain model"
+            )
     if isinstance(args, OfflineTrainArgs):
         check_at_least(args, 1, "eval_steps", "logging_steps")
         if not 0 < args.eval_fraction < 1:
@@ -269,9 +342,13 @@ def setup(args):
     trackers = {"none": None, "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
     if args.report_to not in trackers:
         fail(f"--report_to {args.report_to}: expected one of {', '.join(trackers)}")
-    if trackers[args.report_to] and not any(importlib.util.find_spec(p) for p in trackers[args.report_to]):
-        fail(f"--report_to {args.report_to}: the {trackers[args.report_to][0]} package is not installed "
-             f"(pip install {trackers[args.report_to][0]})")
+    if trackers[args.report_to] and not any(
+        importlib.util.find_spec(p) for p in trackers[args.report_to]
+    ):
+        fail(
+            f"--report_to {args.report_to}: the {trackers[args.report_to][0]} package is not installed "
+            f"(pip install {trackers[args.report_to][0]})"
+        )
     LOAD_OPTIONS["trust_remote_code"] = args.trust_remote_code
     accelerator = Accelerator(
         # each epoch's shuffle depends only on (seed, epoch), so a resumed run sees the same batches
@@ -279,8 +356,11 @@ def setup(args):
         mixed_precision="bf16" if getattr(args, "bf16", False) else "no",
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(
-            timeout=timedelta(seconds=getattr(args, "collective_timeout", COLLECTIVE_TIMEOUT)))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(
+                timeout=timedelta(seconds=getattr(args, "collective_timeout", COLLECTIVE_TIMEOUT))
+            )
+        ],
     )
     fsdp_on_cpu(accelerator)
     if accelerator.distributed_type.value == "FSDP":
@@ -295,10 +375,13 @@ def setup(args):
         if accelerator.is_fsdp2 and plugin.mixed_precision_policy is not None:
             # Accelerate's bf16 policy computes in bf16 and also reduce-scatters the gradients in bf16; sum them in
             # float32 instead, as the fp32 master weights they update (and as DDP's fp32 gradients) are.
-            plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
-                                                                reduce_dtype=torch.float32)
+            plugin.mixed_precision_policy = dataclasses.replace(
+                plugin.mixed_precision_policy, reduce_dtype=torch.float32
+            )
     # said out loud because a wrong launch command silently runs one process
-    accelerator.print(f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})")
+    accelerator.print(
+        f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value})"
+    )
     set_seed(args.seed)
     return accelerator
 
@@ -326,13 +409,16 @@ def phase_clock(accelerator):
         torch.cuda.reset_peak_memory_stats(device)
 
     def clock(name):
-        if device.type != "cpu":  # kernels run asynchronously: the phase ends when its device work has finished
+        if (
+            device.type != "cpu"
+        ):  # kernels run asynchronously: the phase ends when its device work has finished
             torch.accelerator.synchronize(device)
         now = time.perf_counter()
         metrics[f"time_{name}"], last[0] = now - last[0], now
         if cuda:
             metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
             torch.cuda.reset_peak_memory_stats(accelerator.device)
+
     clock.metrics = metrics
     return clock
 
@@ -343,13 +429,20 @@ def fsdp_on_cpu(accelerator):
     from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or accelerator.is_fsdp2 or \
-            accelerator.distributed_type == DistributedType.FSDP:
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+        or accelerator.is_fsdp2
+        or accelerator.distributed_type == DistributedType.FSDP
+    ):
         return
     for state in (accelerator.state, PartialState()):
         state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
-    if accelerator.mixed_precision != "no":  # as Accelerate does on GPUs: bf16 compute, fp32 master weights
+    accelerator.state.fsdp_plugin = (
+        FullyShardedDataParallelPlugin()
+    )  # reads the launcher's FSDP_* variables
+    if (
+        accelerator.mixed_precision != "no"
+    ):  # as Accelerate does on GPUs: bf16 compute, fp32 master weights
         accelerator.state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
@@ -370,7 +463,9 @@ def prepare_output_dir(args, accelerator, derived=None):
         os.replace(os.path.join(out, "args.json.tmp"), os.path.join(out, "args.json"))
     accelerator.wait_for_everyone()
     if args.report_to != "none":
-        config = _jsonable({**asdict(args), **{f"derived/{k}": v for k, v in (derived or {}).items()}})
+        config = _jsonable(
+            {**asdict(args), **{f"derived/{k}": v for k, v in (derived or {}).items()}}
+        )
         accelerator.init_trackers(os.path.basename(os.path.abspath(out)), config=config)
 
 
@@ -424,8 +519,9 @@ def reshards_after_forward(module, root):
     """An FSDP2 module's reshard-after-forward setting (FSDP2 has a setter only): whether its parameter groups free
     the gathered weights after forward. The root's default is decided at its first forward, and is no."""
     state = module._get_fsdp_state()
-    return not (root and state._auto_reshard_after_forward) and \
-        any(group._reshard_after_forward for group in state._fsdp_param_groups)
+    return not (root and state._auto_reshard_after_forward) and any(
+        group._reshard_after_forward for group in state._fsdp_param_groups
+    )
 
 
 def reshard(*models):
@@ -445,7 +541,11 @@ LOAD_OPTIONS = {"trust_remote_code": False}
 def check_model_path(name, flag):
     if name.endswith(".gguf") and not os.path.isfile(name):
         fail(f"{flag} {name}: no such .gguf file")
-    if name != TINY and not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if (
+        name != TINY
+        and not os.path.exists(name)
+        and (name.startswith((".", "/", "~")) or name.count("/") != 1)
+    ):
         fail(f"{flag} {name}: no such folder or file (and not a hub id of the form org/name)")
 
 
@@ -465,6 +565,7 @@ def from_pretrained_args(name, flag, model=False):
     if model:
         try:
             from transformers import GgufConfig
+
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
         except ImportError:
             pass
@@ -479,7 +580,9 @@ def end_of_turn_token(tokenizer):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False)
-    except Exception:  # a template may reject this conversation (jinja raise_exception); then it tells us nothing
+    except (
+        Exception
+    ):  # a template may reject this conversation (jinja raise_exception); then it tells us nothing
         return None
     after = text.split(mark, 1)[1].lstrip() if mark in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
@@ -496,7 +599,9 @@ def load_tokenizer(name, flag="--model_name_or_path"):
     template's turns do and an instruct model stops where it was taught to. Sets pad = EOS when the tokenizer
     has no pad token (masks compensate). The tiny model's tokenizer is data.build_tiny_tokenizer (sft.py)."""
     if name == TINY:
-        fail(f"{flag} {TINY}: the small random model is sft.py's starting point only; pass a checkpoint folder")
+        fail(
+            f"{flag} {TINY}: the small random model is sft.py's starting point only; pass a checkpoint folder"
+        )
     check_model_path(name, flag)
     path, kwargs = from_pretrained_args(name, flag)
     try:
@@ -505,12 +610,18 @@ def load_tokenizer(name, flag="--model_name_or_path"):
         fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0]})")
     eot = end_of_turn_token(tokenizer)
     if eot and eot != tokenizer.eos_token:
-        print(f"note: the chat template of {name} ends an assistant turn with {eot!r}, not its EOS "
-              f"{tokenizer.eos_token!r}; using {eot!r} as EOS", file=sys.stderr)
+        print(
+            f"note: the chat template of {name} ends an assistant turn with {eot!r}, not its EOS "
+            f"{tokenizer.eos_token!r}; using {eot!r} as EOS",
+            file=sys.stderr,
+        )
         tokenizer.eos_token = eot
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-        print(f"note: tokenizer of {name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad", file=sys.stderr)
+        print(
+            f"note: tokenizer of {name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad",
+            file=sys.stderr,
+        )
     return tokenizer
 
 
@@ -519,14 +630,25 @@ def same_vocab(path, tokenizer, flag, first):
     Models of one run pass token ids to each other as they are (a DPO model or a judge reads the policy's ids),
     so they must share one; `first` names where `tokenizer` came from ("--sft_ckpt", "the first model")."""
     if load_tokenizer(path, flag).get_vocab() != tokenizer.get_vocab():
-        fail(f"{flag} {path}: its tokenizer differs from {first}'s; all models of a run must share one vocabulary")
+        fail(
+            f"{flag} {path}: its tokenizer differs from {first}'s; all models of a run must share one vocabulary"
+        )
 
 
 def tiny_config(tokenizer, hidden=128, layers=4):
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
 
 
 def loads_weights(accelerator):
@@ -535,7 +657,11 @@ def loads_weights(accelerator):
     build the model with its weights on the meta device and read nothing (transformers alone would have every rank
     read the whole checkpoint into host memory)."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return not (accelerator.is_fsdp2 and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process)
+    return not (
+        accelerator.is_fsdp2
+        and plugin.cpu_ram_efficient_loading
+        and not accelerator.is_main_process
+    )
 
 
 def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
@@ -543,27 +669,46 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
     with weights=False the same model with its parameters on the meta device (buffers, such as rotary
     frequencies, computed for real). Returns (model, the checkpoint's weights that the model had to create)."""
     check_model_path(name, flag)
-    if is_adapter(name):  # an adapter folder: its base, the adapter merged in (every rank reads the weights)
+    if is_adapter(
+        name
+    ):  # an adapter folder: its base, the adapter merged in (every rank reads the weights)
         return load_merged_adapter(auto_class, name, flag, what, **kwargs)
     path, extra = from_pretrained_args(name, flag, model=True)
     try:
         if not weights:
             from accelerate import init_empty_weights
 
-            config = AutoConfig.from_pretrained(path, **{k: v for k, v in {**extra, **kwargs}.items()
-                                                         if k in ("gguf_file", "num_labels")}, **LOAD_OPTIONS)
+            config = AutoConfig.from_pretrained(
+                path,
+                **{
+                    k: v for k, v in {**extra, **kwargs}.items() if k in ("gguf_file", "num_labels")
+                },
+                **LOAD_OPTIONS,
+            )
             with init_empty_weights(include_buffers=False):
-                model = auto_class.from_config(config, dtype=kwargs.get("dtype", torch.float32), **LOAD_OPTIONS)
+                model = auto_class.from_config(
+                    config, dtype=kwargs.get("dtype", torch.float32), **LOAD_OPTIONS
+                )
             model.tie_weights()  # the meta parameters are made after from_config tied them: tie them again
-            stored = checkpoint_tensor_names(path)  # so that every rank finds the same weights missing
+            stored = checkpoint_tensor_names(
+                path
+            )  # so that every rank finds the same weights missing
             return model, [k for k in model.state_dict() if stored is not None and k not in stored]
-        model, info = auto_class.from_pretrained(path, use_safetensors=True, output_loading_info=True,
-                                                 **{"dtype": torch.float32, **kwargs}, **extra, **LOAD_OPTIONS)
+        model, info = auto_class.from_pretrained(
+            path,
+            use_safetensors=True,
+            output_loading_info=True,
+            **{"dtype": torch.float32, **kwargs},
+            **extra,
+            **LOAD_OPTIONS,
+        )
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load {what} ({str(e).splitlines()[0]})")
     if getattr(model, "is_quantized", False):
-        fail(f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an unquantised "
-             "checkpoint")
+        fail(
+            f"{flag} {name}: loads as a quantised model, which cannot be trained or saved; use an unquantised "
+            "checkpoint"
+        )
     return model, info["missing_keys"]
 
 
@@ -581,18 +726,24 @@ def checkpoint_tensor_names(path):
     return names if files else None
 
 
-def load_causal_lm(name, tokenizer, flag="--model_name_or_path", seed=0, dtype=torch.float32, weights=True):
+def load_causal_lm(
+    name, tokenizer, flag="--model_name_or_path", seed=0, dtype=torch.float32, weights=True
+):
     """Any causal LM by hub id, folder or .gguf file, or `tiny` (built in float32); dropout off (PPO's ratio must
     be 1 before any update). Loaded straight into `dtype`, never held in float32 first; weights=False: shapes only
     (loads_weights)."""
     if name == TINY:
         torch.manual_seed(seed)
         return use_packed_sdpa(disable_dropout(LlamaForCausalLM(tiny_config(tokenizer))))
-    model, _ = from_checkpoint(AutoModelForCausalLM, name, flag, "a causal LM", weights, dtype=dtype)
+    model, _ = from_checkpoint(
+        AutoModelForCausalLM, name, flag, "a causal LM", weights, dtype=dtype
+    )
     return use_packed_sdpa(disable_dropout(model))
 
 
-def load_model(name, tokenizer, flag, scorer=False, dtype=torch.float32, weights=True, new_head=False):
+def load_model(
+    name, tokenizer, flag, scorer=False, dtype=torch.float32, weights=True, new_head=False
+):
     """A causal LM, or with scorer=True a scalar-head model."""
     if scorer:
         return load_scorer(name, tokenizer, flag, dtype, weights, new_head)
@@ -604,14 +755,25 @@ def load_scorer(name, tokenizer, flag, dtype=torch.float32, weights=True, new_he
     named `score` (head_outputs reads it). The head must come from the checkpoint unless new_head=True (a critic or
     a reward model started from a causal LM): a reward model whose head transformers does not find would otherwise
     get a random one."""
-    model, missing = from_checkpoint(AutoModelForSequenceClassification, name, flag,
-                                     "as a sequence-classification model", weights, num_labels=1, dtype=dtype)
+    model, missing = from_checkpoint(
+        AutoModelForSequenceClassification,
+        name,
+        flag,
+        "as a sequence-classification model",
+        weights,
+        num_labels=1,
+        dtype=dtype,
+    )
     if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        fail(f"{flag} {name}: {type(model).__name__} has no linear head named `score`; use a reward model trained "
-             "by reward_model.py, or any AutoModelForSequenceClassification whose head is `score`")
+        fail(
+            f"{flag} {name}: {type(model).__name__} has no linear head named `score`; use a reward model trained "
+            "by reward_model.py, or any AutoModelForSequenceClassification whose head is `score`"
+        )
     if not new_head and any(k.startswith("score.") for k in missing):
-        fail(f"{flag} {name}: the checkpoint has no weights for the reward head `score` (a causal LM, or a head "
-             "stored under another name); train one with reward_model.py, or rename the head's tensors to score.*")
+        fail(
+            f"{flag} {name}: the checkpoint has no weights for the reward head `score` (a causal LM, or a head "
+            "stored under another name); train one with reward_model.py, or rename the head's tensors to score.*"
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     return use_packed_sdpa(disable_dropout(model))
 
@@ -633,7 +795,9 @@ def disable_dropout(model):
             if any(word in name for word in NOISE) and type(value) is float:
                 setattr(m, name, 0.0)
     configs = [model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)]
-    for config in (c for c in configs if c is not None):  # a multimodal model's text_config among them
+    for config in (
+        c for c in configs if c is not None
+    ):  # a multimodal model's text_config among them
         for name, value in vars(config).items():
             if any(word in name for word in NOISE) and type(value) is float:
                 setattr(config, name, 0.0)
@@ -697,41 +861,87 @@ def pack(batch):
     positions = position_ids(real.long())  # (B, T): from 0 at each sequence's first real token
     index = ((ends - lengths)[:, None] + positions) * real  # (B, T)
     ends = ends.tolist()  # one host sync: packed_sdpa cuts the row on the host
-    P, mask = batch["prompt_len"], batch["response_mask"]  # response token j is predicted at padded column P-1+j
-    columns = (index[:, P - 1:P - 1 + mask.shape[1]] * mask).long()  # (B, R)
-    return {**batch, "packed": {"input_ids": batch["input_ids"][real][None], "position_ids": positions[real][None],
-                                "sequences": list(zip([0] + ends[:-1], ends)), "index": index, "columns": columns}}
+    P, mask = (
+        batch["prompt_len"],
+        batch["response_mask"],
+    )  # response token j is predicted at padded column P-1+j
+    columns = (index[:, P - 1 : P - 1 + mask.shape[1]] * mask).long()  # (B, R)
+    return {
+        **batch,
+        "packed": {
+            "input_ids": batch["input_ids"][real][None],
+            "position_ids": positions[real][None],
+            "sequences": list(zip([0] + ends[:-1], ends, strict=True)),
+            "index": index,
+            "columns": columns,
+        },
+    }
 
 
-def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sequences=None, **kwargs):
+def packed_sdpa(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sequences=None, **kwargs
+):
     """transformers' sdpa attention, except in two cases. Over a packed row (forward() passes its `sequences`) each
     sequence attends causally to itself alone, one kernel call per sequence, within the layer's sliding window if it
     has one: sdpa over the whole row would compute every pair of positions in it, then mask out the pairs across
     sequences (on the CPU, and on GPUs without a variable-length kernel); the mask given alongside is not read.
-    Attention that sdpa cannot express here (a position bias, attention sinks) stops the run with one line. And on the CPU, grouped-query attention under a
+    Attention that sdpa cannot express here (a position bias, attention sinks) stops the run with one line. And on
+    the CPU, grouped-query attention under a
     mask (padded batches, every decoding step) is left to the kernel, which has it: transformers copies the key and
     value heads out to the query heads' number first, for GPU kernels that lack it. query (b, h, L, d), key and
     value (b, h_kv, L_kv, d)."""
     grouped = query.shape[1] != key.shape[1]
     if sequences is not None:
-        unsupported = [k for k in ("position_bias", "s_aux", "sinks", "softcap") if kwargs.get(k) is not None]
+        unsupported = [
+            k for k in ("position_bias", "s_aux", "sinks", "softcap") if kwargs.get(k) is not None
+        ]
         if unsupported or kwargs.get("is_causal") is False:
-            fail(f"packed rows: {type(module).__name__} attends with {unsupported or 'no causal mask'}, which packed "
-                 "attention does not compute; pass --packing false")
-        window = kwargs.get("sliding_window")  # a layer of a sliding-window model: each query sees `window` keys
+            fail(
+                f"packed rows: {type(module).__name__} attends with {unsupported or 'no causal mask'}, which packed "
+                "attention does not compute; pass --packing false"
+            )
+        window = kwargs.get(
+            "sliding_window"
+        )  # a layer of a sliding-window model: each query sees `window` keys
         outs = []
         for s, e in sequences:
-            mask = sliding_causal_mask(e - s, window, query.device) if window and e - s > window else None
-            outs.append(torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, dropout_p=dropout,
-                is_causal=mask is None, scale=scaling, enable_gqa=grouped))  # (1, h, e - s, d)
+            mask = (
+                sliding_causal_mask(e - s, window, query.device)
+                if window and e - s > window
+                else None
+            )
+            outs.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, s:e],
+                    key[:, :, s:e],
+                    value[:, :, s:e],
+                    attn_mask=mask,
+                    dropout_p=dropout,
+                    is_causal=mask is None,
+                    scale=scaling,
+                    enable_gqa=grouped,
+                )
+            )  # (1, h, e - s, d)
         out = torch.cat(outs, dim=2)  # (1, h, L, d)
-    elif grouped and attention_mask is not None and query.device.type == "cpu" and kwargs.get("position_bias") is None:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                               dropout_p=dropout, scale=scaling, enable_gqa=True)
+    elif (
+        grouped
+        and attention_mask is not None
+        and query.device.type == "cpu"
+        and kwargs.get("position_bias") is None
+    ):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=True,
+        )
     else:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -757,21 +967,34 @@ def packed_kwargs(model, rows):
     """What a packed row runs with: its positions, and for packed_sdpa its sequences with a placeholder 4D mask
     (one is passed through as is, so transformers builds no (L, L) mask that packed_sdpa would not read)."""
     config = getattr(model, "module", model).config  # DDP
-    if config._attn_implementation != "sdpa_packed":  # transformers finds the sequences from the positions
+    if (
+        config._attn_implementation != "sdpa_packed"
+    ):  # transformers finds the sequences from the positions
         return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"]}
-    return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"], "sequences": rows["sequences"],
-            "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=rows["input_ids"].device)}
+    return {
+        "input_ids": rows["input_ids"],
+        "position_ids": rows["position_ids"],
+        "sequences": rows["sequences"],
+        "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=rows["input_ids"].device),
+    }
 
 
 def forward(model, batch, **kwargs):
     """The model over a batch of the common layout: padded, or packed if it holds a layout from pack()."""
     if "packed" in batch:
         return model(**packed_kwargs(model, batch["packed"]), use_cache=False, **kwargs)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids(batch["attention_mask"]),
+        use_cache=False,
+        **kwargs,
+    )
 
 
-LOGITS_CHUNK_BYTES = 2**28  # float32 logits of at most this size (and one temporary as large) exist at once
+LOGITS_CHUNK_BYTES = (
+    2**28
+)  # float32 logits of at most this size (and one temporary as large) exist at once
 
 
 def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
@@ -785,17 +1008,25 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the whole model.
     A head that is not a plain bias-free linear map, or a model that changes its logits after the head
     (changes_logits: soft-capping, logit scales), gets the plain computation from the full logits instead."""
-    tokens, mask = batch["input_ids"][:, batch["prompt_len"]:], batch["response_mask"]  # (B, R)
+    tokens, mask = batch["input_ids"][:, batch["prompt_len"] :], batch["response_mask"]  # (B, R)
     inner = getattr(model, "module", model)  # DDP
     head, caught = inner.get_output_embeddings(), {}
-    fused = isinstance(head, torch.nn.Linear) and head.bias is None and not changes_logits(model, head, tokens)
+    fused = (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and not changes_logits(model, head, tokens)
+    )
 
     packed = "packed" in batch  # rto.py --packing
     keep = batch["packed"]["columns"].flatten() if packed else tokens.shape[1] + 1
 
-    def head_to_logprobs(hidden):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
+    def head_to_logprobs(
+        hidden,
+    ):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
         hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
-        logprobs, entropy = TokenLogprobs.apply(hidden, head.weight, tokens.flatten(), temperature, with_entropy)
+        logprobs, entropy = TokenLogprobs.apply(
+            hidden, head.weight, tokens.flatten(), temperature, with_entropy
+        )
         caught["entropy"] = entropy.view(tokens.shape) if with_entropy else None
         return logprobs.view(tokens.shape)
 
@@ -809,13 +1040,19 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     if fused:
         logprobs, entropy = out.logits, caught["entropy"]
     else:  # (B, R, V) logits, the plain way
-        logits = (out.logits.view(*tokens.shape, -1) if packed else out.logits[:, :-1]).float() / temperature
+        logits = (
+            out.logits.view(*tokens.shape, -1) if packed else out.logits[:, :-1]
+        ).float() / temperature
         logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        entropy = torch.cat([torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1)
+        entropy = torch.cat(
+            [torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1
+        )
     return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
 
 
-CHANGES_LOGITS = weakref.WeakKeyDictionary()  # output head -> whether its model changes the head's output
+CHANGES_LOGITS = (
+    weakref.WeakKeyDictionary()
+)  # output head -> whether its model changes the head's output
 
 
 def changes_logits(model, head, tokens):
@@ -856,13 +1093,19 @@ class TokenLogprobs(torch.autograd.Function):
         # Each chunk reads all of W, so fewer, larger chunks run nearer the matmul rate: W is (V, d), 113 MB for
         # SmolLM2, and a chunk of a few dozen rows spends its time reading it
         w, rows = weight.to(dtype), max(1, min(len(h), LOGITS_CHUNK_BYTES // (4 * weight.shape[0])))
-        logprobs, lses, entropy = h.new_empty(len(h), dtype=torch.float), [], h.new_empty(len(h), dtype=torch.float)
+        logprobs, lses, entropy = (
+            h.new_empty(len(h), dtype=torch.float),
+            [],
+            h.new_empty(len(h), dtype=torch.float),
+        )
         for i in range(0, len(h), rows):
-            logits = torch.nn.functional.linear(h[i:i + rows].to(dtype), w).float().div_(temperature)  # (n, V)
+            logits = (
+                torch.nn.functional.linear(h[i : i + rows].to(dtype), w).float().div_(temperature)
+            )  # (n, V)
             lse = logits.logsumexp(-1)
-            logprobs[i:i + rows] = logits.gather(-1, tokens[i:i + rows, None]).squeeze(-1) - lse
+            logprobs[i : i + rows] = logits.gather(-1, tokens[i : i + rows, None]).squeeze(-1) - lse
             if with_entropy:  # H = lse - sum p * logits
-                entropy[i:i + rows] = lse - logits.sub(lse[:, None]).exp_().mul_(logits).sum(-1)
+                entropy[i : i + rows] = lse - logits.sub(lse[:, None]).exp_().mul_(logits).sum(-1)
             lses.append(lse)
         ctx.save_for_backward(h, weight, tokens, torch.cat(lses))
         ctx.temperature, ctx.dtype, ctx.rows = temperature, dtype, rows
@@ -875,14 +1118,18 @@ class TokenLogprobs(torch.autograd.Function):
         w, rows, grad = weight.to(ctx.dtype), ctx.rows, grad.float()
         need_w = ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no (V, d) fp32 gradient
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float, device=weight.device) if need_w else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float, device=weight.device) if need_w else None
+        )
         for i in range(0, len(h), rows):
-            hi, g = h[i:i + rows].to(ctx.dtype), grad[i:i + rows]
-            dlogits = torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)  # (n, V), then in place:
-            dlogits.sub_(lse[i:i + rows, None]).exp_().mul_(-g[:, None])  # - softmax * g
-            dlogits.scatter_add_(1, tokens[i:i + rows, None], g[:, None]).div_(ctx.temperature)
+            hi, g = h[i : i + rows].to(ctx.dtype), grad[i : i + rows]
+            dlogits = (
+                torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)
+            )  # (n, V), then in place:
+            dlogits.sub_(lse[i : i + rows, None]).exp_().mul_(-g[:, None])  # - softmax * g
+            dlogits.scatter_add_(1, tokens[i : i + rows, None], g[:, None]).div_(ctx.temperature)
             dlogits = dlogits.to(ctx.dtype)
-            grad_h[i:i + rows] = (dlogits @ w).to(h.dtype)
+            grad_h[i : i + rows] = (dlogits @ w).to(h.dtype)
             if need_w:
                 grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
@@ -902,8 +1149,14 @@ def head_outputs(model, batch):
         forward(model, batch)
     finally:
         hook.remove()
-    out = caught[0].squeeze(-1).float()  # (B, T), packed (1, L): put back where the real tokens were
-    return out.flatten()[batch["packed"]["index"]] * batch["attention_mask"] if "packed" in batch else out
+    out = (
+        caught[0].squeeze(-1).float()
+    )  # (B, T), packed (1, L): put back where the real tokens were
+    return (
+        out.flatten()[batch["packed"]["index"]] * batch["attention_mask"]
+        if "packed" in batch
+        else out
+    )
 
 
 def sequence_scores(model, batch):
@@ -936,8 +1189,12 @@ def left_pad(prompts, pad_id, width=None):
     """Token-id lists -> (B, P) ids and attention mask, each prompt right-aligned at width P (default: the longest),
     so that every response starts at column P: the prompt half of data.py's batch layout, and generate's input."""
     P = width or max(map(len, prompts))
-    input_ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long).view(-1, P)
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long).view(-1, P)
+    input_ids = torch.tensor(
+        [[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long
+    ).view(-1, P)
+    attention_mask = torch.tensor(
+        [[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long
+    ).view(-1, P)
     return input_ids, attention_mask
 
 
@@ -955,26 +1212,50 @@ def prefill(model, input_ids, attention_mask, max_new_tokens):
     from transformers.cache_utils import StaticLayer
 
     B, W = input_ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=W + max_new_tokens)  # allocated at its first update
-    full = all(type(layer) is StaticLayer for layer in cache.layers)  # full attention in every layer
+    cache = StaticCache(
+        config=model.config, max_cache_len=W + max_new_tokens
+    )  # allocated at its first update
+    full = all(
+        type(layer) is StaticLayer for layer in cache.layers
+    )  # full attention in every layer
     checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
     empty = not attention_mask[:, :-1].any()  # every prompt one token long: nothing to cache
     if not full or checkpointing or empty or model.config._attn_implementation != "sdpa_packed":
         return None
-    rows = pack({"input_ids": input_ids[:, :-1], "attention_mask": attention_mask[:, :-1],
-                 "response_mask": attention_mask[:, :0], "prompt_len": W - 1})["packed"]
-    packed = model(**packed_kwargs(model, rows), use_cache=True, logits_to_keep=1).past_key_values  # (1, h, L, d)
-    index = rows["index"].flatten()  # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
+    rows = pack(
+        {
+            "input_ids": input_ids[:, :-1],
+            "attention_mask": attention_mask[:, :-1],
+            "response_mask": attention_mask[:, :0],
+            "prompt_len": W - 1,
+        }
+    )["packed"]
+    packed = model(
+        **packed_kwargs(model, rows), use_cache=True, logits_to_keep=1
+    ).past_key_values  # (1, h, L, d)
+    index = rows[
+        "index"
+    ].flatten()  # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
     for i, layer in enumerate(packed.layers):
-        keys, values = (t.transpose(1, 2).flatten(0, 1)[index].unflatten(0, (B, W - 1)).transpose(1, 2)
-                        for t in (layer.keys, layer.values))  # (B, h, W - 1, d), left-padded as the prompts
+        keys, values = (
+            t.transpose(1, 2).flatten(0, 1)[index].unflatten(0, (B, W - 1)).transpose(1, 2)
+            for t in (layer.keys, layer.values)
+        )  # (B, h, W - 1, d), left-padded as the prompts
         cache.update(keys.contiguous(), values.contiguous(), i)
     return cache
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, synced_gpus=False,
-           prompt_width=None):
+def sample(
+    model,
+    tokenizer,
+    prompt_ids,
+    max_new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    synced_gpus=False,
+    prompt_width=None,
+):
     """Sample responses with the KV cache. prompt_ids: list of id lists.
 
     Returns a batch in the common layout plus 'ended' (B,): whether the response has an EOS.
@@ -986,16 +1267,30 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
     # synced_gpus: every rank must run the same forwards, and prefill skips its own on a rank whose prompts are all
     # one token long
     cache = None if synced_gpus else prefill(model, input_ids, attention_mask, max_new_tokens)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                         do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, disable_compile=True)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced_gpus,
+        disable_compile=True,
+    )
     responses = out[:, P:]  # (B, R)
     response_mask, ended = truncate_at_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return {"input_ids": torch.cat([input_ids, responses], 1),
-            "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
-            "response_mask": response_mask, "prompt_len": P, "ended": ended}
+    return {
+        "input_ids": torch.cat([input_ids, responses], 1),
+        "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
+        "response_mask": response_mask,
+        "prompt_len": P,
+        "ended": ended,
+    }
 
 
 # ============================================================================ the training step and resumable state
@@ -1003,10 +1298,14 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, top_p=
 def batch_plan(accelerator, batch_size, micro_batch_size):
     """Micro-batch and gradient-accumulation steps so that micro × processes × accumulation = global batch."""
     num_processes = accelerator.num_processes
-    micro = micro_batch_size if micro_batch_size is not None else max(1, batch_size // num_processes)
+    micro = (
+        micro_batch_size if micro_batch_size is not None else max(1, batch_size // num_processes)
+    )
     if batch_size % (micro * num_processes):
-        fail(f"--batch_size {batch_size} is not divisible by --micro_batch_size {micro} × {num_processes} processes; "
-             "change one of them")
+        fail(
+            f"--batch_size {batch_size} is not divisible by --micro_batch_size {micro} × {num_processes} processes; "
+            "change one of them"
+        )
     accelerator.gradient_accumulation_steps = batch_size // (micro * num_processes)
     return micro, accelerator.gradient_accumulation_steps
 
@@ -1030,8 +1329,11 @@ def lr_schedule(accelerator, optimizer, name, warmup_steps, steps, **kwargs):
     """A prepared transformers schedule over `steps` optimiser steps. Accelerate steps a prepared scheduler once
     per process at every optimiser step, so its length is counted in process-steps."""
     n = accelerator.num_processes
-    return accelerator.prepare(get_scheduler(name, optimizer, warmup_steps * n, steps * n,
-                                             scheduler_specific_kwargs=kwargs or None))
+    return accelerator.prepare(
+        get_scheduler(
+            name, optimizer, warmup_steps * n, steps * n, scheduler_specific_kwargs=kwargs or None
+        )
+    )
 
 
 def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, where):
@@ -1048,7 +1350,7 @@ def optimizer_step(accelerator, models, loss, optimizers, schedulers, args, wher
         norms = torch.stack([clip_grad_norm(accelerator, m, args.max_grad_norm) for m in models])
         if not all_finite(accelerator, norms):
             return nonfinite(args, "gradient norm", where, optimizers)
-    for optimizer, scheduler in zip(optimizers, schedulers):
+    for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -1075,7 +1377,9 @@ def all_finite(accelerator, x):
 def nonfinite(args, what, where, optimizers):
     """A non-finite `what` at `where`: one line and stop, or with --skip_nonfinite zero the gradients and go on."""
     if not args.skip_nonfinite:
-        fail(f"non-finite {what} at {where}; lower the learning rate, or pass --skip_nonfinite to skip it")
+        fail(
+            f"non-finite {what} at {where}; lower the learning rate, or pass --skip_nonfinite to skip it"
+        )
     for optimizer in optimizers:
         optimizer.zero_grad()
     return False
@@ -1096,7 +1400,7 @@ def save_state(accelerator, args, step, extra=None):
             json.dump({"step": step, **(extra or {})}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        for old in checkpoints(args.output_dir)[:-max(1, args.save_total_limit)]:
+        for old in checkpoints(args.output_dir)[: -max(1, args.save_total_limit)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
@@ -1105,7 +1409,9 @@ def checkpoints(output_dir):
     """Complete checkpoint folders, oldest first."""
     found = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, "state.json")):
+        if name.startswith("checkpoint-") and os.path.exists(
+            os.path.join(output_dir, name, "state.json")
+        ):
             found.append(os.path.join(output_dir, name))
     return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
 
@@ -1116,7 +1422,9 @@ def load_state(accelerator, args):
         return None
     found = checkpoints(args.output_dir)
     if not found:
-        fail(f"--resume: no checkpoint-<step> folder in {args.output_dir} (save some with --save_every N)")
+        fail(
+            f"--resume: no checkpoint-<step> folder in {args.output_dir} (save some with --save_every N)"
+        )
     accelerator.load_state(found[-1])
     with open(os.path.join(found[-1], "state.json")) as f:
         state = json.load(f)
@@ -1208,10 +1516,16 @@ def fingerprint(model):
         return None  # shapes only (loads_weights): nothing to compare
     for name, t in sorted(state.items()):
         name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if name.startswith(("lm_head.", "score.")) or ".lora_" in name or ".modules_to_save." in name:
+        if (
+            name.startswith(("lm_head.", "score."))
+            or ".lora_" in name
+            or ".modules_to_save." in name
+        ):
             continue
         flat = t.detach().reshape(-1)
-        sample = flat[::max(1, len(flat) // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        sample = (
+            flat[:: max(1, len(flat) // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        )
         digest.update(f"{name}{tuple(t.shape)}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -1226,16 +1540,24 @@ def add_adapter(model, args, base_path, scorer=False):
     (save_adapter): `base_path` and the weights' fingerprint."""
     peft = peft_module()
     targets = args.lora_target_modules
-    config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules=targets if targets == "all-linear" else targets.split(","),
-                             modules_to_save=["score"] if scorer else None)
+    config = peft.LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        modules_to_save=["score"] if scorer else None,
+    )
     base_fingerprint = fingerprint(model)
     wrapper = peft.get_peft_model(model, config)
-    for p in trainable(model):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
+    for p in trainable(
+        model
+    ):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
         p.data = p.data.float()
     model.enable_input_require_grads()  # gradient checkpointing: the frozen embeddings' output must carry a grad
-    wrapper.lora_base = {"base": os.path.abspath(base_path) if os.path.exists(base_path) else base_path,
-                         "fingerprint": base_fingerprint}
+    wrapper.lora_base = {
+        "base": os.path.abspath(base_path) if os.path.exists(base_path) else base_path,
+        "fingerprint": base_fingerprint,
+    }
     object.__setattr__(model, "lora", wrapper)  # not a submodule: no cycle in the module tree
     return model
 
@@ -1283,7 +1605,10 @@ class AdapterView:
 def add_second_adapter(model, path, flag, name):
     """Load the adapter folder at `path` into `model` (add_adapter's) as frozen adapter `name`, if it was trained
     on this base (same fingerprint); returns False when it was not, or `path` is not an adapter folder."""
-    if not is_adapter(path) or adapter_base(path, flag)["fingerprint"] != model.lora.lora_base["fingerprint"]:
+    if (
+        not is_adapter(path)
+        or adapter_base(path, flag)["fingerprint"] != model.lora.lora_base["fingerprint"]
+    ):
         return False
     model.lora.load_adapter(path, adapter_name=name, is_trainable=False)
     model.lora.set_adapter("default")
@@ -1298,12 +1623,18 @@ def adapter_on(accelerator, model, path, flag, model_flag):
     if not is_adapter(path):
         return False
     mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
-    other = mine is not None and mine != theirs  # (None: this rank holds shapes only; the main process holds weights)
-    if reduce(accelerator, float(other)).item() > 0:  # every rank takes the branch the weights decide
+    other = (
+        mine is not None and mine != theirs
+    )  # (None: this rank holds shapes only; the main process holds weights)
+    if (
+        reduce(accelerator, float(other)).item() > 0
+    ):  # every rank takes the branch the weights decide
         if not accelerator.is_main_process:
             raise SystemExit(1)
-        fail(f"{flag} {path}: an adapter trained on other base weights than {model_flag}'s (fingerprint {theirs}, "
-             f"not {mine}); train it from the {model_flag} model, or pass a full (merged) checkpoint")
+        fail(
+            f"{flag} {path}: an adapter trained on other base weights than {model_flag}'s (fingerprint {theirs}, "
+            f"not {mine}); train it from the {model_flag} model, or pass a full (merged) checkpoint"
+        )
     return True
 
 
@@ -1312,22 +1643,32 @@ def adapter_base(path, flag):
         with open(os.path.join(path, LORA_BASE)) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        fail(f"{flag} {path}: an adapter folder without a readable {LORA_BASE} (its base and fingerprint; write "
-             f"adapters with this project's stages): {e}")
+        fail(
+            f"{flag} {path}: an adapter folder without a readable {LORA_BASE} (its base and fingerprint; write "
+            f"adapters with this project's stages): {e}"
+        )
 
 
 def load_merged_adapter(auto_class, path, flag, what, **kwargs):
     """An adapter folder as a plain model: its recorded base loaded (checked against the recorded fingerprint),
     the adapter merged in, the extra config keys (reward_mean, dpo_beta) set. Returns (model, missing keys)."""
     peft, record = peft_module(), adapter_base(path, flag)
-    base, missing = from_checkpoint(auto_class, record["base"], f"{flag} {path}'s base", what, **kwargs)
+    base, missing = from_checkpoint(
+        auto_class, record["base"], f"{flag} {path}'s base", what, **kwargs
+    )
     if fingerprint(base) != record["fingerprint"]:
-        fail(f"{flag} {path}: its base {record['base']} now holds other weights than the adapter was trained on "
-             f"(fingerprint {fingerprint(base)}, recorded {record['fingerprint']})")
-    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)  # peft froze it
+        fail(
+            f"{flag} {path}: its base {record['base']} now holds other weights than the adapter was trained on "
+            f"(fingerprint {fingerprint(base)}, recorded {record['fingerprint']})"
+        )
+    model = (
+        peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)
+    )  # peft froze it
     for k, v in record.get("config", {}).items():
         setattr(model.config, k, v)
-    saved = set(peft.PeftConfig.from_pretrained(path).modules_to_save or [])  # a reward head comes from the adapter
+    saved = set(
+        peft.PeftConfig.from_pretrained(path).modules_to_save or []
+    )  # a reward head comes from the adapter
     return model, [k for k in missing if k.split(".")[0] not in saved]
 
 
@@ -1336,7 +1677,9 @@ def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
     head copy), the tokenizer and lora_base.json, adapter_config.json moved in last (it marks the folder whole)."""
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state, selected_adapters=["default"], safe_serialization=True)
+    model.save_pretrained(
+        tmp, state_dict=state, selected_adapters=["default"], safe_serialization=True
+    )
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, LORA_BASE), "w") as f:
         json.dump({**model.lora_base, "config": extra_config or {}}, f, indent=1)
@@ -1348,28 +1691,41 @@ def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
 
 
 def merged_state_dict(model, state, name="default"):
-    """A peft model's state dict (gathered, any dtype) -> the plain model's, adapter `name` merged in (merged_weights)."""
+    """A peft model's state dict (gathered, any dtype) -> the plain model's, adapter `name` merged in
+    (merged_weights)."""
     return dict(merged_weights(model, state, name))
 
 
 def merged_weights(model, state, name="default"):
     """(name, tensor) of the plain model, one at a time, from a peft model's state dict: W + s * B A for every adapted
-    weight (s: the layer's scale, alpha / r, or alpha / sqrt(r) under rsLoRA; transposed for Conv1D layers), the head copy in place of the original head, other adapters dropped. Computed from the
-    tensors, so it works on a gathered FSDP2 state dict as on one process; FSDP2's sharded tensors (DTensor) are
-    gathered one at a time (vllm_engine.push takes the merged weights this way, never a whole second copy)."""
-    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    weight (s: the layer's scale, alpha / r, or alpha / sqrt(r) under rsLoRA; transposed for Conv1D layers), the
+    head copy in place of the original head, other adapters dropped. Computed from the tensors, so it works on a
+    gathered FSDP2 state dict as on one process; FSDP2's sharded tensors (DTensor) are gathered one at a time
+    (vllm_engine.push takes the merged weights this way, never a whole second copy)."""
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
     for key, value in state.items():
         plain = key.removeprefix("base_model.model.")
-        if ".lora_" in plain or ".original_module." in plain or \
-                (".modules_to_save." in plain and f".modules_to_save.{name}." not in plain):
+        if (
+            ".lora_" in plain
+            or ".original_module." in plain
+            or (".modules_to_save." in plain and f".modules_to_save.{name}." not in plain)
+        ):
             continue
         value = full(value)
         if ".base_layer." in plain:
             module = key.split(".base_layer.")[0]
             plain = plain.replace(".base_layer.", ".")
             if plain.endswith(".weight"):
-                layer = model.get_submodule(module)  # peft's LoRA layer: its own scale and weight layout
-                a, b = full(state[f"{module}.lora_A.{name}.weight"]), full(state[f"{module}.lora_B.{name}.weight"])
+                layer = model.get_submodule(
+                    module
+                )  # peft's LoRA layer: its own scale and weight layout
+                a, b = (
+                    full(state[f"{module}.lora_A.{name}.weight"]),
+                    full(state[f"{module}.lora_B.{name}.weight"]),
+                )
                 delta = layer.scaling[name] * (b.float() @ a.float())  # (out, in)
                 if layer.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
                     delta = delta.T
@@ -1401,9 +1757,20 @@ def log_metrics(accelerator, output_dir, metrics, step):
 
 
 def progress(accelerator, total, desc, initial=0):
-    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
 
 
 def progress_iter(accelerator, iterable, desc):
-    return tqdm(iterable, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+        leave=False,
+    )

@@ -56,8 +56,11 @@ def _as_messages(value):
     if not isinstance(value, list) or not value:
         raise ValueError("expected a non-empty list of {role, content} messages")
     for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in ("system", "user", "assistant")
+        ):
             raise ValueError("a message is not {role: system|user|assistant, content: str}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -94,18 +97,27 @@ def parse_row(row, fmt):
 
 def _parse_layout(row, fmt):
     if fmt == "prompt_only":
-        return {"prompt": _as_prompt(row["context_messages"] if "context_messages" in row else row["prompt"])}
+        return {
+            "prompt": _as_prompt(
+                row["context_messages"] if "context_messages" in row else row["prompt"]
+            )
+        }
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if chosen is None or rejected is None:
         raise ValueError("'chosen' or 'rejected' is missing")
-    if isinstance(chosen, list):  # UltraFeedback: full conversations, the last message is the answer
+    if isinstance(
+        chosen, list
+    ):  # UltraFeedback: full conversations, the last message is the answer
         chosen, rejected = _as_messages(chosen), _as_messages(rejected)
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise ValueError("the last message of 'chosen'/'rejected' is not the assistant's")
         # no prompt column (or an empty one): the conversation before the answer; any other value must be a prompt
         prompt = chosen[:-1] if row.get("prompt") in (None, "") else _as_prompt(row["prompt"])
-        return {"prompt": prompt, "chosen": _text(chosen[-1]["content"], "chosen"),
-                "rejected": _text(rejected[-1]["content"], "rejected")}
+        return {
+            "prompt": prompt,
+            "chosen": _text(chosen[-1]["content"], "chosen"),
+            "rejected": _text(rejected[-1]["content"], "rejected"),
+        }
     chosen, rejected = _text(chosen, "chosen"), _text(rejected, "rejected")
     if row.get("prompt") is not None:  # generic prompt/chosen/rejected
         return {"prompt": _as_prompt(row["prompt"]), "chosen": chosen, "rejected": rejected}
@@ -116,8 +128,11 @@ def _parse_layout(row, fmt):
     prompt = _messages_from_hh(chosen[:cut_c])
     if not prompt:
         raise ValueError("no '\\n\\nHuman:' turn before the last assistant turn")
-    return {"prompt": prompt, "chosen": _text(chosen[cut_c + 12:].strip(), "chosen"),
-            "rejected": _text(rejected[cut_r + 12:].strip(), "rejected")}
+    return {
+        "prompt": prompt,
+        "chosen": _text(chosen[cut_c + 12 :].strip(), "chosen"),
+        "rejected": _text(rejected[cut_r + 12 :].strip(), "rejected"),
+    }
 
 
 # ============================================================================ reading files and hub datasets
@@ -125,7 +140,10 @@ def _parse_layout(row, fmt):
 def load_rows(dataset, split="train", skip_bad_rows=False):
     """Rows of a hub dataset or a local json/jsonl(.gz)/parquet file, parsed into one layout."""
     local = os.path.exists(dataset)
-    if not local and (dataset.startswith((".", "/", "~")) or dataset.endswith((".json", ".jsonl", ".gz", ".parquet"))):
+    if not local and (
+        dataset.startswith((".", "/", "~"))
+        or dataset.endswith((".json", ".jsonl", ".gz", ".parquet"))
+    ):
         fail(f"--dataset {dataset}: no such file")
     if local and not dataset.endswith(".parquet"):
         columns, raws = _read_json(dataset)
@@ -135,12 +153,16 @@ def load_rows(dataset, split="train", skip_bad_rows=False):
         fail(f"--dataset {dataset}: has no rows")
     fmt = detect_format(columns)
     if fmt is None:
-        fail(f"--dataset {dataset}: unknown format (columns {columns}); expected chosen/rejected "
-             "(HH-RLHF, UltraFeedback, or with prompt), or prompt / context_messages")
+        fail(
+            f"--dataset {dataset}: unknown format (columns {columns}); expected chosen/rejected "
+            "(HH-RLHF, UltraFeedback, or with prompt), or prompt / context_messages"
+        )
     rows, bad = [], 0
     for i in range(len(raws)):
         try:
-            raw = raws[i]  # by index: a parquet string that is not UTF-8 raises as its row is read, not before
+            raw = raws[
+                i
+            ]  # by index: a parquet string that is not UTF-8 raises as its row is read, not before
             if isinstance(raw, ValueError):  # a JSON line that is not an object (see _read_json)
                 raise raw
             rows.append(parse_row(raw, fmt))
@@ -150,7 +172,10 @@ def load_rows(dataset, split="train", skip_bad_rows=False):
                 fail(f"--dataset {dataset} row {i}: {why} (pass --skip_bad_rows to skip such rows)")
             bad += 1
     if bad:
-        print(f"note: skipped {bad} of {len(raws)} rows of {dataset} that could not be parsed", file=sys.stderr)
+        print(
+            f"note: skipped {bad} of {len(raws)} rows of {dataset} that could not be parsed",
+            file=sys.stderr,
+        )
     if not rows:
         fail(f"--dataset {dataset}: no usable rows")
     return rows
@@ -167,7 +192,9 @@ def _read_with_datasets(dataset, split, local):
             ds = datasets.load_dataset(dataset, split=split)
     except Exception as e:  # the datasets library raises many kinds; all mean the same to a user
         why = (str(e).splitlines() or [""])[0][:200]  # some come with no message at all
-        fail(f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}{f': {why}' if why else ''})")
+        fail(
+            f"--dataset {dataset}: cannot be read as a dataset ({type(e).__name__}{f': {why}' if why else ''})"
+        )
     return ds.column_names, ds
 
 
@@ -186,7 +213,11 @@ def _read_json(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read().removeprefix(b"\xef\xbb\xbf")
-    except (OSError, EOFError, zlib.error) as e:  # a folder, not gzip after all, gzip cut short, ...
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+    ) as e:  # a folder, not gzip after all, gzip cut short, ...
         fail(f"--dataset {path}: cannot be read ({type(e).__name__}: {str(e)[:200]})")
     if data.lstrip().startswith(b"["):  # one JSON array: it stands or falls as a whole
         values = _json_value(data)
@@ -198,9 +229,15 @@ def _read_json(path):
     if not rows:
         fail(f"--dataset {path}: is empty (no rows)")
     if not any(isinstance(r, dict) for r in rows):
-        what = "one JSON object over many lines" if isinstance(_json_value(data), dict) else f"row 0: {rows[0]}"
-        fail(f"--dataset {path}: cannot be read as a dataset ({what}; expected an object per line or an array of "
-             "objects)")
+        what = (
+            "one JSON object over many lines"
+            if isinstance(_json_value(data), dict)
+            else f"row 0: {rows[0]}"
+        )
+        fail(
+            f"--dataset {path}: cannot be read as a dataset ({what}; expected an object per line or an array of "
+            "objects)"
+        )
     columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
     return columns, [{c: r.get(c) for c in columns} if isinstance(r, dict) else r for r in rows]
 
@@ -209,7 +246,9 @@ def _json_value(text):
     """Bytes of JSON -> the value, or a ValueError saying why not."""
     try:
         value = json.loads(text.decode())  # strict UTF-8
-        if b"\\ud" in text.lower():  # escapes of lone surrogates ("\ud800") parse, but no tokenizer takes them
+        if (
+            b"\\ud" in text.lower()
+        ):  # escapes of lone surrogates ("\ud800") parse, but no tokenizer takes them
             json.dumps(value, ensure_ascii=False).encode()
     except UnicodeError:
         return ValueError("not valid UTF-8 text")
@@ -237,8 +276,10 @@ def split_eval(rows, eval_fraction, seed):
 def load_pairs(dataset, args, eval_fraction=0.05):
     """(train, eval) preference pairs: {prompt: messages, chosen: str, rejected: str}."""
     if dataset in TOYS:
-        return (toy_task.preference_data("train", seed=args.seed, task=dataset),
-                toy_task.preference_data("test", 500, args.seed, task=dataset))
+        return (
+            toy_task.preference_data("train", seed=args.seed, task=dataset),
+            toy_task.preference_data("test", 500, args.seed, task=dataset),
+        )
     rows = [r for r in load_rows(dataset, args.dataset_split, args.skip_bad_rows) if "chosen" in r]
     if not rows:
         fail(f"--dataset {dataset}: holds prompts only; this stage needs chosen/rejected pairs")
@@ -293,18 +334,29 @@ def fit_prompts(tokenizer, items, max_prompt_len, long_prompts="skip", limit=Non
         if len(ids) <= max_prompt_len:
             keep.append((item, ids))
         elif long_prompts == "fail":
-            fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {max_prompt_len} (or pass --long_prompts skip)")
+            fail(
+                f"a prompt has {len(ids)} tokens > --max_prompt_len {max_prompt_len} (or pass --long_prompts skip)"
+            )
         else:
             long += 1
     if long:
-        print(f"note: skipped {long} prompts over {max_prompt_len} tokens (--max_prompt_len)", file=sys.stderr)
+        print(
+            f"note: skipped {long} prompts over {max_prompt_len} tokens (--max_prompt_len)",
+            file=sys.stderr,
+        )
     if not keep:
         fail(f"no prompt fits --max_prompt_len {max_prompt_len} (all {long} are longer); raise it")
     return keep
 
 
-def encode_examples(tokenizer, rows, max_prompt_len, max_response_len, long_prompts="skip",
-                    keys=("chosen", "rejected")):
+def encode_examples(
+    tokenizer,
+    rows,
+    max_prompt_len,
+    max_response_len,
+    long_prompts="skip",
+    keys=("chosen", "rejected"),
+):
     """Tokenise rows; responses are truncated (never prompts); over-long prompts as fit_prompts says."""
     out, cut = [], 0
     for row, p in fit_prompts(tokenizer, rows, max_prompt_len, long_prompts, key="prompt"):
@@ -314,7 +366,10 @@ def encode_examples(tokenizer, rows, max_prompt_len, max_response_len, long_prom
             cut += was_cut
         out.append(ex)
     if cut:
-        print(f"note: truncated {cut} responses to {max_response_len} tokens (--max_response_len)", file=sys.stderr)
+        print(
+            f"note: truncated {cut} responses to {max_response_len} tokens (--max_response_len)",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -322,26 +377,43 @@ def collate(prompts, responses, pad_id):
     """Lists of token-id lists -> the batch layout in this module's docstring."""
     prompt_ids, prompt_mask = common.left_pad(prompts, pad_id)  # (B, P)
     R = max(map(len, responses))
-    response_ids = torch.tensor([list(r) + [pad_id] * (R - len(r)) for r in responses], dtype=torch.long).view(-1, R)
-    response_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in responses], dtype=torch.long).view(-1, R)
-    return {"input_ids": torch.cat([prompt_ids, response_ids], 1),
-            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
-            "response_mask": response_mask.float(), "prompt_len": prompt_ids.shape[1]}
+    response_ids = torch.tensor(
+        [list(r) + [pad_id] * (R - len(r)) for r in responses], dtype=torch.long
+    ).view(-1, R)
+    response_mask = torch.tensor(
+        [[1] * len(r) + [0] * (R - len(r)) for r in responses], dtype=torch.long
+    ).view(-1, R)
+    return {
+        "input_ids": torch.cat([prompt_ids, response_ids], 1),
+        "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        "response_mask": response_mask.float(),
+        "prompt_len": prompt_ids.shape[1],
+    }
 
 
 def collate_pairs(examples, pad_id):
     """Chosen and rejected stacked into one batch of 2B: rows [0, B) chosen, [B, 2B) rejected."""
-    return collate([e["prompt"] for e in examples] * 2,
-                   [e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+    return collate(
+        [e["prompt"] for e in examples] * 2,
+        [e["chosen"] for e in examples] + [e["rejected"] for e in examples],
+        pad_id,
+    )
 
 
 def cat_batches(batches, pad_id):
     """Concatenate batches of the common layout that share P but not R (responses right-padded to the longest)."""
     R = max(b["response_mask"].shape[1] for b in batches)
     out = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0), ("logprobs", 0)):
+    for key, fill in (
+        ("input_ids", pad_id),
+        ("attention_mask", 0),
+        ("response_mask", 0),
+        ("logprobs", 0),
+    ):
         if key in batches[0]:  # logprobs: rto.py --generation_logprobs
-            out[key] = torch.cat([F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches])
+            out[key] = torch.cat(
+                [F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches]
+            )
     out["ended"] = torch.cat([b["ended"] for b in batches])
     return {**out, "prompt_len": batches[0]["prompt_len"]}
 
@@ -351,7 +423,7 @@ def decode_responses(tokenizer, batch):
     emit <unk> or a role marker is writing junk, and a judge must be able to see it."""
     P = batch["prompt_len"]
     texts = []
-    for ids, m in zip(batch["input_ids"][:, P:], batch["response_mask"]):
+    for ids, m in zip(batch["input_ids"][:, P:], batch["response_mask"], strict=True):
         ids = ids[m.bool()].tolist()
         ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
         texts.append(tokenizer.decode(ids, skip_special_tokens=False).strip())
@@ -374,30 +446,53 @@ def build_tiny_tokenizer(dataset):
 
     if dataset in TOYS:
         vocab = toy_task.LONG_VOCAB if dataset == TOY_LONG else toy_task.VOCAB
-        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + vocab)}, unk_token="<unk>"))
+        tok = Tokenizer(
+            models.WordLevel({w: i for i, w in enumerate(SPECIALS + vocab)}, unk_token="<unk>")
+        )
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     else:
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        tok = Tokenizer(models.BPE({c: i for i, c in enumerate(SPECIALS + sorted(alphabet))}, [], unk_token="<unk>"))
+        tok = Tokenizer(
+            models.BPE(
+                {c: i for i, c in enumerate(SPECIALS + sorted(alphabet))}, [], unk_token="<unk>"
+            )
+        )
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                        additional_special_tokens=SPECIALS[3:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIALS[3:],
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
 @torch.no_grad()
-def mean_oracle_reward(accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0):
+def mean_oracle_reward(
+    accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0
+):
     """Mean ground-truth reward of sampled responses to built-in-task prompts (messages). Every process
     samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
     model = accelerator.unwrap_model(model)
     scores = []
-    gpus = [accelerator.device] if accelerator.device.type == "cuda" else []  # sampling draws from its RNG too
-    with torch.random.fork_rng(devices=gpus), common.gathered_weights(model):  # FSDP2: no collective per token
+    gpus = (
+        [accelerator.device] if accelerator.device.type == "cuda" else []
+    )  # sampling draws from its RNG too
+    with (
+        torch.random.fork_rng(devices=gpus),
+        common.gathered_weights(model),
+    ):  # FSDP2: no collective per token
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            batch = common.sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
-            scores += [toy_task.oracle_reward(p, r) for p, r in zip(chunk, decode_responses(tokenizer, batch))]
+            chunk = prompts[i : i + batch_size]
+            batch = common.sample(
+                model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
+            )
+            scores += [
+                toy_task.oracle_reward(p, r)
+                for p, r in zip(chunk, decode_responses(tokenizer, batch), strict=True)
+            ]
     return sum(scores) / len(scores)

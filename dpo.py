@@ -21,7 +21,6 @@ import common
 import data
 from common import TOY, Default, arg
 
-
 # flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
 DEFAULTS = {
     "lr": Default(toy=3e-4, real=5e-6),
@@ -35,20 +34,33 @@ DEFAULTS = {
 
 @dataclass
 class Args(common.OfflineTrainArgs, common.LoraArgs):
-    sft_ckpt: str = arg(None, "SFT checkpoint folder: the policy to train and, frozen, the reference")
-    dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks' pairs), a hub id, or a local json/jsonl/parquet file of pairs")
+    sft_ckpt: str = arg(
+        None, "SFT checkpoint folder: the policy to train and, frozen, the reference"
+    )
+    dataset: str = arg(
+        TOY,
+        "'toy' or 'toy-long' (built-in tasks' pairs), a hub id, or a local json/jsonl/parquet file of pairs",
+    )
     output_dir: str = arg("runs/dpo", "checkpoint folder to write")
     beta: float = arg(0.1, "DPO beta (paper: 0.1)")
-    nll_coef: float = arg(None, "RPO (Pang et al. 2024): add this x the chosen response's mean token NLL, so that "
-                               "chosen responses stay likely (OpenRLHF: --nll_loss_coef; 0 = plain DPO, the paper)")
+    nll_coef: float = arg(
+        None,
+        "RPO (Pang et al. 2024): add this x the chosen response's mean token NLL, so that "
+        "chosen responses stay likely (OpenRLHF: --nll_loss_coef; 0 = plain DPO, the paper)",
+    )
     lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(32, "pairs per optimiser step, over all processes (paper: 32)")
     epochs: int = arg(None, "passes over the pairs")
     warmup_ratio: float = arg(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
-    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_prompt_len: int = arg(
+        None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)"
+    )
     max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut")
-    ref_logprobs: str = arg("precompute", "precompute: one pass of the reference before training, then free it; "
-                                          "live: keep the reference model and run it every step")
+    ref_logprobs: str = arg(
+        "precompute",
+        "precompute: one pass of the reference before training, then free it; "
+        "live: keep the reference model and run it every step",
+    )
 
 
 def validate(args):
@@ -66,11 +78,15 @@ def validate(args):
 
 def pair_collate(pad_id):
     """data.collate_pairs, plus the precomputed reference log-probs when there are some: (2B,)."""
+
     def collate(exs):
         batch = data.collate_pairs(exs, pad_id)
         if "ref_chosen" in exs[0]:
-            batch["ref"] = torch.tensor([e["ref_chosen"] for e in exs] + [e["ref_rejected"] for e in exs])
+            batch["ref"] = torch.tensor(
+                [e["ref_chosen"] for e in exs] + [e["ref_rejected"] for e in exs]
+            )
         return batch
+
     return collate
 
 
@@ -82,14 +98,20 @@ def sequence_logprobs(model, batch):
 @torch.no_grad()
 def precompute_reference(accelerator, ref, examples, micro, pad_id):
     """One pass of the frozen reference over every pair; stores its sequence log-probs in the examples."""
-    loader = accelerator.prepare_data_loader(DataLoader(examples, micro, collate_fn=pair_collate(pad_id)))
+    loader = accelerator.prepare_data_loader(
+        DataLoader(examples, micro, collate_fn=pair_collate(pad_id))
+    )
     out = []
     for batch in common.progress_iter(accelerator, loader, "reference log-probs"):
         lp = sequence_logprobs(ref, batch)  # (2B,)
         B = lp.shape[0] // 2
-        out.append(common.gather(accelerator, torch.stack([lp[:B], lp[B:]], 1)))  # (B, 2) in data order
+        out.append(
+            common.gather(accelerator, torch.stack([lp[:B], lp[B:]], 1))
+        )  # (B, 2) in data order
     out = torch.cat(out).tolist()
-    return [{**e, "ref_chosen": c, "ref_rejected": r} for e, (c, r) in zip(examples, out)]
+    return [
+        {**e, "ref_chosen": c, "ref_rejected": r} for e, (c, r) in zip(examples, out, strict=True)
+    ]
 
 
 def dpo_loss(policy_logps, ref_logps, beta):
@@ -102,9 +124,13 @@ def dpo_loss(policy_logps, ref_logps, beta):
 
 
 def step_metrics(loss, chosen, rejected):
-    return {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-            "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
-            "margin": (chosen - rejected).mean().item()}
+    return {
+        "loss": loss.item(),
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "chosen_reward": chosen.mean().item(),
+        "rejected_reward": rejected.mean().item(),
+        "margin": (chosen - rejected).mean().item(),
+    }
 
 
 def batch_loss(model, ref, batch, beta, nll_coef=0.0):
@@ -136,22 +162,41 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    if args.lora_rank:  # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
+    if (
+        args.lora_rank
+    ):  # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt", dtype=dtype)
-        model = common.add_adapter(common.cast(model, dtype), args, args.sft_ckpt).to(accelerator.device)
+        model = common.add_adapter(common.cast(model, dtype), args, args.sft_ckpt).to(
+            accelerator.device
+        )
         ref = common.AdapterView(model, None)
     else:
-        model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt",
-                                      weights=common.loads_weights(accelerator))
-        ref = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)  # bf16 under --bf16
+        model = common.load_causal_lm(
+            args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator)
+        )
+        ref = common.load_frozen(
+            accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16
+        )  # bf16 under --bf16
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
-    enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
-                                            args.long_prompts)
+
+    def enc(rows):
+        return data.encode_examples(
+            tokenizer, rows, args.max_prompt_len, args.max_response_len, args.long_prompts
+        )
+
     train, held = enc(train), enc(held)
-    common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
-                                                  "gradient_accumulation_steps": accum, "train_pairs": len(train),
-                                                  "heldout_pairs": len(held)})
+    common.prepare_output_dir(
+        args,
+        accelerator,
+        {
+            "processes": accelerator.num_processes,
+            "micro_batch_size": micro,
+            "gradient_accumulation_steps": accum,
+            "train_pairs": len(train),
+            "heldout_pairs": len(held),
+        },
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -163,39 +208,59 @@ def main(argv=None):
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=pair_collate(pad))
     held_loader = DataLoader(held, micro, collate_fn=pair_collate(pad))
     optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, fused=True)
-    model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
-    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
-    scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
+    model, optimizer, train_loader, held_loader = accelerator.prepare(
+        model, optimizer, train_loader, held_loader
+    )
+    steps = common.total_steps(
+        len(train_loader), accum, args.epochs, args.max_steps
+    )  # per-process batches
+    scheduler = common.lr_schedule(
+        accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps
+    )
 
     step = (common.load_state(accelerator, args) or {"step": 0})["step"]
     if step == 0:
-        common.log_metrics(accelerator, args.output_dir, evaluate(accelerator, model, ref, held_loader, args.beta), 0)
+        common.log_metrics(
+            accelerator,
+            args.output_dir,
+            evaluate(accelerator, model, ref, held_loader, args.beta),
+            0,
+        )
     bar, skipped, window = common.progress(accelerator, steps, "dpo", step), 0, []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss, chosen, rejected = batch_loss(model, ref, batch, args.beta, args.nll_coef)
-            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args,
-                                                 f"step {step + 1}")
+            skipped += not common.optimizer_step(
+                accelerator, [model], loss, [optimizer], [scheduler], args, f"step {step + 1}"
+            )
         window.append(step_metrics(loss.detach(), chosen, rejected))
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        metrics = {k: common.reduce(accelerator, torch.tensor([w[k] for w in window]).mean(), "mean").item()
-                   for k in window[0]}  # the step's means
+        metrics = {
+            k: common.reduce(
+                accelerator, torch.tensor([w[k] for w in window]).mean(), "mean"
+            ).item()
+            for k in window[0]
+        }  # the step's means
         window = []
         if step % args.eval_steps == 0 or step == steps:
             metrics.update(evaluate(accelerator, model, ref, held_loader, args.beta))
         if step % args.logging_steps == 0 or "eval_loss" in metrics:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-            common.log_metrics(accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step)
+            common.log_metrics(
+                accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step
+            )
         if args.save_every and step % args.save_every == 0 and step < steps:
             common.save_state(accelerator, args, step)
         if step >= steps:
             break
 
     final = evaluate(accelerator, model, ref, held_loader, args.beta)
-    common.save_model(accelerator, model, tokenizer, args.output_dir, {"dpo_beta": args.beta}, args.merge_lora)
+    common.save_model(
+        accelerator, model, tokenizer, args.output_dir, {"dpo_beta": args.beta}, args.merge_lora
+    )
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in final.items()))
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

@@ -35,7 +35,6 @@ import data
 import toy_task
 from common import TOY, TOYS, Default, arg
 
-
 # flag: its value on the built-in task, with real models (None: required), on toy-long; None in Args
 DEFAULTS = {
     "judge": Default(toy="oracle", real=None),
@@ -46,26 +45,47 @@ DEFAULTS = {
 
 @dataclass
 class Args(common.RunArgs):
-    models: list[str] = field(default_factory=list, metadata={"help": "name=checkpoint_dir ... (row/column order of "
-                              "the table); every model must share the first one's vocabulary"})
+    models: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "name=checkpoint_dir ... (row/column order of "
+            "the table); every model must share the first one's vocabulary"
+        },
+    )
     judge: str = arg(None, "oracle | rm:<dir> | dpo:<dpo_dir>,<ref_dir>")
-    dataset: str = arg(TOY, "held-out prompts: 'toy' (the built-in task's test prompts), a hub id or a file")
+    dataset: str = arg(
+        TOY, "held-out prompts: 'toy' (the built-in task's test prompts), a hub id or a file"
+    )
     split: str = arg("test", "split of a hub dataset")
     num_prompts: int = arg(400, "prompts to evaluate on (paper: 400)")
-    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_prompt_len: int = arg(
+        None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)"
+    )
     max_new_tokens: int = arg(None, "response length limit")
     temperature: float = arg(1.0, "sampling temperature, the same for every model")
     top_p: float = arg(1.0, "nucleus sampling, the same for every model")
     batch_size: int = arg(64, "prompts per generate call (and per judge forward pass)")
     dpo_beta: float = arg(0.1, "beta of a DPO model whose config has no dpo_beta")
-    show_token_rewards: int = arg(0, "show the per-token DPO reward of this many responses of every model")
-    token_reward_dpo: str = arg(None, "<dpo_dir>,<ref_dir> for --show_token_rewards (default: a dpo: judge's)")
-    curves: list[str] = field(default_factory=list, metadata={"help": "rto.py run folders whose metrics.jsonl to "
-                              "plot, one line per run"})
+    show_token_rewards: int = arg(
+        0, "show the per-token DPO reward of this many responses of every model"
+    )
+    token_reward_dpo: str = arg(
+        None, "<dpo_dir>,<ref_dir> for --show_token_rewards (default: a dpo: judge's)"
+    )
+    curves: list[str] = field(
+        default_factory=list,
+        metadata={"help": "rto.py run folders whose metrics.jsonl to plot, one line per run"},
+    )
     output_dir: str = arg("results/eval", "where the tables, responses and plots go")
 
 
-CURVE_METRICS = ["sentence_reward", "oracle_reward", "dpo_reward_per_response", "kl_per_token", "response_length"]
+CURVE_METRICS = [
+    "sentence_reward",
+    "oracle_reward",
+    "dpo_reward_per_response",
+    "kl_per_token",
+    "response_length",
+]
 
 
 def validate(args):
@@ -73,7 +93,9 @@ def validate(args):
     if not args.models and not args.curves:
         common.fail("nothing to do: pass --models name=dir ... and/or --curves run_dir ...")
     if args.models and not args.judge:
-        common.fail("--judge is required off the built-in task: rm:<dir> or dpo:<dpo_dir>,<ref_dir>")
+        common.fail(
+            "--judge is required off the built-in task: rm:<dir> or dpo:<dpo_dir>,<ref_dir>"
+        )
     common.check_at_least(args, 1, "num_prompts", "batch_size", "max_new_tokens", "max_prompt_len")
     common.check_at_least(args, 0, "show_token_rewards")
     common.check_positive(args, "temperature", "dpo_beta")
@@ -81,8 +103,12 @@ def validate(args):
         common.fail(f"--top_p {args.top_p}: must be greater than 0 and at most 1")
     if args.token_reward_dpo and not is_pair(args.token_reward_dpo):
         common.fail(f"--token_reward_dpo {args.token_reward_dpo}: expected <dpo_dir>,<ref_dir>")
-    if args.show_token_rewards and not (args.token_reward_dpo or (args.judge or "").startswith("dpo:")):
-        common.fail("--show_token_rewards needs a DPO model: --judge dpo:<dpo>,<ref> or --token_reward_dpo <dpo>,<ref>")
+    if args.show_token_rewards and not (
+        args.token_reward_dpo or (args.judge or "").startswith("dpo:")
+    ):
+        common.fail(
+            "--show_token_rewards needs a DPO model: --judge dpo:<dpo>,<ref> or --token_reward_dpo <dpo>,<ref>"
+        )
     return args
 
 
@@ -105,7 +131,9 @@ def parse_judge(spec, dataset):
     kind, _, path = spec.partition(":")
     if kind == "oracle" and not path:
         if dataset not in TOYS:  # the oracle knows only the built-in task's topics
-            common.fail(f"--judge oracle: only for the built-in task's prompts (--dataset toy), not {dataset}")
+            common.fail(
+                f"--judge oracle: only for the built-in task's prompts (--dataset toy), not {dataset}"
+            )
         return {"kind": "oracle"}
     if kind == "rm" and path or kind == "dpo" and is_pair(path):
         return {"kind": kind, "path": path}
@@ -120,7 +148,9 @@ def load_dpo_pair(spec, tokenizer, flag, args, device):
     """{'dpo', 'ref', 'beta'} from '<dpo_dir>,<ref_dir>'; beta is the one the DPO model was trained with."""
     paths = spec.split(",")
     for path in paths:
-        common.same_vocab(path, tokenizer, flag, "the first model")  # the judge reads the policies' ids as they are
+        common.same_vocab(
+            path, tokenizer, flag, "the first model"
+        )  # the judge reads the policies' ids as they are
     dpo, ref = (common.frozen(common.load_causal_lm(p, tokenizer, flag)).to(device) for p in paths)
     return {"dpo": dpo, "ref": ref, "beta": getattr(dpo.config, "dpo_beta", None) or args.dpo_beta}
 
@@ -128,7 +158,9 @@ def load_dpo_pair(spec, tokenizer, flag, args, device):
 def load_judge(judge, tokenizer, args, device):
     if judge["kind"] == "rm":
         common.same_vocab(judge["path"], tokenizer, "--judge rm:", "the first model")
-        judge["rm"] = common.frozen(common.load_scorer(judge["path"], tokenizer, "--judge rm:")).to(device)
+        judge["rm"] = common.frozen(common.load_scorer(judge["path"], tokenizer, "--judge rm:")).to(
+            device
+        )
     if judge["kind"] == "dpo":
         judge.update(load_dpo_pair(judge["path"], tokenizer, "--judge dpo:", args, device))
     return judge
@@ -136,7 +168,7 @@ def load_judge(judge, tokenizer, args, device):
 
 # ============================================================================ judges: one function per kind
 def oracle_scores(judge, batch, prompts, texts):
-    return [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]
+    return [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
 
 
 def rm_scores(judge, batch, prompts, texts):
@@ -170,10 +202,14 @@ def load_eval_prompts(args, tokenizer):
         prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed, task=args.dataset)
     else:
         prompts = data.load_prompts(args.dataset, args.split, args)
-    keep = data.fit_prompts(tokenizer, prompts, args.max_prompt_len, args.long_prompts, limit=args.num_prompts)
+    keep = data.fit_prompts(
+        tokenizer, prompts, args.max_prompt_len, args.long_prompts, limit=args.num_prompts
+    )
     if len(keep) < args.num_prompts:
-        print(f"note: only {len(keep)} prompts fit --max_prompt_len (--num_prompts {args.num_prompts})",
-              file=sys.stderr)
+        print(
+            f"note: only {len(keep)} prompts fit --max_prompt_len (--num_prompts {args.num_prompts})",
+            file=sys.stderr,
+        )
     return [p for p, _ in keep], [ids for _, ids in keep]
 
 
@@ -187,15 +223,32 @@ def sample_and_score(accelerator, model, tokenizer, prompts, ids, judge, args, n
     width = max(map(len, ids))  # one prompt width for all batches and models
     rows, bar = [], common.progress(accelerator, len(ids), f"{name}: sample + judge")
     for i in range(0, len(ids), args.batch_size):
-        batch = common.sample(model, tokenizer, ids[i:i + args.batch_size], args.max_new_tokens, args.temperature,
-                              args.top_p, prompt_width=width)
+        batch = common.sample(
+            model,
+            tokenizer,
+            ids[i : i + args.batch_size],
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            prompt_width=width,
+        )
         texts = data.decode_responses(tokenizer, batch)
-        scores = judge_scores(judge, batch, prompts[i:i + args.batch_size], texts)
-        responses = batch["input_ids"][:, batch["prompt_len"]:]  # (b, R), right-padded after the first EOS
-        for k, (text, score) in enumerate(zip(texts, scores)):
+        scores = judge_scores(judge, batch, prompts[i : i + args.batch_size], texts)
+        responses = batch["input_ids"][
+            :, batch["prompt_len"] :
+        ]  # (b, R), right-padded after the first EOS
+        for k, (text, score) in enumerate(zip(texts, scores, strict=True)):
             mask = batch["response_mask"][k].bool()
-            rows.append({"prompt": prompts[i + k], "response": text, "score": score, "length": int(mask.sum()),
-                         "ended": bool(batch["ended"][k]), "ids": responses[k][mask].tolist()})
+            rows.append(
+                {
+                    "prompt": prompts[i + k],
+                    "response": text,
+                    "score": score,
+                    "length": int(mask.sum()),
+                    "ended": bool(batch["ended"][k]),
+                    "ids": responses[k][mask].tolist(),
+                }
+            )
         bar.update(len(texts))
     bar.close()
     return rows
@@ -207,9 +260,14 @@ def win_rates(scores, tie_tol=1e-6):
 
     Ties count half, so W[a][b] + W[b][a] = 1 and W[a][a] = 0.5. Scores within tie_tol are a tie: a model
     judge scores the same text to float noise that depends on the batch's padding."""
+
     def beats(x, y):
         return 0.5 if abs(x - y) <= tie_tol else float(x > y)
-    return {a: {b: sum(map(beats, sa, sb)) / len(sa) for b, sb in scores.items()} for a, sa in scores.items()}
+
+    return {
+        a: {b: sum(map(beats, sa, sb)) / len(sa) for b, sb in scores.items()}
+        for a, sa in scores.items()
+    }
 
 
 def mean_ci(xs):
@@ -221,18 +279,32 @@ def mean_ci(xs):
 
 def summarise(rows):
     mean, ci = mean_ci([r["score"] for r in rows])
-    return {"mean_score": mean, "ci95": ci, "mean_length": sum(r["length"] for r in rows) / len(rows),
-            "eos_rate": sum(r["ended"] for r in rows) / len(rows)}
+    return {
+        "mean_score": mean,
+        "ci95": ci,
+        "mean_length": sum(r["length"] for r in rows) / len(rows),
+        "eos_rate": sum(r["ended"] for r in rows) / len(rows),
+    }
 
 
 def markdown(wins, summary, judge, n):
     names = list(wins)
-    lines = [f"Win rates, judge `{judge}`, {n} prompts: row beats column (ties count half)", "",
-             "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [
+        f"Win rates, judge `{judge}`, {n} prompts: row beats column (ties count half)",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     lines += [f"| {a} | " + " | ".join(f"{wins[a][b]:.3f}" for b in names) + " |" for a in names]
-    lines += ["", "| model | mean score | 95% CI | mean length (tokens, EOS included) | EOS rate |", "|---" * 5 + "|"]
-    lines += [f"| {m} | {s['mean_score']:.3f} | ±{s['ci95']:.3f} | {s['mean_length']:.1f} | {s['eos_rate']:.3f} |"
-              for m, s in summary.items()]
+    lines += [
+        "",
+        "| model | mean score | 95% CI | mean length (tokens, EOS included) | EOS rate |",
+        "|---" * 5 + "|",
+    ]
+    lines += [
+        f"| {m} | {s['mean_score']:.3f} | ±{s['ci95']:.3f} | {s['mean_length']:.1f} | {s['eos_rate']:.3f} |"
+        for m, s in summary.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -244,15 +316,39 @@ def write_results(out, results, args):
     text = markdown(wins, summary, args.judge, n)
     with open(os.path.join(out, "winrates.md"), "w") as f:
         f.write(text)
-    settings = {k: getattr(args, k) for k in ("dataset", "seed", "temperature", "top_p", "max_new_tokens")}
+    settings = {
+        k: getattr(args, k) for k in ("dataset", "seed", "temperature", "top_p", "max_new_tokens")
+    }
     with open(os.path.join(out, "winrates.json"), "w") as f:
-        json.dump({"judge": args.judge, "num_prompts": n, "models": parse_models(args.models), **settings,
-                   "win_rates": wins, "summary": summary}, f, indent=2)
+        json.dump(
+            {
+                "judge": args.judge,
+                "num_prompts": n,
+                "models": parse_models(args.models),
+                **settings,
+                "win_rates": wins,
+                "summary": summary,
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(out, "responses.jsonl"), "w") as f:
         for model, rows in results.items():
             for k, r in enumerate(rows):
-                f.write(json.dumps({"prompt_index": k, "prompt": r["prompt"], "model": model, "response": r["response"],
-                                    "score": r["score"], "length": r["length"], "ended": r["ended"]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt_index": k,
+                            "prompt": r["prompt"],
+                            "model": model,
+                            "response": r["response"],
+                            "score": r["score"],
+                            "length": r["length"],
+                            "ended": r["ended"],
+                        }
+                    )
+                    + "\n"
+                )
     return text, summary
 
 
@@ -261,8 +357,10 @@ def token_pieces(tokenizer, ids):
     """The text each token adds to the decoded response (spaces included), special tokens shown."""
     pieces, prev = [], ""
     for k in range(len(ids)):
-        text = tokenizer.decode(ids[:k + 1])
-        pieces.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode(ids[k:k + 1]))
+        text = tokenizer.decode(ids[: k + 1])
+        pieces.append(
+            text[len(prev) :] if text.startswith(prev) else tokenizer.decode(ids[k : k + 1])
+        )
         prev = text
     return pieces
 
@@ -278,10 +376,15 @@ def print_token_rewards(items, scale):
     tty = sys.stdout.isatty()
     for it in items:
         if tty:
-            body = "".join("\x1b[30;48;2;{};{};{}m".format(*colour(v, scale)) + t + "\x1b[0m"
-                           for t, v in zip(it["tokens"], it["values"]))
+            body = "".join(
+                "\x1b[30;48;2;{};{};{}m".format(*colour(v, scale)) + t + "\x1b[0m"
+                for t, v in zip(it["tokens"], it["values"], strict=True)
+            )
         else:
-            body = " ".join(f"{t.strip() or repr(t)}[{v:+.3f}]" for t, v in zip(it["tokens"], it["values"]))
+            body = " ".join(
+                f"{t.strip() or repr(t)}[{v:+.3f}]"
+                for t, v in zip(it["tokens"], it["values"], strict=True)
+            )
         print(f"[{it['model']}] {it['prompt']!r} (sum {sum(it['values']):+.3f}): {body}")
 
 
@@ -289,16 +392,22 @@ def token_rewards_html(items, scale, beta):
     """A self-contained page: every token a <span> coloured by its reward, the value in its tooltip."""
     blocks = []
     for it in items:
-        spans = "".join(f'<span style="background:rgb{colour(v, scale)}" title="{v:+.4f}">{html.escape(t)}</span>'
-                        for t, v in zip(it["tokens"], it["values"]))
-        blocks.append(f"<div class=r><b>{html.escape(it['model'])}</b> &mdash; {html.escape(it['prompt'])} "
-                      f"(sum {sum(it['values']):+.3f})<p class=t>{spans}</p></div>")
-    return ("<!doctype html><html><head><meta charset=utf-8><title>DPO token rewards</title><style>"
-            "body{font-family:sans-serif;max-width:60em;margin:2em auto} .r{margin:1.5em 0} "
-            ".t{font-family:monospace;white-space:pre-wrap;line-height:1.8}</style></head><body>"
-            f"<h1>Per-token DPO reward &beta;&middot;(log &pi;<sub>dpo</sub> &minus; log &pi;<sub>ref</sub>), "
-            f"&beta; = {beta}</h1><p>Green: credit, red: blame; full colour at |reward| &ge; {scale:.3f}. "
-            "Hover over a token for its value.</p>" + "".join(blocks) + "</body></html>\n")
+        spans = "".join(
+            f'<span style="background:rgb{colour(v, scale)}" title="{v:+.4f}">{html.escape(t)}</span>'
+            for t, v in zip(it["tokens"], it["values"], strict=True)
+        )
+        blocks.append(
+            f"<div class=r><b>{html.escape(it['model'])}</b> &mdash; {html.escape(it['prompt'])} "
+            f"(sum {sum(it['values']):+.3f})<p class=t>{spans}</p></div>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><title>DPO token rewards</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto} .r{margin:1.5em 0} "
+        ".t{font-family:monospace;white-space:pre-wrap;line-height:1.8}</style></head><body>"
+        f"<h1>Per-token DPO reward &beta;&middot;(log &pi;<sub>dpo</sub> &minus; log &pi;<sub>ref</sub>), "
+        f"&beta; = {beta}</h1><p>Green: credit, red: blame; full colour at |reward| &ge; {scale:.3f}. "
+        "Hover over a token for its value.</p>" + "".join(blocks) + "</body></html>\n"
+    )
 
 
 @torch.no_grad()
@@ -309,9 +418,18 @@ def show_token_rewards(pair, tokenizer, results, prompt_ids, n, out, device):
         batch = data.collate(prompt_ids[:n], [r["ids"] for r in rows[:n]], tokenizer.pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         rewards = dpo_token_rewards(pair, batch)  # (n, R)
-        items += [{"model": model, "prompt": r["prompt"][-1]["content"], "tokens": token_pieces(tokenizer, r["ids"]),
-                   "values": rewards[k, :len(r["ids"])].tolist()} for k, r in enumerate(rows[:n])]
-    scale = max((abs(v) for it in items for v in it["values"]), default=0.0) or 1.0  # one scale for all models
+        items += [
+            {
+                "model": model,
+                "prompt": r["prompt"][-1]["content"],
+                "tokens": token_pieces(tokenizer, r["ids"]),
+                "values": rewards[k, : len(r["ids"])].tolist(),
+            }
+            for k, r in enumerate(rows[:n])
+        ]
+    scale = (
+        max((abs(v) for it in items for v in it["values"]), default=0.0) or 1.0
+    )  # one scale for all models
     print_token_rewards(items, scale)
     with open(os.path.join(out, "token_rewards.html"), "w") as f:
         f.write(token_rewards_html(items, scale, pair["beta"]))
@@ -328,19 +446,26 @@ def read_curves(run_dirs):
                 lines = [json.loads(line) for line in f if line.strip()]
         except (OSError, ValueError) as e:
             common.fail(f"--curves {d}: cannot read {path} ({type(e).__name__})")
-        lines = [m for m in lines if "policy_loss" in m]  # iteration lines, not before/after summaries
+        lines = [
+            m for m in lines if "policy_loss" in m
+        ]  # iteration lines, not before/after summaries
         if not lines:
             common.fail(f"--curves {d}: {path} has no RL iteration lines (is it an rto.py run?)")
         label = os.path.basename(os.path.normpath(d))
-        curves[d if label in curves else label] = lines  # two runs/rto folders: the second goes by its path
+        curves[d if label in curves else label] = (
+            lines  # two runs/rto folders: the second goes by its path
+        )
     return curves
 
 
 def plot_curves(curves, out):
     """curves.png, one subplot per metric and one line per run; curves.csv (long format) without matplotlib."""
-    metrics = [m for m in CURVE_METRICS if any(m in line for lines in curves.values() for line in lines)]
+    metrics = [
+        m for m in CURVE_METRICS if any(m in line for lines in curves.values() for line in lines)
+    ]
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -348,23 +473,37 @@ def plot_curves(curves, out):
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["run", "step", "metric", "value"])
-            w.writerows([run, line["step"], m, line[m]] for run, lines in curves.items() for line in lines
-                        for m in metrics if m in line)
-        print(f"matplotlib is not installed, so the curves went to {path} (pip install -r requirements-plot.txt)")
+            w.writerows(
+                [run, line["step"], m, line[m]]
+                for run, lines in curves.items()
+                for line in lines
+                for m in metrics
+                if m in line
+            )
+        print(
+            f"matplotlib is not installed, so the curves went to {path} (pip install -r requirements-plot.txt)"
+        )
         return path
     cols, rows = min(3, len(metrics)), math.ceil(len(metrics) / 3)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows + 0.5), squeeze=False)
-    colours = {run: f"C{k}" for k, run in enumerate(curves)}  # a run keeps its colour where others have no line
-    for ax, m in zip(axes.flat, metrics):
+    colours = {
+        run: f"C{k}" for k, run in enumerate(curves)
+    }  # a run keeps its colour where others have no line
+    for ax, m in zip(axes.flat, metrics, strict=True):
         for run, lines in curves.items():
             points = [(line["step"], line[m]) for line in lines if m in line]
             if points:
-                ax.plot(*zip(*points), color=colours[run])
+                ax.plot(*zip(*points, strict=True), color=colours[run])
         ax.set(title=m, xlabel="iteration")
-    for ax in axes.flat[len(metrics):]:
+    for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
-    fig.legend([plt.Line2D([], [], color=c) for c in colours.values()], list(colours), loc="upper center",
-               ncol=len(colours), frameon=False)
+    fig.legend(
+        [plt.Line2D([], [], color=c) for c in colours.values()],
+        list(colours),
+        loc="upper center",
+        ncol=len(colours),
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     path = os.path.join(out, "curves.png")
     fig.savefig(path, dpi=120)
@@ -378,7 +517,9 @@ def main(argv=None):
     judge = parse_judge(args.judge, args.dataset) if models else None
     curves = read_curves(args.curves)
     accelerator = common.setup(args)
-    if accelerator.num_processes > 1:  # every process would sample everything and write the same files
+    if (
+        accelerator.num_processes > 1
+    ):  # every process would sample everything and write the same files
         common.fail("evaluate.py runs in one process: start it with python, not accelerate launch")
     device = accelerator.device
     if models:  # every input is checked and every model found before anything is written
@@ -390,21 +531,37 @@ def main(argv=None):
         judge = load_judge(judge, tokenizer, args, device)
         pair = judge  # the token rewards come from the dpo: judge unless --token_reward_dpo names another pair
         if args.show_token_rewards and args.token_reward_dpo:
-            pair = load_dpo_pair(args.token_reward_dpo, tokenizer, "--token_reward_dpo", args, device)
+            pair = load_dpo_pair(
+                args.token_reward_dpo, tokenizer, "--token_reward_dpo", args, device
+            )
     common.prepare_output_dir(args, accelerator, {"prompts": len(prompt_ids)} if models else None)
 
     if models:
         results = {}
         for name, path in models.items():  # one policy in memory at a time
             model = common.frozen(common.load_causal_lm(path, tokenizer, "--models")).to(device)
-            results[name] = sample_and_score(accelerator, model, tokenizer, prompts, prompt_ids, judge, args, name)
+            results[name] = sample_and_score(
+                accelerator, model, tokenizer, prompts, prompt_ids, judge, args, name
+            )
             del model
         text, summary = write_results(args.output_dir, results, args)
         print(text)
-        common.log_metrics(accelerator, args.output_dir, {f"{m}/{k}": v for m, s in summary.items()
-                                                          for k, v in s.items()}, 0)
+        common.log_metrics(
+            accelerator,
+            args.output_dir,
+            {f"{m}/{k}": v for m, s in summary.items() for k, v in s.items()},
+            0,
+        )
         if args.show_token_rewards:
-            show_token_rewards(pair, tokenizer, results, prompt_ids, args.show_token_rewards, args.output_dir, device)
+            show_token_rewards(
+                pair,
+                tokenizer,
+                results,
+                prompt_ids,
+                args.show_token_rewards,
+                args.output_dir,
+                device,
+            )
     if curves:
         plot_curves(curves, args.output_dir)
     print(f"wrote {args.output_dir}")

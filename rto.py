@@ -46,20 +46,36 @@ from common import TOY, TOYS, arg
 @dataclass
 class Args(common.TrainArgs, common.LoraArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint: initial policy and the frozen reference pi_ref")
-    dpo_ckpt: str = arg(None, "DPO checkpoint (trained from the SFT model): the token-level reward [rto, dppo]")
+    dpo_ckpt: str = arg(
+        None, "DPO checkpoint (trained from the SFT model): the token-level reward [rto, dppo]"
+    )
     rm_ckpt: str = arg(None, "sentence-level reward model; the critic starts from it when given")
-    reward_mode: str = arg("rto", "rto | ppo | dppo: which per-token reward (docs/algorithm.md, stage 4)")
-    dataset: str = arg(TOY, "RL prompts: 'toy', a hub id or a file (prompt-only, or the prompts of pairs)")
+    reward_mode: str = arg(
+        "rto", "rto | ppo | dppo: which per-token reward (docs/algorithm.md, stage 4)"
+    )
+    dataset: str = arg(
+        TOY, "RL prompts: 'toy', a hub id or a file (prompt-only, or the prompts of pairs)"
+    )
     output_dir: str = arg("runs/rto", "policy checkpoint folder (critic in <output_dir>/critic)")
-    beta1: float = arg(0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)")
+    beta1: float = arg(
+        0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)"
+    )
     dpo_reward_clip: float = arg(0.05, "clamp each DPO token reward to [-c, c] (0 = off)")
     beta2: float = arg(None, "KL coefficient, init_kl_coef")
-    kl_target: float = arg(None, "adapt beta2 toward this KL per response (Ziegler; OpenRLHF: per token); unset: fixed")
+    kl_target: float = arg(
+        None, "adapt beta2 toward this KL per response (Ziegler; OpenRLHF: per token); unset: fixed"
+    )
     kl_horizon: float = arg(10000, "horizon of the adaptive KL controller, in prompts (episodes)")
-    beta3: float = arg(1.0, "scale of the reward-model score at the last token (0 = paper v1: no reward model)")
-    normalize_reward: bool = arg(True, "normalise r_MLE and the critic started from it by the RM's reward_mean/std")
+    beta3: float = arg(
+        1.0, "scale of the reward-model score at the last token (0 = paper v1: no reward model)"
+    )
+    normalize_reward: bool = arg(
+        True, "normalise r_MLE and the critic started from it by the RM's reward_mean/std"
+    )
     reward_clip: float = arg(10.0, "clamp the (normalised) reward-model score to [-c, c]")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the last-token reward of responses with no EOS")
+    missing_eos_penalty: float = arg(
+        0.0, "subtracted from the last-token reward of responses with no EOS"
+    )
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     eps_clip: float = arg(0.2, "PPO ratio clip")
@@ -67,34 +83,67 @@ class Args(common.TrainArgs, common.LoraArgs):
     ppo_epochs: int = arg(2, "passes over each rollout batch (paper: 2)")
     rollout_batch_size: int = arg(None, "prompts per iteration, all processes")
     mini_batch_size: int = arg(None, "sequences per optimiser step, all processes")
-    forward_batch_size: int = arg(None, "sequences per forward pass of frozen_pass, per process, grouped by length")
-    generation_batch_size: int = arg(64, "hf engine: prompts per generate call on each process (bounds KV-cache "
-                                     "memory); vllm takes them all at once and batches them itself")
+    forward_batch_size: int = arg(
+        None, "sequences per forward pass of frozen_pass, per process, grouped by length"
+    )
+    generation_batch_size: int = arg(
+        64,
+        "hf engine: prompts per generate call on each process (bounds KV-cache "
+        "memory); vllm takes them all at once and batches them itself",
+    )
     max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts)")
-    max_new_tokens: int = arg(None, "response length limit; a response cut here keeps its last token, has no EOS")
-    temperature: float = arg(1.0, "sampling temperature (see the module docstring for which log-probs use it)")
+    max_new_tokens: int = arg(
+        None, "response length limit; a response cut here keeps its last token, has no EOS"
+    )
+    temperature: float = arg(
+        1.0, "sampling temperature (see the module docstring for which log-probs use it)"
+    )
     top_p: float = arg(1.0, "nucleus sampling")
-    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences end to end in one row (common.pack)")
-    generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)")
-    rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)")
-    vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU (weights, KV cache)")
-    vllm_sleep: bool = arg(False, "vllm, GPU only: free the engine's weights and KV cache during the update")
+    packing: bool = arg(
+        None,
+        "frozen pass and update: a micro-batch's sequences end to end in one row (common.pack)",
+    )
+    generation_logprobs: bool = arg(
+        False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)"
+    )
+    rollout_engine: str = arg(
+        "hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)"
+    )
+    vllm_gpu_memory_utilization: float = arg(
+        0.3, "vllm: the engine's share of the GPU (weights, KV cache)"
+    )
+    vllm_sleep: bool = arg(
+        False, "vllm, GPU only: free the engine's weights and KV cache during the update"
+    )
     actor_lr: float = arg(None, "policy learning rate")
     critic_lr: float = arg(None, "critic learning rate")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
-    num_episodes: int = arg(None, "or: total prompts to roll out (OpenRLHF's --num_episodes counts passes instead)")
-    save_every: int = arg(0, "write models and resumable state (optimisers, beta2, RNG) every N iterations")
-    sample_every: int = arg(10, "print a small table of (prompt, response, reward) every N iterations (0 = never)")
-    oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward before and after")
+    num_episodes: int = arg(
+        None, "or: total prompts to roll out (OpenRLHF's --num_episodes counts passes instead)"
+    )
+    save_every: int = arg(
+        0, "write models and resumable state (optimisers, beta2, RNG) every N iterations"
+    )
+    sample_every: int = arg(
+        10, "print a small table of (prompt, response, reward) every N iterations (0 = never)"
+    )
+    oracle_prompts: int = arg(
+        200, "built-in task: held-out prompts for the oracle reward before and after"
+    )
 
 
 # flags defaulting to None in Args, by task: built-in, real models (docs/algorithm.md; beta2: authors'), toy-long
 DEFAULTS = {
-    "rollout_batch_size": common.Default(toy=64, real=256), "mini_batch_size": common.Default(toy=16, real=16),
-    "forward_batch_size": common.Default(toy=64, real=8), "max_prompt_len": common.Default(toy=24, real=512),
-    "max_new_tokens": common.Default(toy=24, real=512, toy_long=96), "beta2": common.Default(toy=0.1, real=0.01),
-    "actor_lr": common.Default(toy=1e-4, real=5e-6), "critic_lr": common.Default(toy=3e-4, real=9e-6),
-    "packing": common.Default(toy=False, real=True)}  # real prompts vary in length: a third of a batch is padding
+    "rollout_batch_size": common.Default(toy=64, real=256),
+    "mini_batch_size": common.Default(toy=16, real=16),
+    "forward_batch_size": common.Default(toy=64, real=8),
+    "max_prompt_len": common.Default(toy=24, real=512),
+    "max_new_tokens": common.Default(toy=24, real=512, toy_long=96),
+    "beta2": common.Default(toy=0.1, real=0.01),
+    "actor_lr": common.Default(toy=1e-4, real=5e-6),
+    "critic_lr": common.Default(toy=3e-4, real=9e-6),
+    "packing": common.Default(toy=False, real=True),
+}  # real prompts vary in length: a third of a batch is padding
 
 
 def validate(args):
@@ -102,15 +151,33 @@ def validate(args):
     if args.reward_mode not in ("rto", "ppo", "dppo"):
         common.fail(f"--reward_mode {args.reward_mode}: expected rto, ppo or dppo")
     if not args.sft_ckpt:
-        common.fail("--sft_ckpt is required: the SFT checkpoint folder (initial policy and reference)")
+        common.fail(
+            "--sft_ckpt is required: the SFT checkpoint folder (initial policy and reference)"
+        )
     if args.reward_mode in ("rto", "dppo") and not args.dpo_ckpt:
-        common.fail(f"--reward_mode {args.reward_mode} needs --dpo_ckpt (the DPO model gives its token rewards)")
+        common.fail(
+            f"--reward_mode {args.reward_mode} needs --dpo_ckpt (the DPO model gives its token rewards)"
+        )
     if uses_reward_model(args) and not args.rm_ckpt:
-        common.fail(f"--reward_mode {args.reward_mode} with --beta3 {args.beta3} needs --rm_ckpt (or pass --beta3 0)")
+        common.fail(
+            f"--reward_mode {args.reward_mode} with --beta3 {args.beta3} needs --rm_ckpt (or pass --beta3 0)"
+        )
     if args.reward_mode == "ppo" and args.beta3 <= 0:
-        common.fail("--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's")
-    common.check_positive(args, "rollout_batch_size", "mini_batch_size", "forward_batch_size", "generation_batch_size",
-                          "max_prompt_len", "max_new_tokens", "ppo_epochs", "temperature", "top_p")
+        common.fail(
+            "--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's"
+        )
+    common.check_positive(
+        args,
+        "rollout_batch_size",
+        "mini_batch_size",
+        "forward_batch_size",
+        "generation_batch_size",
+        "max_prompt_len",
+        "max_new_tokens",
+        "ppo_epochs",
+        "temperature",
+        "top_p",
+    )
     common.check_between(args, "top_p", 0, 1)
     vllm_engine.check(args)  # --rollout_engine: hf, or vllm installed and with good flags
     return args
@@ -124,17 +191,25 @@ def uses_reward_model(args):
 def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
     """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent);
     each step appends log softmax(logits / T)[drawn token], (b,), to a list `logprobs` (--generation_logprobs)."""
+
     def pick(input_ids, logits):  # (b, V) logits of the next token
         tempered = logits = logits.float() / temperature
         if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
             p, idx = logits.softmax(-1).sort(-1, descending=True)
             outside = (p.cumsum(-1) - p) >= top_p  # the top token is always kept
             logits = logits.masked_fill(outside.scatter(-1, idx, outside), -math.inf)
-        gumbel = torch.stack([-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators])
+        gumbel = torch.stack(
+            [-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators]
+        )
         scores = logits + gumbel
-        if logprobs is not None:  # generate() takes the argmax of the scores: that is the drawn token
-            logprobs.append(tempered.gather(-1, scores.argmax(-1, keepdim=True))[:, 0] - tempered.logsumexp(-1))
+        if (
+            logprobs is not None
+        ):  # generate() takes the argmax of the scores: that is the drawn token
+            logprobs.append(
+                tempered.gather(-1, scores.argmax(-1, keepdim=True))[:, 0] - tempered.logsumexp(-1)
+            )
         return scores
+
     return pick
 
 
@@ -142,31 +217,63 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits
     (prompts prefilled unpadded), or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution."""
-    model, ids = accelerator.unwrap_model(policy).eval(), [data.encode_prompt(tokenizer, p) for p in prompts]
+    model, ids = (
+        accelerator.unwrap_model(policy).eval(),
+        [data.encode_prompt(tokenizer, p) for p in prompts],
+    )
     width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
-    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                              disable_compile=True)  # on GPUs transformers compiles decoding for a StaticCache
-    engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)  # with these weights
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        disable_compile=True,
+    )  # on GPUs transformers compiles decoding for a StaticCache
+    engine = args.rollout_engine == "vllm" and vllm_engine.ready(
+        accelerator, model, args
+    )  # with these weights
     # hf: --generation_batch_size prompts per generate() call; vllm: every prompt in one call (the engine schedules
     # its own batches within its memory share, and with --vllm_sleep it sleeps once the call returns)
     size = len(ids) if engine else args.generation_batch_size
     with common.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
         for i in range(0, len(ids), size):  # rollout, then no collective per token
             chunk = slice(i, i + size)
-            input_ids, attention_mask = (t.to(accelerator.device) for t in common.left_pad(ids[chunk], pad, width))
+            input_ids, attention_mask = (
+                t.to(accelerator.device) for t in common.left_pad(ids[chunk], pad, width)
+            )
             generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]]
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
             if engine:
-                responses, steps = vllm_engine.generate(engine, ids[chunk], seeds[chunk], args, eos, accelerator.device)
+                responses, steps = vllm_engine.generate(
+                    engine, ids[chunk], seeds[chunk], args, eos, accelerator.device
+                )
             else:
                 pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
-                kv = common.prefill(model, input_ids, attention_mask, args.max_new_tokens)  # prompts' cache, or None
-                responses = model.generate(input_ids, attention_mask=attention_mask, generation_config=config,
-                                           past_key_values=kv, synced_gpus=False, logits_processor=[pick])[:, width:]
-            response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk); no EOS: keeps the last
-            chunks.append({"input_ids": torch.cat([input_ids, responses.masked_fill(response_mask == 0, pad)], 1),
-                           "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
-                           "response_mask": response_mask, "ended": ended, "prompt_len": width})
+                kv = common.prefill(
+                    model, input_ids, attention_mask, args.max_new_tokens
+                )  # prompts' cache, or None
+                responses = model.generate(
+                    input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    past_key_values=kv,
+                    synced_gpus=False,
+                    logits_processor=[pick],
+                )[:, width:]
+            response_mask, ended = common.truncate_at_eos(
+                responses, eos
+            )  # (b, R_chunk); no EOS: keeps the last
+            chunks.append(
+                {
+                    "input_ids": torch.cat(
+                        [input_ids, responses.masked_fill(response_mask == 0, pad)], 1
+                    ),
+                    "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
+                    "response_mask": response_mask,
+                    "ended": ended,
+                    "prompt_len": width,
+                }
+            )
             if steps is not None:
                 chunks[-1]["logprobs"] = torch.stack(steps, 1) * response_mask  # (b, R_chunk)
     model.train()
@@ -178,9 +285,13 @@ def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
     """log pi(a_h | s_h) of every response token at temperature T, (b, R), 0 on padding, in plain lines; and with
     with_entropy=True the entropy of each of those distributions (a statistic, no gradient)."""
     P, mask = batch["prompt_len"], batch["response_mask"]  # prompts left-padded to width P
-    logits = common.forward(model, batch).logits[:, P - 1:-1].float() / temperature  # (b, R, V): token P+h from P+h-1
+    logits = (
+        common.forward(model, batch).logits[:, P - 1 : -1].float() / temperature
+    )  # (b, R, V): token P+h from P+h-1
     logprobs = logits.log_softmax(-1)  # (b, R, V)
-    taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(-1)  # (b, R): the response tokens' own
+    taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(
+        -1
+    )  # (b, R): the response tokens' own
     entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # (b, R)
     return (taken * mask, entropy * mask) if with_entropy else taken * mask
 
@@ -194,9 +305,11 @@ def token_logprobs(model, batch, temperature=1.0, with_entropy=False):
 def critic_values(critic, batch, args):
     """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens. A
     critic started from the reward model (--rm_ckpt) speaks in normalised-reward units, as r_MLE does (authors')."""
-    out = common.head_outputs(critic, batch)[:, batch["prompt_len"] - 1:-1]  # (b, R)
+    out = common.head_outputs(critic, batch)[:, batch["prompt_len"] - 1 : -1]  # (b, R)
     if args.rm_ckpt and args.normalize_reward:
-        config = getattr(critic, "module", critic).config  # DDP wraps it; the RM's statistics are in it
+        config = getattr(
+            critic, "module", critic
+        ).config  # DDP wraps it; the RM's statistics are in it
         out = (out - config.reward_mean) / config.reward_std
     return out * batch["response_mask"]
 
@@ -204,7 +317,9 @@ def critic_values(critic, batch, args):
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
     score = common.sequence_scores(rm, batch)  # (b,)
-    score = (score - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else score
+    score = (
+        (score - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else score
+    )
     return score.clamp(-args.reward_clip, args.reward_clip)
 
 
@@ -212,25 +327,54 @@ def rm_score(rm, batch, args):
 def frozen_pass(accelerator, batch, models, args):
     """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
     mask = batch["response_mask"]  # (B, R); every output below is 0 after the first EOS
-    out = {k: batch.get(k, torch.zeros_like(mask)) for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")}
-    out["rm_score"], computed = torch.zeros_like(mask[:, 0]), 0  # computed: the positions the forward passes run
-    with accelerator.autocast():  # --bf16: the frozen models compute as the prepared (trained) ones do
-        for idx, micro in micro_batches(batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()):
-            micro, width = common.pack(micro) if args.packing else micro, micro["response_mask"].shape[1]
-            computed += micro.get("packed", micro)["input_ids"].numel()  # the ids it runs: the row or padded
+    out = {
+        k: batch.get(k, torch.zeros_like(mask))
+        for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")
+    }
+    out["rm_score"], computed = (
+        torch.zeros_like(mask[:, 0]),
+        0,
+    )  # computed: the positions the forward passes run
+    with (
+        accelerator.autocast()
+    ):  # --bf16: the frozen models compute as the prepared (trained) ones do
+        for idx, micro in micro_batches(
+            batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()
+        ):
+            micro, width = (
+                common.pack(micro) if args.packing else micro,
+                micro["response_mask"].shape[1],
+            )
+            computed += micro.get("packed", micro)[
+                "input_ids"
+            ].numel()  # the ids it runs: the row or padded
             if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
-                out["logprobs"][idx, :width] = token_logprobs(models["policy"], micro, args.temperature)
-            out["ref_logprobs"][idx, :width] = ref = token_logprobs(models["ref"], micro, args.temperature)
+                out["logprobs"][idx, :width] = token_logprobs(
+                    models["policy"], micro, args.temperature
+                )
+            out["ref_logprobs"][idx, :width] = ref = token_logprobs(
+                models["ref"], micro, args.temperature
+            )
             out["values"][idx, :width] = critic_values(models["critic"], micro, args)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
                 ref = ref if args.temperature == 1 else token_logprobs(models["ref"], micro)
                 out["dpo_log_ratio"][idx, :width] = token_logprobs(models["dpo"], micro) - ref
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], micro, args)
-    common.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))  # FSDP2: free the gathered weights
-    unused = [k for k, model in (("dpo_log_ratio", "dpo"), ("rm_score", "rm")) if model not in models]
-    real, computed = common.reduce(accelerator, [batch["attention_mask"].sum().item(), float(computed)])
-    return {**batch, **{k: v for k, v in out.items() if k not in unused}, "padding_share": 1 - (real / computed).item()}
+    common.reshard(
+        *(models[n] for n in ("ref", "dpo", "rm") if n in models)
+    )  # FSDP2: free the gathered weights
+    unused = [
+        k for k, model in (("dpo_log_ratio", "dpo"), ("rm_score", "rm")) if model not in models
+    ]
+    real, computed = common.reduce(
+        accelerator, [batch["attention_mask"].sum().item(), float(computed)]
+    )
+    return {
+        **batch,
+        **{k: v for k, v in out.items() if k not in unused},
+        "padding_share": 1 - (real / computed).item(),
+    }
 
 
 # ============================================================================ 3. token rewards   <- edit here
@@ -242,7 +386,9 @@ def token_rewards(batch, args, beta2):
     with dpo(h) = log pi_dpo(a_h|s_h) - log pi_ref(a_h|s_h) (batch['dpo_log_ratio']), kl(h) = log pi_old - log pi_ref
     of the sampling policy (the k1 estimator, no gradient), H the last real token (EOS included)."""
     mask = batch["response_mask"]
-    last = torch.nn.functional.one_hot(mask.sum(-1).long() - 1, mask.shape[1]).float()  # (B, R): 1 at h = H
+    last = torch.nn.functional.one_hot(
+        mask.sum(-1).long() - 1, mask.shape[1]
+    ).float()  # (B, R): 1 at h = H
     rewards = -beta2 * (batch["logprobs"] - batch["ref_logprobs"])
     if args.reward_mode == "rto":
         dense = args.beta1 * batch["dpo_log_ratio"]
@@ -282,9 +428,14 @@ def whiten(accelerator, x, mask):
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)  # (b, R)
-    token_stats = {"clip_frac": ((ratio - 1).abs() > eps).float(), "ratio": ratio,
-                   "approx_kl": (ratio - 1) - (logprobs - old_logprobs)}  # k3 estimate of KL(old || new)
+    surrogate = torch.max(
+        -ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages
+    )  # (b, R)
+    token_stats = {
+        "clip_frac": ((ratio - 1).abs() > eps).float(),
+        "ratio": ratio,
+        "approx_kl": (ratio - 1) - (logprobs - old_logprobs),
+    }  # k3 estimate of KL(old || new)
     return common.masked_mean(surrogate, mask, -1).mean(), token_stats
 
 
@@ -292,42 +443,80 @@ def value_loss(values, old_values, returns, mask, clip):
     """0.5 * max of the clipped and unclipped squared errors; same aggregation as the policy loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return common.masked_mean(loss, mask, -1).mean(), {"value_clip_frac": ((values - old_values).abs() > clip).float()}
+    return common.masked_mean(loss, mask, -1).mean(), {
+        "value_clip_frac": ((values - old_values).abs() > clip).float()
+    }
 
 
 def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, it=0):
     """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes."""
     policy, critic, sums, skipped = models["policy"], models["critic"], {}, 0
-    for epoch in range(args.ppo_epochs):
+    for _epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
-        for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch: sizes["mini"] sequences ...
-            for _, micro in micro_batches(batch, sizes["micro"], order[start:start + sizes["mini"]]):  # in micros
+        for start in range(
+            0, sizes["rollout"], sizes["mini"]
+        ):  # a mini-batch: sizes["mini"] sequences ...
+            for _, micro in micro_batches(
+                batch, sizes["micro"], order[start : start + sizes["mini"]]
+            ):  # in micros
                 micro, mask = common.pack(micro) if args.packing else micro, micro["response_mask"]
                 with accelerator.accumulate(policy, critic):
-                    logprobs, entropy = token_logprobs(policy, micro, args.temperature, with_entropy=True)
-                    pg_loss, stats = policy_loss(logprobs, micro["logprobs"], micro["advantages"], mask, args.eps_clip)
+                    logprobs, entropy = token_logprobs(
+                        policy, micro, args.temperature, with_entropy=True
+                    )
+                    pg_loss, stats = policy_loss(
+                        logprobs, micro["logprobs"], micro["advantages"], mask, args.eps_clip
+                    )
                     values = critic_values(critic, micro, args)
-                    v_loss, vstats = value_loss(values, micro["values"], micro["returns"], mask, args.value_clip)
-                    skipped += not common.optimizer_step(accelerator, [policy, critic], pg_loss + v_loss, optimizers,
-                                                         schedulers, args, f"iteration {it + 1}")
-                with torch.no_grad():  # sums over tokens (sequences for the losses), divided at the end
-                    real = micro["attention_mask"].sum()  # of the positions computed, padded or packed
+                    v_loss, vstats = value_loss(
+                        values, micro["values"], micro["returns"], mask, args.value_clip
+                    )
+                    skipped += not common.optimizer_step(
+                        accelerator,
+                        [policy, critic],
+                        pg_loss + v_loss,
+                        optimizers,
+                        schedulers,
+                        args,
+                        f"iteration {it + 1}",
+                    )
+                with (
+                    torch.no_grad()
+                ):  # sums over tokens (sequences for the losses), divided at the end
+                    real = micro[
+                        "attention_mask"
+                    ].sum()  # of the positions computed, padded or packed
                     for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
                         sums[k] = sums.get(k, 0) + (v * mask).sum()
                     n, positions = len(mask), micro.get("packed", micro)["input_ids"].numel()
-                    for k, v in (("sequences", n), ("policy_loss", pg_loss * n), ("value_loss", v_loss * n),
-                                 ("positions", positions), ("real", real)):
+                    for k, v in (
+                        ("sequences", n),
+                        ("policy_loss", pg_loss * n),
+                        ("value_loss", v_loss * n),
+                        ("positions", positions),
+                        ("real", real),
+                    ):
                         sums[k] = sums.get(k, 0) + v
-    totals = {k: common.reduce(accelerator, v).item() for k, v in {**sums, "skipped_nonfinite": skipped}.items()}
-    out = {k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
-           for k in totals if k not in ("tokens", "sequences", "positions", "real", "skipped_nonfinite")}
-    out["padding_share_update"] = 1 - totals["real"] / totals["positions"]  # of the positions the update computed
+    totals = {
+        k: common.reduce(accelerator, v).item()
+        for k, v in {**sums, "skipped_nonfinite": skipped}.items()
+    }
+    out = {
+        k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
+        for k in totals
+        if k not in ("tokens", "sequences", "positions", "real", "skipped_nonfinite")
+    }
+    out["padding_share_update"] = (
+        1 - totals["real"] / totals["positions"]
+    )  # of the positions the update computed
     return {**out, "skipped_nonfinite": totals["skipped_nonfinite"]}
 
 
 def update_kl_coef(beta2, kl_per_response, args, n_prompts):
     """Adaptive KL (Ziegler et al. 2019): beta2 *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_prompts / horizon."""
-    error = 0 if args.kl_target is None else max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
+    error = (
+        0 if args.kl_target is None else max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
+    )
     return beta2 * (1 + error * n_prompts / args.kl_horizon)
 
 
@@ -336,11 +525,17 @@ def micro_batches(batch, size, order):
     """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence."""
     for idx in order.split(size):
         micro = {k: v[idx] if torch.is_tensor(v) else v for k, v in batch.items()}
-        real, P, R = micro["attention_mask"].any(0).nonzero(), micro["prompt_len"], micro["response_mask"].shape[1]
+        real, P, R = (
+            micro["attention_mask"].any(0).nonzero(),
+            micro["prompt_len"],
+            micro["response_mask"].shape[1],
+        )
         first, end = real.min().item(), real.max().item() + 1
         for k, v in micro.items():
             if torch.is_tensor(v) and v.dim() == 2:
-                micro[k] = v[:, first:end] if v.shape[1] == P + R else v[:, :end - P]  # all-padding columns go
+                micro[k] = (
+                    v[:, first:end] if v.shape[1] == P + R else v[:, : end - P]
+                )  # all-padding columns go
         yield idx, {**micro, "prompt_len": P - first}  # the left ones were prompt padding
 
 
@@ -353,43 +548,79 @@ def load_models(args, accelerator):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     models, optimizers, lora, dpo_shares = {}, [], args.lora_rank > 0, False
-    dtype = torch.bfloat16 if lora and args.bf16 else torch.float32  # a frozen base needs no fp32 master
+    dtype = (
+        torch.bfloat16 if lora and args.bf16 else torch.float32
+    )  # a frozen base needs no fp32 master
     critic_flag = "--rm_ckpt" if args.rm_ckpt else "--sft_ckpt"
-    for name, lr, path, flag in (("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
-                                 ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, critic_flag)):
-        model = common.load_model(path, tokenizer, flag, scorer=name == "critic", dtype=dtype, weights=lora or
-                                  common.loads_weights(accelerator), new_head=not args.rm_ckpt)  # new: a value head
+    for name, lr, path, flag in (
+        ("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
+        ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, critic_flag),
+    ):
+        model = common.load_model(
+            path,
+            tokenizer,
+            flag,
+            scorer=name == "critic",
+            dtype=dtype,
+            weights=lora or common.loads_weights(accelerator),
+            new_head=not args.rm_ckpt,
+        )  # new: a value head
         if name == "policy" and args.reward_mode in ("rto", "dppo"):
-            dpo_shares = common.adapter_on(accelerator, model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt")  # pi_ref = SFT
+            dpo_shares = common.adapter_on(
+                accelerator, model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt"
+            )  # pi_ref = SFT
         if lora:
-            model = common.add_adapter(common.cast(model, dtype), args, path, scorer=name == "critic")
+            model = common.add_adapter(
+                common.cast(model, dtype), args, path, scorer=name == "critic"
+            )
         if name == "policy" and lora and dpo_shares:
             common.add_second_adapter(model, args.dpo_ckpt, "--dpo_ckpt", "dpo")
-        models[name], optimizer = accelerator.prepare(model, torch.optim.Adam(common.trainable(model), lr,
-                                                                              betas=(.9, .95), fused=True))
+        models[name], optimizer = accelerator.prepare(
+            model, torch.optim.Adam(common.trainable(model), lr, betas=(0.9, 0.95), fused=True)
+        )
         optimizers.append(optimizer)
     policy, critic = (accelerator.unwrap_model(models[n]) for n in ("policy", "critic"))
-    if args.rm_ckpt and args.normalize_reward and getattr(critic.config, "reward_std", None) is None:  # critic_values
-        common.fail(f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
-                    "reward_model.py) — or pass --no_normalize_reward")
-    load = lambda path, flag, scorer=False: common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
+    if (
+        args.rm_ckpt
+        and args.normalize_reward
+        and getattr(critic.config, "reward_std", None) is None
+    ):  # critic_values
+        common.fail(
+            f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
+            "reward_model.py) — or pass --no_normalize_reward"
+        )
+
+    def load(path, flag, scorer=False):
+        return common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
+
     models["ref"] = common.AdapterView(policy, None) if lora else load(args.sft_ckpt, "--sft_ckpt")
     if args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = common.AdapterView(policy, "dpo") if lora and dpo_shares else load(args.dpo_ckpt, "--dpo_ckpt")
+        models["dpo"] = (
+            common.AdapterView(policy, "dpo")
+            if lora and dpo_shares
+            else load(args.dpo_ckpt, "--dpo_ckpt")
+        )
     if uses_reward_model(args):  # the critic starts from --rm_ckpt whenever a reward model is used
-        models["rm"] = common.AdapterView(critic, None) if lora else load(args.rm_ckpt, "--rm_ckpt", True)
+        models["rm"] = (
+            common.AdapterView(critic, None) if lora else load(args.rm_ckpt, "--rm_ckpt", True)
+        )
     return tokenizer, models, optimizers
 
 
 def batch_sizes(args, num_processes):
     """Local sizes from the global ones, checked to divide exactly."""
-    for flag, n in (("--rollout_batch_size", args.rollout_batch_size), ("--mini_batch_size", args.mini_batch_size)):
+    for flag, n in (
+        ("--rollout_batch_size", args.rollout_batch_size),
+        ("--mini_batch_size", args.mini_batch_size),
+    ):
         if n % num_processes:
             common.fail(f"{flag} {n} is not divisible by the {num_processes} processes")
     rollout, mini = args.rollout_batch_size // num_processes, args.mini_batch_size // num_processes
     if mini % (micro := args.micro_batch_size or mini) or rollout % mini:
-        common.fail(f"--rollout_batch_size {args.rollout_batch_size}, --mini_batch_size {args.mini_batch_size} and "
-                    f"--micro_batch_size {micro} (per process) must each divide the one before")
+        common.fail(
+            f"--rollout_batch_size {args.rollout_batch_size}, --mini_batch_size {args.mini_batch_size} and "
+            f"--micro_batch_size {micro} (per process) must each divide the one before"
+        )
     return {"rollout": rollout, "mini": mini, "micro": micro, "accum": mini // micro}
 
 
@@ -401,23 +632,42 @@ def num_iterations(args, n_prompts):
 
 def iteration_prompts(prompts, order, it, args, process_index, local):
     """Prompts of iteration `it` for process k (its slice of a walk through one shuffle, `order`), and their seeds."""
-    positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]  # places in the walk
-    return [prompts[order[p % len(prompts)]] for p in positions], [args.seed * 2**32 + p for p in positions]  # wraps
+    positions = [
+        it * args.rollout_batch_size + process_index * local + j for j in range(local)
+    ]  # places in the walk
+    return [prompts[order[p % len(prompts)]] for p in positions], [
+        args.seed * 2**32 + p for p in positions
+    ]  # wraps
 
 
 def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
     """What the iteration's rollout looked like (means over all processes); the oracle reward on the built-in task."""
     mask = batch["response_mask"]
-    mean = lambda x: common.reduce(accelerator, x.float().mean(), "mean").item()
+
+    def mean(x):
+        return common.reduce(accelerator, x.float().mean(), "mean").item()
+
     n_tokens = common.reduce(accelerator, mask.sum())
-    token_mean = lambda x: (common.reduce(accelerator, (x * mask).sum()) / n_tokens).item()
+
+    def token_mean(x):
+        return (common.reduce(accelerator, (x * mask).sum()) / n_tokens).item()
+
     kl = (batch["logprobs"] - batch["ref_logprobs"]) * mask
-    metrics = {"reward_total": mean(batch["rewards"].sum(-1)), "kl_per_token": token_mean(kl),
-         "kl_per_response": mean(kl.sum(-1)), "beta2": beta2, "response_length": mean(mask.sum(-1)),
-         "eos_rate": mean(batch["ended"]), "value_mean": token_mean(batch["values"]),
-         "padding_share": batch["padding_share"],
-         "explained_variance": 1 - (token_mean((batch["returns"] - batch["values"]) ** 2) /
-                                    max(token_mean((batch["returns"] - token_mean(batch["returns"])) ** 2), 1e-8))}
+    metrics = {
+        "reward_total": mean(batch["rewards"].sum(-1)),
+        "kl_per_token": token_mean(kl),
+        "kl_per_response": mean(kl.sum(-1)),
+        "beta2": beta2,
+        "response_length": mean(mask.sum(-1)),
+        "eos_rate": mean(batch["ended"]),
+        "value_mean": token_mean(batch["values"]),
+        "padding_share": batch["padding_share"],
+        "explained_variance": 1
+        - (
+            token_mean((batch["returns"] - batch["values"]) ** 2)
+            / max(token_mean((batch["returns"] - token_mean(batch["returns"])) ** 2), 1e-8)
+        ),
+    }
     if "rm_score" in batch:
         metrics["sentence_reward"] = mean(batch["rm_score"])
     if "dpo_log_ratio" in batch:
@@ -425,16 +675,25 @@ def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
         metrics["dpo_reward_per_response"] = mean(args.beta1 * batch["dpo_log_ratio"].sum(-1))
     if args.dataset in TOYS:
         texts = data.decode_responses(tokenizer, batch)
-        metrics["oracle_reward"] = mean(torch.tensor([toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts)]))
+        metrics["oracle_reward"] = mean(
+            torch.tensor(
+                [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
+            )
+        )
     return metrics
 
 
 def save(accelerator, models, tokenizer, args, iteration, beta2):
     """Policy (a causal-LM folder, or an adapter folder and with --merge_lora <dir>/merged), critic beside it, and
     resumable state, each written atomically."""
-    for name, out in (("policy", args.output_dir), ("critic", f"{args.output_dir}/critic")):  # LoRA: adapters
+    for name, out in (
+        ("policy", args.output_dir),
+        ("critic", f"{args.output_dir}/critic"),
+    ):  # LoRA: adapters
         common.save_model(accelerator, models[name], tokenizer, out, merge_lora=args.merge_lora)
-    if args.save_every:  # resumable state (both models' optimisers too) is large: only when asked for
+    if (
+        args.save_every
+    ):  # resumable state (both models' optimisers too) is large: only when asked for
         common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
 
@@ -444,57 +703,107 @@ def main(argv=None):
     sizes = batch_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = sizes["accum"]
     tokenizer, models, optimizers = load_models(args, accelerator)
-    prompts = [p for p, _ in data.fit_prompts(tokenizer, data.load_prompts(args.dataset, args.dataset_split, args),
-                                              args.max_prompt_len, args.long_prompts)]
+    prompts = [
+        p
+        for p, _ in data.fit_prompts(
+            tokenizer,
+            data.load_prompts(args.dataset, args.dataset_split, args),
+            args.max_prompt_len,
+            args.long_prompts,
+        )
+    ]
     if len(prompts) < args.rollout_batch_size:
-        common.fail(f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: one would repeat")
+        common.fail(
+            f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: one would repeat"
+        )
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
-    schedulers = [common.lr_schedule(accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps,
-                                     min_lr_rate=0.1) for o in optimizers]  # authors': cosine to 0.1 x lr
+    schedulers = [
+        common.lr_schedule(
+            accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps, min_lr_rate=0.1
+        )
+        for o in optimizers
+    ]  # authors': cosine to 0.1 x lr
     for name in ("policy", "critic") if args.gradient_checkpointing else ():
         accelerator.unwrap_model(models[name]).gradient_checkpointing_enable()
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
     start, beta2 = state["step"], state["beta2"]
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    held_out = toy_task.prompts("test", args.oracle_prompts, args.seed, args.dataset) if args.dataset in TOYS else None
-    oracle = lambda: data.mean_oracle_reward(accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens,
-                                       seed=args.seed)
+    order = torch.randperm(
+        len(prompts), generator=torch.Generator().manual_seed(args.seed)
+    ).tolist()
+    held_out = (
+        toy_task.prompts("test", args.oracle_prompts, args.seed, args.dataset)
+        if args.dataset in TOYS
+        else None
+    )
+
+    def oracle():
+        return data.mean_oracle_reward(
+            accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens, seed=args.seed
+        )
+
     if start == 0 and held_out:
-        common.log_metrics(accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0)
-    bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode, disable=not accelerator.is_local_main_process)
+        common.log_metrics(
+            accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0
+        )
+    bar = tqdm(
+        total=n_iter,
+        initial=start,
+        desc=args.reward_mode,
+        disable=not accelerator.is_local_main_process,
+    )
     for it in range(start, n_iter):
-        batch_prompts, seeds = iteration_prompts(prompts, order, it, args, accelerator.process_index, sizes["rollout"])
+        batch_prompts, seeds = iteration_prompts(
+            prompts, order, it, args, accelerator.process_index, sizes["rollout"]
+        )
         clock = common.phase_clock(accelerator)  # seconds (and on GPUs peak memory) of each phase
         batch = rollout(accelerator, models["policy"], tokenizer, batch_prompts, seeds, args)  # 1.
         clock("generate")
         batch = frozen_pass(accelerator, batch, models, args)  # 2.
         batch["rewards"] = token_rewards(batch, args, beta2)  # 3.
-        if not common.all_finite(accelerator, batch["rewards"]):  # a broken DPO or reward-model checkpoint
+        if not common.all_finite(
+            accelerator, batch["rewards"]
+        ):  # a broken DPO or reward-model checkpoint
             common.nonfinite(args, "reward", f"iteration {it + 1}", optimizers)
             continue
-        batch["advantages"], batch["returns"] = gae(batch["rewards"], batch["values"], batch["response_mask"],
-                                                    args.gamma, args.lam)
+        batch["advantages"], batch["returns"] = gae(
+            batch["rewards"], batch["values"], batch["response_mask"], args.gamma, args.lam
+        )
         batch["advantages"] = whiten(accelerator, batch["advantages"], batch["response_mask"])  # 4.
         clock("frozen_pass")
-        train_stats = ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, it)  # 5.
+        train_stats = ppo_update(
+            accelerator, batch, models, optimizers, schedulers, args, sizes, it
+        )  # 5.
         clock("update")
-        metrics = {**rollout_metrics(accelerator, batch, tokenizer, batch_prompts, beta2, args), **train_stats,
-                   **clock.metrics}
+        metrics = {
+            **rollout_metrics(accelerator, batch, tokenizer, batch_prompts, beta2, args),
+            **train_stats,
+            **clock.metrics,
+        }
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
         common.log_metrics(accelerator, args.output_dir, metrics, it + 1)
         bar.update(1)
-        if args.sample_every and (it + 1) % args.sample_every == 0:  # a few (reward, prompt, response)
-            for p, t, reward in list(zip(batch_prompts, data.decode_responses(tokenizer, batch),
-                                         batch["rewards"].sum(-1)))[:3]:
+        if (
+            args.sample_every and (it + 1) % args.sample_every == 0
+        ):  # a few (reward, prompt, response)
+            for p, t, reward in list(
+                zip(
+                    batch_prompts,
+                    data.decode_responses(tokenizer, batch),
+                    batch["rewards"].sum(-1),
+                    strict=True,
+                )
+            )[:3]:
                 accelerator.print(f"  [{reward:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
     save(accelerator, models, tokenizer, args, n_iter, beta2)
     if held_out:
         after = oracle()
-        common.log_metrics(accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter)
+        common.log_metrics(
+            accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter
+        )
         accelerator.print(f"oracle reward on held-out prompts after RL: {after:.3f}")
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)

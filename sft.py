@@ -17,7 +17,6 @@ import data
 import toy_task
 from common import TOY, TOYS, Default, arg
 
-
 # flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
 DEFAULTS = {
     "lr": Default(toy=1e-3, real=1e-5),
@@ -29,29 +28,42 @@ DEFAULTS = {
 
 @dataclass
 class Args(common.OfflineTrainArgs, common.LoraArgs):
-    model_name_or_path: str = arg(common.TINY, "hub id, local folder, local .gguf file (needs the gguf package; "
-                                               "de-quantised to float32), or 'tiny' (a small random Llama)")
-    dataset: str = arg(TOY, "'toy' or 'toy-long' (built-in tasks), a hub id, or a local json/jsonl/parquet file")
+    model_name_or_path: str = arg(
+        common.TINY,
+        "hub id, local folder, local .gguf file (needs the gguf package; "
+        "de-quantised to float32), or 'tiny' (a small random Llama)",
+    )
+    dataset: str = arg(
+        TOY, "'toy' or 'toy-long' (built-in tasks), a hub id, or a local json/jsonl/parquet file"
+    )
     output_dir: str = arg("runs/sft", "checkpoint folder to write")
     lr: float = arg(None, "AdamW learning rate")
     batch_size: int = arg(32, "sequences per optimiser step, over all processes (paper: 32)")
     epochs: int = arg(None, "passes over the data")
     warmup_ratio: float = arg(0.03, "fraction of steps of linear warm-up, then linear decay to 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_prompt_len: int = arg(None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)")
+    max_prompt_len: int = arg(
+        None, "prompt tokens; longer prompts are skipped or fatal (--long_prompts)"
+    )
     max_response_len: int = arg(None, "response tokens, EOS included; longer ones are cut")
-    oracle_prompts: int = arg(200, "built-in task only: test prompts sampled to measure the oracle reward")
+    oracle_prompts: int = arg(
+        200, "built-in task only: test prompts sampled to measure the oracle reward"
+    )
 
 
 def validate(args):
     """Every bad value fails here, with one line, before anything is loaded or written."""
     common.check_positive(args, "lr")
     common.check_at_least(args, 0, "weight_decay")
-    common.check_at_least(args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len", "oracle_prompts")
+    common.check_at_least(
+        args, 1, "batch_size", "epochs", "max_prompt_len", "max_response_len", "oracle_prompts"
+    )
     common.check_between(args, "warmup_ratio", 0, 1)
     if args.lora_rank and args.model_name_or_path == common.TINY:
-        common.fail("--lora_rank needs a pretrained --model_name_or_path: an adapter on the random tiny model has "
-                    "no base checkpoint to name")
+        common.fail(
+            "--lora_rank needs a pretrained --model_name_or_path: an adapter on the random tiny model has "
+            "no base checkpoint to name"
+        )
     return args
 
 
@@ -62,9 +74,21 @@ def load_demonstrations(args, tokenizer):
         held = toy_task.sft_data("test", 400, seed=args.seed, task=args.dataset)
     else:
         pairs, held_pairs = data.load_pairs(args.dataset, args, args.eval_fraction)
-        train, held = ([{"prompt": p["prompt"], "response": p["chosen"]} for p in ps] for ps in (pairs, held_pairs))
-    enc = lambda rows: data.encode_examples(tokenizer, rows, args.max_prompt_len, args.max_response_len,
-                                            args.long_prompts, keys=("response",))
+        train, held = (
+            [{"prompt": p["prompt"], "response": p["chosen"]} for p in ps]
+            for ps in (pairs, held_pairs)
+        )
+
+    def enc(rows):
+        return data.encode_examples(
+            tokenizer,
+            rows,
+            args.max_prompt_len,
+            args.max_response_len,
+            args.long_prompts,
+            keys=("response",),
+        )
+
     return enc(train), enc(held)
 
 
@@ -93,65 +117,111 @@ def oracle_reward(args, accelerator, model, tokenizer):
     if args.dataset not in TOYS:
         return {}
     prompts = toy_task.prompts("test", args.oracle_prompts, seed=args.seed, task=args.dataset)
-    return {"oracle_reward": data.mean_oracle_reward(accelerator, model, tokenizer, prompts,
-                                               args.max_response_len, seed=args.seed)}
+    return {
+        "oracle_reward": data.mean_oracle_reward(
+            accelerator, model, tokenizer, prompts, args.max_response_len, seed=args.seed
+        )
+    }
 
 
 def main(argv=None):
     args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
-    tokenizer = (data.build_tiny_tokenizer(args.dataset) if args.model_name_or_path == common.TINY
-                 else common.load_tokenizer(args.model_name_or_path))
-    dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32  # a frozen base needs no fp32 master
-    model = common.load_causal_lm(args.model_name_or_path, tokenizer, seed=args.seed, dtype=dtype,
-                                  weights=args.lora_rank > 0 or common.loads_weights(accelerator))
-    if args.lora_rank:  # an adapter on the frozen pretrained model; later stages load it merged (common.py)
+    tokenizer = (
+        data.build_tiny_tokenizer(args.dataset)
+        if args.model_name_or_path == common.TINY
+        else common.load_tokenizer(args.model_name_or_path)
+    )
+    dtype = (
+        torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32
+    )  # a frozen base needs no fp32 master
+    model = common.load_causal_lm(
+        args.model_name_or_path,
+        tokenizer,
+        seed=args.seed,
+        dtype=dtype,
+        weights=args.lora_rank > 0 or common.loads_weights(accelerator),
+    )
+    if (
+        args.lora_rank
+    ):  # an adapter on the frozen pretrained model; later stages load it merged (common.py)
         model = common.add_adapter(common.cast(model, dtype), args, args.model_name_or_path)
     train, held = load_demonstrations(args, tokenizer)
-    common.prepare_output_dir(args, accelerator, {"processes": accelerator.num_processes, "micro_batch_size": micro,
-                                                  "gradient_accumulation_steps": accum, "train_examples": len(train),
-                                                  "heldout_examples": len(held)})
+    common.prepare_output_dir(
+        args,
+        accelerator,
+        {
+            "processes": accelerator.num_processes,
+            "micro_batch_size": micro,
+            "gradient_accumulation_steps": accum,
+            "train_examples": len(train),
+            "heldout_examples": len(held),
+        },
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
     pad = tokenizer.pad_token_id
-    collate = lambda exs: data.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
+
+    def collate(exs):
+        return data.collate([e["prompt"] for e in exs], [e["response"] for e in exs], pad)
+
     train_loader = DataLoader(train, micro, shuffle=True, collate_fn=collate)
     held_loader = DataLoader(held, micro, collate_fn=collate)
-    optimizer = torch.optim.AdamW(common.trainable(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    model, optimizer, train_loader, held_loader = accelerator.prepare(model, optimizer, train_loader, held_loader)
-    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)  # per-process batches
-    scheduler = common.lr_schedule(accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps)
+    optimizer = torch.optim.AdamW(
+        common.trainable(model), lr=args.lr, weight_decay=args.weight_decay, fused=True
+    )
+    model, optimizer, train_loader, held_loader = accelerator.prepare(
+        model, optimizer, train_loader, held_loader
+    )
+    steps = common.total_steps(
+        len(train_loader), accum, args.epochs, args.max_steps
+    )  # per-process batches
+    scheduler = common.lr_schedule(
+        accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps
+    )
 
     step = (common.load_state(accelerator, args) or {"step": 0})["step"]
     if step == 0:
-        before = {"heldout_loss": heldout_loss(accelerator, model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+        before = {
+            "heldout_loss": heldout_loss(accelerator, model, held_loader),
+            **oracle_reward(args, accelerator, model, tokenizer),
+        }
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", **before}, 0)
     bar, skipped, window = common.progress(accelerator, steps, "sft", step), 0, []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss = sft_loss(model, batch)
-            skipped += not common.optimizer_step(accelerator, [model], loss, [optimizer], [scheduler], args,
-                                                 f"step {step + 1}")
+            skipped += not common.optimizer_step(
+                accelerator, [model], loss, [optimizer], [scheduler], args, f"step {step + 1}"
+            )
         window.append(loss.detach())
         if not accelerator.sync_gradients:
             continue
         step += 1
         bar.update(1)
-        loss, window = common.reduce(accelerator, torch.stack(window).mean(), "mean").item(), []  # the step's mean loss
+        loss, window = (
+            common.reduce(accelerator, torch.stack(window).mean(), "mean").item(),
+            [],
+        )  # the step's mean loss
         metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
         if step % args.eval_steps == 0 or step == steps:
             metrics["heldout_loss"] = heldout_loss(accelerator, model, held_loader)
         if step % args.logging_steps == 0 or "heldout_loss" in metrics:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            common.log_metrics(accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step)
+            common.log_metrics(
+                accelerator, args.output_dir, {**metrics, "skipped_nonfinite": skipped}, step
+            )
         if args.save_every and step % args.save_every == 0 and step < steps:
             common.save_state(accelerator, args, step)
         if step >= steps:
             break
 
-    after = {"heldout_loss": heldout_loss(accelerator, model, held_loader), **oracle_reward(args, accelerator, model, tokenizer)}
+    after = {
+        "heldout_loss": heldout_loss(accelerator, model, held_loader),
+        **oracle_reward(args, accelerator, model, tokenizer),
+    }
     common.log_metrics(accelerator, args.output_dir, {"phase": "after", **after}, step)
     common.save_model(accelerator, model, tokenizer, args.output_dir, merge_lora=args.merge_lora)
     accelerator.print(" | ".join(f"{k}: {v:.3f}" for k, v in after.items()))

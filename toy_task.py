@@ -143,7 +143,9 @@ EXTRA = {  # 8 more words per topic for the long task (the short task's vocabula
 LONG_TOPICS = {t: TOPICS[t] + EXTRA[t] for t in TOPICS}  # 16 words each
 LONG_WORD_TOPIC = {w: t for t, ws in LONG_TOPICS.items() for w in ws}
 SECTIONS, SEP, THEN = 4, ";", "then"
-SECTION_WORDS = 18  # 16 words (and the final ".") fit, as MAX_GOOD_WORDS leaves room on the short task
+SECTION_WORDS = (
+    18  # 16 words (and the final ".") fit, as MAX_GOOD_WORDS leaves room on the short task
+)
 LONG_VOCAB = sorted(set(VOCAB) | set(LONG_WORD_TOPIC) | {SEP, THEN})
 
 
@@ -190,8 +192,16 @@ def long_credit(topics, words):
 
 # ----------------------------------------------------------------------------- the data
 def make_prompt(rng, task="toy"):
-    topic = rng.choice(sorted(TOPICS)) if task == "toy" else f" {THEN} ".join(rng.sample(sorted(TOPICS), SECTIONS))
-    text = " ".join(w for w in [rng.choice(GREETINGS), rng.choice(ASKS).format(topic), rng.choice(CLOSINGS)] if w)
+    topic = (
+        rng.choice(sorted(TOPICS))
+        if task == "toy"
+        else f" {THEN} ".join(rng.sample(sorted(TOPICS), SECTIONS))
+    )
+    text = " ".join(
+        w
+        for w in [rng.choice(GREETINGS), rng.choice(ASKS).format(topic), rng.choice(CLOSINGS)]
+        if w
+    )
     return [{"role": "user", "content": text}]
 
 
@@ -245,12 +255,18 @@ def prompts(split="train", n=RL_PROMPTS, seed=0, task="toy"):
 def sft_data(split="train", n=4000, seed=0, task="toy"):
     """Demonstrations: rows of {prompt (messages), response (str)}."""
     rng = random.Random(f"{seed}-sft-{split}" if task == "toy" else f"{task}-{seed}-sft-{split}")
-    return [{"prompt": p, "response": behaviour_response(p, rng)} for p in _split_prompts(seed + 1, n, split, task)]
+    return [
+        {"prompt": p, "response": behaviour_response(p, rng)}
+        for p in _split_prompts(seed + 1, n, split, task)
+    ]
 
 
 def preference_data(split="train", n=4000, seed=0, task="toy"):
     """Pairs {prompt, chosen, rejected}, labelled by a Bradley-Terry draw on the oracle reward."""
-    rng, rows = random.Random(f"{seed}-pairs-{split}" if task == "toy" else f"{task}-{seed}-pairs-{split}"), []
+    rng, rows = (
+        random.Random(f"{seed}-pairs-{split}" if task == "toy" else f"{task}-{seed}-pairs-{split}"),
+        [],
+    )
     for p in _split_prompts(seed + 2, n, split, task):
         a, b = behaviour_response(p, rng), behaviour_response(p, rng)
         while b == a:
@@ -263,13 +279,23 @@ def preference_data(split="train", n=4000, seed=0, task="toy"):
 
 def task_stats(seed=0, task="toy"):
     """The task's numbers, as docs/tasks.md quotes them."""
-    demos, pairs = sft_data("train", seed=seed, task=task), preference_data("train", seed=seed, task=task)
+    demos, pairs = (
+        sft_data("train", seed=seed, task=task),
+        preference_data("train", seed=seed, task=task),
+    )
     demo_r = [oracle_reward(d["prompt"], d["response"]) for d in demos]
-    agree = [oracle_reward(r["prompt"], r["chosen"]) > oracle_reward(r["prompt"], r["rejected"]) for r in pairs]
-    ties = [oracle_reward(r["prompt"], r["chosen"]) == oracle_reward(r["prompt"], r["rejected"]) for r in pairs]
+    agree = [
+        oracle_reward(r["prompt"], r["chosen"]) > oracle_reward(r["prompt"], r["rejected"])
+        for r in pairs
+    ]
+    ties = [
+        oracle_reward(r["prompt"], r["chosen"]) == oracle_reward(r["prompt"], r["rejected"])
+        for r in pairs
+    ]
     return {
         "vocab_words": len(VOCAB if task == "toy" else LONG_VOCAB),
-        "sft_train": len(demos), "pairs_train": len(pairs),
+        "sft_train": len(demos),
+        "pairs_train": len(pairs),
         "prompts_train": len(prompts("train", seed=seed, task=task)),
         "prompts_test": len(prompts("test", seed=seed, task=task)),
         "demo_oracle_mean": sum(demo_r) / len(demo_r),
@@ -283,6 +309,7 @@ def task_stats(seed=0, task="toy"):
 
 if __name__ == "__main__":
     import argparse
+
     parser = argparse.ArgumentParser(description="The built-in task's numbers (seed 0).")
     parser.add_argument("task", nargs="?", default="toy", choices=TOYS)
     for k, v in task_stats(task=parser.parse_args().task).items():

@@ -55,11 +55,15 @@ def check(args):
     if importlib.util.find_spec("vllm") is None:
         common.fail(f"--rollout_engine vllm: vLLM is not installed; {INSTALL}")
     if not 0 < args.vllm_gpu_memory_utilization <= 1:
-        common.fail(f"--vllm_gpu_memory_utilization {args.vllm_gpu_memory_utilization}: a share, in (0, 1]")
+        common.fail(
+            f"--vllm_gpu_memory_utilization {args.vllm_gpu_memory_utilization}: a share, in (0, 1]"
+        )
     if args.generation_logprobs and args.top_p < 1:
-        common.fail("--generation_logprobs with --rollout_engine vllm needs --top_p 1: vLLM's log-probs are "
-                    "renormalised over the top-p nucleus, the update's are not (without the flag the frozen pass "
-                    "computes them)")
+        common.fail(
+            "--generation_logprobs with --rollout_engine vllm needs --top_p 1: vLLM's log-probs are "
+            "renormalised over the top-p nucleus, the update's are not (without the flag the frozen pass "
+            "computes them)"
+        )
 
 
 @contextlib.contextmanager
@@ -84,32 +88,51 @@ def ready(accelerator, model, args):
     if not ENGINE:
         ENGINE.update(llm=build(accelerator, model.config, max_len, args), max_len=max_len)
     elif ENGINE["max_len"] < max_len:
-        common.fail(f"the vLLM engine of this process was built for {ENGINE['max_len']} tokens per sequence, "
-                    f"now {max_len} are asked for (one engine per process)")
+        common.fail(
+            f"the vLLM engine of this process was built for {ENGINE['max_len']} tokens per sequence, "
+            f"now {max_len} are asked for (one engine per process)"
+        )
     push(ENGINE["llm"], model, args)
     return ENGINE["llm"]
 
 
 def build(accelerator, config, max_len, args):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights by reference
+    os.environ.setdefault(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+    )  # the engine in this process: weights by reference
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up log is long; INFO to see it
     if accelerator.device.type == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave the trainer's threads where they are
+        os.environ.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND", "nobind"
+        )  # leave the trainer's threads where they are
     try:
         from vllm import LLM
     except ImportError as e:
-        common.fail(f"--rollout_engine vllm: cannot import vLLM ({str(e).splitlines()[0]}); {INSTALL}")
+        common.fail(
+            f"--rollout_engine vllm: cannot import vLLM ({str(e).splitlines()[0]}); {INSTALL}"
+        )
     folder = tempfile.mkdtemp(prefix="vllm-config-")
     config.save_pretrained(folder)  # the architecture only: the weights come with the first push
     threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
     with global_rng_kept():
-        llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype=torch.bfloat16 if args.bf16
-                  else torch.float32, max_model_len=max_len, seed=args.seed, enforce_eager=accelerator.device.type
-                  == "cpu", gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                  enable_prefix_caching=False, logprobs_mode="processed_logprobs", generation_config="vllm",
-                  enable_sleep_mode=args.vllm_sleep,
-                  distributed_executor_backend="external_launcher" if accelerator.num_processes > 1 else None)
+        llm = LLM(
+            model=folder,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            max_model_len=max_len,
+            seed=args.seed,
+            enforce_eager=accelerator.device.type == "cpu",
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            enable_prefix_caching=False,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            enable_sleep_mode=args.vllm_sleep,
+            distributed_executor_backend="external_launcher"
+            if accelerator.num_processes > 1
+            else None,
+        )
     torch.set_num_threads = set_num_threads
     torch.set_num_threads(threads)
     # the engine lives as long as the process: no teardown at exit, where it would destroy process groups that
@@ -120,13 +143,17 @@ def build(accelerator, config, max_len, args):
 
 def push(llm, model, args):
     """The policy's current weights into the engine, one parameter at a time (FSDP2: each gathered, then dropped)."""
+
     def weights():  # the state dict, tied weights under each name: vLLM's CPU backend repacks the LM head apart
-        if hasattr(model, "lora"):  # --lora_rank: the plain model's weights, the adapter merged in (W + s B A)
+        if hasattr(
+            model, "lora"
+        ):  # --lora_rank: the plain model's weights, the adapter merged in (W + s B A)
             state = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
             yield from common.merged_weights(model.lora, state)
             return
         for name, p in model.state_dict().items():
             yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
+
     if args.vllm_sleep:
         llm.wake_up()
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
@@ -139,19 +166,38 @@ def generate(llm, prompt_ids, seeds, args, eos, device):
     with --generation_logprobs log softmax(logits / T) of the drawn tokens, one (b,) tensor per step as
     rto.draw_with_own_generators records them (else None)."""
     from vllm import SamplingParams
-    params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens, seed=s,
-                             stop_token_ids=[eos], ignore_eos=True,  # stop at the tokenizer's EOS only, as hf
-                             logprobs=0 if args.generation_logprobs else None, detokenize=False) for s in seeds]
+
+    params = [
+        SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_new_tokens,
+            seed=s,
+            stop_token_ids=[eos],
+            ignore_eos=True,  # stop at the tokenizer's EOS only, as hf
+            logprobs=0 if args.generation_logprobs else None,
+            detokenize=False,
+        )
+        for s in seeds
+    ]
     with global_rng_kept():
-        outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
-                                                      use_tqdm=False)]
+        outputs = [
+            o.outputs[0]
+            for o in llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+            )
+        ]
     if args.vllm_sleep:
         llm.sleep(level=2)  # weights and KV cache freed; the next push brings the weights back
     width = max(len(o.token_ids) for o in outputs)
     responses = torch.full((len(outputs), width), eos, dtype=torch.long)  # (b, R)
     logprobs = torch.zeros(len(outputs), width)  # (b, R)
     for i, o in enumerate(outputs):
-        responses[i, :len(o.token_ids)] = torch.tensor(o.token_ids)
+        responses[i, : len(o.token_ids)] = torch.tensor(o.token_ids)
         if args.generation_logprobs:
-            logprobs[i, :len(o.token_ids)] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)])
-    return responses.to(device), list(logprobs.to(device).unbind(1)) if args.generation_logprobs else None
+            logprobs[i, : len(o.token_ids)] = torch.tensor(
+                [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)]
+            )
+    return responses.to(device), list(
+        logprobs.to(device).unbind(1)
+    ) if args.generation_logprobs else None

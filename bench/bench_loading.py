@@ -39,7 +39,8 @@ import rto
 start, start_anon, start_file = status("VmRSS"), status("RssAnon"), status("RssFile")
 def stop(*a, **k):  # at the first rollout every model is loaded and sharded
     with open({out!r} + "/rank-" + os.environ["RANK"] + ".txt", "w") as f:
-        f.write(f"{{status('VmHWM')}} {{start}} {{status('RssAnon')}} {{start_anon}} {{status('RssFile')}} {{start_file}}")
+        f.write(f"{{status('VmHWM')}} {{start}} {{status('RssAnon')}} {{start_anon}} "
+                f"{{status('RssFile')}} {{start_file}}")
     os._exit(0)
 rto.rollout = stop
 rto.main({argv!r})
@@ -53,6 +54,7 @@ def checkpoints(work):
 
     import common
     import data
+
     lm, rm = work / "lm", work / "rm"
     if not (rm / "config.json").exists():
         tok = data.build_tiny_tokenizer(common.TOY)
@@ -70,21 +72,56 @@ def checkpoints(work):
 
 def measure(root, lm, rm, prompts, bf16, config):
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--sft_ckpt", str(lm), "--dpo_ckpt", str(lm), "--rm_ckpt", str(rm), "--dataset", str(prompts),
-                "--rollout_batch_size", "2", "--mini_batch_size", "2", "--num_iterations", "1", "--sample_every", "0",
-                "--output_dir", f"{out}/run"] + ["--bf16"] * bf16
+        argv = [
+            "--sft_ckpt",
+            str(lm),
+            "--dpo_ckpt",
+            str(lm),
+            "--rm_ckpt",
+            str(rm),
+            "--dataset",
+            str(prompts),
+            "--rollout_batch_size",
+            "2",
+            "--mini_batch_size",
+            "2",
+            "--num_iterations",
+            "1",
+            "--sample_every",
+            "0",
+            "--output_dir",
+            f"{out}/run",
+        ] + ["--bf16"] * bf16
         (Path(out) / "probe.py").write_text(PROBE.format(root=str(root), out=out, argv=argv))
         # MALLOC_MMAP_THRESHOLD_: on CPU the tensors a rank receives from rank 0 (RAM-efficient loading) are host
         # memory, and glibc's moving mmap threshold would keep the freed ones in its heap (rank 1 then held up to
         # 1.4x its shards here); a fixed threshold returns them, so that what is counted is what the code holds.
         # On GPUs they are device memory.
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                               str(ROOT / "configs" / config), f"{out}/probe.py"], env=env,
-                              capture_output=True, text=True, timeout=900)
+        env = {
+            **os.environ,
+            "ACCELERATE_USE_CPU": "1",
+            "OMP_NUM_THREADS": "1",
+            "MALLOC_MMAP_THRESHOLD_": "65536",
+        }
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ROOT / "configs" / config),
+                f"{out}/probe.py",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         files = [Path(out) / f"rank-{r}.txt" for r in (0, 1)]
         if not all(f.exists() for f in files):
-            sys.exit(f"error: the run in {root} did not reach its first rollout:\n{proc.stderr[-3000:]}")
+            sys.exit(
+                f"error: the run in {root} did not reach its first rollout:\n{proc.stderr[-3000:]}"
+            )
         return [tuple(map(int, f.read_text().split())) for f in files]
 
 
@@ -99,21 +136,36 @@ def main():
     lm, rm, n = checkpoints(work)
     prompts = work / "prompts.jsonl"
     import toy_task
-    prompts.write_text("".join(json.dumps({"context_messages": m}) + "\n" for m in toy_task.prompts("train", 8)))
+
+    prompts.write_text(
+        "".join(json.dumps({"context_messages": m}) + "\n" for m in toy_task.prompts("train", 8))
+    )
     whole = n * 4
-    print(f"model: {n / 1e6:.1f}M parameters, {whole / MB:.0f} MiB in float32; 5 models (policy, critic, "
-          f"reference, DPO, reward model){' with --bf16' * a.bf16}")
+    print(
+        f"model: {n / 1e6:.1f}M parameters, {whole / MB:.0f} MiB in float32; 5 models (policy, critic, "
+        f"reference, DPO, reward model){' with --bf16' * a.bf16}"
+    )
     for name, root in ([("before", a.before)] if a.before else []) + [("this checkout", ROOT)]:
         for config in ("cpu_fsdp.yaml", "cpu_fsdp_ram_efficient.yaml"):
             ranks = measure(root, lm, rm, prompts, a.bf16, config)
-            loading = [hwm - start for hwm, start, *_ in ranks]  # per rank: peak minus the memory before main()
+            loading = [
+                hwm - start for hwm, start, *_ in ranks
+            ]  # per rank: peak minus the memory before main()
             held = [anon - start_anon for _, _, anon, start_anon, *_ in ranks]
-            read = [file - start_file for *_, file, start_file in ranks]  # checkpoint pages mapped in
-            print(f"{name}, {config}: loading peak " + ", ".join(
-                f"rank {r} {x / MB:.0f} MiB = {x / whole:.2f} models" for r, x in enumerate(loading)) +
-                f"; summed over ranks {sum(loading) / MB:.0f} MiB = {sum(loading) / whole:.2f} whole fp32 models; "
-                f"anonymous memory held after loading, summed {sum(held) / MB:.0f} MiB; checkpoint pages read (RssFile) "
-                + ", ".join(f"rank {r} {x / MB:.0f} MiB" for r, x in enumerate(read)))
+            read = [
+                file - start_file for *_, file, start_file in ranks
+            ]  # checkpoint pages mapped in
+            print(
+                f"{name}, {config}: loading peak "
+                + ", ".join(
+                    f"rank {r} {x / MB:.0f} MiB = {x / whole:.2f} models"
+                    for r, x in enumerate(loading)
+                )
+                + f"; summed over ranks {sum(loading) / MB:.0f} MiB = {sum(loading) / whole:.2f} whole fp32 models; "
+                f"anonymous memory held after loading, summed {sum(held) / MB:.0f} MiB; "
+                "checkpoint pages read (RssFile) "
+                + ", ".join(f"rank {r} {x / MB:.0f} MiB" for r, x in enumerate(read))
+            )
 
 
 if __name__ == "__main__":

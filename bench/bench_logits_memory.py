@@ -26,7 +26,9 @@ MB = 2**20
 
 def status(key):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))  # kB -> bytes
+        return next(
+            int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")
+        )  # kB -> bytes
 
 
 def child(root):
@@ -41,10 +43,21 @@ def child(root):
     import rto
 
     torch.manual_seed(0)
-    cfg = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, tie_word_embeddings=False)
-    models = {"policy": LlamaForCausalLM(LlamaConfig(**cfg)),
-              "critic": LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1))}
+    cfg = dict(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    models = {
+        "policy": LlamaForCausalLM(LlamaConfig(**cfg)),
+        "critic": LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1)),
+    }
     acc = Accelerator(cpu=True)
     optimizers, schedulers = [], []
     for name in ("policy", "critic"):
@@ -53,14 +66,30 @@ def child(root):
         optimizers.append(opt)
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     g = torch.Generator().manual_seed(0)
-    ro = {"input_ids": torch.randint(1, V, (B, P + R), generator=g), "attention_mask": torch.ones(B, P + R).long(),
-          "response_mask": torch.ones(B, R), "ended": torch.ones(B).bool(), "prompt_len": P,
-          "logprobs": -torch.rand(B, R, generator=g) * 10, "advantages": torch.randn(B, R, generator=g),
-          "values": torch.zeros(B, R), "returns": torch.randn(B, R, generator=g)}
-    args = SimpleNamespace(ppo_epochs=1, temperature=1.0, eps_clip=0.2, value_clip=0.2, max_grad_norm=1.0,
-                           skip_nonfinite=False, packing=False)
+    ro = {
+        "input_ids": torch.randint(1, V, (B, P + R), generator=g),
+        "attention_mask": torch.ones(B, P + R).long(),
+        "response_mask": torch.ones(B, R),
+        "ended": torch.ones(B).bool(),
+        "prompt_len": P,
+        "logprobs": -torch.rand(B, R, generator=g) * 10,
+        "advantages": torch.randn(B, R, generator=g),
+        "values": torch.zeros(B, R),
+        "returns": torch.randn(B, R, generator=g),
+    }
+    args = SimpleNamespace(
+        ppo_epochs=1,
+        temperature=1.0,
+        eps_clip=0.2,
+        value_clip=0.2,
+        max_grad_norm=1.0,
+        skip_nonfinite=False,
+        packing=False,
+    )
     sizes = {"rollout": B, "mini": B, "micro": B, "accum": 1}
-    rto.ppo_update(acc, ro, models, optimizers, schedulers, args, sizes)  # warm-up: the optimisers' state
+    rto.ppo_update(
+        acc, ro, models, optimizers, schedulers, args, sizes
+    )  # warm-up: the optimisers' state
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back, so that RSS is what is in use
     before = status("VmRSS")
@@ -71,8 +100,12 @@ def child(root):
 
 
 def measure(root):
-    out = subprocess.run([sys.executable, __file__, "--child", str(root)], capture_output=True, text=True,
-                         env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(root)],
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"},
+    )
     if out.returncode:
         sys.exit(f"error: the measurement in {root} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -86,12 +119,18 @@ def main():
     if a.child:
         return child(a.child)
     logits = B * R * V * 4
-    print(f"micro-batch {B} x ({P} prompt + {R} response) tokens, vocabulary {V:,}: "
-          f"response logits {logits / MB:.1f} MiB (fp32)")
-    roots = ([("before", a.before)] if a.before else []) + [("this checkout", Path(__file__).resolve().parents[1])]
+    print(
+        f"micro-batch {B} x ({P} prompt + {R} response) tokens, vocabulary {V:,}: "
+        f"response logits {logits / MB:.1f} MiB (fp32)"
+    )
+    roots = ([("before", a.before)] if a.before else []) + [
+        ("this checkout", Path(__file__).resolve().parents[1])
+    ]
     for name, root in roots:
         peak = measure(root)
-        print(f"{name:>14}: peak {peak / MB:7.1f} MiB = {peak / logits:.2f} x the response logits   ({root})")
+        print(
+            f"{name:>14}: peak {peak / MB:7.1f} MiB = {peak / logits:.2f} x the response logits   ({root})"
+        )
 
 
 if __name__ == "__main__":

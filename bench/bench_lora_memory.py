@@ -56,6 +56,7 @@ def checkpoints(work, rank):
 
     import common
     import data
+
     tok = data.build_tiny_tokenizer(common.TOY)
     cfg = common.tiny_config(tok, hidden=768, layers=12)
     torch.manual_seed(0)
@@ -68,8 +69,12 @@ def checkpoints(work, rank):
     rm.config.reward_mean, rm.config.reward_std = 0.0, 1.0
     rm.save_pretrained(work / "rm")
     tok.save_pretrained(work / "rm")
-    flags = argparse.Namespace(lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, lora_target_modules="all-linear")
-    adapter = common.add_adapter(common.load_causal_lm(str(work / "sft"), tok), flags, str(work / "sft"))
+    flags = argparse.Namespace(
+        lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, lora_target_modules="all-linear"
+    )
+    adapter = common.add_adapter(
+        common.load_causal_lm(str(work / "sft"), tok), flags, str(work / "sft")
+    )
     adapter.lora.save_pretrained(work / "dpo_lora", selected_adapters=["default"])
     tok.save_pretrained(work / "dpo_lora")
     with open(work / "dpo_lora" / common.LORA_BASE, "w") as f:
@@ -78,14 +83,38 @@ def checkpoints(work, rank):
 
 
 def run(work, lora, rank, bf16):
-    argv = ["--sft_ckpt", str(work / "sft"), "--dpo_ckpt", str(work / ("dpo_lora" if lora else "dpo")),
-            "--rm_ckpt", str(work / "rm"), "--output_dir", str(work / f"rto_{lora}"), "--overwrite",
-            "--num_iterations", 1, "--rollout_batch_size", 8, "--mini_batch_size", 8, "--max_new_tokens", 16,
-            "--oracle_prompts", 4, "--sample_every", 0, *(["--lora_rank", rank] if lora else []),
-            *(["--bf16"] if bf16 else [])]
+    argv = [
+        "--sft_ckpt",
+        str(work / "sft"),
+        "--dpo_ckpt",
+        str(work / ("dpo_lora" if lora else "dpo")),
+        "--rm_ckpt",
+        str(work / "rm"),
+        "--output_dir",
+        str(work / f"rto_{lora}"),
+        "--overwrite",
+        "--num_iterations",
+        1,
+        "--rollout_batch_size",
+        8,
+        "--mini_batch_size",
+        8,
+        "--max_new_tokens",
+        16,
+        "--oracle_prompts",
+        4,
+        "--sample_every",
+        0,
+        *(["--lora_rank", rank] if lora else []),
+        *(["--bf16"] if bf16 else []),
+    ]
     code = PROBE.format(root=str(ROOT), argv=[str(a) for a in argv])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise SystemExit(out.stderr[-3000:])
@@ -99,15 +128,21 @@ def main():
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         n = checkpoints(Path(tmp), a.rank)
-        print(f"model: {n / 1e6:.1f}M parameters ({n * 4 / MB:.0f} MiB in float32); one rto.py iteration"
-              f"{' --bf16' if a.bf16 else ''}")
-        print(f"{'mode':<14}{'models':>7}{'params MiB':>12}{'grads MiB':>11}{'Adam MiB':>10}{'trainable':>12}"
-              f"{'peak RSS MiB':>14}")
+        print(
+            f"model: {n / 1e6:.1f}M parameters ({n * 4 / MB:.0f} MiB in float32); one rto.py iteration"
+            f"{' --bf16' if a.bf16 else ''}"
+        )
+        print(
+            f"{'mode':<14}{'models':>7}{'params MiB':>12}{'grads MiB':>11}{'Adam MiB':>10}{'trainable':>12}"
+            f"{'peak RSS MiB':>14}"
+        )
         for lora in (False, True):
             r = run(Path(tmp), lora, a.rank, a.bf16)
             mode = f"LoRA r={a.rank}" if lora else "full"
-            print(f"{mode:<14}{r['models']:>7}{r['params'] / MB:>12.1f}{r['grads'] / MB:>11.1f}"
-                  f"{r['optimizer'] / MB:>10.1f}{r['trainable'] / 1e6:>11.2f}M{r['peak_rss'] / MB:>14.0f}")
+            print(
+                f"{mode:<14}{r['models']:>7}{r['params'] / MB:>12.1f}{r['grads'] / MB:>11.1f}"
+                f"{r['optimizer'] / MB:>10.1f}{r['trainable'] / 1e6:>11.2f}M{r['peak_rss'] / MB:>14.0f}"
+            )
 
 
 if __name__ == "__main__":

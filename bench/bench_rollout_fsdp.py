@@ -63,8 +63,14 @@ def measure(root, sharded, tokens):
     with tempfile.TemporaryDirectory() as out:
         (Path(out) / "probe.py").write_text(PROBE.format(root=str(root), out=out, tokens=tokens))
         if sharded:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "configs" / "cpu_fsdp.yaml"), f"{out}/probe.py"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ROOT / "configs" / "cpu_fsdp.yaml"),
+                f"{out}/probe.py",
+            ]
             env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
         else:
             cmd, env = [sys.executable, f"{out}/probe.py"], {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -84,8 +90,11 @@ def main():
         one = measure(root, False, a.max_new_tokens)
         two = measure(root, True, a.max_new_tokens)
         assert (one["processes"], two["processes"]) == (1, 2), (one, two)
-        print(f"{name:>14}: 1 process (2 threads) {one['seconds']:.2f} s, FSDP2 on 2 processes (1 thread each) "
-              f"{two['seconds']:.2f} s = {two['seconds'] / one['seconds']:.2f} x   ({root})", flush=True)
+        print(
+            f"{name:>14}: 1 process (2 threads) {one['seconds']:.2f} s, FSDP2 on 2 processes (1 thread each) "
+            f"{two['seconds']:.2f} s = {two['seconds'] / one['seconds']:.2f} x   ({root})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

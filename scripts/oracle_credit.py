@@ -1,7 +1,8 @@
 """Control experiment: does dense credit help PPO on the built-in task when the credit is *right*?
 
     python scripts/oracle_credit.py --credit dense  --sft_ckpt runs/sft --rm_ckpt runs/rm --output_dir runs/oracle_dense
-    python scripts/oracle_credit.py --credit sparse --sft_ckpt runs/sft --rm_ckpt runs/rm --output_dir runs/oracle_sparse
+    python scripts/oracle_credit.py --credit sparse --sft_ckpt runs/sft --rm_ckpt runs/rm \
+        --output_dir runs/oracle_sparse
 
 RTO's premise is that a per-token reward assigns credit better than one reward at the last token. On the built-in
 task the true per-token credit is known (toy_task.token_credit), so the premise can be tested apart from the
@@ -34,10 +35,12 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     ro = rollout_as_in_rto(accelerator, policy, tokenizer, prompts, seeds, args)
     P, mask = ro["prompt_len"], ro["response_mask"]
     credit = torch.zeros_like(mask)
-    for i, (p, ids, m) in enumerate(zip(prompts, ro["input_ids"][:, P:], mask)):
-        tokens = tokenizer.convert_ids_to_tokens(ids[m.bool()].tolist())  # one word per token on this task
+    for i, (p, ids, m) in enumerate(zip(prompts, ro["input_ids"][:, P:], mask, strict=True)):
+        tokens = tokenizer.convert_ids_to_tokens(
+            ids[m.bool()].tolist()
+        )  # one word per token on this task
         words = tokens[:-1] if ro["ended"][i] else tokens
-        credit[i, :len(words)] = torch.tensor(toy_task.token_credit(p, words))
+        credit[i, : len(words)] = torch.tensor(toy_task.token_credit(p, words))
     ro["credit"] = credit
     return ro
 
@@ -56,12 +59,19 @@ def token_rewards(ro, args, beta2):
 
 def main(argv):
     global CREDIT
-    if "--credit" not in argv or argv[argv.index("--credit") + 1:][:1] not in (["dense"], ["sparse"]):
-        common.fail("--credit dense|sparse is required (where the oracle's reward is paid); other flags are rto.py's")
+    if "--credit" not in argv or argv[argv.index("--credit") + 1 :][:1] not in (
+        ["dense"],
+        ["sparse"],
+    ):
+        common.fail(
+            "--credit dense|sparse is required (where the oracle's reward is paid); other flags are rto.py's"
+        )
     i = argv.index("--credit")
-    CREDIT, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    CREDIT, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     if "--dataset" in argv and argv[argv.index("--dataset") + 1] not in common.TOYS:
-        common.fail("--dataset: the oracle's credit exists only on the built-in tasks ('toy', 'toy-long')")
+        common.fail(
+            "--dataset: the oracle's credit exists only on the built-in tasks ('toy', 'toy-long')"
+        )
     rto.rollout, rto.token_rewards = rollout, token_rewards
     # --reward_mode ppo: rto.py then loads no DPO model; the reward model only initialises the critic (as in PPO)
     rto.main(["--reward_mode", "ppo", *argv])

@@ -43,18 +43,28 @@ sys.path.insert(0, str(ROOT))
 import toy_task  # noqa: E402
 
 METHODS = ["rto", "ppo", "dppo"]
-VARIANTS = {"rto_noclip": ["--dpo_reward_clip", 0], "rto_dpo_only": ["--beta3", 0, "--dpo_reward_clip", 0]}
-GRID = [(lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)]  # actor lr x KL coefficient, the same for all
+VARIANTS = {
+    "rto_noclip": ["--dpo_reward_clip", 0],
+    "rto_dpo_only": ["--beta3", 0, "--dpo_reward_clip", 0],
+}
+GRID = [
+    (lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)
+]  # actor lr x KL coefficient, the same for all
 PROMPTS = toy_task.RL_PROMPTS  # the built-in task's RL prompts
 
 
-THREADS = {"n": os.cpu_count() or 1}  # per run: the cores shared out among the --jobs running at once
+THREADS = {
+    "n": os.cpu_count() or 1
+}  # per run: the cores shared out among the --jobs running at once
 
 
 def run(script, *args):
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     print("$", " ".join(cmd[1:]), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS["n"])}  # torch takes its thread count from it
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(THREADS["n"]),
+    }  # torch takes its thread count from it
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
 
 
@@ -71,6 +81,7 @@ def parallel(jobs, calls):
         except BaseException:
             failed.set()
             raise
+
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(guarded, c) for c in calls]
     return [f.result() for f in futures]
@@ -86,7 +97,15 @@ def preference_stages(out, seed, dataset):
         task = ["--seed", seed, "--dataset", dataset]
         run("sft.py", *task, "--output_dir", d / "sft", "--overwrite")
         run("dpo.py", *task, "--sft_ckpt", d / "sft", "--output_dir", d / "dpo", "--overwrite")
-        run("reward_model.py", *task, "--sft_ckpt", d / "sft", "--output_dir", d / "rm", "--overwrite")
+        run(
+            "reward_model.py",
+            *task,
+            "--sft_ckpt",
+            d / "sft",
+            "--output_dir",
+            d / "rm",
+            "--overwrite",
+        )
     return d
 
 
@@ -94,9 +113,29 @@ def rl(d, method, seed, lr, beta2, name=None, *extra, script="rto.py", pre=(), d
     """One rto.py run (or a fork of it: `script`, taking `pre` first); an existing folder is reused only if its
     args.json says it ran with these settings."""
     folder = d / (name or method)
-    args = ["--reward_mode", method, "--seed", seed, "--dataset", dataset, "--sft_ckpt", d / "sft",
-            "--dpo_ckpt", d / "dpo", "--rm_ckpt", d / "rm", "--actor_lr", lr, "--beta2", beta2, "--sample_every", 0,
-            "--output_dir", folder, *extra]
+    args = [
+        "--reward_mode",
+        method,
+        "--seed",
+        seed,
+        "--dataset",
+        dataset,
+        "--sft_ckpt",
+        d / "sft",
+        "--dpo_ckpt",
+        d / "dpo",
+        "--rm_ckpt",
+        d / "rm",
+        "--actor_lr",
+        lr,
+        "--beta2",
+        beta2,
+        "--sample_every",
+        0,
+        "--output_dir",
+        folder,
+        *extra,
+    ]
     done = (folder / "config.json").exists() and (folder / "args.json").exists()
     if not done or not same_settings(json.load(open(folder / "args.json")), args):
         run(script, *pre, *args, "--overwrite")
@@ -109,7 +148,11 @@ def same_settings(saved, args):
             return float(v)
         except (TypeError, ValueError):
             return str(v)
-    return all(value(saved.get(flag[2:])) == value(v) for flag, v in zip(args[::2], args[1::2]))
+
+    return all(
+        value(saved.get(flag[2:])) == value(v)
+        for flag, v in zip(args[::2], args[1::2], strict=False)  # a bare flag ends the list
+    )
 
 
 def train_score(folder):
@@ -128,11 +171,15 @@ def ci95(xs):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/reproduce")
-    p.add_argument("--datasets", nargs="+", default=["toy", "toy-long"], choices=["toy", "toy-long"])
+    p.add_argument(
+        "--datasets", nargs="+", default=["toy", "toy-long"], choices=["toy", "toy-long"]
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tune_seed", type=int, default=100)
     p.add_argument("--skip_budget", action="store_true")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with cores / jobs threads")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="runs at once, each with cores / jobs threads"
+    )
     a = p.parse_args()
     if a.jobs < 1:
         p.error(f"--jobs {a.jobs}: expected at least 1")
@@ -147,58 +194,107 @@ def reproduce(out, dataset, a):
     out.mkdir(parents=True, exist_ok=True)
     summary = {"dataset": dataset, "grid": GRID, "seeds": a.seeds, "tune_seed": a.tune_seed}
     task = {"dataset": dataset}
-    par = lambda calls: parallel(a.jobs, calls)
+
+    def par(calls):
+        return parallel(a.jobs, calls)
+
     # SFT -> DPO -> reward model, for the tuning seed and every seed
     par([lambda s=s: preference_stages(out, s, dataset) for s in [a.tune_seed, *a.seeds]])
 
     # 1. tune every method with the same grid
     d = out / f"seed{a.tune_seed}"
     runs = [(m, lr, b2) for m in METHODS for lr, b2 in GRID]
-    scores = par([lambda m=m, lr=lr, b2=b2: train_score(rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}",
-                                                           **task)) for m, lr, b2 in runs])
+    scores = par(
+        [
+            lambda m=m, lr=lr, b2=b2: train_score(
+                rl(d, m, a.tune_seed, lr, b2, f"{m}_lr{lr:g}_kl{b2:g}", **task)
+            )
+            for m, lr, b2 in runs
+        ]
+    )
     tuning = {m: {} for m in METHODS}
-    for (m, lr, b2), score in zip(runs, scores):
+    for (m, lr, b2), score in zip(runs, scores, strict=True):
         tuning[m][f"{lr:g},{b2:g}"] = score
     best = {m: max(tuning[m], key=tuning[m].get) for m in METHODS}
     summary.update(tuning=tuning, best=best)
-    tuned = lambda m: map(float, best[m].split(","))
+
+    def tuned(m):
+        return map(float, best[m].split(","))
 
     # 2. the comparison, one pipeline per seed
-    par([lambda m=m, s=s: rl(out / f"seed{s}", m, s, *tuned(m), **task) for s in a.seeds for m in METHODS])
+    par(
+        [
+            lambda m=m, s=s: rl(out / f"seed{s}", m, s, *tuned(m), **task)
+            for s in a.seeds
+            for m in METHODS
+        ]
+    )
     summary["per_seed"] = par([lambda s=s: evaluate(out / f"seed{s}", s, dataset) for s in a.seeds])
 
     # 3. sample efficiency: RTO vs PPO on a fraction of the prompts (all the prompts: the runs of step 2)
     if not a.skip_budget:
         cells = [(m, frac, s) for m in ("rto", "ppo") for frac in (8, 4, 2, 1) for s in a.seeds]
-        name = lambda m, frac: m if frac == 1 else f"{m}_frac{frac}"
-        extra = lambda frac: [] if frac == 1 else ["--num_episodes", PROMPTS // frac]
-        scores = par([lambda m=m, frac=frac, s=s: test_score(rl(out / f"seed{s}", m, s, *tuned(m), name(m, frac),
-                                                                  *extra(frac), **task)) for m, frac, s in cells])
+
+        def name(m, frac):
+            return m if frac == 1 else f"{m}_frac{frac}"
+
+        def extra(frac):
+            return [] if frac == 1 else ["--num_episodes", PROMPTS // frac]
+
+        scores = par(
+            [
+                lambda m=m, frac=frac, s=s: test_score(
+                    rl(out / f"seed{s}", m, s, *tuned(m), name(m, frac), *extra(frac), **task)
+                )
+                for m, frac, s in cells
+            ]
+        )
         budget = {}
-        for (m, frac, _), score in zip(cells, scores):
+        for (m, frac, _), score in zip(cells, scores, strict=True):
             budget.setdefault(f"{m} 1/{frac}", []).append(score)
         summary["budget"] = budget
         plot_budget(budget, a.seeds, out)
 
     # 4. why: how well each reward signal tracks the oracle, on SFT's responses and on RTO's
     cells = [(policy, s) for policy in ("sft", "rto") for s in a.seeds]
-    signals = par([lambda policy=policy, s=s: reward_signal(out / f"seed{s}", policy, dataset) for policy, s in cells])
-    summary["signal"] = {policy: signals[i * len(a.seeds):(i + 1) * len(a.seeds)]
-                         for i, policy in enumerate(("sft", "rto"))}
+    signals = par(
+        [
+            lambda policy=policy, s=s: reward_signal(out / f"seed{s}", policy, dataset)
+            for policy, s in cells
+        ]
+    )
+    summary["signal"] = {
+        policy: signals[i * len(a.seeds) : (i + 1) * len(a.seeds)]
+        for i, policy in enumerate(("sft", "rto"))
+    }
 
     # 5. ablations of RTO's reward, with RTO's tuned settings; 6. control: the oracle's exact credit, paid per token
     # (dense) or at the last token (sparse)
-    variants = [(name, "rto", extra, {}) for name, extra in VARIANTS.items()] + \
-        [(f"oracle_{c}", "ppo", [], {"script": "scripts/oracle_credit.py", "pre": ("--credit", c)})
-         for c in ("dense", "sparse")]
+    variants = [(name, "rto", extra, {}) for name, extra in VARIANTS.items()] + [
+        (f"oracle_{c}", "ppo", [], {"script": "scripts/oracle_credit.py", "pre": ("--credit", c)})
+        for c in ("dense", "sparse")
+    ]
     lr, b2 = tuned("rto")
-    scores = par([lambda s=s, v=v: test_score(rl(out / f"seed{s}", v[1], s, lr, b2, v[0], *v[2], **v[3], **task))
-                  for v in variants for s in a.seeds])
-    results = {v[0]: scores[i * len(a.seeds):(i + 1) * len(a.seeds)] for i, v in enumerate(variants)}
+    scores = par(
+        [
+            lambda s=s, v=v: test_score(
+                rl(out / f"seed{s}", v[1], s, lr, b2, v[0], *v[2], **v[3], **task)
+            )
+            for v in variants
+            for s in a.seeds
+        ]
+    )
+    results = {
+        v[0]: scores[i * len(a.seeds) : (i + 1) * len(a.seeds)] for i, v in enumerate(variants)
+    }
     summary["ablation"] = {name: results[name] for name in VARIANTS}
-    summary["ablation"].update({m: [test_score(out / f"seed{s}" / m) for s in a.seeds] for m in METHODS})
-    summary["control"] = {f"oracle credit, {c}": results[f"oracle_{c}"] for c in ("dense", "sparse")}
-    diff = [x - y for x, y in zip(*summary["control"].values())]  # paired by seed
+    summary["ablation"].update(
+        {m: [test_score(out / f"seed{s}" / m) for s in a.seeds] for m in METHODS}
+    )
+    summary["control"] = {
+        f"oracle credit, {c}": results[f"oracle_{c}"] for c in ("dense", "sparse")
+    }
+    diff = [x - y for x, y in zip(*summary["control"].values(), strict=True)]  # paired by seed
     summary["control_difference"] = {"mean": statistics.mean(diff), "ci95": ci95(diff)}
     json.dump(summary, open(out / "summary.json", "w"), indent=1)
     (out / "summary.md").write_text(report(summary))
@@ -209,16 +305,43 @@ def evaluate(d, seed, dataset):
     """evaluate.py with the oracle judge over SFT, DPO and the three methods; redone when a model is newer."""
     folders = {m: d / m for m in METHODS}
     ev, done = d / "eval", d / "eval" / "winrates.json"
-    if not done.exists() or any((f / "config.json").stat().st_mtime > done.stat().st_mtime for f in folders.values()):
-        run("evaluate.py", "--models", f"sft={d / 'sft'}", f"dpo={d / 'dpo'}",
-            *[f"{m}={f}" for m, f in folders.items()], "--judge", "oracle", "--num_prompts", 400, "--seed", seed,
-            "--dataset", dataset, "--output_dir", ev, "--overwrite")
+    if not done.exists() or any(
+        (f / "config.json").stat().st_mtime > done.stat().st_mtime for f in folders.values()
+    ):
+        run(
+            "evaluate.py",
+            "--models",
+            f"sft={d / 'sft'}",
+            f"dpo={d / 'dpo'}",
+            *[f"{m}={f}" for m, f in folders.items()],
+            "--judge",
+            "oracle",
+            "--num_prompts",
+            400,
+            "--seed",
+            seed,
+            "--dataset",
+            dataset,
+            "--output_dir",
+            ev,
+            "--overwrite",
+        )
     return json.load(open(done))
 
 
 def reward_signal(d, policy, dataset):
     f = d / f"reward_signal_{policy}.json"  # always redone: the policy may have changed
-    run("scripts/reward_signal.py", "--run", d, "--policy", policy, "--json", f, "--dataset", dataset)
+    run(
+        "scripts/reward_signal.py",
+        "--run",
+        d,
+        "--policy",
+        policy,
+        "--json",
+        f,
+        "--dataset",
+        dataset,
+    )
     return json.load(open(f))
 
 
@@ -228,9 +351,12 @@ def plot_budget(budget, seeds, out):
         f.write("run,fraction," + ",".join(f"seed{s}" for s in seeds) + ",mean\n")
         for k, xs in budget.items():
             m, frac = k.split(" ")
-            f.write(f"{m},{frac}," + ",".join(f"{x:.4f}" for x in xs) + f",{statistics.mean(xs):.4f}\n")
+            f.write(
+                f"{m},{frac}," + ",".join(f"{x:.4f}" for x in xs) + f",{statistics.mean(xs):.4f}\n"
+            )
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -238,9 +364,13 @@ def plot_budget(budget, seeds, out):
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in ("rto", "ppo"):
-        rows = [(PROMPTS // int(k.split("/")[1]), xs) for k, xs in budget.items() if k.startswith(m + " ")]
+        rows = [
+            (PROMPTS // int(k.split("/")[1]), xs)
+            for k, xs in budget.items()
+            if k.startswith(m + " ")
+        ]
         x = [n for n, _ in rows]
-        line, = ax.plot(x, [statistics.mean(xs) for _, xs in rows], marker="o", label=m)
+        (line,) = ax.plot(x, [statistics.mean(xs) for _, xs in rows], marker="o", label=m)
         for n, xs in rows:
             ax.scatter([n] * len(xs), xs, color=line.get_color(), alpha=0.35, s=12)
     ax.set_xscale("log", base=2)
@@ -257,65 +387,144 @@ def plot_budget(budget, seeds, out):
 
 def report(s):
     names = list(s["per_seed"][0]["models"])
-    lines = [f"# The built-in task '{s.get('dataset', 'toy')}'", "",
-             "## Tuning (tuning seed %d; oracle reward of training rollouts, last 5 iterations)" % s["tune_seed"], "",
-             "| method | " + " | ".join(f"lr {k.split(',')[0]}, β2 {k.split(',')[1]}" for k in s["tuning"]["rto"]) +
-             " | chosen |", "|---" * (len(s["tuning"]["rto"]) + 2) + "|"]
+    lines = [
+        f"# The built-in task '{s.get('dataset', 'toy')}'",
+        "",
+        f"## Tuning (tuning seed {s['tune_seed']}; oracle reward of training rollouts, last 5 iterations)",
+        "",
+        "| method | "
+        + " | ".join(f"lr {k.split(',')[0]}, β2 {k.split(',')[1]}" for k in s["tuning"]["rto"])
+        + " | chosen |",
+        "|---" * (len(s["tuning"]["rto"]) + 2) + "|",
+    ]
     for m, row in s["tuning"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in row.values()) + f" | {s['best'][m]} |")
-    lines += ["", f"## Win rates, oracle judge, mean over seeds {s['seeds']} ± 95% interval across seeds "
-                  "(row beats column)", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines.append(
+            f"| {m} | " + " | ".join(f"{v:.3f}" for v in row.values()) + f" | {s['best'][m]} |"
+        )
+    lines += [
+        "",
+        f"## Win rates, oracle judge, mean over seeds {s['seeds']} ± 95% interval across seeds "
+        "(row beats column)",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for i, a in enumerate(names):
         cells = []
         for j in range(len(names)):
             xs = [m["win_rates"][a][names[j]] for m in s["per_seed"]]
             cells.append(f"{statistics.mean(xs):.3f} ± {ci95(xs):.3f}" if i != j else "0.500")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    lines += ["", "Row beats column in how many seeds (win rate > 0.5):", "", "| | " + " | ".join(names) + " |",
-              "|---" * (len(names) + 1) + "|"]
-    for i, a in enumerate(names):
-        lines.append(f"| {a} | " + " | ".join(
-            "-" if a == b else str(sum(m["win_rates"][a][b] > 0.5 for m in s["per_seed"])) for b in names) + " |")
-    lines += ["", "Mean oracle score per seed:", "", "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |",
-              "|---" * (len(s["seeds"]) + 1) + "|"]
-    for i, a in enumerate(names):
-        lines.append(f"| {a} | " + " | ".join(f"{m['summary'][a]['mean_score']:.3f}" for m in s["per_seed"]) + " |")
+    lines += [
+        "",
+        "Row beats column in how many seeds (win rate > 0.5):",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for a in names:
+        lines.append(
+            f"| {a} | "
+            + " | ".join(
+                "-" if a == b else str(sum(m["win_rates"][a][b] > 0.5 for m in s["per_seed"]))
+                for b in names
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Mean oracle score per seed:",
+        "",
+        "| model | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |",
+        "|---" * (len(s["seeds"]) + 1) + "|",
+    ]
+    for a in names:
+        lines.append(
+            f"| {a} | "
+            + " | ".join(f"{m['summary'][a]['mean_score']:.3f}" for m in s["per_seed"])
+            + " |"
+        )
     if "budget" in s:
-        lines += ["", "## Sample efficiency: held-out oracle reward after training on a fraction of the RL prompts",
-                  "", "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |",
-                  "|---" * (len(s["seeds"]) + 2) + "|"]
+        lines += [
+            "",
+            "## Sample efficiency: held-out oracle reward after training on a fraction of the RL prompts",
+            "",
+            "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |",
+            "|---" * (len(s["seeds"]) + 2) + "|",
+        ]
         for k, xs in s["budget"].items():
-            lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
+            lines.append(
+                f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |"
+            )
     if "signal" in s:
-        rows = [("reward-model score vs oracle, correlation", "corr_oracle_rm"),
-                ("DPO implicit reward vs oracle, correlation", "corr_oracle_dpo_sum"),
-                ("sum of clipped DPO token rewards vs oracle, correlation", "corr_oracle_dpo_clipped_sum"),
-                ("DPO token reward vs the oracle's credit for the word, correlation", "corr_token_reward_credit"),
-                ("share of DPO token rewards at the clip", "token_reward_at_clip"),
-                ("std over responses: reward-model score", "std_rm_score"),
-                ("std over responses: sum of clipped DPO token rewards", "std_dpo_clipped_sum")]
-        lines += ["", "## Why: each reward signal against the oracle (scripts/reward_signal.py; mean over seeds, "
-                      "min..max)", "", "| | on SFT's responses | on RTO's responses |", "|---|---|---|"]
-        cell = lambda xs: f"{statistics.mean(xs):.3f} ({min(xs):.3f}..{max(xs):.3f})"
+        rows = [
+            ("reward-model score vs oracle, correlation", "corr_oracle_rm"),
+            ("DPO implicit reward vs oracle, correlation", "corr_oracle_dpo_sum"),
+            (
+                "sum of clipped DPO token rewards vs oracle, correlation",
+                "corr_oracle_dpo_clipped_sum",
+            ),
+            (
+                "DPO token reward vs the oracle's credit for the word, correlation",
+                "corr_token_reward_credit",
+            ),
+            ("share of DPO token rewards at the clip", "token_reward_at_clip"),
+            ("std over responses: reward-model score", "std_rm_score"),
+            ("std over responses: sum of clipped DPO token rewards", "std_dpo_clipped_sum"),
+        ]
+        lines += [
+            "",
+            "## Why: each reward signal against the oracle (scripts/reward_signal.py; mean over seeds, "
+            "min..max)",
+            "",
+            "| | on SFT's responses | on RTO's responses |",
+            "|---|---|---|",
+        ]
+
+        def cell(xs):
+            return f"{statistics.mean(xs):.3f} ({min(xs):.3f}..{max(xs):.3f})"
+
         for label, key in rows:
-            lines.append(f"| {label} | " + " | ".join(cell([x[key] for x in s["signal"][p]]) for p in ("sft", "rto"))
-                         + " |")
-        lines += ["", "Mean DPO token reward by kind of word (mean over seeds):", "",
-                  "| word | on SFT's responses | on RTO's responses |", "|---|---|---|"]
+            lines.append(
+                f"| {label} | "
+                + " | ".join(cell([x[key] for x in s["signal"][p]]) for p in ("sft", "rto"))
+                + " |"
+            )
+        lines += [
+            "",
+            "Mean DPO token reward by kind of word (mean over seeds):",
+            "",
+            "| word | on SFT's responses | on RTO's responses |",
+            "|---|---|---|",
+        ]
         for kind in s["signal"]["sft"][0]["by_kind"]:
-            means = [statistics.mean(x["by_kind"][kind]["mean_reward"] for x in s["signal"][p]) for p in ("sft", "rto")]
-            if any(math.isnan(m) for m in means):  # a kind of word this task never produces (";" on toy)
+            means = [
+                statistics.mean(x["by_kind"][kind]["mean_reward"] for x in s["signal"][p])
+                for p in ("sft", "rto")
+            ]
+            if any(
+                math.isnan(m) for m in means
+            ):  # a kind of word this task never produces (";" on toy)
                 continue
             lines.append(f"| {kind} | " + " | ".join(f"{m:+.4f}" for m in means) + " |")
     if "ablation" in s:
-        lines += ["", "## Ablations of RTO's reward: held-out oracle reward (200 prompts) per seed", "",
-                  "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |", "|---" * (len(s["seeds"]) + 2)
-                  + "|"]
+        lines += [
+            "",
+            "## Ablations of RTO's reward: held-out oracle reward (200 prompts) per seed",
+            "",
+            "| run | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " | mean |",
+            "|---" * (len(s["seeds"]) + 2) + "|",
+        ]
         for k, xs in {**s["ablation"], **s.get("control", {})}.items():
-            lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |")
+            lines.append(
+                f"| {k} | " + " | ".join(f"{x:.3f}" for x in xs) + f" | {statistics.mean(xs):.3f} |"
+            )
     if "control_difference" in s:
         c = s["control_difference"]
-        lines += ["", f"Oracle credit, dense − sparse, paired by seed: {c['mean']:+.3f} ± {c['ci95']:.3f} (95%)"]
+        lines += [
+            "",
+            f"Oracle credit, dense − sparse, paired by seed: {c['mean']:+.3f} ± {c['ci95']:.3f} (95%)",
+        ]
     return "\n".join(lines) + "\n"
 
 

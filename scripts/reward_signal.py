@@ -30,8 +30,16 @@ import common  # noqa: E402
 import data  # noqa: E402
 import toy_task  # noqa: E402
 
-KINDS = ["on-topic, new", "on-topic, repeat", "other topic", "filler", "junk or unknown", 'final "."', "EOS",
-         '";" (toy-long)']
+KINDS = [
+    "on-topic, new",
+    "on-topic, repeat",
+    "other topic",
+    "filler",
+    "junk or unknown",
+    'final "."',
+    "EOS",
+    '";" (toy-long)',
+]
 
 
 def token_credit(prompt, words):
@@ -39,8 +47,11 @@ def token_credit(prompt, words):
     toy-long a word is on topic if it belongs to its section's topic."""
     credit, long = toy_task.token_credit(prompt, words), toy_task.is_long(prompt)
     topics = toy_task.topics_of(prompt) if long else [toy_task.topic_of(prompt)]
-    lists, word_topic = (toy_task.LONG_TOPICS, toy_task.LONG_WORD_TOPIC) if long else (toy_task.TOPICS,
-                                                                                       toy_task.WORD_TOPIC)
+    lists, word_topic = (
+        (toy_task.LONG_TOPICS, toy_task.LONG_WORD_TOPIC)
+        if long
+        else (toy_task.TOPICS, toy_task.WORD_TOPIC)
+    )
     kinds, seen, section = [], set(), 0
     for i, w in enumerate(words):
         if long and w == toy_task.SEP:
@@ -68,7 +79,10 @@ def pearson(x, y):
 @torch.no_grad()
 def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
     tokenizer = common.load_tokenizer(str(run / "sft"))
-    load = lambda d: common.frozen(common.load_causal_lm(str(d), tokenizer))
+
+    def load(d):
+        return common.frozen(common.load_causal_lm(str(d), tokenizer))
+
     policy, ref, dpo = load(policy_dir), load(run / "sft"), load(run / "dpo")
     rm = common.frozen(common.load_scorer(str(run / "rm"), tokenizer, "--run"))
     prompts = toy_task.prompts("test", n, task=task)
@@ -77,17 +91,27 @@ def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
     seq = {"oracle": [], "rm": [], "dpo_sum": [], "dpo_clipped_sum": []}
     tok = {"credit": [], "reward": [], "kind": []}
     for i in range(0, n, batch):
-        chunk = prompts[i:i + batch]
-        b = common.sample(policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens)
+        chunk = prompts[i : i + batch]
+        b = common.sample(
+            policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
+        )
         mask = b["response_mask"]  # (B, R)
-        r = beta1 * (common.response_logprobs(dpo, b) - common.response_logprobs(ref, b))  # (B, R) token rewards
-        score = (common.sequence_scores(rm, b) - rm.config.reward_mean) / rm.config.reward_std  # (B,)
-        for j, (p, text) in enumerate(zip(chunk, data.decode_responses(tokenizer, b))):
+        r = beta1 * (
+            common.response_logprobs(dpo, b) - common.response_logprobs(ref, b)
+        )  # (B, R) token rewards
+        score = (
+            common.sequence_scores(rm, b) - rm.config.reward_mean
+        ) / rm.config.reward_std  # (B,)
+        for j, (p, text) in enumerate(zip(chunk, data.decode_responses(tokenizer, b), strict=True)):
             words, L = text.split(), int(mask[j].sum())
             credit, kinds = token_credit(p, words)
-            if len(words) != L - bool(b["ended"][j]):  # one token per word (+ EOS): true on the built-in task
-                common.fail(f"response {text!r} does not map one word to one token; this analysis needs the "
-                            "built-in task's word-level tokenizer")
+            if len(words) != L - bool(
+                b["ended"][j]
+            ):  # one token per word (+ EOS): true on the built-in task
+                common.fail(
+                    f"response {text!r} does not map one word to one token; this analysis needs the "
+                    "built-in task's word-level tokenizer"
+                )
             credit, kinds = credit + [0.0] * (L - len(words)), kinds + [KINDS[6]] * (L - len(words))
             seq["oracle"].append(toy_task.oracle_reward(p, text))
             seq["rm"].append(float(score[j]))
@@ -103,11 +127,15 @@ def summarise(seq, tok, clip):
     rewards = torch.tensor(tok["reward"])
     by_kind = {}
     for k in KINDS:
-        xs = [r for r, kk in zip(tok["reward"], tok["kind"]) if kk == k]
+        xs = [r for r, kk in zip(tok["reward"], tok["kind"], strict=True) if kk == k]
         by_kind[k] = {"tokens": len(xs), "mean_reward": sum(xs) / len(xs) if xs else float("nan")}
-    std = lambda xs: float(torch.tensor(xs).std())
+
+    def std(xs):
+        return float(torch.tensor(xs).std())
+
     return {
-        "responses": len(seq["oracle"]), "tokens": len(tok["reward"]),
+        "responses": len(seq["oracle"]),
+        "tokens": len(tok["reward"]),
         "oracle_mean": sum(seq["oracle"]) / len(seq["oracle"]),
         "corr_oracle_rm": pearson(seq["oracle"], seq["rm"]),
         "corr_oracle_dpo_sum": pearson(seq["oracle"], seq["dpo_sum"]),
@@ -116,49 +144,64 @@ def summarise(seq, tok, clip):
         "corr_token_clipped_reward_credit": pearson(rewards.clamp(-clip, clip), tok["credit"]),
         "token_reward_mean_abs": float(rewards.abs().mean()),
         "token_reward_at_clip": float((rewards.abs() >= clip).float().mean()),
-        "std_rm_score": std(seq["rm"]), "std_dpo_sum": std(seq["dpo_sum"]),
+        "std_rm_score": std(seq["rm"]),
+        "std_dpo_sum": std(seq["dpo_sum"]),
         "std_dpo_clipped_sum": std(seq["dpo_clipped_sum"]),
         "by_kind": by_kind,
     }
 
 
 def report(s, beta1, clip):
-    lines = [f"{s['responses']} responses, {s['tokens']} tokens, oracle mean {s['oracle_mean']:.3f}; "
-             f"beta1 {beta1:g}, clip {clip:g}",
-             "",
-             "| signal | correlation with the oracle | std over responses |", "|---|---|---|",
-             f"| reward-model score, normalised (PPO, RTO) | {s['corr_oracle_rm']:.3f} | {s['std_rm_score']:.3f} |",
-             f"| DPO implicit reward = sum of token rewards (DPPO) | {s['corr_oracle_dpo_sum']:.3f} | "
-             f"{s['std_dpo_sum']:.3f} |",
-             f"| sum of clipped token rewards (RTO's dense part) | {s['corr_oracle_dpo_clipped_sum']:.3f} | "
-             f"{s['std_dpo_clipped_sum']:.3f} |",
-             "",
-             f"token level: correlation of the token reward with the oracle's credit for the word "
-             f"{s['corr_token_reward_credit']:.3f} (clipped: {s['corr_token_clipped_reward_credit']:.3f}); "
-             f"mean |token reward| {s['token_reward_mean_abs']:.4f}; share at the clip {s['token_reward_at_clip']:.3f}",
-             "",
-             "| word | tokens | mean DPO token reward |", "|---|---|---|"]
+    lines = [
+        f"{s['responses']} responses, {s['tokens']} tokens, oracle mean {s['oracle_mean']:.3f}; "
+        f"beta1 {beta1:g}, clip {clip:g}",
+        "",
+        "| signal | correlation with the oracle | std over responses |",
+        "|---|---|---|",
+        f"| reward-model score, normalised (PPO, RTO) | {s['corr_oracle_rm']:.3f} | {s['std_rm_score']:.3f} |",
+        f"| DPO implicit reward = sum of token rewards (DPPO) | {s['corr_oracle_dpo_sum']:.3f} | "
+        f"{s['std_dpo_sum']:.3f} |",
+        f"| sum of clipped token rewards (RTO's dense part) | {s['corr_oracle_dpo_clipped_sum']:.3f} | "
+        f"{s['std_dpo_clipped_sum']:.3f} |",
+        "",
+        f"token level: correlation of the token reward with the oracle's credit for the word "
+        f"{s['corr_token_reward_credit']:.3f} (clipped: {s['corr_token_clipped_reward_credit']:.3f}); "
+        f"mean |token reward| {s['token_reward_mean_abs']:.4f}; share at the clip {s['token_reward_at_clip']:.3f}",
+        "",
+        "| word | tokens | mean DPO token reward |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v['tokens']} | {v['mean_reward']:+.4f} |" for k, v in s["by_kind"].items()]
     return "\n".join(lines) + "\n"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="folder with sft/, dpo/ and rm/ (a seed folder of reproduce.py)")
-    p.add_argument("--policy", default="sft", help="folder under --run (or a path) whose responses are scored")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="folder with sft/, dpo/ and rm/ (a seed folder of reproduce.py)",
+    )
+    p.add_argument(
+        "--policy", default="sft", help="folder under --run (or a path) whose responses are scored"
+    )
     p.add_argument("--num_prompts", type=int, default=400)
     p.add_argument("--beta1", type=float, default=0.05, help="rto.py's --beta1")
     p.add_argument("--dpo_reward_clip", type=float, default=0.05, help="rto.py's --dpo_reward_clip")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", default=common.TOY, choices=common.TOYS, help="the built-in task of --run")
+    p.add_argument(
+        "--dataset", default=common.TOY, choices=common.TOYS, help="the built-in task of --run"
+    )
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args()
     run = Path(a.run)
     policy = run / a.policy if (run / a.policy).is_dir() else Path(a.policy)
     for d in (run / "sft", run / "dpo", run / "rm", policy):
         if not (d / "config.json").exists():
-            common.fail(f"{d} is not a checkpoint folder; --run needs sft/, dpo/ and rm/ (as written by "
-                        "scripts/reproduce.py) and --policy a checkpoint")
+            common.fail(
+                f"{d} is not a checkpoint folder; --run needs sft/, dpo/ and rm/ (as written by "
+                "scripts/reproduce.py) and --policy a checkpoint"
+            )
     seq, tok = measure(run, policy, a.num_prompts, a.beta1, a.dpo_reward_clip, a.seed, a.dataset)
     s = summarise(seq, tok, a.dpo_reward_clip)
     print(report(s, a.beta1, a.dpo_reward_clip))

@@ -30,7 +30,6 @@ import subprocess
 
 import pytest
 
-
 MARKERS = {
     "slow": "trains a model for more than a few seconds (every test that uses the pipeline fixture)",
     "distributed": "starts several processes (accelerate launch, 2 CPU processes)",
@@ -54,8 +53,13 @@ def run_stage(script, *args, check=True, env=None):
     """Run a stage as a user would, in a process of its own; returns the CompletedProcess (stdout+stderr as text).
     For what only a process shows: the exit status, stderr as printed, a kill, several ranks. Otherwise run_main."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -82,7 +86,7 @@ def as_if_a_process():
         yield
     finally:
         os.chdir(cwd)
-        for s, before in zip(singletons, saved):
+        for s, before in zip(singletons, saved, strict=True):
             s.clear()
             s.update(before)
         random.setstate(rng[0])
@@ -122,44 +126,98 @@ def pipeline(tmp_path_factory):
 
 def rto_cmd(pipeline, out, *extra):
     """rto.py's command line on the pipeline's checkpoints, writing to `out`, without the sample tables."""
-    return ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
-            "--output_dir", out, "--sample_every", 0, *extra]
+    return [
+        "--sft_ckpt",
+        pipeline["sft"],
+        "--dpo_ckpt",
+        pipeline["dpo"],
+        "--rm_ckpt",
+        pipeline["rm"],
+        "--output_dir",
+        out,
+        "--sample_every",
+        0,
+        *extra,
+    ]
 
 
 def iteration_metrics(folder):
     """rto.py's per-iteration metrics, without the timings (which differ between runs)."""
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in read_metrics(folder) if "phase" not in r]
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time_")}
+        for r in read_metrics(folder)
+        if "phase" not in r
+    ]
 
 
 # ---------------------------------------------------------------------------- tiny models of other families
 def tiny_model(tokenizer, family, seed=0, scorer=False, **config):
     """A small random model of `family`, set up as a loaded checkpoint is (common.load_causal_lm: dropout off,
     packed_sdpa): "llama-gqa" (4 query heads share 2 key/value heads, as in Llama-3 and SmolLM2), "mistral" (the
-    same, and a sliding window of 4 tokens), "gpt2" (Conv1D layers), "falcon", "granite", "mixtral" (experts). `config` sets
-    more of the configuration."""
+    same, and a sliding window of 4 tokens), "gpt2" (Conv1D layers), "falcon", "granite", "mixtral" (experts).
+    `config` sets more of the configuration."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, FalconConfig, GPT2Config,
-                              GraniteConfig, LlamaConfig, MistralConfig, MixtralConfig)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        FalconConfig,
+        GPT2Config,
+        GraniteConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+    )
 
     import common
 
-    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "bos_token_id": None}
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
     if family == "gpt2":
         made = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids, **config)
     elif family == "falcon":
-        made = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **ids, **config)
+        made = FalconConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **ids, **config
+        )
     elif family == "granite":
-        made = GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, **ids, **config)
+        made = GraniteConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **ids,
+            **config,
+        )
     elif family == "mixtral":
-        made = MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **ids, **config)
+        made = MixtralConfig(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **ids,
+            **config,
+        )
     else:
         cls = MistralConfig if family == "mistral" else LlamaConfig
         window = {"sliding_window": 4} if family == "mistral" else {}
-        made = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, **window, **ids, **config)
+        made = cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **window,
+            **ids,
+            **config,
+        )
     made.num_labels = 1
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM

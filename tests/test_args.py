@@ -32,11 +32,18 @@ def test_the_table_fills_only_flags_left_unset(stage, tmp_path):
     long = parse(stage, "--dataset", common.TOY_LONG)
     for flag, default in module.DEFAULTS.items():
         assert getattr(builtin, flag) == default.toy and getattr(real, flag) == default.real, flag
-        on_long = default.toy if default.toy_long is None else default.toy_long  # toy-long's own value, if any
+        on_long = (
+            default.toy if default.toy_long is None else default.toy_long
+        )  # toy-long's own value, if any
         assert getattr(long, flag) == on_long, flag
         given = "rm:y" if flag == "judge" else 7
-        assert getattr(parse(stage, f"--{flag}", given), flag) == given, flag  # a given value wins on either task
-        assert getattr(parse(stage, "--dataset", tmp_path / "p.jsonl", f"--{flag}", given), flag) == given, flag
+        assert getattr(parse(stage, f"--{flag}", given), flag) == given, (
+            flag
+        )  # a given value wins on either task
+        assert (
+            getattr(parse(stage, "--dataset", tmp_path / "p.jsonl", f"--{flag}", given), flag)
+            == given
+        ), flag
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -49,26 +56,47 @@ def test_help_shows_both_defaults(stage, capsys):
     for flag, default in module.DEFAULTS.items():
         shown = "required" if default.real is None else default.real
         long = "" if default.toy_long is None else f"{default.toy_long} on toy-long, "
-        assert f"(default: {default.toy} on the built-in task, {long}{shown} otherwise)" in text, flag
+        assert f"(default: {default.toy} on the built-in task, {long}{shown} otherwise)" in text, (
+            flag
+        )
     assert "(default: 0.001 on the built-in task, 1e-05 otherwise)" in text or stage != "sft.py"
 
 
 # An explicit 0 (or another bad value) is kept by the table, so validate sees it and says so in one line
-BAD = [("evaluate.py", "max_new_tokens", 0), ("evaluate.py", "max_prompt_len", 0), ("evaluate.py", "top_p", 0),
-       ("evaluate.py", "temperature", 0), ("evaluate.py", "num_prompts", 0),
-       ("sft.py", "lr", 0), ("sft.py", "epochs", 0), ("sft.py", "max_response_len", 0), ("sft.py", "batch_size", 0),
-       ("sft.py", "warmup_ratio", 1.5), ("sft.py", "max_steps", 0), ("sft.py", "micro_batch_size", 0),
-       ("sft.py", "eval_fraction", 0), ("sft.py", "logging_steps", 0), ("sft.py", "oracle_prompts", 0),
-       ("dpo.py", "beta", 0), ("dpo.py", "lr", -1), ("dpo.py", "max_grad_norm", 0), ("dpo.py", "eval_steps", 0),
-       ("reward_model.py", "batch_size", 0), ("reward_model.py", "save_total_limit", 0),
-       ("reward_model.py", "long_prompts", "cut")]
+BAD = [
+    ("evaluate.py", "max_new_tokens", 0),
+    ("evaluate.py", "max_prompt_len", 0),
+    ("evaluate.py", "top_p", 0),
+    ("evaluate.py", "temperature", 0),
+    ("evaluate.py", "num_prompts", 0),
+    ("sft.py", "lr", 0),
+    ("sft.py", "epochs", 0),
+    ("sft.py", "max_response_len", 0),
+    ("sft.py", "batch_size", 0),
+    ("sft.py", "warmup_ratio", 1.5),
+    ("sft.py", "max_steps", 0),
+    ("sft.py", "micro_batch_size", 0),
+    ("sft.py", "eval_fraction", 0),
+    ("sft.py", "logging_steps", 0),
+    ("sft.py", "oracle_prompts", 0),
+    ("dpo.py", "beta", 0),
+    ("dpo.py", "lr", -1),
+    ("dpo.py", "max_grad_norm", 0),
+    ("dpo.py", "eval_steps", 0),
+    ("reward_model.py", "batch_size", 0),
+    ("reward_model.py", "save_total_limit", 0),
+    ("reward_model.py", "long_prompts", "cut"),
+]
 
 
 @pytest.mark.parametrize("stage, flag, value", BAD, ids=[f"{s}--{f}={v}" for s, f, v in BAD])
 def test_validate_refuses_bad_values(stage, flag, value):
     module, required = STAGES[stage]
     from transformers import HfArgumentParser
-    (raw,) = HfArgumentParser(module.Args).parse_args_into_dataclasses(args=[*required, f"--{flag}", str(value)])
+
+    (raw,) = HfArgumentParser(module.Args).parse_args_into_dataclasses(
+        args=[*required, f"--{flag}", str(value)]
+    )
     args = common.apply_defaults(raw, module.DEFAULTS)
     assert getattr(args, flag) == type(getattr(args, flag))(value)  # not replaced by a default
     with pytest.raises(SystemExit, match=rf"^error: --{flag} {value}(\.0)?: "):
@@ -97,7 +125,9 @@ def test_batch_plan_and_args_json_record_the_derived_sizes(tmp_path):
     acc = SimpleNamespace(num_processes=2, wait_for_everyone=lambda: None, is_main_process=True)
     assert common.batch_plan(acc, 32, None) == (16, 1)
     assert common.batch_plan(acc, 32, 4) == (4, 4) and acc.gradient_accumulation_steps == 4
-    with pytest.raises(SystemExit, match="--batch_size 32 is not divisible by --micro_batch_size 5"):
+    with pytest.raises(
+        SystemExit, match="--batch_size 32 is not divisible by --micro_batch_size 5"
+    ):
         common.batch_plan(acc, 32, 5)
     args = parse("sft.py", "--output_dir", tmp_path / "out")
     common.prepare_output_dir(args, acc, {"micro_batch_size": 4, "gradient_accumulation_steps": 4})
@@ -111,31 +141,53 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lr: 1e-4\nepochs: 5\nbf16: true\ndataset: toy-long\n")
     args = parse("sft.py", "--config", config)
-    assert (args.lr, args.epochs, args.bf16, args.dataset) == (1e-4, 5, True, "toy-long")  # typed as flags are
-    assert args.max_response_len == 96 and args.config == str(config)  # the table still fills what it leaves unset
-    args = parse("sft.py", "--config", config, "--lr", "3e-3", "--dataset", "toy")  # the command line wins
+    assert (args.lr, args.epochs, args.bf16, args.dataset) == (
+        1e-4,
+        5,
+        True,
+        "toy-long",
+    )  # typed as flags are
+    assert args.max_response_len == 96 and args.config == str(
+        config
+    )  # the table still fills what it leaves unset
+    args = parse(
+        "sft.py", "--config", config, "--lr", "3e-3", "--dataset", "toy"
+    )  # the command line wins
     assert (args.lr, args.epochs, args.dataset, args.max_response_len) == (3e-3, 5, "toy", 24)
     acc = SimpleNamespace(num_processes=1, wait_for_everyone=lambda: None, is_main_process=True)
     argv = ["--config", str(config), "--output_dir", str(tmp_path / "out")]
     common.prepare_output_dir(common.parse_args(sft.Args, argv, sft.DEFAULTS), acc)
     saved = json.loads((tmp_path / "out" / "args.json").read_text())  # the record of what ran
     assert (saved["lr"], saved["epochs"], saved["config"]) == (1e-4, 5, str(config))
-    config.write_text("models: [sft=a, dpo=b]\ncurves: results/rto\n")  # list flags: a list or one value
+    config.write_text(
+        "models: [sft=a, dpo=b]\ncurves: results/rto\n"
+    )  # list flags: a list or one value
     args = parse("evaluate.py", "--config", config)
-    assert args.models == ["a=x"] and args.curves == ["results/rto"]  # parse() gives --models on the command line
+    assert args.models == ["a=x"] and args.curves == [
+        "results/rto"
+    ]  # parse() gives --models on the command line
     assert common.parse_args(evaluate.Args, ["--config", str(config)]).models == ["sft=a", "dpo=b"]
     config.write_text("sft_ckpt: runs/sft\nnormalize_reward: false\nbeta3: 0\nkl_target: null\n")
     import rto
+
     args = common.parse_args(rto.Args, ["--config", str(config)], rto.DEFAULTS)
-    assert (args.sft_ckpt, args.normalize_reward, args.beta3, args.kl_target) == ("runs/sft", False, 0.0, None)
+    assert (args.sft_ckpt, args.normalize_reward, args.beta3, args.kl_target) == (
+        "runs/sft",
+        False,
+        0.0,
+        None,
+    )
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lr: 1e-4\nlearning_rate: 3\n", "unknown key 'learning_rate', not a flag of this stage"),
-    ("lr: [1, 2]\n", "lr takes one value"),
-    ("- lr\n", "expected 'flag: value' lines"),
-    ("lr: [1\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: 1e-4\nlearning_rate: 3\n", "unknown key 'learning_rate', not a flag of this stage"),
+        ("lr: [1, 2]\n", "lr takes one value"),
+        ("- lr\n", "expected 'flag: value' lines"),
+        ("lr: [1\n", "not valid YAML"),
+    ],
+)
 def test_a_bad_config_fails_with_one_line_naming_it(tmp_path, text, message):
     config = tmp_path / "run.yaml"
     config.write_text(text)

@@ -32,13 +32,25 @@ import data
 
 DATA = Path(__file__).resolve().parents[1] / "samples"
 
-FILES = sorted({  # the ten samples (see the SOURCE.md files), and any added since
-    "hh_rlhf/harmless-base_test.jsonl.gz", "hh_rlhf/test_mixed.split.jsonl",
-    "hh_rlhf/test_mixed.hh_format.jsonl", "ultrafeedback_binarized/train_prefs.jsonl",
-    "ultrafeedback_binarized/test_prefs.jsonl", "ultrafeedback_binarized/trl_train_clean.jsonl",
-    "ultrafeedback_binarized/trl_eval_clean.jsonl", "ultrafeedback_binarized/h4_layout_with_scores.jsonl",
-    "ultrafeedback_prompts/train_prompts.jsonl", "ultrafeedback_prompts/test_prompts.jsonl",
-} | {str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.name.endswith((".json", ".jsonl", ".jsonl.gz"))})
+FILES = sorted(
+    {  # the ten samples (see the SOURCE.md files), and any added since
+        "hh_rlhf/harmless-base_test.jsonl.gz",
+        "hh_rlhf/test_mixed.split.jsonl",
+        "hh_rlhf/test_mixed.hh_format.jsonl",
+        "ultrafeedback_binarized/train_prefs.jsonl",
+        "ultrafeedback_binarized/test_prefs.jsonl",
+        "ultrafeedback_binarized/trl_train_clean.jsonl",
+        "ultrafeedback_binarized/trl_eval_clean.jsonl",
+        "ultrafeedback_binarized/h4_layout_with_scores.jsonl",
+        "ultrafeedback_prompts/train_prompts.jsonl",
+        "ultrafeedback_prompts/test_prompts.jsonl",
+    }
+    | {
+        str(p.relative_to(DATA))
+        for p in DATA.glob("*/*")
+        if p.name.endswith((".json", ".jsonl", ".jsonl.gz"))
+    }
+)
 N_ROWS = 20  # real rows taken from each file
 ROLES = ("system", "user", "assistant")
 LAYOUT = ("prompt", "chosen", "rejected", "context_messages")  # the columns the loaders read
@@ -78,7 +90,9 @@ def real_rows(name):
 def clean_parse(name, tmp_path):
     """What the loader makes of the first rows before any corruption."""
     if name not in _clean:
-        _clean[name] = data.load_rows(write_lines(tmp_path / "clean.jsonl", [dumps(r) for r in real_rows(name)]))
+        _clean[name] = data.load_rows(
+            write_lines(tmp_path / "clean.jsonl", [dumps(r) for r in real_rows(name)])
+        )
     return _clean[name]
 
 
@@ -95,7 +109,9 @@ def write_lines(path, lines, sep=b"\n"):
 # ============================================================================ corruptions of one row
 def slots(obj):
     """(container, key) of every value inside obj, depth first."""
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
     for k, v in list(items):
         yield obj, k
         yield from slots(v)
@@ -119,19 +135,45 @@ def deep(depth):
 
 
 NOT_TEXT = [SENTINEL, 6.5e23, True, False, {"zqx": SENTINEL}]  # never text, nor messages
-MAYBE = [None, [SENTINEL], ["zqx"], [[]], {"role": "user", "content": "zqx"}]  # may be "absent", or a message
-GARBAGE = [{"a": [[{"b": {"c": [SENTINEL, "zqx", None]}}]]}, deep(200),
-           [{"role": "user", "content": [{"type": "text", "text": "zqx"}]}],  # OpenAI-style content parts
-           [{"role": "user", "content": {"role": "user", "content": "zqx"}}], ["zqx", SENTINEL, None]]
-ODD_TEXT = ["\x00", "\ud800", "\udfff\ud800", "\u202e", "<|user|>", "</s>", "<pad>", "{{ messages }}", "{% if x %}",
-            "\r", "\x1b[2J", "\ufeff", "\n\nHuman:", "\n\nAssistant:"]
+MAYBE = [
+    None,
+    [SENTINEL],
+    ["zqx"],
+    [[]],
+    {"role": "user", "content": "zqx"},
+]  # may be "absent", or a message
+GARBAGE = [
+    {"a": [[{"b": {"c": [SENTINEL, "zqx", None]}}]]},
+    deep(200),
+    [{"role": "user", "content": [{"type": "text", "text": "zqx"}]}],  # OpenAI-style content parts
+    [{"role": "user", "content": {"role": "user", "content": "zqx"}}],
+    ["zqx", SENTINEL, None],
+]
+ODD_TEXT = [
+    "\x00",
+    "\ud800",
+    "\udfff\ud800",
+    "\u202e",
+    "<|user|>",
+    "</s>",
+    "<pad>",
+    "{{ messages }}",
+    "{% if x %}",
+    "\r",
+    "\x1b[2J",
+    "\ufeff",
+    "\n\nHuman:",
+    "\n\nAssistant:",
+]
 EXTRA = ["zq_id", "zq_meta", "zq_score", "zq_note"]
 
 
 def wrong_type(rng, row):
     c, k = rng.choice(layout_slots(row, lambda v: isinstance(v, (str, list))))
     c[k] = copy.deepcopy(rng.choice(NOT_TEXT + MAYBE))
-    return not isinstance(c[k], (list, type(None)))  # a number, bool or dict where text or messages go: reject
+    return not isinstance(
+        c[k], (list, type(None))
+    )  # a number, bool or dict where text or messages go: reject
 
 
 def missing_field(rng, row):
@@ -155,10 +197,18 @@ def huge_string(rng, row):
 def bad_role(rng, row):
     msgs = messages(row)
     if not msgs:  # transcripts: break the turn markers instead
-        c, k = rng.choice(layout_slots(row, lambda v: isinstance(v, str) and "Human:" in v) or
-                          layout_slots(row, lambda v: isinstance(v, str)))
-        old, new = rng.choice([("\n\nAssistant:", "\n\nBot:"), ("Human:", "User:"), ("\n\nHuman:", "\n\nAssistant:"),
-                               ("Assistant:", "")])
+        c, k = rng.choice(
+            layout_slots(row, lambda v: isinstance(v, str) and "Human:" in v)
+            or layout_slots(row, lambda v: isinstance(v, str))
+        )
+        old, new = rng.choice(
+            [
+                ("\n\nAssistant:", "\n\nBot:"),
+                ("Human:", "User:"),
+                ("\n\nHuman:", "\n\nAssistant:"),
+                ("Assistant:", ""),
+            ]
+        )
         c[k] = c[k].replace(old, new)
         return False
     m = rng.choice(msgs)
@@ -198,24 +248,40 @@ def odd_text(rng, row):
 
 def extra_columns(rng, row):
     for name in rng.sample(EXTRA, rng.randint(1, 3)):
-        row[name] = copy.deepcopy(rng.choice([SENTINEL, "zqx", None, [1, "a"], {"k": [1]}, 2.5, True]))
+        row[name] = copy.deepcopy(
+            rng.choice([SENTINEL, "zqx", None, [1, "a"], {"k": [1]}, 2.5, True])
+        )
     return False
 
 
-ROW_KINDS = {f.__name__: f for f in (wrong_type, missing_field, empty_value, huge_string, bad_role, missing_content,
-                                     nested_garbage, odd_text, extra_columns)}
+ROW_KINDS = {
+    f.__name__: f
+    for f in (
+        wrong_type,
+        missing_field,
+        empty_value,
+        huge_string,
+        bad_role,
+        missing_content,
+        nested_garbage,
+        odd_text,
+        extra_columns,
+    )
+}
 BENIGN = {"extra_columns", "layout_noise"}  # the rows must load exactly as the clean ones
 
 
 # ============================================================================ corruptions of the bytes of a line
 def invalid_utf8(rng, line):
-    bad = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xc3"])
+    bad = rng.choice(
+        [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xc3"]
+    )
     at = line.find(b'": "') + 4 if b'": "' in line else rng.randrange(len(line))
     return line[:at] + bad + line[at:]
 
 
 def truncated_line(rng, line):
-    return line[:rng.randrange(1, len(line))]
+    return line[: rng.randrange(1, len(line))]
 
 
 def not_an_object(rng, line):
@@ -223,9 +289,14 @@ def not_an_object(rng, line):
 
 
 def duplicate_key(rng, line):
-    key, value = rng.choice([k for k in LAYOUT if f'"{k}"'.encode() in line]), json.dumps(rng.choice(NOT_TEXT))
+    key, value = (
+        rng.choice([k for k in LAYOUT if f'"{k}"'.encode() in line]),
+        json.dumps(rng.choice(NOT_TEXT)),
+    )
     extra = f'"{key}": {value}'.encode()
-    return b"{" + extra + b", " + line[1:] if rng.random() < 0.5 else line[:-1] + b", " + extra + b"}"
+    return (
+        b"{" + extra + b", " + line[1:] if rng.random() < 0.5 else line[:-1] + b", " + extra + b"}"
+    )
 
 
 LINE_KINDS = {f.__name__: f for f in (invalid_utf8, truncated_line, not_an_object, duplicate_key)}
@@ -254,7 +325,9 @@ def corrupt(name, kind, tmp_path):
         else:
             for i in touched:
                 lines[i] = LINE_KINDS[kind](rng, lines[i])
-                leaves[i] |= {"zqx"} | (set(strings_in(json.loads(lines[i]))) if parses(lines[i]) else set())
+                leaves[i] |= {"zqx"} | (
+                    set(strings_in(json.loads(lines[i]))) if parses(lines[i]) else set()
+                )
     suffix = ".jsonl.gz" if name.endswith(".gz") or rng.random() < 0.25 else ".jsonl"
     if kind in ROW_KINDS and rng.random() < 0.2:  # one JSON array instead of JSON lines
         suffix, lines, sep = ".json", [b"[" + b",\n".join(lines) + b"]"], b"\n"
@@ -301,11 +374,16 @@ def assert_well_formed(row, pairs):
         assert type(m["content"]) is str, m
     assert any(m["content"].strip() for m in prompt), prompt  # some text to answer
     if pairs:
-        assert type(row["chosen"]) is str and type(row["rejected"]) is str, (row["chosen"], row["rejected"])
+        assert type(row["chosen"]) is str and type(row["rejected"]) is str, (
+            row["chosen"],
+            row["rejected"],
+        )
 
 
 def texts(row):
-    return [m["content"] for m in row["prompt"]] + [row[k] for k in ("chosen", "rejected") if k in row]
+    return [m["content"] for m in row["prompt"]] + [
+        row[k] for k in ("chosen", "rejected") if k in row
+    ]
 
 
 def assert_from_input(row, leaves):
@@ -317,7 +395,9 @@ def assert_from_input(row, leaves):
 
 
 def skipped_note(err, path):
-    notes = re.findall(rf"note: skipped (\d+) of (\d+) rows of {re.escape(path)} that could not be parsed", err)
+    notes = re.findall(
+        rf"note: skipped (\d+) of (\d+) rows of {re.escape(path)} that could not be parsed", err
+    )
     assert len(notes) <= 1, err
     return tuple(map(int, notes[0])) if notes else None
 
@@ -334,14 +414,21 @@ def check_load_rows(path, skip, capsys, clean, touched, must_reject, leaves, pai
     for row in rows:
         assert_well_formed(row, pairs)
     if not skip:
-        assert note is None and len(rows) == N_ROWS and not must_reject, (note, len(rows), must_reject)
+        assert note is None and len(rows) == N_ROWS and not must_reject, (
+            note,
+            len(rows),
+            must_reject,
+        )
         for i, row in enumerate(rows):
             if i not in touched:
                 assert row == clean[i], i
             assert_from_input(row, leaves[i])
     else:
         skipped = note[0] if note else 0
-        assert (note is None or note[1] == N_ROWS) and len(rows) + skipped == N_ROWS, (note, len(rows))
+        assert (note is None or note[1] == N_ROWS) and len(rows) + skipped == N_ROWS, (
+            note,
+            len(rows),
+        )
         assert skipped >= len(must_reject), (skipped, must_reject)
         kept = iter(rows)  # the untouched rows, in order, among the rows returned
         assert all(any(row == clean[i] for row in kept) for i in range(N_ROWS) if i not in touched)
@@ -361,8 +448,14 @@ def check_stage_loaders(path, skip, rows, capsys, tokenizers, pairs):
         train, held = data.load_pairs(path, args)
     except SystemExit as e:
         assert_clean_exit(e, path)
-        if isinstance(rows, list):  # load_rows worked: only a prompt-only file or nothing but ties may stop it
-            assert "holds prompts only" in e.code if not pairs else all(r["chosen"] == r["rejected"] for r in rows)
+        if isinstance(
+            rows, list
+        ):  # load_rows worked: only a prompt-only file or nothing but ties may stop it
+            assert (
+                "holds prompts only" in e.code
+                if not pairs
+                else all(r["chosen"] == r["rejected"] for r in rows)
+            )
         else:
             assert e.code == rows
     else:
@@ -389,7 +482,9 @@ def encode_all(tokenizers, rows):
             assert_clean_exit(e, None)
             continue
         for ex in out:
-            assert 0 < len(ex["prompt"]) <= 48 and all(0 < len(ex[k]) <= 8 for k in ("chosen", "rejected"))
+            assert 0 < len(ex["prompt"]) <= 48 and all(
+                0 < len(ex[k]) <= 8 for k in ("chosen", "rejected")
+            )
             assert all(type(i) is int for k in ("prompt", "chosen", "rejected") for i in ex[k])
 
 
@@ -403,7 +498,9 @@ def test_corrupted_rows(tmp_path, capsys, tokenizers, name, kind):
     lenient = check_load_rows(path, True, capsys, clean, touched, must_reject, leaves, pairs)
     if isinstance(strict, list):
         assert lenient == strict  # nothing to skip
-    elif " row " in strict:  # the file was read and one row refused: --skip_bad_rows must get past it
+    elif (
+        " row " in strict
+    ):  # the file was read and one row refused: --skip_bad_rows must get past it
         assert isinstance(lenient, list), lenient
     check_stage_loaders(path, True, lenient, capsys, tokenizers, pairs)
     check_stage_loaders(path, False, strict, capsys, tokenizers, pairs)
@@ -413,20 +510,27 @@ def test_corrupted_rows(tmp_path, capsys, tokenizers, name, kind):
 def whole_file(tmp_path, case):
     """(path, whether rows may come back) for one broken file."""
     rng = random.Random(case)
-    good = b"".join(dumps(r) + b"\n" for r in real_rows("ultrafeedback_binarized/trl_eval_clean.jsonl")[:5])
+    good = b"".join(
+        dumps(r) + b"\n" for r in real_rows("ultrafeedback_binarized/trl_eval_clean.jsonl")[:5]
+    )
     garbage = bytes(rng.randrange(256) for _ in range(4096))
     files = {
         "binary_garbage": ("garbage.jsonl", garbage),
         "binary_garbage_gz": ("garbage.jsonl.gz", gzip.compress(garbage)),
         "gz_name_plain_text": ("plain.jsonl.gz", good),
         "gz_name_garbage": ("garbage2.jsonl.gz", garbage),
-        "gz_truncated": ("cut.jsonl.gz", gzip.compress(good)[:len(gzip.compress(good)) // 2]),
+        "gz_truncated": ("cut.jsonl.gz", gzip.compress(good)[: len(gzip.compress(good)) // 2]),
         "gz_header_only": ("cut2.jsonl.gz", gzip.compress(good)[:12]),
         "parquet_name_json_text": ("json.parquet", good),
         "parquet_name_garbage": ("garbage.parquet", garbage),
-        "json_one_object": ("one.json", json.dumps(json.loads(good.splitlines()[0]), indent=2).encode()),
-        "json_object_of_rows": ("wrapped.json", json.dumps({"data": [json.loads(x) for x in good.splitlines()]},
-                                                           indent=2).encode()),
+        "json_one_object": (
+            "one.json",
+            json.dumps(json.loads(good.splitlines()[0]), indent=2).encode(),
+        ),
+        "json_object_of_rows": (
+            "wrapped.json",
+            json.dumps({"data": [json.loads(x) for x in good.splitlines()]}, indent=2).encode(),
+        ),
         "json_array_of_strings": ("strings.json", b'["a", "b"]'),
         "json_array_of_null": ("nulls.json", b"[null, null]"),
         "null_rows": ("nulls.jsonl", b"null\nnull\n"),
@@ -440,15 +544,37 @@ def whole_file(tmp_path, case):
     return str(tmp_path / name)
 
 
-WHOLE_FILE = ["binary_garbage", "binary_garbage_gz", "gz_name_plain_text", "gz_name_garbage", "gz_truncated",
-              "gz_header_only", "parquet_name_json_text", "parquet_name_garbage", "json_one_object",
-              "json_object_of_rows", "json_array_of_strings", "json_array_of_null", "null_rows", "first_row_null",
-              "utf16", "rows_without_newlines", "only_whitespace_and_brackets"]
+WHOLE_FILE = [
+    "binary_garbage",
+    "binary_garbage_gz",
+    "gz_name_plain_text",
+    "gz_name_garbage",
+    "gz_truncated",
+    "gz_header_only",
+    "parquet_name_json_text",
+    "parquet_name_garbage",
+    "json_one_object",
+    "json_object_of_rows",
+    "json_array_of_strings",
+    "json_array_of_null",
+    "null_rows",
+    "first_row_null",
+    "utf16",
+    "rows_without_newlines",
+    "only_whitespace_and_brackets",
+]
 
 
-SAYS = {"json_one_object": "one JSON object", "json_object_of_rows": "one JSON object", "null_rows": "null is not",
-        "gz_header_only": "EOFError", "gz_name_plain_text": "Not a gzipped file", "only_whitespace_and_brackets":
-        "is empty", "binary_garbage": "not valid UTF-8", "parquet_name_json_text": "Parquet"}  # what the error says
+SAYS = {
+    "json_one_object": "one JSON object",
+    "json_object_of_rows": "one JSON object",
+    "null_rows": "null is not",
+    "gz_header_only": "EOFError",
+    "gz_name_plain_text": "Not a gzipped file",
+    "only_whitespace_and_brackets": "is empty",
+    "binary_garbage": "not valid UTF-8",
+    "parquet_name_json_text": "Parquet",
+}  # what the error says
 
 
 @pytest.mark.parametrize("case", WHOLE_FILE)
@@ -480,41 +606,61 @@ def write_jsonl(path, rows):
 
 
 GOOD = {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}
-Q, A1, A2 = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, \
-    {"role": "assistant", "content": "b"}
+Q, A1, A2 = (
+    {"role": "user", "content": "q"},
+    {"role": "assistant", "content": "a"},
+    {"role": "assistant", "content": "b"},
+)
 
 
 def test_wrong_type_past_the_first_10_mb_is_refused_not_turned_into_text(tmp_path, capsys):
     # the datasets JSON reader cast every chunk after the first 10 MB to the first one's types: 7349120581 came
     # back as the answer "7349120581", a dict as its JSON text
     big = dict(GOOD, chosen="Paris. " + "x" * 1000)
-    path = write_jsonl(tmp_path / "big.jsonl", [big] * 11_000 + [dict(GOOD, chosen=SENTINEL),
-                                                                  dict(GOOD, rejected={"zqx": 1})])
+    path = write_jsonl(
+        tmp_path / "big.jsonl",
+        [big] * 11_000 + [dict(GOOD, chosen=SENTINEL), dict(GOOD, rejected={"zqx": 1})],
+    )
     with pytest.raises(SystemExit, match=r"row 11000: 'chosen' is not a string"):
         data.load_rows(path)
     rows = data.load_rows(path, skip_bad_rows=True)
-    assert len(rows) == 11_000 and all(r["chosen"] == big["chosen"] and r["rejected"] == "Rome." for r in rows)
+    assert len(rows) == 11_000 and all(
+        r["chosen"] == big["chosen"] and r["rejected"] == "Rome." for r in rows
+    )
     assert f"note: skipped 2 of 11002 rows of {path}" in capsys.readouterr().err
 
 
 def test_answers_that_read_as_json_stay_text_beside_a_mixed_column(tmp_path):
     # a column of mixed types was stored as JSON by the datasets reader, and answers that happen to be JSON text
     # were decoded: "[1, 2]" became a list (the row was lost), '"yes"' lost its quotes, "null" became None
-    answers = ["[1, 2]", '"yes"', "5", "null", "{\"a\": 1}", "true"]
-    path = write_jsonl(tmp_path / "mixed.jsonl", [dict(GOOD, chosen=a) for a in answers] + [dict(GOOD, chosen=5)])
+    answers = ["[1, 2]", '"yes"', "5", "null", '{"a": 1}', "true"]
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [dict(GOOD, chosen=a) for a in answers] + [dict(GOOD, chosen=5)]
+    )
     assert [r["chosen"] for r in data.load_rows(path, skip_bad_rows=True)] == answers
 
 
-@pytest.mark.parametrize("line, why", [
-    (b'{"prompt": "p", "chosen": "\xff", "rejected": "r"}', "not valid UTF-8 text"),  # was a UnicodeDecodeError
-    (b'{"prompt": "p", "chosen": "a\\ud800", "rejected": "r"}', "not valid UTF-8 text"),  # the tokenizer's TypeError
-    (b'{"prompt": "p", "chosen": "a", "rej', "not valid JSON"),
-    (b"null", "null is not a JSON object"),
-    (b"[1, 2]", "is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (
+            b'{"prompt": "p", "chosen": "\xff", "rejected": "r"}',
+            "not valid UTF-8 text",
+        ),  # was a UnicodeDecodeError
+        (
+            b'{"prompt": "p", "chosen": "a\\ud800", "rejected": "r"}',
+            "not valid UTF-8 text",
+        ),  # the tokenizer's TypeError
+        (b'{"prompt": "p", "chosen": "a", "rej', "not valid JSON"),
+        (b"null", "null is not a JSON object"),
+        (b"[1, 2]", "is not a JSON object"),
+    ],
+)
 def test_a_broken_line_is_one_skippable_row(tmp_path, capsys, line, why):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, line, GOOD])
-    if line.startswith(b"["):  # a line that opens with "[" only counts as a row after the first line
+    if line.startswith(
+        b"["
+    ):  # a line that opens with "[" only counts as a row after the first line
         path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, line])
     with pytest.raises(SystemExit) as e:
         data.load_rows(path)
@@ -524,9 +670,11 @@ def test_a_broken_line_is_one_skippable_row(tmp_path, capsys, line, why):
     assert f"note: skipped 1 of 3 rows of {path}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("raw", [b"null\n", b"\n null\n" + dumps(GOOD), b"[null, null]",
-                                  gzip.compress(b"x" * 99)[:12]],
-                         ids=["null_rows", "null_first", "array_of_null", "gzip_header_only"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"null\n", b"\n null\n" + dumps(GOOD), b"[null, null]", gzip.compress(b"x" * 99)[:12]],
+    ids=["null_rows", "null_first", "array_of_null", "gzip_header_only"],
+)
 def test_files_that_crashed_the_interpreter_or_raised(tmp_path, raw):
     # pyarrow segfaulted on a first row `null`; a gzip cut inside its header raised EOFError (a traceback)
     path = tmp_path / ("data.jsonl.gz" if raw.startswith(b"\x1f\x8b") else "data.jsonl")
@@ -542,14 +690,25 @@ def test_files_that_crashed_the_interpreter_or_raised(tmp_path, raw):
         assert rows == [data.parse_row(GOOD, "pairs")]  # the null row skipped
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "", "chosen": "a", "rejected": "b"},  # was the prompt [{"role": "user", "content": ""}]
-    {"prompt": "Human:", "chosen": "a", "rejected": "b"},
-    {"context_messages": [{"role": "user", "content": "  "}]},
-    {"chosen": [A1], "rejected": [A2]},  # was the prompt []
-    {"prompt": False, "chosen": [Q, A1], "rejected": [Q, A2]},  # a falsy wrong type was taken for "no prompt column"
-    {"prompt": 0, "chosen": [Q, A1], "rejected": [Q, A2]},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {
+            "prompt": "",
+            "chosen": "a",
+            "rejected": "b",
+        },  # was the prompt [{"role": "user", "content": ""}]
+        {"prompt": "Human:", "chosen": "a", "rejected": "b"},
+        {"context_messages": [{"role": "user", "content": "  "}]},
+        {"chosen": [A1], "rejected": [A2]},  # was the prompt []
+        {
+            "prompt": False,
+            "chosen": [Q, A1],
+            "rejected": [Q, A2],
+        },  # a falsy wrong type was taken for "no prompt column"
+        {"prompt": 0, "chosen": [Q, A1], "rejected": [Q, A2]},
+    ],
+)
 def test_a_prompt_without_text_or_of_the_wrong_type_is_refused(row):
     with pytest.raises(ValueError, match="prompt is empty|non-empty list"):
         data.parse_row(row, data.detect_format(row))
@@ -562,7 +721,9 @@ def test_parquet_string_that_is_not_utf8_is_one_skippable_row(tmp_path, capsys):
 
     chosen = pa.array([b"Paris.", b"\xff\xfe", b"Paris."], pa.binary()).view(pa.string())
     path = str(tmp_path / "pairs.parquet")
-    pq.write_table(pa.table({"prompt": ["q"] * 3, "chosen": chosen, "rejected": ["Rome."] * 3}), path)
+    pq.write_table(
+        pa.table({"prompt": ["q"] * 3, "chosen": chosen, "rejected": ["Rome."] * 3}), path
+    )
     with pytest.raises(SystemExit, match="row 1: not valid UTF-8 text") as e:
         data.load_rows(path)
     assert_clean_exit(e.value, path)

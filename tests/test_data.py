@@ -22,70 +22,128 @@ DATA = Path(__file__).resolve().parents[1] / "samples"
 
 # ============================================================================ layouts, by hand
 HH_ONE = "\n\nHuman: What is 2+2?\n\nAssistant: "
-HH_MULTI = ("\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
-            "\n\nHuman: Name a fruit.\nJust one, please.\n\nAssistant: ")
+HH_MULTI = (
+    "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
+    "\n\nHuman: Name a fruit.\nJust one, please.\n\nAssistant: "
+)
 
 # (case id, raw row, parsed row); one file per case in the load_rows test
 CASES = [
-    ("hh_single_turn",
-     {"chosen": HH_ONE + "4.", "rejected": HH_ONE + "5."},
-     {"prompt": [U("What is 2+2?")], "chosen": "4.", "rejected": "5."}),
-    ("hh_multi_turn",
-     {"chosen": HH_MULTI + "An apple.", "rejected": HH_MULTI + "No.\n\nGo away."},
-     {"prompt": [U("Hi there."), A("Hello! How can I help?"), U("Name a fruit.\nJust one, please.")],
-      "chosen": "An apple.", "rejected": "No.\n\nGo away."}),
-    ("hh_empty_reply",  # real HH-RLHF has these (harmless-base test rows 86, 516, 925, 1103): silence preferred
-     {"chosen": HH_ONE.rstrip(), "rejected": HH_ONE + "5."},
-     {"prompt": [U("What is 2+2?")], "chosen": "", "rejected": "5."}),
-    ("ultrafeedback_with_prompt",
-     {"prompt": "Write a haiku.", "chosen": [U("Write a haiku."), A("Leaves fall\nquietly.")],
-      "rejected": [U("Write a haiku."), A("No.")], "score_chosen": 8.0, "score_rejected": 2.5},
-     {"prompt": [U("Write a haiku.")], "chosen": "Leaves fall\nquietly.", "rejected": "No."}),
-    ("ultrafeedback_without_prompt",
-     {"chosen": [U("Write a haiku."), A("Leaves fall.")], "rejected": [U("Write a haiku."), A("No.")]},
-     {"prompt": [U("Write a haiku.")], "chosen": "Leaves fall.", "rejected": "No."}),
-    ("ultrafeedback_multi_turn_without_prompt",
-     {"chosen": [S("Be brief."), U("Hi"), A("Hello"), U("Bye?"), A("Bye!")],
-      "rejected": [S("Be brief."), U("Hi"), A("Hello"), U("Bye?"), A("Why?")]},
-     {"prompt": [S("Be brief."), U("Hi"), A("Hello"), U("Bye?")], "chosen": "Bye!", "rejected": "Why?"}),
-    ("prompt_only_string",
-     {"prompt": "Tell me a joke."},
-     {"prompt": [U("Tell me a joke.")]}),
-    ("prompt_only_context_messages",
-     {"context_messages": [U("What is RLHF?")]},
-     {"prompt": [U("What is RLHF?")]}),
-    ("prompt_only_context_messages_multi_turn",
-     {"context_messages": [S("You are terse."), U("Hi"), A("Hi."), U("What is RLHF?")]},
-     {"prompt": [S("You are terse."), U("Hi"), A("Hi."), U("What is RLHF?")]}),
-    ("prompt_only_hh_string",
-     {"prompt": "Human: Hi.\n\nAssistant: Hello.\n\nHuman: Tell me a joke."},
-     {"prompt": [U("Hi."), A("Hello."), U("Tell me a joke.")]}),
-    ("generic_strings",
-     {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
-     {"prompt": [U("What is the capital of France?")], "chosen": "Paris.", "rejected": "Lyon."}),
-    ("generic_hh_style_prompt",  # the layout of samples/hh_rlhf/test_mixed.split.jsonl
-     {"prompt": "Human: Hi.\n\nAssistant: Hello, how can I help?\n\nHuman: Capital of France?",
-      "chosen": "Paris.", "rejected": "Rome."},
-     {"prompt": [U("Hi."), A("Hello, how can I help?"), U("Capital of France?")],
-      "chosen": "Paris.", "rejected": "Rome."}),
-    ("generic_hh_prompt_ending_in_assistant_cue",  # Dahoas/rm-static: the prompt ends with "\n\nAssistant:"
-     {"prompt": "\n\nHuman: Capital of France?\n\nAssistant:", "chosen": "Paris.", "rejected": "Rome."},
-     {"prompt": [U("Capital of France?")], "chosen": "Paris.", "rejected": "Rome."}),
+    (
+        "hh_single_turn",
+        {"chosen": HH_ONE + "4.", "rejected": HH_ONE + "5."},
+        {"prompt": [U("What is 2+2?")], "chosen": "4.", "rejected": "5."},
+    ),
+    (
+        "hh_multi_turn",
+        {"chosen": HH_MULTI + "An apple.", "rejected": HH_MULTI + "No.\n\nGo away."},
+        {
+            "prompt": [
+                U("Hi there."),
+                A("Hello! How can I help?"),
+                U("Name a fruit.\nJust one, please."),
+            ],
+            "chosen": "An apple.",
+            "rejected": "No.\n\nGo away.",
+        },
+    ),
+    (
+        "hh_empty_reply",  # real HH-RLHF has these (harmless-base test rows 86, 516, 925, 1103): silence preferred
+        {"chosen": HH_ONE.rstrip(), "rejected": HH_ONE + "5."},
+        {"prompt": [U("What is 2+2?")], "chosen": "", "rejected": "5."},
+    ),
+    (
+        "ultrafeedback_with_prompt",
+        {
+            "prompt": "Write a haiku.",
+            "chosen": [U("Write a haiku."), A("Leaves fall\nquietly.")],
+            "rejected": [U("Write a haiku."), A("No.")],
+            "score_chosen": 8.0,
+            "score_rejected": 2.5,
+        },
+        {"prompt": [U("Write a haiku.")], "chosen": "Leaves fall\nquietly.", "rejected": "No."},
+    ),
+    (
+        "ultrafeedback_without_prompt",
+        {
+            "chosen": [U("Write a haiku."), A("Leaves fall.")],
+            "rejected": [U("Write a haiku."), A("No.")],
+        },
+        {"prompt": [U("Write a haiku.")], "chosen": "Leaves fall.", "rejected": "No."},
+    ),
+    (
+        "ultrafeedback_multi_turn_without_prompt",
+        {
+            "chosen": [S("Be brief."), U("Hi"), A("Hello"), U("Bye?"), A("Bye!")],
+            "rejected": [S("Be brief."), U("Hi"), A("Hello"), U("Bye?"), A("Why?")],
+        },
+        {
+            "prompt": [S("Be brief."), U("Hi"), A("Hello"), U("Bye?")],
+            "chosen": "Bye!",
+            "rejected": "Why?",
+        },
+    ),
+    ("prompt_only_string", {"prompt": "Tell me a joke."}, {"prompt": [U("Tell me a joke.")]}),
+    (
+        "prompt_only_context_messages",
+        {"context_messages": [U("What is RLHF?")]},
+        {"prompt": [U("What is RLHF?")]},
+    ),
+    (
+        "prompt_only_context_messages_multi_turn",
+        {"context_messages": [S("You are terse."), U("Hi"), A("Hi."), U("What is RLHF?")]},
+        {"prompt": [S("You are terse."), U("Hi"), A("Hi."), U("What is RLHF?")]},
+    ),
+    (
+        "prompt_only_hh_string",
+        {"prompt": "Human: Hi.\n\nAssistant: Hello.\n\nHuman: Tell me a joke."},
+        {"prompt": [U("Hi."), A("Hello."), U("Tell me a joke.")]},
+    ),
+    (
+        "generic_strings",
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": [U("What is the capital of France?")], "chosen": "Paris.", "rejected": "Lyon."},
+    ),
+    (
+        "generic_hh_style_prompt",  # the layout of samples/hh_rlhf/test_mixed.split.jsonl
+        {
+            "prompt": "Human: Hi.\n\nAssistant: Hello, how can I help?\n\nHuman: Capital of France?",
+            "chosen": "Paris.",
+            "rejected": "Rome.",
+        },
+        {
+            "prompt": [U("Hi."), A("Hello, how can I help?"), U("Capital of France?")],
+            "chosen": "Paris.",
+            "rejected": "Rome.",
+        },
+    ),
+    (
+        "generic_hh_prompt_ending_in_assistant_cue",  # Dahoas/rm-static: the prompt ends with "\n\nAssistant:"
+        {
+            "prompt": "\n\nHuman: Capital of France?\n\nAssistant:",
+            "chosen": "Paris.",
+            "rejected": "Rome.",
+        },
+        {"prompt": [U("Capital of France?")], "chosen": "Paris.", "rejected": "Rome."},
+    ),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
 
-@pytest.mark.parametrize("columns, fmt", [
-    (["chosen", "rejected"], "pairs"),
-    (["prompt", "chosen", "rejected"], "pairs"),
-    (["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "prompt_id"], "pairs"),
-    (["prompt"], "prompt_only"),
-    (["context_messages"], "prompt_only"),
-    (["context_messages", "chosen", "rejected"], "prompt_only"),
-    (["foo", "bar"], None),
-    (["chosen"], None),
-    ([], None),
-])
+@pytest.mark.parametrize(
+    "columns, fmt",
+    [
+        (["chosen", "rejected"], "pairs"),
+        (["prompt", "chosen", "rejected"], "pairs"),
+        (["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "prompt_id"], "pairs"),
+        (["prompt"], "prompt_only"),
+        (["context_messages"], "prompt_only"),
+        (["context_messages", "chosen", "rejected"], "prompt_only"),
+        (["foo", "bar"], None),
+        (["chosen"], None),
+        ([], None),
+    ],
+)
 def test_detect_format(columns, fmt):
     assert data.detect_format(columns) == fmt
 
@@ -103,8 +161,15 @@ def test_load_rows_each_layout(tmp_path, raw, expected):
 
 
 @pytest.mark.parametrize("name", ["data.jsonl.gz", "data.json", "data.parquet"])
-@pytest.mark.parametrize("case", ["hh_multi_turn", "ultrafeedback_multi_turn_without_prompt",
-                                  "prompt_only_context_messages_multi_turn", "generic_hh_style_prompt"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "hh_multi_turn",
+        "ultrafeedback_multi_turn_without_prompt",
+        "prompt_only_context_messages_multi_turn",
+        "generic_hh_style_prompt",
+    ],
+)
 def test_load_rows_file_kinds(tmp_path, name, case):
     _, raw, expected = CASES[CASE_IDS.index(case)]
     path = write_rows(tmp_path / name, [raw] * 3)
@@ -130,7 +195,9 @@ def test_load_pairs_skips_ties_and_splits(tmp_path, capsys):
 def test_load_prompts_from_pairs_and_prompt_files(tmp_path):
     args = SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
     pairs = write_rows(tmp_path / "pairs.jsonl", [CASES[1][1]] * 3)
-    prompts = write_rows(tmp_path / "prompts.jsonl", [{"context_messages": [U(f"q{i}")]} for i in range(5)])
+    prompts = write_rows(
+        tmp_path / "prompts.jsonl", [{"context_messages": [U(f"q{i}")]} for i in range(5)]
+    )
     assert data.load_prompts(pairs, "train", args) == [CASES[1][2]["prompt"]] * 3
     assert data.load_prompts(prompts, "train", args, n=2) == [[U("q0")], [U("q1")]]
 
@@ -147,7 +214,10 @@ def test_split_eval_deterministic_disjoint_complete(n, fraction):
 
 def test_split_eval_edge_cases():
     assert data.split_eval(["only"], 0.05, seed=0) == (["only"], [])
-    a, b = data.split_eval(list(range(100)), 0.1, seed=0), data.split_eval(list(range(100)), 0.1, seed=1)
+    a, b = (
+        data.split_eval(list(range(100)), 0.1, seed=0),
+        data.split_eval(list(range(100)), 0.1, seed=1),
+    )
     assert a != b  # the seed matters
 
 
@@ -164,9 +234,14 @@ EXPECTED_ROWS = {  # from the SOURCE.md files
     "ultrafeedback_prompts/train_prompts.jsonl": 100,
     "ultrafeedback_prompts/test_prompts.jsonl": 50,
 }
-REAL_FILES = sorted(set(EXPECTED_ROWS) | {
-    str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.name.endswith((".json", ".jsonl", ".gz", ".parquet"))
-})
+REAL_FILES = sorted(
+    set(EXPECTED_ROWS)
+    | {
+        str(p.relative_to(DATA))
+        for p in DATA.glob("*/*")
+        if p.name.endswith((".json", ".jsonl", ".gz", ".parquet"))
+    }
+)
 
 
 # Rows whose source transcript is itself broken, so that the prompt ends with the assistant's turn: a human turn
@@ -184,7 +259,9 @@ def test_real_file_loads(name):
     for row in rows:
         assert set(row) == ({"prompt", "chosen", "rejected"} if pairs else {"prompt"})
         prompt = row["prompt"]
-        assert prompt and all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in prompt)
+        assert prompt and all(
+            set(m) == {"role", "content"} and isinstance(m["content"], str) for m in prompt
+        )
         users = [m for m in prompt if m["role"] == "user"]
         assert users and users[-1]["content"].strip()
         odd += prompt[-1]["role"] != "user"
@@ -193,7 +270,9 @@ def test_real_file_loads(name):
             assert row["chosen"].strip() or row["rejected"].strip()
             empty += not row["chosen"].strip() or not row["rejected"].strip()
     assert odd == PROMPT_ENDS_WITH_ASSISTANT.get(name, 0)
-    assert empty <= 0.01 * len(rows)  # a few empty replies in the sources (kept: EOS alone is the response)
+    assert empty <= 0.01 * len(
+        rows
+    )  # a few empty replies in the sources (kept: EOS alone is the response)
 
 
 def test_real_hh_transcripts_rejoin():
@@ -203,43 +282,72 @@ def test_real_hh_transcripts_rejoin():
     rows = data.load_rows(str(path))
     assert len(rows) == len(raws)
     hh = data.build_tiny_tokenizer("other")
-    hh.chat_template = None  # format_prompt then writes the HH layout "\n\nHuman: ...\n\nAssistant:"
+    hh.chat_template = (
+        None  # format_prompt then writes the HH layout "\n\nHuman: ...\n\nAssistant:"
+    )
     exact = 0
-    for raw, row in zip(raws, rows):
+    for raw, row in zip(raws, rows, strict=True):
         for key in ("chosen", "rejected"):
             text = raw[key]
-            assert row[key] == text[text.rfind("\n\nAssistant:") + len("\n\nAssistant:"):].strip()
+            assert row[key] == text[text.rfind("\n\nAssistant:") + len("\n\nAssistant:") :].strip()
         last_user = [m for m in row["prompt"] if m["role"] == "user"][-1]["content"]
         assert last_user in raw["chosen"] and last_user in raw["rejected"]
         head = data.format_prompt(hh, row["prompt"])
-        exact += head + " " + row["chosen"] == raw["chosen"] and head + " " + row["rejected"] == raw["rejected"]
-    for raw, row in list(zip(raws, rows))[:5]:  # well-formed rows: prompt + " " + answer is the transcript
+        exact += (
+            head + " " + row["chosen"] == raw["chosen"]
+            and head + " " + row["rejected"] == raw["rejected"]
+        )
+    for raw, row in list(zip(raws, rows, strict=True))[
+        :5
+    ]:  # well-formed rows: prompt + " " + answer is the transcript
         assert data.format_prompt(hh, row["prompt"]) + " " + row["chosen"] == raw["chosen"]
-    assert exact >= 0.99 * len(rows)  # the rest differ only in whitespace, or are malformed in the source
-    assert [i for i, r in enumerate(rows) if not r["chosen"]] == [86, 516, 925, 1103]  # empty in the source too
+    assert exact >= 0.99 * len(
+        rows
+    )  # the rest differ only in whitespace, or are malformed in the source
+    assert [i for i, r in enumerate(rows) if not r["chosen"]] == [
+        86,
+        516,
+        925,
+        1103,
+    ]  # empty in the source too
 
 
 def test_real_layouts_agree():
     """The same data in two layouts parses to the same rows."""
-    load = lambda name: data.load_rows(str(DATA / name))
+
+    def load(name):
+        return data.load_rows(str(DATA / name))
+
     assert load("hh_rlhf/test_mixed.split.jsonl") == load("hh_rlhf/test_mixed.hh_format.jsonl")
     uf = "ultrafeedback_binarized/"
     trl_train = load(uf + "trl_train_clean.jsonl")
     trl = trl_train + load(uf + "trl_eval_clean.jsonl")
-    key = lambda r: json.dumps(r, sort_keys=True)
+
+    def key(r):
+        return json.dumps(r, sort_keys=True)
+
     assert sorted(map(key, load(uf + "h4_layout_with_scores.jsonl"))) == sorted(map(key, trl))
     seen = {}
     for row in trl_train + load(uf + "train_prefs.jsonl"):
         seen.setdefault(key(row["prompt"]), row["prompt"])
-    assert [r["prompt"] for r in load("ultrafeedback_prompts/train_prompts.jsonl")] == list(seen.values())
+    assert [r["prompt"] for r in load("ultrafeedback_prompts/train_prompts.jsonl")] == list(
+        seen.values()
+    )
 
 
 def test_real_load_pairs(capsys):
     path = str(DATA / "hh_rlhf" / "test_mixed.split.jsonl")
-    train, held = data.load_pairs(path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train"))
-    assert "note: skipped 1 pairs whose chosen equals rejected" in capsys.readouterr().err  # row 224
+    train, held = data.load_pairs(
+        path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
+    )
+    assert (
+        "note: skipped 1 pairs whose chosen equals rejected" in capsys.readouterr().err
+    )  # row 224
     assert (len(train), len(held)) == (237, 12)  # int(249 * 0.05) held out
-    key = lambda r: json.dumps(r, sort_keys=True)
+
+    def key(r):
+        return json.dumps(r, sort_keys=True)
+
     assert not {key(r) for r in train} & {key(r) for r in held}
 
 
@@ -261,35 +369,56 @@ def ids(tok, text):
 def test_format_prompt(toy_tok):
     msgs = [U("hi"), A("hello"), U("tell me about fruit")]
     assert data.format_prompt(toy_tok, msgs) == (
-        "<|user|> hi <|assistant|> hello <|user|> tell me about fruit <|assistant|>")
+        "<|user|> hi <|assistant|> hello <|user|> tell me about fruit <|assistant|>"
+    )
     plain = data.build_tiny_tokenizer("toy")
     plain.chat_template = None
     assert data.format_prompt(plain, [S("be kind"), *msgs]) == (
-        "\n\nSystem: be kind\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me about fruit\n\nAssistant:")
+        "\n\nSystem: be kind\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me about fruit\n\nAssistant:"
+    )
 
 
 def test_encode_examples_toy(toy_tok, capsys):
-    rows = [{"prompt": [U("tell me about fruit")], "chosen": "apple pear .", "rejected": "asdf"},
-            {"prompt": [U("hi please tell me about space now")], "chosen": "star", "rejected": "moon"},
-            {"prompt": [U("describe music")], "chosen": "drum piano violin flute guitar .", "rejected": "song"}]
+    rows = [
+        {"prompt": [U("tell me about fruit")], "chosen": "apple pear .", "rejected": "asdf"},
+        {"prompt": [U("hi please tell me about space now")], "chosen": "star", "rejected": "moon"},
+        {
+            "prompt": [U("describe music")],
+            "chosen": "drum piano violin flute guitar .",
+            "rejected": "song",
+        },
+    ]
     out = data.encode_examples(toy_tok, rows, max_prompt_len=6, max_response_len=4)
     err = capsys.readouterr().err
     assert "skipped 1 prompts over 6 tokens" in err and "truncated 1 responses to 4 tokens" in err
     eos = toy_tok.eos_token_id
     assert out == [
-        {"prompt": ids(toy_tok, "<|user|> tell me about fruit <|assistant|>"),
-         "chosen": ids(toy_tok, "apple pear .") + [eos], "rejected": ids(toy_tok, "asdf") + [eos]},
-        {"prompt": ids(toy_tok, "<|user|> describe music <|assistant|>"),  # prompt kept whole
-         "chosen": ids(toy_tok, "drum piano violin flute"),  # cut to 4: no room left for EOS
-         "rejected": ids(toy_tok, "song") + [eos]},
+        {
+            "prompt": ids(toy_tok, "<|user|> tell me about fruit <|assistant|>"),
+            "chosen": ids(toy_tok, "apple pear .") + [eos],
+            "rejected": ids(toy_tok, "asdf") + [eos],
+        },
+        {
+            "prompt": ids(toy_tok, "<|user|> describe music <|assistant|>"),  # prompt kept whole
+            "chosen": ids(toy_tok, "drum piano violin flute"),  # cut to 4: no room left for EOS
+            "rejected": ids(toy_tok, "song") + [eos],
+        },
     ]
 
 
 def test_encode_examples_keys_and_limits_are_inclusive(toy_tok, capsys):
-    rows = [{"prompt": [U("describe music")], "response": "drum piano ."}]  # prompt 4 tokens, response 3 + EOS
-    out = data.encode_examples(toy_tok, rows, max_prompt_len=4, max_response_len=4, keys=("response",))
-    assert out == [{"prompt": ids(toy_tok, "<|user|> describe music <|assistant|>"),
-                    "response": ids(toy_tok, "drum piano .") + [toy_tok.eos_token_id]}]
+    rows = [
+        {"prompt": [U("describe music")], "response": "drum piano ."}
+    ]  # prompt 4 tokens, response 3 + EOS
+    out = data.encode_examples(
+        toy_tok, rows, max_prompt_len=4, max_response_len=4, keys=("response",)
+    )
+    assert out == [
+        {
+            "prompt": ids(toy_tok, "<|user|> describe music <|assistant|>"),
+            "response": ids(toy_tok, "drum piano .") + [toy_tok.eos_token_id],
+        }
+    ]
     assert capsys.readouterr().err == ""  # nothing skipped, nothing cut
 
 
@@ -317,9 +446,13 @@ def test_encode_examples_bytes(byte_tok, capsys):
 
 
 def test_encode_examples_bytes_prompt_limit(byte_tok, capsys):
-    rows = [{"prompt": [U("a" * 10)], "chosen": "x", "rejected": "y"},
-            {"prompt": [U("a" * 11)], "chosen": "x", "rejected": "y"}]
-    out = data.encode_examples(byte_tok, rows, 2 + 12, 8)  # <|user|> " " + 10 × a + " " <|assistant|>
+    rows = [
+        {"prompt": [U("a" * 10)], "chosen": "x", "rejected": "y"},
+        {"prompt": [U("a" * 11)], "chosen": "x", "rejected": "y"},
+    ]
+    out = data.encode_examples(
+        byte_tok, rows, 2 + 12, 8
+    )  # <|user|> " " + 10 × a + " " <|assistant|>
     assert [len(e["prompt"]) for e in out] == [14]
     assert "skipped 1 prompts over 14 tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="15 tokens > --max_prompt_len 14"):
@@ -330,10 +463,8 @@ def test_encode_examples_bytes_prompt_limit(byte_tok, capsys):
 def test_collate_layout():
     batch = data.collate([[11, 12, 13], [14]], [[21], [22, 23, 24]], pad_id=0)
     assert batch["prompt_len"] == 3
-    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 0, 0],
-                                           [0, 0, 14, 22, 23, 24]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0],
-                                                [0, 0, 1, 1, 1, 1]]
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 0, 0], [0, 0, 14, 22, 23, 24]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
     assert batch["response_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
     assert batch["input_ids"].dtype == torch.long and batch["response_mask"].dtype == torch.float32
 
@@ -367,4 +498,6 @@ def test_decoded_responses_keep_junk_special_tokens_but_not_the_final_eos():
     batch = data.collate([p, p], [r, r[:1]], tok.pad_token_id)
     texts = data.decode_responses(tok, batch)
     assert texts == ["apple <unk> pear", "apple"]
-    assert toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0  # <unk> is junk to the judge
+    assert (
+        toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0
+    )  # <unk> is junk to the judge

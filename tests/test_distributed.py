@@ -17,9 +17,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import toy_task
 from conftest import ROOT, read_metrics, run_main
 
-SMALL = {"sft.py": ["--max_steps", 4, "--eval_steps", 2, "--oracle_prompts", 8],
-         "dpo.py": ["--max_steps", 4, "--eval_steps", 2],
-         "reward_model.py": ["--max_steps", 4, "--eval_steps", 2]}
+SMALL = {
+    "sft.py": ["--max_steps", 4, "--eval_steps", 2, "--oracle_prompts", 8],
+    "dpo.py": ["--max_steps", 4, "--eval_steps", 2],
+    "reward_model.py": ["--max_steps", 4, "--eval_steps", 2],
+}
 # dpo.py precomputes the reference over all of its pairs and reward_model.py scores all of them for its statistics:
 # on 96 of the task's pairs in a file (5 held out), with the built-in task's sizes, those passes are short
 PAIRS = 96
@@ -27,17 +29,29 @@ PAIRS = 96
 
 def launch(config, script, *args, timeout=180):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
-           str(ROOT / script), *map(str, args), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / config),
+        str(ROOT / script),
+        *map(str, args),
+        "--overwrite",
+    ]
     proc = run_group(cmd, env, timeout)
     if proc is None:
         # A hang at exit (gloo teardown, see common.finish) is fixed; should any other hang appear, the stacks of
         # every rank are printed above and the run gets one retry. A second hang fails the test.
-        print(f"warning: {script} under {config} hung for {timeout} s; retrying once", file=sys.stderr)
+        print(
+            f"warning: {script} under {config} hung for {timeout} s; retrying once", file=sys.stderr
+        )
         proc = run_group(cmd, env, timeout)
         assert proc is not None, f"{script} under {config} hung twice"
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "processes: 2" in proc.stdout, proc.stdout[-2000:]  # not a silent single-process fallback
+    assert "processes: 2" in proc.stdout, proc.stdout[
+        -2000:
+    ]  # not a silent single-process fallback
     return proc
 
 
@@ -45,16 +59,27 @@ def run_group(cmd, env, timeout):
     """Run the launcher; on a hang print the Python stack of the launcher and every rank (py-spy, when installed),
     kill them all and return None. The ranks are found as descendants: torchrun puts them in sessions of their own,
     out of reach of a process-group kill."""
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as p:
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as p:
         try:
             out, err = p.communicate(timeout=timeout)
             return subprocess.CompletedProcess(cmd, p.returncode, out, err)
         except subprocess.TimeoutExpired:
             pids = [p.pid, *descendants(p.pid)]
             for pid in pids if shutil.which("py-spy") else []:
-                dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(pid)], capture_output=True,
-                                      text=True, timeout=60)
+                dump = subprocess.run(
+                    ["py-spy", "dump", "--native", "--pid", str(pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 print(f"--- stack of pid {pid} ---\n{dump.stdout}{dump.stderr}", file=sys.stderr)
             for pid in pids:
                 try:
@@ -66,14 +91,20 @@ def run_group(cmd, env, timeout):
 
 
 def descendants(pid):
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split()
     return [int(c) for c in children] + [d for c in children for d in descendants(int(c))]
 
 
 def numbers(folder):
     """Every number logged, in order (the lr too: a schedule stepped once per process would show)."""
-    return [(m["step"], k, v) for m in read_metrics(folder) for k, v in sorted(m.items())
-            if isinstance(v, float) and k != "oracle_reward"]
+    return [
+        (m["step"], k, v)
+        for m in read_metrics(folder)
+        for k, v in sorted(m.items())
+        if isinstance(v, float) and k != "oracle_reward"
+    ]
 
 
 IN_TURN = """
@@ -108,36 +139,68 @@ def test_ddp_and_fsdp_train_each_stage_like_one_process_on_the_global_batch(pipe
     under DDP, FSDP2, and FSDP2 with the GPU configs' loading (rank 1 reads no checkpoint, rank 0's weights are
     sent to it) and recomputed activations: every logged number the same."""
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", PAIRS, seed=1)))
+    pairs.write_text(
+        "".join(json.dumps(r) + "\n" for r in toy_task.preference_data("train", PAIRS, seed=1))
+    )
     args = {}
     for stage in SMALL:
         args[stage] = [*SMALL[stage], "--batch_size", 8, "--logging_steps", 1, "--overwrite"]
         if stage != "sft.py":
-            args[stage] += ["--sft_ckpt", pipeline["sft"], "--dataset", pairs, "--max_prompt_len", 24,
-                            "--max_response_len", 24]
-        run_main(stage, *args[stage], "--micro_batch_size", 4, "--output_dir", tmp_path / "one" / stage)
-    runs = {"ddp": ("cpu_ddp.yaml", []), "fsdp": ("cpu_fsdp.yaml", []),
-            "fsdp_gpu_loading": ("cpu_fsdp_ram_efficient.yaml", ["--gradient_checkpointing"])}
+            args[stage] += [
+                "--sft_ckpt",
+                pipeline["sft"],
+                "--dataset",
+                pairs,
+                "--max_prompt_len",
+                24,
+                "--max_response_len",
+                24,
+            ]
+        run_main(
+            stage, *args[stage], "--micro_batch_size", 4, "--output_dir", tmp_path / "one" / stage
+        )
+    runs = {
+        "ddp": ("cpu_ddp.yaml", []),
+        "fsdp": ("cpu_fsdp.yaml", []),
+        "fsdp_gpu_loading": ("cpu_fsdp_ram_efficient.yaml", ["--gradient_checkpointing"]),
+    }
     for name, (config, extra) in runs.items():
-        launch_in_turn(config, [(stage, [*args[stage], *extra, "--output_dir", tmp_path / name / stage])
-                                for stage in SMALL], tmp_path)
+        launch_in_turn(
+            config,
+            [
+                (stage, [*args[stage], *extra, "--output_dir", tmp_path / name / stage])
+                for stage in SMALL
+            ],
+            tmp_path,
+        )
     for stage in SMALL:
         one = numbers(tmp_path / "one" / stage)
         for name in runs:
             other = numbers(tmp_path / name / stage)
             assert [x[:2] for x in other] == [x[:2] for x in one], (stage, name)
-            assert [x[2] for x in other] == pytest.approx([x[2] for x in one], abs=2e-5), (stage, name)
+            assert [x[2] for x in other] == pytest.approx([x[2] for x in one], abs=2e-5), (
+                stage,
+                name,
+            )
     # the FSDP checkpoint is a consolidated folder holding the trained weights
     ids = torch.arange(5, 25)[None]
-    logits = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "sft.py")(ids).logits for n in ("one", "fsdp")}
+    logits = {
+        n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "sft.py")(ids).logits
+        for n in ("one", "fsdp")
+    }
     torch.testing.assert_close(logits["fsdp"], logits["one"], atol=1e-4, rtol=0)
 
 
 def rto_numbers(folder):
     """Every number an rto.py iteration logged, in order; times and padding shares aside (the padding depends on
     how the rollout is split into batches, which differs between 1 process and 2)."""
-    return [(m["step"], k, v) for m in read_metrics(folder) if "phase" not in m for k, v in sorted(m.items())
-            if isinstance(v, float) and not k.startswith(("time_", "padding_share"))]
+    return [
+        (m["step"], k, v)
+        for m in read_metrics(folder)
+        if "phase" not in m
+        for k, v in sorted(m.items())
+        if isinstance(v, float) and not k.startswith(("time_", "padding_share"))
+    ]
 
 
 @pytest.mark.distributed
@@ -146,17 +209,48 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     process, then DDP and FSDP2 on 2 ranks (8 prompts each). Each prompt's response is drawn with its own seed, so
     the rollouts are the same; advantages are whitened over both ranks, losses and statistics are global means:
     every logged number must match. The ranks' responses differ in length, and generation must not hang."""
-    run = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["rm"],
-           "--num_iterations", 2, "--rollout_batch_size", 16, "--mini_batch_size", 16, "--oracle_prompts", 8,
-           "--sample_every", 0]
+    run = [
+        "--sft_ckpt",
+        pipeline["sft"],
+        "--dpo_ckpt",
+        pipeline["dpo"],
+        "--rm_ckpt",
+        pipeline["rm"],
+        "--num_iterations",
+        2,
+        "--rollout_batch_size",
+        16,
+        "--mini_batch_size",
+        16,
+        "--oracle_prompts",
+        8,
+        "--sample_every",
+        0,
+    ]
     run_main("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
     one = rto_numbers(tmp_path / "one")
-    assert len({v for _, k, v in one if k == "response_length"}) == 2  # two iterations, different rollouts
+    assert (
+        len({v for _, k, v in one if k == "response_length"}) == 2
+    )  # two iterations, different rollouts
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
         out = tmp_path / config
-        packing = ["--packing"] if config == "cpu_fsdp.yaml" else []  # FSDP2 with packed micro-batches, too
-        launch(config, "rto.py", *run, *packing, "--micro_batch_size", 4, "--output_dir", out, "--save_every", 1,
-               "--save_total_limit", 2)
+        packing = (
+            ["--packing"] if config == "cpu_fsdp.yaml" else []
+        )  # FSDP2 with packed micro-batches, too
+        launch(
+            config,
+            "rto.py",
+            *run,
+            *packing,
+            "--micro_batch_size",
+            4,
+            "--output_dir",
+            out,
+            "--save_every",
+            1,
+            "--save_total_limit",
+            2,
+        )
         two = rto_numbers(out)
         assert [x[:2] for x in two] == [x[:2] for x in one]
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
@@ -164,15 +258,26 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
         assert (out / "checkpoint-2" / "state.json").exists()
     # the GPU configs' loading settings (rank 1 reads no checkpoint) and --gradient_checkpointing: every rank holds
     # the checkpoints' weights (LOADING_PROBE), then the run gives the numbers of the FSDP2 run above
-    argv = [*run, "--packing", "--micro_batch_size", 4, "--output_dir", tmp_path / "gpu_loading",
-            "--gradient_checkpointing", "--overwrite"]
+    argv = [
+        *run,
+        "--packing",
+        "--micro_batch_size",
+        4,
+        "--output_dir",
+        tmp_path / "gpu_loading",
+        "--gradient_checkpointing",
+        "--overwrite",
+    ]
     prelude = LOADING_PROBE.format(argv=list(map(str, argv)), out=str(tmp_path))
     launch_in_turn("cpu_fsdp_ram_efficient.yaml", [("rto.py", argv)], tmp_path, prelude)
     for rank in (0, 1):
         worst = eval((tmp_path / f"rank-{rank}.txt").read_text())
         assert set(worst) == {"policy", "ref", "dpo", "rm", "critic", "untied_step"}, worst
         assert max(worst.values()) == 0, (rank, worst)
-    fsdp, gpu_loading = rto_numbers(tmp_path / "cpu_fsdp.yaml"), rto_numbers(tmp_path / "gpu_loading")
+    fsdp, gpu_loading = (
+        rto_numbers(tmp_path / "cpu_fsdp.yaml"),
+        rto_numbers(tmp_path / "gpu_loading"),
+    )
     assert [x[:2] for x in gpu_loading] == [x[:2] for x in fsdp]
     assert [x[2] for x in gpu_loading] == pytest.approx([x[2] for x in fsdp], abs=1e-5)
     # FSDP2: the resumable state is sharded, each rank writing its part of every model and optimiser (torch
@@ -180,15 +285,30 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     # resuming from it (as if killed after iteration 1) gives the uninterrupted run's numbers
     out = tmp_path / "cpu_fsdp.yaml"
     parts = [p for p in (out / "checkpoint-1").rglob("*.distcp")]
-    assert {p.name.split("_")[2] for p in parts} == {"0", "1"} and len({p.parent for p in parts}) == 4
-    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()) + \
-        sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(out / "critic").parameters())
+    assert {p.name.split("_")[2] for p in parts} == {"0", "1"} and len(
+        {p.parent for p in parts}
+    ) == 4
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()) + sum(
+        p.numel()
+        for p in AutoModelForSequenceClassification.from_pretrained(out / "critic").parameters()
+    )
     per_param = sum(p.stat().st_size for p in parts) / params
     print(f"resumable state: {per_param:.2f} bytes per trained parameter")
     assert 12 <= per_param < 13
     shutil.rmtree(out / "checkpoint-2")
-    launch("cpu_fsdp.yaml", "rto.py", *run, "--packing", "--micro_batch_size", 4, "--output_dir", out,
-           "--save_every", 1, "--resume")
+    launch(
+        "cpu_fsdp.yaml",
+        "rto.py",
+        *run,
+        "--packing",
+        "--micro_batch_size",
+        4,
+        "--output_dir",
+        out,
+        "--save_every",
+        1,
+        "--resume",
+    )
     resumed = rto_numbers(out)
     assert [x[:2] for x in resumed] == [x[:2] for x in one]
     assert [x[2] for x in resumed] == pytest.approx([x[2] for x in one], abs=1e-4)
@@ -200,15 +320,38 @@ def test_bf16_under_fsdp_policy_and_reference_compute_alike(pipeline, tmp_path):
     policy), the frozen ones are stored in bf16; at the first iteration the policy is the reference, so the KL is
     exactly 0 (with an fp32 reference it was not, nor when Accelerate's FSDP2 policy cast the policy's float32
     log-probs to bf16 on their way out). The exported policy and critic are bf16."""
-    launch("cpu_fsdp.yaml", "rto.py", "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt",
-           pipeline["rm"], "--num_iterations", 1, "--rollout_batch_size", 8, "--mini_batch_size", 8,
-           "--oracle_prompts", 4, "--sample_every", 0, "--bf16", "--output_dir", tmp_path / "bf16")
+    launch(
+        "cpu_fsdp.yaml",
+        "rto.py",
+        "--sft_ckpt",
+        pipeline["sft"],
+        "--dpo_ckpt",
+        pipeline["dpo"],
+        "--rm_ckpt",
+        pipeline["rm"],
+        "--num_iterations",
+        1,
+        "--rollout_batch_size",
+        8,
+        "--mini_batch_size",
+        8,
+        "--oracle_prompts",
+        4,
+        "--sample_every",
+        0,
+        "--bf16",
+        "--output_dir",
+        tmp_path / "bf16",
+    )
     (it,) = [m for m in read_metrics(tmp_path / "bf16") if "phase" not in m]
     assert it["kl_per_token"] == 0 and it["response_length"] > 1
     # the exported models are consolidated folders in the training dtype
     from safetensors.torch import load_file
+
     for folder in (tmp_path / "bf16", tmp_path / "bf16" / "critic"):
-        assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.bfloat16}
+        assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {
+            torch.bfloat16
+        }
 
 
 SHARD_PROBE = """
@@ -276,25 +419,53 @@ common.finish(acc)  # as the stages end: a rank exiting with gloo threads alive 
 
 @pytest.mark.distributed
 def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans_both_ranks_and_rollout_gathers_once(
-        tmp_path):
+    tmp_path,
+):
     probe = tmp_path / "probe.py"
     probe.write_text(SHARD_PROBE.format(root=str(ROOT), out=str(tmp_path)))
     launch("cpu_fsdp.yaml", probe)
     rows = [(tmp_path / f"shard-{rank}.txt").read_text().split() for rank in (0, 1)]
-    for _, local, total, _, after_forward, after_reshard, sharded, local_grad, kept, *collectives in rows:
-        assert kept == "1"  # reshard-after-forward settings as Accelerate chose them, after a rollout
-        assert int(local) <= int(total) // 2 + 1000  # about half of the parameters per rank, not a replica
-        assert int(after_forward) >= 1 and int(after_reshard) == 0  # only its shard once scoring is done
-        assert sharded == "1" and int(local_grad) <= int(total) // 2 + 1000  # a shard of the gradient, mid-accumulation
+    for (
+        _,
+        local,
+        total,
+        _,
+        after_forward,
+        after_reshard,
+        sharded,
+        local_grad,
+        kept,
+        *collectives,
+    ) in rows:
+        assert (
+            kept == "1"
+        )  # reshard-after-forward settings as Accelerate chose them, after a rollout
+        assert (
+            int(local) <= int(total) // 2 + 1000
+        )  # about half of the parameters per rank, not a replica
+        assert (
+            int(after_forward) >= 1 and int(after_reshard) == 0
+        )  # only its shard once scoring is done
+        assert (
+            sharded == "1" and int(local_grad) <= int(total) // 2 + 1000
+        )  # a shard of the gradient, mid-accumulation
         short, long, control_short, control_long = map(int, collectives)  # max_new_tokens 2 and 12
         assert 0 < short == long  # a rollout's collectives do not grow with its length ...
-        assert control_long - control_short >= 10  # ... where generate() on the sharded model gathers per token
-    assert rows[0][3] == rows[1][3]  # and the sharded model still computes the same thing on both ranks
-    import rto
+        assert (
+            control_long - control_short >= 10
+        )  # ... where generate() on the sharded model gathers per token
+    assert (
+        rows[0][3] == rows[1][3]
+    )  # and the sharded model still computes the same thing on both ranks
     from types import SimpleNamespace
+
+    import rto
+
     g = torch.Generator().manual_seed(0)
     x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
-    one = rto.whiten(SimpleNamespace(reduce=lambda t, op: t, device=torch.device("cpu")), x, mask)  # one process, all of the data
+    one = rto.whiten(
+        SimpleNamespace(reduce=lambda t, op: t, device=torch.device("cpu")), x, mask
+    )  # one process, all of the data
     two = torch.cat([torch.load(tmp_path / f"whiten-{rank}.pt") for rank in (0, 1)])
     torch.testing.assert_close(two, one, atol=1e-6, rtol=0)
 
@@ -333,25 +504,62 @@ del tokenizer, models, pair, loss, norms, full, saved, acc
 
 
 @pytest.mark.distributed
-def test_with_the_gpu_loading_settings_a_reward_model_without_its_head_stops_every_rank_with_one_line(pipeline,
-                                                                                                    tmp_path):
+def test_with_the_gpu_loading_settings_a_reward_model_without_its_head_stops_every_rank_with_one_line(
+    pipeline, tmp_path
+):
     """Under fsdp_cpu_ram_efficient_loading a reward model whose head transformers cannot find stops the run with
     one line on every rank, instead of a random head on rank 0 and none on rank 1. (That every rank holds the
     checkpoints' weights under this setting: test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch.)"""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                      str(ROOT / "configs" / "cpu_fsdp_ram_efficient.yaml"), str(ROOT / "rto.py"),
-                      "--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], "--rm_ckpt", pipeline["sft"],
-                      "--output_dir", tmp_path / "bad"], env, 180)
+    proc = run_group(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs" / "cpu_fsdp_ram_efficient.yaml"),
+            str(ROOT / "rto.py"),
+            "--sft_ckpt",
+            pipeline["sft"],
+            "--dpo_ckpt",
+            pipeline["dpo"],
+            "--rm_ckpt",
+            pipeline["sft"],
+            "--output_dir",
+            tmp_path / "bad",
+        ],
+        env,
+        180,
+    )
     assert proc is not None and proc.returncode != 0
     line = f"error: --rm_ckpt {pipeline['sft']}: the checkpoint has no weights for the reward head `score`"
-    assert line in proc.stderr and "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert (
+        line in proc.stderr
+        and "[rank0]: Traceback" not in proc.stderr
+        and "[rank1]: Traceback" not in proc.stderr
+    )
 
 
 # the collectives of torch.distributed and Accelerate (functions and Accelerator methods) that move tensors
-COLLECTIVES = {"reduce", "gather", "gather_for_metrics", "broadcast", "broadcast_object_list", "all_reduce",
-               "all_gather", "all_gather_into_tensor", "all_gather_object", "gather_object", "reduce_scatter",
-               "reduce_scatter_tensor", "scatter", "all_to_all", "pad_across_processes", "send", "recv"}
+COLLECTIVES = {
+    "reduce",
+    "gather",
+    "gather_for_metrics",
+    "broadcast",
+    "broadcast_object_list",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "all_to_all",
+    "pad_across_processes",
+    "send",
+    "recv",
+}
 
 
 def test_every_collective_goes_through_common_reduce_or_gather_which_put_tensors_on_the_accelerators_device():
@@ -363,23 +571,47 @@ def test_every_collective_goes_through_common_reduce_or_gather_which_put_tensors
     for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py")]):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module in ("torch.distributed", "accelerate.utils"):
-                found += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if a.name in COLLECTIVES]
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in COLLECTIVES):
+            if isinstance(node, ast.ImportFrom) and node.module in (
+                "torch.distributed",
+                "accelerate.utils",
+            ):
+                found += [
+                    f"{path.name}:{node.lineno} imports {a.name}"
+                    for a in node.names
+                    if a.name in COLLECTIVES
+                ]
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in COLLECTIVES
+            ):
                 continue
             receiver = ast.unparse(node.func.value)
             if any(w in receiver.split(".")[-1].lower() for w in ("acc", "dist", "utils", "state")):
                 found.append(f"{path.name}:{node.lineno} {receiver}.{node.func.attr}")
-    allowed = {f"common.py:{n.lineno + i}" for n in ast.parse((ROOT / "common.py").read_text()).body
-               if isinstance(n, ast.FunctionDef) and n.name in ("reduce", "gather")
-               for i in range(n.end_lineno - n.lineno + 1)}
+    allowed = {
+        f"common.py:{n.lineno + i}"
+        for n in ast.parse((ROOT / "common.py").read_text()).body
+        if isinstance(n, ast.FunctionDef) and n.name in ("reduce", "gather")
+        for i in range(n.end_lineno - n.lineno + 1)
+    }
     assert [f for f in found if f.split(" ")[0] not in allowed] == []
     assert len(found) == 2  # the two helpers' own calls
-    import common
     from types import SimpleNamespace
+
+    import common
+
     seen = []
-    fake = SimpleNamespace(device=torch.device("meta"), reduce=lambda t, op: seen.append(t.device) or t,
-                           gather_for_metrics=lambda t: seen.append(t.device) or t)
-    common.reduce(fake, 3), common.reduce(fake, torch.ones(2)), common.gather(fake, torch.ones(2, 2))
-    assert seen == [torch.device("meta")] * 3  # a number or a CPU tensor: moved before the collective
+    fake = SimpleNamespace(
+        device=torch.device("meta"),
+        reduce=lambda t, op: seen.append(t.device) or t,
+        gather_for_metrics=lambda t: seen.append(t.device) or t,
+    )
+    (
+        common.reduce(fake, 3),
+        common.reduce(fake, torch.ones(2)),
+        common.gather(fake, torch.ones(2, 2)),
+    )
+    assert (
+        seen == [torch.device("meta")] * 3
+    )  # a number or a CPU tensor: moved before the collective

@@ -38,7 +38,9 @@ def tiny(tmp_path_factory):
             model.config.dpo_beta = 0.25
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    common.load_scorer(str(root / "a"), tok, "--judge rm:", new_head=True).save_pretrained(root / "rm")
+    common.load_scorer(str(root / "a"), tok, "--judge rm:", new_head=True).save_pretrained(
+        root / "rm"
+    )
     tok.save_pretrained(root / "rm")
     return SimpleNamespace(tok=tok, a=root / "a", b=root / "b", rm=root / "rm")
 
@@ -46,13 +48,22 @@ def tiny(tmp_path_factory):
 def hand_batch(tok):
     """Two toy prompts with responses of different lengths, in data.py's batch layout; and the unpadded sequences."""
     prompts = [data.encode_prompt(tok, p) for p in toy_task.prompts("test", 2)]
-    responses = [tok.convert_tokens_to_ids(["apple", "pear", ".", "</s>"]), tok.convert_tokens_to_ids(["cat", "</s>"])]
-    return data.collate(prompts, responses, tok.pad_token_id), list(zip(prompts, responses))
+    responses = [
+        tok.convert_tokens_to_ids(["apple", "pear", ".", "</s>"]),
+        tok.convert_tokens_to_ids(["cat", "</s>"]),
+    ]
+    return data.collate(prompts, responses, tok.pad_token_id), list(
+        zip(prompts, responses, strict=True)
+    )
 
 
 # ---------------------------------------------------------------------------- arithmetic by hand
 def test_win_rates_by_hand():
-    scores = {"a": [1.0, 2.0, 3.0, 0.0], "b": [1.0, 1.0, 4.0, 2.0], "c": [0.0, 5.0, 3.0 + 1e-9, 1.0]}
+    scores = {
+        "a": [1.0, 2.0, 3.0, 0.0],
+        "b": [1.0, 1.0, 4.0, 2.0],
+        "c": [0.0, 5.0, 3.0 + 1e-9, 1.0],
+    }
     w = evaluate.win_rates(scores)
     # a vs b: tie, win, loss, loss -> 1.5/4; a vs c: win, loss, tie (within 1e-6), loss -> 1.5/4;
     # b vs c: win, loss, win, win -> 3/4
@@ -70,17 +81,23 @@ def test_confidence_interval_by_hand():
 # ---------------------------------------------------------------------------- judges
 def test_oracle_judge():
     prompts = [[{"role": "user", "content": "tell me about fruit"}]] * 2
-    scores = evaluate.judge_scores({"kind": "oracle"}, None, prompts, ["apple pear .", "apple apple asdf"])
+    scores = evaluate.judge_scores(
+        {"kind": "oracle"}, None, prompts, ["apple pear .", "apple apple asdf"]
+    )
     assert scores == [3.0, -1.0]  # +1 +1 and a clean end +1;  +1, repeat -1, junk -1
 
 
 @torch.no_grad()
 def test_rm_judge(tiny):
-    judge = evaluate.load_judge({"kind": "rm", "path": str(tiny.rm)}, tiny.tok, SimpleNamespace(dataset="toy"), "cpu")
+    judge = evaluate.load_judge(
+        {"kind": "rm", "path": str(tiny.rm)}, tiny.tok, SimpleNamespace(dataset="toy"), "cpu"
+    )
     batch, seqs = hand_batch(tiny.tok)
     scores = evaluate.judge_scores(judge, batch, None, None)
     assert scores == common.sequence_scores(judge["rm"], batch).tolist()
-    for score, (p, r) in zip(scores, seqs):  # the head read at the last token of the unpadded sequence
+    for score, (p, r) in zip(
+        scores, seqs, strict=True
+    ):  # the head read at the last token of the unpadded sequence
         alone = judge["rm"](input_ids=torch.tensor([p + r])).logits[0, -1].item()
         assert score == pytest.approx(alone, abs=1e-4)
 
@@ -88,27 +105,42 @@ def test_rm_judge(tiny):
 @torch.no_grad()
 def test_dpo_judge_is_beta_times_sequence_log_ratio(tiny):
     args = SimpleNamespace(dataset="toy", dpo_beta=0.1)
-    judge = evaluate.load_judge({"kind": "dpo", "path": f"{tiny.a},{tiny.b}"}, tiny.tok, args, "cpu")
+    judge = evaluate.load_judge(
+        {"kind": "dpo", "path": f"{tiny.a},{tiny.b}"}, tiny.tok, args, "cpu"
+    )
     assert judge["beta"] == 0.25  # from the DPO checkpoint's config, not --dpo_beta
     batch, seqs = hand_batch(tiny.tok)
     scores = evaluate.judge_scores(judge, batch, None, None)
 
-    def seq_logp(model, p, r):  # naive: one unpadded sequence, sum of log-probs of the response tokens
+    def seq_logp(
+        model, p, r
+    ):  # naive: one unpadded sequence, sum of log-probs of the response tokens
         logp = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
         return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
 
-    for score, (p, r) in zip(scores, seqs):
+    for score, (p, r) in zip(scores, seqs, strict=True):
         naive = 0.25 * (seq_logp(judge["dpo"], p, r) - seq_logp(judge["ref"], p, r))
         assert score == pytest.approx(naive, abs=1e-4)
 
 
 def test_token_reward_page_has_one_span_per_token_and_escapes():
-    items = [{"model": "m<1>", "prompt": "tell me", "tokens": ["apple", " <script>", " </s>"],
-              "values": [0.3, -0.2, 0.0]},
-             {"model": "m2", "prompt": "hi & bye", "tokens": ["x"], "values": [-1.0]}]
+    items = [
+        {
+            "model": "m<1>",
+            "prompt": "tell me",
+            "tokens": ["apple", " <script>", " </s>"],
+            "values": [0.3, -0.2, 0.0],
+        },
+        {"model": "m2", "prompt": "hi & bye", "tokens": ["x"], "values": [-1.0]},
+    ]
     page = evaluate.token_rewards_html(items, scale=1.0, beta=0.1)
     assert page.count("<span") == 4 and page.count('title="') == 4
-    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;/s&gt;" in page and "m&lt;1&gt;" in page
+    assert (
+        "<script>" not in page
+        and "&lt;script&gt;" in page
+        and "&lt;/s&gt;" in page
+        and "m&lt;1&gt;" in page
+    )
     assert 'title="+0.3000"' in page and "rgb(225, 70, 70)" in page  # full red at |value| = scale
 
 
@@ -121,7 +153,12 @@ def fake_runs(tmp_path):
         d.mkdir(parents=True)
         lines = [{"step": 0, "phase": "before", "oracle_reward_test": 1.0}]
         for step in (1, 2):
-            line = {"step": step, "policy_loss": 0.1, "kl_per_token": 0.01 * step, "response_length": 9.0 + step}
+            line = {
+                "step": step,
+                "policy_loss": 0.1,
+                "kl_per_token": 0.01 * step,
+                "response_length": 9.0 + step,
+            }
             lines.append({**line, "oracle_reward": 0.5 * step} if oracle else line)
         lines.append({"step": 2, "phase": "after", "oracle_reward_test": 2.0})
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -130,13 +167,22 @@ def fake_runs(tmp_path):
 
 
 def test_curves_csv_without_matplotlib(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "matplotlib", None
+    )  # `import matplotlib` now raises ImportError
     path = evaluate.plot_curves(evaluate.read_curves(fake_runs(tmp_path)), str(tmp_path))
     assert path.endswith("curves.csv") and "matplotlib is not installed" in capsys.readouterr().out
     rows = [line.split(",") for line in open(path).read().splitlines()]
     assert rows[0] == ["run", "step", "metric", "value"]
-    assert ["rto", "2", "oracle_reward", "1.0"] in rows and ["ppo", "1", "kl_per_token", "0.01"] in rows
-    assert len(rows) == 1 + 2 * 3 + 2 * 2  # rto: 3 metrics x 2 iterations; ppo: 2 x 2; no before/after lines
+    assert ["rto", "2", "oracle_reward", "1.0"] in rows and [
+        "ppo",
+        "1",
+        "kl_per_token",
+        "0.01",
+    ] in rows
+    assert (
+        len(rows) == 1 + 2 * 3 + 2 * 2
+    )  # rto: 3 metrics x 2 iterations; ppo: 2 x 2; no before/after lines
 
 
 def test_curves_png(tmp_path):
@@ -148,25 +194,49 @@ def test_curves_png(tmp_path):
 # ---------------------------------------------------------------------------- end to end, and bad input
 def test_end_to_end(tiny, tmp_path, one_thread):
     out = tmp_path / "eval"
-    run_main("evaluate.py", "--models", f"a={tiny.a}", f"b={tiny.b}", "--judge", "oracle", "--num_prompts", 16,
-             "--show_token_rewards", 2, "--token_reward_dpo", f"{tiny.a},{tiny.b}", "--curves", *fake_runs(tmp_path),
-             "--output_dir", out)
+    run_main(
+        "evaluate.py",
+        "--models",
+        f"a={tiny.a}",
+        f"b={tiny.b}",
+        "--judge",
+        "oracle",
+        "--num_prompts",
+        16,
+        "--show_token_rewards",
+        2,
+        "--token_reward_dpo",
+        f"{tiny.a},{tiny.b}",
+        "--curves",
+        *fake_runs(tmp_path),
+        "--output_dir",
+        out,
+    )
     for name in ("winrates.md", "winrates.json", "responses.jsonl", "token_rewards.html"):
         assert (out / name).exists(), name
     assert (out / "curves.png").exists() or (out / "curves.csv").exists()
     w = json.loads((out / "winrates.json").read_text())["win_rates"]
     rows = [json.loads(line) for line in open(out / "responses.jsonl")]
     assert len(rows) == 32 and {r["model"] for r in rows} == {"a", "b"}
-    a, b = ([r["score"] for r in rows if r["model"] == m] for m in ("a", "b"))  # the table from the responses
-    by_hand = sum(0.5 if abs(x - y) <= 1e-6 else float(x > y) for x, y in zip(a, b)) / 16
+    a, b = (
+        [r["score"] for r in rows if r["model"] == m] for m in ("a", "b")
+    )  # the table from the responses
+    by_hand = (
+        sum(0.5 if abs(x - y) <= 1e-6 else float(x > y) for x, y in zip(a, b, strict=True)) / 16
+    )
     assert w["a"]["b"] == pytest.approx(by_hand)
-    shown = sum(r["length"] for r in rows if r["prompt_index"] < 2)  # 2 responses of each model, token by token
+    shown = sum(
+        r["length"] for r in rows if r["prompt_index"] < 2
+    )  # 2 responses of each model, token by token
     assert (out / "token_rewards.html").read_text().count("<span") == shown
 
 
 def test_models_and_vocabulary_checks(tiny, tmp_path):
     assert evaluate.parse_models(["sft=runs/sft", "rto=x=y"]) == {"sft": "runs/sft", "rto": "x=y"}
-    for entries, says in ((["a=x", "a=y"], "given twice"), (["=x"], "expected name=checkpoint_dir")):
+    for entries, says in (
+        (["a=x", "a=y"], "given twice"),
+        (["=x"], "expected name=checkpoint_dir"),
+    ):
         with pytest.raises(SystemExit, match=says):
             evaluate.parse_models(entries)
     byte_level = data.build_tiny_tokenizer("other")  # another vocabulary
@@ -182,14 +252,25 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     argv = ["--models", "a=x", "--judge", "rm:x", "--dataset", str(path), "--max_prompt_len", "30"]
     tok = data.build_tiny_tokenizer("bytes")
-    args = evaluate.validate(common.parse_args(evaluate.Args, argv + ["--num_prompts", "3"], evaluate.DEFAULTS))
+    args = evaluate.validate(
+        common.parse_args(evaluate.Args, argv + ["--num_prompts", "3"], evaluate.DEFAULTS)
+    )
     prompts, ids = evaluate.load_eval_prompts(args, tok)
-    assert [p[-1]["content"] for p in prompts] == ["one", "two", "three"] and all(len(i) <= 30 for i in ids)
+    assert [p[-1]["content"] for p in prompts] == ["one", "two", "three"] and all(
+        len(i) <= 30 for i in ids
+    )
     assert "skipped 2 prompts over 30 tokens" in capsys.readouterr().err
-    args = evaluate.validate(common.parse_args(evaluate.Args, argv + ["--num_prompts", "9"], evaluate.DEFAULTS))
+    args = evaluate.validate(
+        common.parse_args(evaluate.Args, argv + ["--num_prompts", "9"], evaluate.DEFAULTS)
+    )
     assert len(evaluate.load_eval_prompts(args, tok)[0]) == 4
     assert "only 4 prompts fit" in capsys.readouterr().err
-    args = evaluate.validate(common.parse_args(evaluate.Args, argv + ["--num_prompts", "1", "--long_prompts", "fail"],
-                                               evaluate.DEFAULTS))
+    args = evaluate.validate(
+        common.parse_args(
+            evaluate.Args,
+            argv + ["--num_prompts", "1", "--long_prompts", "fail"],
+            evaluate.DEFAULTS,
+        )
+    )
     with pytest.raises(SystemExit, match="tokens > --max_prompt_len 30"):
         evaluate.load_eval_prompts(args, tok)

@@ -23,16 +23,23 @@ def tiny(request):
 
 
 def encode(tok, prompt, response):
-    return data.encode_prompt(tok, [{"role": "user", "content": prompt}]), \
-        data.encode_response(tok, response, 64)[0]
+    return data.encode_prompt(tok, [{"role": "user", "content": prompt}]), data.encode_response(
+        tok, response, 64
+    )[0]
 
 
 # ---------------------------------------------------------------------------- batches and log-probs
 def naive_logprobs(model, batch, temperature):
     """Reference: the full (B, T, V) logits of an ordinary forward, log-softmax and entropy position by position."""
     P, mask = batch["prompt_len"], batch["response_mask"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=common.position_ids(batch["attention_mask"])).logits.float() / temperature
+    logits = (
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=common.position_ids(batch["attention_mask"]),
+        ).logits.float()
+        / temperature
+    )
     lp, ent = torch.zeros(mask.shape), torch.zeros(mask.shape)
     for i in range(mask.shape[0]):
         for h in range(mask.shape[1]):
@@ -46,13 +53,21 @@ def naive_logprobs(model, batch, temperature):
 def test_rtos_plain_logprob_lines_equal_a_naive_loop(tiny):
     """rto.plain_token_logprobs, the definition a reader of rto.py sees, against a loop over positions."""
     import rto
+
     tok, model = tiny
-    pairs = [encode(tok, "tell me about fruit", "apple pear ."),
-             encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")]
+    pairs = [
+        encode(tok, "tell me about fruit", "apple pear ."),
+        encode(
+            tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
+        ),
+    ]
     batch = data.collate([p for p, _ in pairs], [r for _, r in pairs], tok.pad_token_id)
     with torch.no_grad():
-        for got, want in zip(rto.plain_token_logprobs(model, batch, 0.7, with_entropy=True),
-                             naive_logprobs(model, batch, 0.7)):
+        for got, want in zip(
+            rto.plain_token_logprobs(model, batch, 0.7, with_entropy=True),
+            naive_logprobs(model, batch, 0.7),
+            strict=True,
+        ):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -62,29 +77,42 @@ def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypat
     the gradients of every parameter equal rto.plain_token_logprobs' over the full logits, with chunks of 3 rows
     (several per sequence)."""
     import rto
+
     tok = data.build_tiny_tokenizer(common.TOY)
     from conftest import tiny_model
 
     torch.manual_seed(0)
-    model = common.load_causal_lm(common.TINY, tok, seed=0) if family == "llama" else tiny_model(tok, family)
+    model = (
+        common.load_causal_lm(common.TINY, tok, seed=0)
+        if family == "llama"
+        else tiny_model(tok, family)
+    )
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
     monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * len(tok) * 3)
-    pairs = [encode(tok, "tell me about fruit", "apple pear ."),
-             encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")]
+    pairs = [
+        encode(tok, "tell me about fruit", "apple pear ."),
+        encode(
+            tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
+        ),
+    ]
     batch = data.collate([p for p, _ in pairs], [r for _, r in pairs], tok.pad_token_id)
     weights = torch.randn(batch["response_mask"].shape, generator=torch.Generator().manual_seed(1))
     grads = []
-    for fn in (lambda: rto.token_logprobs(model, batch, 0.7, with_entropy=True),
-               lambda: rto.plain_token_logprobs(model, batch, 0.7, with_entropy=True)):
+    for fn in (
+        lambda: rto.token_logprobs(model, batch, 0.7, with_entropy=True),
+        lambda: rto.plain_token_logprobs(model, batch, 0.7, with_entropy=True),
+    ):
         model.zero_grad()
         lp, ent = fn()
         (lp * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         grads[-1]["values"] = (lp.detach(), ent)
     for name, got in grads[0].items():
-        torch.testing.assert_close(got, grads[1][name], atol=1e-4, rtol=1e-5, msg=name)  # gradients up to ~50
+        torch.testing.assert_close(
+            got, grads[1][name], atol=1e-4, rtol=1e-5, msg=name
+        )  # gradients up to ~50
     assert not grads[0]["values"][1].requires_grad
 
 
@@ -92,7 +120,9 @@ def test_chunked_logprobs_compute_in_the_models_dtype_under_autocast(tiny):
     """--bf16 without FSDP: the model computes under autocast, and so does the fused head (bf16 logits, upcast):
     the same numbers as the model's own bf16 logits, not the float32 ones."""
     tok, model = tiny
-    a = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
+    a = encode(
+        tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
+    )
     batch = data.collate([a[0]], [a[1]], tok.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = common.response_logprobs(model, batch)
@@ -103,7 +133,9 @@ def test_chunked_logprobs_compute_in_the_models_dtype_under_autocast(tiny):
 
 
 @pytest.mark.parametrize("family, rescaled", [("granite", True), ("llama-gqa", False)])
-def test_models_that_change_their_logits_after_the_head_take_the_plain_path(family, rescaled, monkeypatch):
+def test_models_that_change_their_logits_after_the_head_take_the_plain_path(
+    family, rescaled, monkeypatch
+):
     """A model whose forward changes the head's output (Granite divides the logits by its config's logits_scaling)
     gets the full-logits computation; a Llama, whose forward does not read that key, keeps the fused head. Both
     give the naive numbers."""
@@ -127,15 +159,23 @@ def test_logprobs_do_not_depend_on_padding(tiny):
     """A sequence alone, left-padded among longer prompts, right-padded among longer responses: same numbers."""
     tok, model = tiny
     a = encode(tok, "tell me about fruit", "apple pear .")
-    b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
+    b = encode(
+        tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
+    )
     alone = common.response_logprobs(model, data.collate([a[0]], [a[1]], tok.pad_token_id))
-    both = common.response_logprobs(model, data.collate([a[0], b[0]], [a[1], b[1]], tok.pad_token_id))
+    both = common.response_logprobs(
+        model, data.collate([a[0], b[0]], [a[1], b[1]], tok.pad_token_id)
+    )
     n = len(a[1])
     torch.testing.assert_close(both[0, :n], alone[0], atol=1e-5, rtol=0)
     assert (both[0, n:] == 0).all()
     # the same numbers from a naive forward pass of the unpadded sequence
     ids = torch.tensor([a[0] + a[1]])
-    naive = model(ids).logits.log_softmax(-1)[0, len(a[0]) - 1:-1].gather(-1, torch.tensor(a[1])[:, None])[:, 0]
+    naive = (
+        model(ids)
+        .logits.log_softmax(-1)[0, len(a[0]) - 1 : -1]
+        .gather(-1, torch.tensor(a[1])[:, None])[:, 0]
+    )
     torch.testing.assert_close(alone[0], naive, atol=1e-5, rtol=0)
 
 
@@ -146,9 +186,15 @@ def test_position_ids_count_from_the_first_real_token():
 
 def test_truncate_at_eos():
     eos = 9
-    mask, ended = common.truncate_at_eos(torch.tensor([[1, 9, 2, 9], [1, 2, 3, 4], [9, 1, 1, 1]]), eos)
+    mask, ended = common.truncate_at_eos(
+        torch.tensor([[1, 9, 2, 9], [1, 2, 3, 4], [9, 1, 1, 1]]), eos
+    )
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # the EOS itself is kept
-    assert ended.tolist() == [True, False, True]  # row 1 was cut by the length limit: its last token stays
+    assert ended.tolist() == [
+        True,
+        False,
+        True,
+    ]  # row 1 was cut by the length limit: its last token stays
 
 
 def test_masked_statistics_against_hand_values():
@@ -161,14 +207,19 @@ def test_masked_statistics_against_hand_values():
 def test_sample_masks_everything_after_the_first_eos(tiny):
     tok, model = tiny
     torch.manual_seed(0)
-    prompts = [encode(tok, "tell me about fruit", "")[0], encode(tok, "hi list some space now", "")[0]]
+    prompts = [
+        encode(tok, "tell me about fruit", "")[0],
+        encode(tok, "hi list some space now", "")[0],
+    ]
     b = common.sample(model, tok, prompts, max_new_tokens=12)
-    resp = b["input_ids"][:, b["prompt_len"]:]
-    for row, m, ended in zip(resp, b["response_mask"], b["ended"]):
+    resp = b["input_ids"][:, b["prompt_len"] :]
+    for row, m, ended in zip(resp, b["response_mask"], b["ended"], strict=True):
         n = int(m.sum())
         assert m[:n].all() and not m[n:].any()  # one contiguous run from the first token
         assert (row[n:] == tok.pad_token_id).all()
-        assert ended == (row[n - 1] == tok.eos_token_id) and (row[:n - 1] != tok.eos_token_id).all()
+        assert (
+            ended == (row[n - 1] == tok.eos_token_id) and (row[: n - 1] != tok.eos_token_id).all()
+        )
 
 
 # ---------------------------------------------------------------------------- scores and checkpoints
@@ -179,30 +230,70 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
     them in place (a StaticCache). A model with a sliding window, attention other than packed_sdpa, or training with
     gradient checkpointing gets None (generate() then runs the padded prompts itself)."""
     from transformers import MistralConfig
+
     tok, model = tiny
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20]]  # one of a single token
+    prompts = [
+        [5, 6, 7, 8, 9, 10, 11],
+        [12],
+        [13, 14, 15],
+        [16, 17, 18, 19, 20],
+    ]  # one of a single token
     input_ids, mask = common.left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
         cache = common.prefill(model, input_ids, mask, 8)
-        padded = model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
-                       position_ids=common.position_ids(mask[:, :-1])).past_key_values
+        padded = model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            use_cache=True,
+            position_ids=common.position_ids(mask[:, :-1]),
+        ).past_key_values
         real = mask[:, :-1].bool()  # (B, W - 1)
         assert len(cache.layers) == len(padded.layers) == model.config.num_hidden_layers
-        for ours, theirs in zip(cache.layers, padded.layers):  # (B, h, W - 1, d)
+        for ours, theirs in zip(cache.layers, padded.layers, strict=True):  # (B, h, W - 1, d)
             for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-                assert a.shape[:2] + a.shape[3:] == b.shape[:2] + b.shape[3:] and a.shape[2] == b.shape[2] + 1 + 8
-                a = a[:, :, :b.shape[2]]  # the prompts' columns; the rest is room for the last one and 8 new
-                torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5, rtol=0)
-        kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "output_scores": True,
-                  "return_dict_in_generate": True, "pad_token_id": tok.pad_token_id}
+                assert (
+                    a.shape[:2] + a.shape[3:] == b.shape[:2] + b.shape[3:]
+                    and a.shape[2] == b.shape[2] + 1 + 8
+                )
+                a = a[
+                    :, :, : b.shape[2]
+                ]  # the prompts' columns; the rest is room for the last one and 8 new
+                torch.testing.assert_close(
+                    a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5, rtol=0
+                )
+        kwargs = {
+            "attention_mask": mask,
+            "max_new_tokens": 8,
+            "do_sample": False,
+            "output_scores": True,
+            "return_dict_in_generate": True,
+            "pad_token_id": tok.pad_token_id,
+        }
         plain = model.generate(input_ids, **kwargs)
-        cached = model.generate(input_ids, past_key_values=common.prefill(model, input_ids, mask, 8), **kwargs)
+        cached = model.generate(
+            input_ids, past_key_values=common.prefill(model, input_ids, mask, 8), **kwargs
+        )
     assert torch.equal(cached.sequences, plain.sequences)
-    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), atol=1e-5, rtol=0)
-    windowed = MistralConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, sliding_window=4)
-    windowed._attn_implementation = "sdpa_packed"  # as a loaded model's: the window, not the kernel, is refused
-    assert common.prefill(type("Model", (), {"config": windowed, "training": False})(), input_ids, mask, 8) is None
+    torch.testing.assert_close(
+        torch.stack(cached.scores), torch.stack(plain.scores), atol=1e-5, rtol=0
+    )
+    windowed = MistralConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=4,
+    )
+    windowed._attn_implementation = (
+        "sdpa_packed"  # as a loaded model's: the window, not the kernel, is refused
+    )
+    assert (
+        common.prefill(
+            type("Model", (), {"config": windowed, "training": False})(), input_ids, mask, 8
+        )
+        is None
+    )
     model.set_attn_implementation("eager")
     try:
         assert common.prefill(model, input_ids, mask, 8) is None
@@ -221,30 +312,49 @@ def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny
     model.save_pretrained(tmp_path)
     rm = common.load_scorer(str(tmp_path), tok, "--rm_ckpt", new_head=True).eval()
     a = encode(tok, "tell me about fruit", "apple .")
-    b = encode(tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse .")
+    b = encode(
+        tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
+    )
     alone = common.sequence_scores(rm, data.collate([a[0]], [a[1]], tok.pad_token_id))
     batch = data.collate([b[0], a[0]], [b[1], a[1]], tok.pad_token_id)  # a: left- and right-padded
     torch.testing.assert_close(common.sequence_scores(rm, batch)[1], alone[0], atol=1e-5, rtol=0)
     # all-right-padded layout (prompt+response packed to the left) gives the same score
     ids = a[0] + a[1]
-    right = {"input_ids": torch.tensor([ids + [tok.pad_token_id] * 3]),
-             "attention_mask": torch.tensor([[1] * len(ids) + [0] * 3]), "response_mask": None, "prompt_len": 1}
+    right = {
+        "input_ids": torch.tensor([ids + [tok.pad_token_id] * 3]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * 3]),
+        "response_mask": None,
+        "prompt_len": 1,
+    }
     torch.testing.assert_close(common.sequence_scores(rm, right)[0], alone[0], atol=1e-5, rtol=0)
     # and it is what transformers' own pooling gives when pad != EOS
-    hf = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            position_ids=common.position_ids(batch["attention_mask"])).logits[:, 0]
+    hf = rm(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=common.position_ids(batch["attention_mask"]),
+    ).logits[:, 0]
     torch.testing.assert_close(hf, common.sequence_scores(rm, batch), atol=1e-5, rtol=0)
 
 
-def test_a_reward_model_whose_head_is_not_in_the_checkpoint_is_refused_not_given_a_random_one(tiny, tmp_path):
+def test_a_reward_model_whose_head_is_not_in_the_checkpoint_is_refused_not_given_a_random_one(
+    tiny, tmp_path
+):
     from safetensors.torch import load_file, save_file
+
     tok, model = tiny
     model.save_pretrained(tmp_path / "lm")  # a causal LM: no head at all
-    with pytest.raises(SystemExit, match=r"--rm_ckpt .*lm: the checkpoint has no weights for the reward head `score`"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--rm_ckpt .*lm: the checkpoint has no weights for the reward head `score`",
+    ):
         common.load_scorer(str(tmp_path / "lm"), tok, "--rm_ckpt")
-    scorer = common.load_scorer(str(tmp_path / "lm"), tok, "--sft_ckpt", new_head=True)  # a critic's new head
+    scorer = common.load_scorer(
+        str(tmp_path / "lm"), tok, "--sft_ckpt", new_head=True
+    )  # a critic's new head
     scorer.save_pretrained(tmp_path / "rm")
-    assert torch.equal(common.load_scorer(str(tmp_path / "rm"), tok, "--rm_ckpt").score.weight, scorer.score.weight)
+    assert torch.equal(
+        common.load_scorer(str(tmp_path / "rm"), tok, "--rm_ckpt").score.weight, scorer.score.weight
+    )
     weights = load_file(tmp_path / "rm" / "model.safetensors")  # the head stored under another name
     weights["classifier.weight"] = weights.pop("score.weight")
     save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})

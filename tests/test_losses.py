@@ -16,7 +16,9 @@ import rto
 
 # ---------------------------------------------------------------------------- rto.py: token rewards, by mode
 def make_args(mode, **kw):
-    base = dict(reward_mode=mode, beta1=0.5, dpo_reward_clip=0.0, beta3=2.0, missing_eos_penalty=0.0)
+    base = dict(
+        reward_mode=mode, beta1=0.5, dpo_reward_clip=0.0, beta3=2.0, missing_eos_penalty=0.0
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -53,8 +55,13 @@ def test_token_rewards_dppo(rollout):
 
 
 def test_token_rewards_rto_with_clip_and_missing_eos_penalty(rollout):
-    r = rto.token_rewards(rollout, make_args("rto", dpo_reward_clip=0.3, missing_eos_penalty=4.0), beta2=0.1)
-    dense = [[0.3, -0.25, 0.1, 0.0], [-0.3, 0.2, 0.0, 0.0]]  # 0.5 * log-ratio, clamped to [-0.3, 0.3]
+    r = rto.token_rewards(
+        rollout, make_args("rto", dpo_reward_clip=0.3, missing_eos_penalty=4.0), beta2=0.1
+    )
+    dense = [
+        [0.3, -0.25, 0.1, 0.0],
+        [-0.3, 0.2, 0.0, 0.0],
+    ]  # 0.5 * log-ratio, clamped to [-0.3, 0.3]
     last = [[0, 0, 3.0, 0], [0, -1.0 - 4.0, 0, 0]]  # reward model; row 1 has no EOS: penalty 4
     expected = torch.tensor(KL) + torch.tensor(dense) + torch.tensor(last)
     torch.testing.assert_close(r, expected)
@@ -90,14 +97,18 @@ def test_gae_matches_a_naive_loop(gamma, lam):
     lengths = torch.tensor([9, 1, 4, 7, 2, 9])
     mask = (torch.arange(R)[None] < lengths[:, None]).float()
     rewards = torch.randn(B, R, generator=g, dtype=torch.float64) * mask
-    values = torch.randn(B, R, generator=g, dtype=torch.float64)  # garbage after the end: must be ignored
+    values = torch.randn(
+        B, R, generator=g, dtype=torch.float64
+    )  # garbage after the end: must be ignored
     adv, ret = rto.gae(rewards, values, mask.double(), gamma, lam)
     adv_ref, ret_ref = naive_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv, adv_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(ret, ret_ref, atol=1e-6, rtol=0)
 
 
-ONE_PROCESS = SimpleNamespace(reduce=lambda x, op: x, device=torch.device("cpu"))  # accelerator.reduce, 1 process
+ONE_PROCESS = SimpleNamespace(
+    reduce=lambda x, op: x, device=torch.device("cpu")
+)  # accelerator.reduce, 1 process
 
 
 def test_whitening_matches_a_naive_loop_over_the_masked_entries():
@@ -110,7 +121,9 @@ def test_whitening_matches_a_naive_loop_over_the_masked_entries():
     w = rto.whiten(ONE_PROCESS, x, mask)
     for i in range(5):
         for j in range(7):
-            assert w[i, j].item() == pytest.approx((x[i, j].item() - mean) / std if mask[i, j] else 0.0, abs=1e-6)
+            assert w[i, j].item() == pytest.approx(
+                (x[i, j].item() - mean) / std if mask[i, j] else 0.0, abs=1e-6
+            )
 
 
 def test_policy_loss_by_hand():
@@ -124,8 +137,13 @@ def test_policy_loss_by_hand():
     assert stats["clip_frac"].tolist() == [[1.0, 1.0, 0.0]]
     # per-sequence mean, then mean over sequences: a short sequence weighs as much as a long one
     new2, old2 = torch.zeros(2, 3), torch.zeros(2, 3)
-    adv2, mask2 = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1], [1, 0, 0]])
-    assert rto.policy_loss(new2, old2, adv2, mask2, 0.2)[0].item() == pytest.approx(-(1.0 + 4.0) / 2)
+    adv2, mask2 = (
+        torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]]),
+        torch.tensor([[1.0, 1, 1], [1, 0, 0]]),
+    )
+    assert rto.policy_loss(new2, old2, adv2, mask2, 0.2)[0].item() == pytest.approx(
+        -(1.0 + 4.0) / 2
+    )
 
 
 def test_value_loss_by_hand():
@@ -141,7 +159,9 @@ def test_value_loss_by_hand():
 def test_adaptive_kl_controller_by_hand():
     args = SimpleNamespace(kl_target=1.0, kl_horizon=100)
     assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None, kl_horizon=100), 10) == 0.1
-    assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
+    assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(
+        0.1 * (1 + 0.2 * 0.1)
+    )  # error clipped at 0.2
     assert rto.update_kl_coef(0.1, 0.9, args, 10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
 
 
@@ -151,15 +171,26 @@ def test_dpo_loss_by_hand():
     ref = torch.tensor([-4.0, -5.0, -3.0, -5.5])
     loss, chosen, rejected = dpo.dpo_loss(policy, ref, beta=0.1)
     # implicit rewards: chosen 0.1*(1, 0) = (0.1, 0); rejected 0.1*(-1, 1) = (-0.1, 0.1)
-    assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx([-0.1, 0.1])
-    by_hand = -(torch.log(torch.sigmoid(torch.tensor(0.2))) + torch.log(torch.sigmoid(torch.tensor(-0.1)))) / 2
+    assert chosen.tolist() == pytest.approx([0.1, 0.0]) and rejected.tolist() == pytest.approx(
+        [-0.1, 0.1]
+    )
+    by_hand = (
+        -(
+            torch.log(torch.sigmoid(torch.tensor(0.2)))
+            + torch.log(torch.sigmoid(torch.tensor(-0.1)))
+        )
+        / 2
+    )
     assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 def test_rpo_term_is_the_chosen_mean_token_nll(monkeypatch):
     """--nll_coef c: the DPO loss + c x mean over pairs of -log pi(y_w|x) / |y_w| (chosen only)."""
     policy, ref = torch.tensor([-3.0, -5.0, -4.0, -4.5]), torch.tensor([-4.0, -5.0, -3.0, -5.5])
-    batch = {"ref": ref, "response_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])}
+    batch = {
+        "ref": ref,
+        "response_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]),
+    }
     monkeypatch.setattr(dpo, "sequence_logprobs", lambda model, b: policy)
     plain, *_ = dpo.batch_loss(None, None, batch, 0.1)
     rpo, chosen, _ = dpo.batch_loss(None, None, batch, 0.1, nll_coef=0.5)
@@ -170,6 +201,8 @@ def test_rpo_term_is_the_chosen_mean_token_nll(monkeypatch):
 
 def test_bradley_terry_loss_by_hand():
     loss, chosen, rejected = reward_model.bt_loss(torch.tensor([2.0, 0.0, 1.0, 0.5]))
-    by_hand = (-torch.log(torch.sigmoid(torch.tensor(1.0))) - torch.log(torch.sigmoid(torch.tensor(-0.5)))) / 2
+    by_hand = (
+        -torch.log(torch.sigmoid(torch.tensor(1.0))) - torch.log(torch.sigmoid(torch.tensor(-0.5)))
+    ) / 2
     assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
     assert chosen.tolist() == [2.0, 0.0] and rejected.tolist() == [1.0, 0.5]

