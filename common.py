@@ -16,7 +16,6 @@ task in toy_task.py; common.py imports neither.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -24,8 +23,6 @@ import json
 import os
 import shutil
 import sys
-import time
-import weakref
 from argparse import ArgumentDefaultsHelpFormatter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -34,9 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
-from tqdm.auto import tqdm
 from transformers import (
-    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -46,8 +41,9 @@ from transformers import (
     LlamaForCausalLM,
     get_scheduler,
 )
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import lora
+import speed
 
 TOY, TOY_LONG = (
     "toy",
@@ -285,7 +281,8 @@ class TwoDefaultsHelp(ArgumentDefaultsHelpFormatter):
 
 
 def validate_shared(args):
-    """The checks of the shared flags (RunArgs, TrainArgs, OfflineTrainArgs); every stage's validate calls it."""
+    """The checks of the shared flags (RunArgs, TrainArgs, OfflineTrainArgs, LoraArgs); every stage's
+    validate calls it."""
     if args.long_prompts not in ("skip", "fail"):
         fail(f"--long_prompts {args.long_prompts}: expected skip or fail")
     check_at_least(args, 1, "collective_timeout")
@@ -296,15 +293,7 @@ def validate_shared(args):
         check_at_least(args, 0, "save_every")
         check_positive(args, "max_grad_norm")
     if isinstance(args, LoraArgs):
-        check_at_least(args, 0, "lora_rank")
-        check_between(args, "lora_dropout", 0, 0.99)
-        if args.lora_rank:
-            check_positive(args, "lora_alpha")
-            peft_module()
-        if args.merge_lora and not args.lora_rank:
-            fail(
-                "--merge_lora needs --lora_rank: without an adapter the checkpoint is already a plain model"
-            )
+        lora.validate(args)
     if isinstance(args, OfflineTrainArgs):
         check_at_least(args, 1, "eval_steps", "logging_steps")
         if not 0 < args.eval_fraction < 1:
@@ -357,9 +346,7 @@ def setup(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
         kwargs_handlers=[
-            InitProcessGroupKwargs(
-                timeout=timedelta(seconds=getattr(args, "collective_timeout", COLLECTIVE_TIMEOUT))
-            )
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.collective_timeout))
         ],
     )
     fsdp_on_cpu(accelerator)
@@ -397,30 +384,6 @@ def gather(accelerator, x):
     """accelerator.gather_for_metrics of a tensor, on accelerator.device: every process's rows in data order, the
     padding that evened out the last batch dropped."""
     return accelerator.gather_for_metrics(x.to(accelerator.device))
-
-
-def phase_clock(accelerator):
-    """clock(name) logs the seconds since the previous call (or since phase_clock), device work included, as
-    time_<name>, and on GPUs the
-    peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
-    device = accelerator.device
-    cuda, metrics, last = device.type == "cuda", {}, [time.perf_counter()]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def clock(name):
-        if (
-            device.type != "cpu"
-        ):  # kernels run asynchronously: the phase ends when its device work has finished
-            torch.accelerator.synchronize(device)
-        now = time.perf_counter()
-        metrics[f"time_{name}"], last[0] = now - last[0], now
-        if cuda:
-            metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
-
-    clock.metrics = metrics
-    return clock
 
 
 def fsdp_on_cpu(accelerator):
@@ -483,52 +446,6 @@ def finish(accelerator):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def fsdp_modules(model):
-    """The FSDP2-sharded modules of a model (each decoder layer and the root), or [] when it is not sharded."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-@contextlib.contextmanager
-def gathered_weights(model, enabled=True):
-    """Under FSDP2, all-gather every weight once on entry and reshard on exit, and no collective in between:
-    generate() would otherwise all-gather every layer at every decode step, and ranks whose responses end at
-    different lengths would have to step together (synced_gpus). On exit each sharded module gets back the
-    reshard-after-forward setting it had: Accelerate keeps the root and the final norm + LM head gathered between
-    forward and backward, which saves an all-gather per micro-step. Nothing to do for DDP or one process, nor
-    with enabled=False (rto.py's vLLM engine holds its own weights)."""
-    modules = fsdp_modules(model) if enabled else []
-    before = {m: reshards_after_forward(m, root=m is model) for m in modules}
-    for m in modules:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m, value in before.items():
-            m.set_reshard_after_forward(value, recurse=False)
-        reshard(model)
-
-
-def reshards_after_forward(module, root):
-    """An FSDP2 module's reshard-after-forward setting (FSDP2 has a setter only): whether its parameter groups free
-    the gathered weights after forward. The root's default is decided at its first forward, and is no."""
-    state = module._get_fsdp_state()
-    return not (root and state._auto_reshard_after_forward) and any(
-        group._reshard_after_forward for group in state._fsdp_param_groups
-    )
-
-
-def reshard(*models):
-    """FSDP2: free the gathered full weights of every sharded module of each model (a no-grad forward leaves the
-    final norm and LM head gathered). Nothing to do for DDP or one process."""
-    for m in (module for model in models for module in fsdp_modules(model)):
-        m.reshard()
 
 
 # ============================================================================ models and tokenizers
@@ -669,10 +586,10 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
     with weights=False the same model with its parameters on the meta device (buffers, such as rotary
     frequencies, computed for real). Returns (model, the checkpoint's weights that the model had to create)."""
     check_model_path(name, flag)
-    if is_adapter(
+    if lora.is_adapter(
         name
     ):  # an adapter folder: its base, the adapter merged in (every rank reads the weights)
-        return load_merged_adapter(auto_class, name, flag, what, **kwargs)
+        return lora.load_merged_adapter(auto_class, name, flag, what, **kwargs)
     path, extra = from_pretrained_args(name, flag, model=True)
     try:
         if not weights:
@@ -734,11 +651,11 @@ def load_causal_lm(
     (loads_weights)."""
     if name == TINY:
         torch.manual_seed(seed)
-        return use_packed_sdpa(disable_dropout(LlamaForCausalLM(tiny_config(tokenizer))))
+        return speed.use_packed_sdpa(disable_dropout(LlamaForCausalLM(tiny_config(tokenizer))))
     model, _ = from_checkpoint(
         AutoModelForCausalLM, name, flag, "a causal LM", weights, dtype=dtype
     )
-    return use_packed_sdpa(disable_dropout(model))
+    return speed.use_packed_sdpa(disable_dropout(model))
 
 
 def load_model(
@@ -775,7 +692,7 @@ def load_scorer(name, tokenizer, flag, dtype=torch.float32, weights=True, new_he
             "stored under another name); train one with reward_model.py, or rename the head's tensors to score.*"
         )
     model.config.pad_token_id = tokenizer.pad_token_id
-    return use_packed_sdpa(disable_dropout(model))
+    return speed.use_packed_sdpa(disable_dropout(model))
 
 
 # Attribute names of the training-mode noise that disable_dropout switches off: attention dropout is a float that
@@ -841,339 +758,13 @@ def cast(model, dtype):
 
 
 # ============================================================================ log-probs and masked means
-# What a model says about tokens already chosen (data.py's batch layout): log-probs, values, scores; and
-# statistics over the response tokens only.
-def position_ids(attention_mask):
-    """Positions counted from the first real token, so left padding does not shift them (as generate does)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def pack(batch):
-    """The batch with its packed layout under 'packed', which forward() then runs: the real tokens of its sequences
-    end to end in one row, positions restarting at 0 for each sequence, no padding computed. 'packed' holds:
-        input_ids, position_ids: (1, L), L the batch's real tokens
-        sequences: each sequence's (start, end) in the row, for packed_sdpa
-        index: (B, T), where in the row each token of the padded batch is (0 on padding)
-        columns: (B, R), where the column predicting each response token is (the one before it; 0 if masked)"""
-    real = batch["attention_mask"].bool()  # (B, T)
-    lengths = real.sum(-1)  # (B,)
-    ends = lengths.cumsum(0)  # (B,): where each sequence ends in the row
-    positions = position_ids(real.long())  # (B, T): from 0 at each sequence's first real token
-    index = ((ends - lengths)[:, None] + positions) * real  # (B, T)
-    ends = ends.tolist()  # one host sync: packed_sdpa cuts the row on the host
-    P, mask = (
-        batch["prompt_len"],
-        batch["response_mask"],
-    )  # response token j is predicted at padded column P-1+j
-    columns = (index[:, P - 1 : P - 1 + mask.shape[1]] * mask).long()  # (B, R)
-    return {
-        **batch,
-        "packed": {
-            "input_ids": batch["input_ids"][real][None],
-            "position_ids": positions[real][None],
-            "sequences": list(zip([0] + ends[:-1], ends, strict=True)),
-            "index": index,
-            "columns": columns,
-        },
-    }
-
-
-def packed_sdpa(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sequences=None, **kwargs
-):
-    """transformers' sdpa attention, except in two cases. Over a packed row (forward() passes its `sequences`) each
-    sequence attends causally to itself alone, one kernel call per sequence, within the layer's sliding window if it
-    has one: sdpa over the whole row would compute every pair of positions in it, then mask out the pairs across
-    sequences (on the CPU, and on GPUs without a variable-length kernel); the mask given alongside is not read.
-    Attention that sdpa cannot express here (a position bias, attention sinks) stops the run with one line. And on
-    the CPU, grouped-query attention under a
-    mask (padded batches, every decoding step) is left to the kernel, which has it: transformers copies the key and
-    value heads out to the query heads' number first, for GPU kernels that lack it. query (b, h, L, d), key and
-    value (b, h_kv, L_kv, d)."""
-    grouped = query.shape[1] != key.shape[1]
-    if sequences is not None:
-        unsupported = [
-            k for k in ("position_bias", "s_aux", "sinks", "softcap") if kwargs.get(k) is not None
-        ]
-        if unsupported or kwargs.get("is_causal") is False:
-            fail(
-                f"packed rows: {type(module).__name__} attends with {unsupported or 'no causal mask'}, which packed "
-                "attention does not compute; pass --packing false"
-            )
-        window = kwargs.get(
-            "sliding_window"
-        )  # a layer of a sliding-window model: each query sees `window` keys
-        outs = []
-        for s, e in sequences:
-            mask = (
-                sliding_causal_mask(e - s, window, query.device)
-                if window and e - s > window
-                else None
-            )
-            outs.append(
-                torch.nn.functional.scaled_dot_product_attention(
-                    query[:, :, s:e],
-                    key[:, :, s:e],
-                    value[:, :, s:e],
-                    attn_mask=mask,
-                    dropout_p=dropout,
-                    is_causal=mask is None,
-                    scale=scaling,
-                    enable_gqa=grouped,
-                )
-            )  # (1, h, e - s, d)
-        out = torch.cat(outs, dim=2)  # (1, h, L, d)
-    elif (
-        grouped
-        and attention_mask is not None
-        and query.device.type == "cpu"
-        and kwargs.get("position_bias") is None
-    ):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=True,
-        )
-    else:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def sliding_causal_mask(n, window, device):
-    """(n, n) bool: query i sees key j when 0 <= i - j < window (transformers' sliding_window_overlay)."""
-    i = torch.arange(n, device=device)
-    back = i[:, None] - i[None, :]  # (n, n): how far key j lies behind query i
-    return (back >= 0) & (back < window)
-
-
-AttentionInterface.register("sdpa_packed", packed_sdpa)
-AttentionMaskInterface.register("sdpa_packed", sdpa_mask)  # padded batches: sdpa's masks
-
-
-def use_packed_sdpa(model):
-    """A model that attends with sdpa attends with packed_sdpa, which is the same but for packed rows."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation("sdpa_packed")
-    return model
-
-
-def packed_kwargs(model, rows):
-    """What a packed row runs with: its positions, and for packed_sdpa its sequences with a placeholder 4D mask
-    (one is passed through as is, so transformers builds no (L, L) mask that packed_sdpa would not read)."""
-    config = getattr(model, "module", model).config  # DDP
-    if (
-        config._attn_implementation != "sdpa_packed"
-    ):  # transformers finds the sequences from the positions
-        return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"]}
-    return {
-        "input_ids": rows["input_ids"],
-        "position_ids": rows["position_ids"],
-        "sequences": rows["sequences"],
-        "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=rows["input_ids"].device),
-    }
-
-
-def forward(model, batch, **kwargs):
-    """The model over a batch of the common layout: padded, or packed if it holds a layout from pack()."""
-    if "packed" in batch:
-        return model(**packed_kwargs(model, batch["packed"]), use_cache=False, **kwargs)
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=position_ids(batch["attention_mask"]),
-        use_cache=False,
-        **kwargs,
-    )
-
-
-LOGITS_CHUNK_BYTES = (
-    2**28
-)  # float32 logits of at most this size (and one temporary as large) exist at once
-
-
-def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
-    """log pi(token | prefix) of each response token, (B, R), 0 on padding; with_entropy=True also returns the
-    entropy of the distribution at each of those positions, (B, R), as a statistic (no gradient).
-
-    The model's lm_head is asked for the R + 1 last columns only (logits_to_keep; packed: the R columns of each
-    sequence that predict its response tokens), and for those it returns the
-    log-probs straight from the hidden states (TokenLogprobs): the (B, R, V) logits never exist whole, in the
-    forward or the backward, which at V = 128,256 would be several times the size of everything else in a micro-step.
-    The swap happens inside the model's own forward, so DDP and FSDP2 see an ordinary forward of the whole model.
-    A head that is not a plain bias-free linear map, or a model that changes its logits after the head
-    (changes_logits: soft-capping, logit scales), gets the plain computation from the full logits instead."""
-    tokens, mask = batch["input_ids"][:, batch["prompt_len"] :], batch["response_mask"]  # (B, R)
-    inner = getattr(model, "module", model)  # DDP
-    head, caught = inner.get_output_embeddings(), {}
-    fused = (
-        isinstance(head, torch.nn.Linear)
-        and head.bias is None
-        and not changes_logits(model, head, tokens)
-    )
-
-    packed = "packed" in batch  # rto.py --packing
-    keep = batch["packed"]["columns"].flatten() if packed else tokens.shape[1] + 1
-
-    def head_to_logprobs(
-        hidden,
-    ):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
-        hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
-        logprobs, entropy = TokenLogprobs.apply(
-            hidden, head.weight, tokens.flatten(), temperature, with_entropy
-        )
-        caught["entropy"] = entropy.view(tokens.shape) if with_entropy else None
-        return logprobs.view(tokens.shape)
-
-    if fused:
-        head.forward = head_to_logprobs  # an attribute of this one module, removed below
-    try:
-        out = forward(model, batch, logits_to_keep=keep)
-    finally:
-        if fused:
-            del head.forward
-    if fused:
-        logprobs, entropy = out.logits, caught["entropy"]
-    else:  # (B, R, V) logits, the plain way
-        logits = (
-            out.logits.view(*tokens.shape, -1) if packed else out.logits[:, :-1]
-        ).float() / temperature
-        logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        entropy = torch.cat(
-            [torch.special.entr(c.detach().softmax(-1)).sum(-1) for c in logits.split(16, 1)], 1
-        )
-    return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
-
-
-CHANGES_LOGITS = (
-    weakref.WeakKeyDictionary()
-)  # output head -> whether its model changes the head's output
-
-
-def changes_logits(model, head, tokens):
-    """Whether the model's forward changes what its head returns (Gemma's soft-capping, Cohere's and Granite's
-    scales, Falcon-H1's multiplier), in which case response_logprobs' head, which returns log-probs in place of the
-    logits, must not be swapped in. Found once per model by a no-grad forward of one token whose head returns a
-    marker tensor: the model hands back that very tensor, or a new one it made from it. (Under gradients a second
-    forward before the backward would break DDP; the no-grad probe does not.)"""
-    if head not in CHANGES_LOGITS:
-        made = {}
-
-        def marker(hidden):  # float32, as the log-probs: a model's .float() returns it unchanged
-            made["marker"] = hidden[..., 0].float()
-            return made["marker"]
-
-        head.forward = marker
-        try:
-            with torch.no_grad():
-                out = model(input_ids=tokens[:1, :1], use_cache=False, logits_to_keep=1)
-        finally:
-            del head.forward
-        CHANGES_LOGITS[head] = out.logits is not made["marker"]
-    return CHANGES_LOGITS[head]
-
-
-class TokenLogprobs(torch.autograd.Function):
-    """log softmax(h W^T / T)[token] for N rows of hidden states h (N, d), head weight W (V, d), tokens (N,); and,
-    if asked, the entropy of each row's softmax (no gradient). It works a few rows at a time (chunks) and
-    keeps only h and W for the backward, which computes each chunk's logits again:
-        d logp / d logits = (onehot(token) - softmax(logits)) / T,   dh = dlogits W,   dW = dlogits^T h.
-    The head computes in the dtype it would in the model: bf16 under autocast or FSDP's mixed precision."""
-
-    @staticmethod
-    def forward(ctx, h, weight, tokens, temperature, with_entropy):
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        # rows per chunk: as many as 256 MiB of logits hold (Llama-3-8B, 2 x 1024 tokens: 4 chunks of 523 rows).
-        # Each chunk reads all of W, so fewer, larger chunks run nearer the matmul rate: W is (V, d), 113 MB for
-        # SmolLM2, and a chunk of a few dozen rows spends its time reading it
-        w, rows = weight.to(dtype), max(1, min(len(h), LOGITS_CHUNK_BYTES // (4 * weight.shape[0])))
-        logprobs, lses, entropy = (
-            h.new_empty(len(h), dtype=torch.float),
-            [],
-            h.new_empty(len(h), dtype=torch.float),
-        )
-        for i in range(0, len(h), rows):
-            logits = (
-                torch.nn.functional.linear(h[i : i + rows].to(dtype), w).float().div_(temperature)
-            )  # (n, V)
-            lse = logits.logsumexp(-1)
-            logprobs[i : i + rows] = logits.gather(-1, tokens[i : i + rows, None]).squeeze(-1) - lse
-            if with_entropy:  # H = lse - sum p * logits
-                entropy[i : i + rows] = lse - logits.sub(lse[:, None]).exp_().mul_(logits).sum(-1)
-            lses.append(lse)
-        ctx.save_for_backward(h, weight, tokens, torch.cat(lses))
-        ctx.temperature, ctx.dtype, ctx.rows = temperature, dtype, rows
-        ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        h, weight, tokens, lse = ctx.saved_tensors
-        w, rows, grad = weight.to(ctx.dtype), ctx.rows, grad.float()
-        need_w = ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no (V, d) fp32 gradient
-        grad_h = torch.empty_like(h)
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float, device=weight.device) if need_w else None
-        )
-        for i in range(0, len(h), rows):
-            hi, g = h[i : i + rows].to(ctx.dtype), grad[i : i + rows]
-            dlogits = (
-                torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)
-            )  # (n, V), then in place:
-            dlogits.sub_(lse[i : i + rows, None]).exp_().mul_(-g[:, None])  # - softmax * g
-            dlogits.scatter_add_(1, tokens[i : i + rows, None], g[:, None]).div_(ctx.temperature)
-            dlogits = dlogits.to(ctx.dtype)
-            grad_h[i : i + rows] = (dlogits @ w).to(h.dtype)
-            if need_w:
-                grad_w += (dlogits.T @ hi).float()  # (V, d), summed in float32 over the chunks
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
-
-
-def head_outputs(model, batch):
-    """The scalar head's output at every position, (B, T), from a forward pass of the whole model.
-
-    transformers' sequence-classification models apply the head to every position and then pool; we catch
-    the head's output with a hook, so the forward goes through any DDP/FSDP wrapper (gradients stay in sync)."""
-    head = model
-    while hasattr(head, "module"):  # DDP / FSDP1 wrappers
-        head = head.module
-    caught = []
-    hook = head.score.register_forward_hook(lambda module, inputs, output: caught.append(output))
-    try:
-        forward(model, batch)
-    finally:
-        hook.remove()
-    out = (
-        caught[0].squeeze(-1).float()
-    )  # (B, T), packed (1, L): put back where the real tokens were
-    return (
-        out.flatten()[batch["packed"]["index"]] * batch["attention_mask"]
-        if "packed" in batch
-        else out
-    )
-
-
-def sequence_scores(model, batch):
-    """Reward-model score read at the last real token of prompt + response, whatever the padding: (B,).
-
-    Read from the attention mask rather than by looking for pad tokens, so it stays right when pad == EOS."""
-    T = batch["attention_mask"].shape[1]
-    last = T - 1 - batch["attention_mask"].flip(-1).argmax(-1)  # index of the last 1 in each row
-    return head_outputs(model, batch).gather(1, last[:, None]).squeeze(1)
-
-
-def masked_sum(x, mask, dim=None):
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
 
 
 def masked_mean(x, mask, dim=None):
-    return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1e-8)
+    """The mean of x over the entries where mask is 1: all of them (dim=None) or along dim."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
 
 
 # ============================================================================ sampling
@@ -1199,53 +790,6 @@ def left_pad(prompts, pad_id, width=None):
 
 
 @torch.no_grad()
-def prefill(model, input_ids, attention_mask, max_new_tokens):
-    """The KV cache of left-padded prompts but their last column, from one forward pass over the prompts packed
-    (pack(), packed_sdpa), so none of the padding is computed; generate() given it runs the last column and goes on.
-    The cache is a StaticCache with room for max_new_tokens more: decoding writes each token's keys and values in
-    place, where a DynamicCache would copy the whole cache to grow it by one column at every step. Generate with
-    disable_compile=True: on GPUs transformers compiles the decoding step for a StaticCache, once per cache size.
-    None, and generate() runs the padded prompts itself, for attention other than packed_sdpa, for caches that are
-    not full attention in every layer (sliding windows, linear attention), and while training with gradient
-    checkpointing (transformers then keeps no cache)."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    B, W = input_ids.shape
-    cache = StaticCache(
-        config=model.config, max_cache_len=W + max_new_tokens
-    )  # allocated at its first update
-    full = all(
-        type(layer) is StaticLayer for layer in cache.layers
-    )  # full attention in every layer
-    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
-    empty = not attention_mask[:, :-1].any()  # every prompt one token long: nothing to cache
-    if not full or checkpointing or empty or model.config._attn_implementation != "sdpa_packed":
-        return None
-    rows = pack(
-        {
-            "input_ids": input_ids[:, :-1],
-            "attention_mask": attention_mask[:, :-1],
-            "response_mask": attention_mask[:, :0],
-            "prompt_len": W - 1,
-        }
-    )["packed"]
-    packed = model(
-        **packed_kwargs(model, rows), use_cache=True, logits_to_keep=1
-    ).past_key_values  # (1, h, L, d)
-    index = rows[
-        "index"
-    ].flatten()  # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
-    for i, layer in enumerate(packed.layers):
-        keys, values = (
-            t.transpose(1, 2).flatten(0, 1)[index].unflatten(0, (B, W - 1)).transpose(1, 2)
-            for t in (layer.keys, layer.values)
-        )  # (B, h, W - 1, d), left-padded as the prompts
-        cache.update(keys.contiguous(), values.contiguous(), i)
-    return cache
-
-
-@torch.no_grad()
 def sample(
     model,
     tokenizer,
@@ -1253,7 +797,6 @@ def sample(
     max_new_tokens,
     temperature=1.0,
     top_p=1.0,
-    synced_gpus=False,
     prompt_width=None,
 ):
     """Sample responses with the KV cache. prompt_ids: list of id lists.
@@ -1264,9 +807,7 @@ def sample(
     P = input_ids.shape[1]
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    # synced_gpus: every rank must run the same forwards, and prefill skips its own on a rank whose prompts are all
-    # one token long
-    cache = None if synced_gpus else prefill(model, input_ids, attention_mask, max_new_tokens)
+    cache = speed.prefill(model, input_ids, attention_mask, max_new_tokens)
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -1278,7 +819,7 @@ def sample(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        synced_gpus=synced_gpus,
+        synced_gpus=False,  # FSDP2: the callers gather the weights once (gathered_weights); no collective per token
         disable_compile=True,
     )
     responses = out[:, P:]  # (B, R)
@@ -1466,10 +1007,10 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_
             setattr(model.config, k, v)
     if hasattr(model, "lora"):  # add_adapter's model: its keys as the peft wrapper names them
         state = {f"base_model.model.{k}": v for k, v in state.items()}
-        save_adapter(model.lora, state, tokenizer, out_dir, extra_config)
+        lora.save_adapter(model.lora, state, tokenizer, out_dir, extra_config)
         if not merge_lora:
             return
-        model, state = plain_model(model.lora), merged_state_dict(model.lora, state)
+        model, state = lora.plain_model(model.lora), lora.merged_state_dict(model.lora, state)
         out_dir = os.path.join(out_dir, "merged")
     tmp = os.path.join(out_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1483,266 +1024,11 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_
 
 
 # ============================================================================ adapters (LoRA)
-# --lora_rank: the stage trains a LoRA adapter (peft) on a frozen base; the roles that share that base are the same
-# model with an adapter switched on or off (AdapterView), never a second copy of it. When models may share a base:
-# when their base weights are the same, checked by fingerprint() of the weights (not by a path, which can name other
-# weights tomorrow). An adapter folder records its base (the path it was trained on, and that fingerprint, in
-# lora_base.json); any stage given one as a checkpoint loads that base and merges the adapter in
-# (load_merged_adapter), unless rto.py can put it on a base it already holds (a second adapter).
-LORA_BASE = "lora_base.json"  # in an adapter folder: {"base": path, "fingerprint": ..., "config": {extra keys}}
-
-
-def peft_module():
-    """peft, imported only when an adapter is used; without it, one line saying how to install it."""
-    if importlib.util.find_spec("peft") is None:
-        fail("--lora_rank and adapter checkpoints need the peft package (pip install peft)")
-    import peft
-
-    return peft
-
-
-def is_adapter(path):
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
-def fingerprint(model):
-    """sha256 of a model's base weights: every body tensor's name and shape and its values, rounded to bfloat16 (so
-    that a float32 and a bfloat16 copy of one checkpoint agree), at up to 4096 evenly spaced positions. The output
-    heads (lm_head, score) are left out: a causal LM and a reward model built on the same body share it."""
-    import hashlib
-
-    digest, state = hashlib.sha256(), model.state_dict()
-    if any(t.is_meta for t in state.values()):
-        return None  # shapes only (loads_weights): nothing to compare
-    for name, t in sorted(state.items()):
-        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if (
-            name.startswith(("lm_head.", "score."))
-            or ".lora_" in name
-            or ".modules_to_save." in name
-        ):
-            continue
-        flat = t.detach().reshape(-1)
-        sample = (
-            flat[:: max(1, len(flat) // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
-        )
-        digest.update(f"{name}{tuple(t.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def add_adapter(model, args, base_path, scorer=False):
-    """Put a new LoRA adapter ("default") into `model`, the only trainable parameters with, for a scorer (reward
-    model, critic), a trainable copy of its head `score` (the original stays, for the adapter-off role). Returns the
-    same transformers model, its layers adapted: that is what the stage trains and accelerator.prepare() wraps, so
-    that under FSDP2 the root is the model generate() and the forward passes call. The peft wrapper, which switches
-    adapters and saves them, is model.lora, kept off the module tree; it records the base for the adapter folder
-    (save_adapter): `base_path` and the weights' fingerprint."""
-    peft = peft_module()
-    targets = args.lora_target_modules
-    config = peft.LoraConfig(
-        r=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets if targets == "all-linear" else targets.split(","),
-        modules_to_save=["score"] if scorer else None,
-    )
-    base_fingerprint = fingerprint(model)
-    wrapper = peft.get_peft_model(model, config)
-    for p in trainable(
-        model
-    ):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
-        p.data = p.data.float()
-    model.enable_input_require_grads()  # gradient checkpointing: the frozen embeddings' output must carry a grad
-    wrapper.lora_base = {
-        "base": os.path.abspath(base_path) if os.path.exists(base_path) else base_path,
-        "fingerprint": base_fingerprint,
-    }
-    object.__setattr__(model, "lora", wrapper)  # not a submodule: no cycle in the module tree
-    return model
 
 
 def trainable(model):
     """The parameters the optimiser holds: all of them, or with an adapter only it (and a scorer's head copy)."""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def adapter_active(model, name):
-    """Run model (add_adapter's) with adapter `name` on, or with name=None with every adapter off (the bare base, whose
-    reward head is the original one); the trained adapter is active again afterwards. (peft's set_adapter makes
-    the active adapter's weights require grad: switching back makes the trained one's do, the other's not.)"""
-    wrapper = model.lora
-    if name is None:
-        with wrapper.disable_adapter():
-            yield model
-        return
-    before = wrapper.active_adapter
-    wrapper.set_adapter(name)
-    try:
-        yield model
-    finally:
-        wrapper.set_adapter(before)
-
-
-class AdapterView:
-    """A frozen role of a LoRA model, called like a model, without gradients: adapter `name` on (None: none).
-    rto.py's reference is AdapterView(policy, None), its DPO model AdapterView(policy, "dpo"), its reward model
-    AdapterView(critic, None), of the unwrapped trained models. `module` is that model (common.response_logprobs and
-    head_outputs read it)."""
-
-    def __init__(self, model, name):
-        self.module, self.name, self.config = model, name, model.config
-
-    def __call__(self, **kwargs):
-        with torch.no_grad(), adapter_active(self.module, self.name):
-            return self.module(**kwargs)
-
-    def modules(self):  # common.reshard
-        return self.module.modules()
-
-
-def add_second_adapter(model, path, flag, name):
-    """Load the adapter folder at `path` into `model` (add_adapter's) as frozen adapter `name`, if it was trained
-    on this base (same fingerprint); returns False when it was not, or `path` is not an adapter folder."""
-    if (
-        not is_adapter(path)
-        or adapter_base(path, flag)["fingerprint"] != model.lora.lora_base["fingerprint"]
-    ):
-        return False
-    model.lora.load_adapter(path, adapter_name=name, is_trainable=False)
-    model.lora.set_adapter("default")
-    for n, p in model.named_parameters():
-        p.requires_grad_(p.requires_grad and f".{name}." not in n)
-    return True
-
-
-def adapter_on(accelerator, model, path, flag, model_flag):
-    """Whether the checkpoint at `path` is an adapter on `model`'s base weights (the same fingerprint, whatever path
-    it names); an adapter on other weights stops every process, the main one with one line."""
-    if not is_adapter(path):
-        return False
-    mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
-    other = (
-        mine is not None and mine != theirs
-    )  # (None: this rank holds shapes only; the main process holds weights)
-    if (
-        reduce(accelerator, float(other)).item() > 0
-    ):  # every rank takes the branch the weights decide
-        if not accelerator.is_main_process:
-            raise SystemExit(1)
-        fail(
-            f"{flag} {path}: an adapter trained on other base weights than {model_flag}'s (fingerprint {theirs}, "
-            f"not {mine}); train it from the {model_flag} model, or pass a full (merged) checkpoint"
-        )
-    return True
-
-
-def adapter_base(path, flag):
-    try:
-        with open(os.path.join(path, LORA_BASE)) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        fail(
-            f"{flag} {path}: an adapter folder without a readable {LORA_BASE} (its base and fingerprint; write "
-            f"adapters with this project's stages): {e}"
-        )
-
-
-def load_merged_adapter(auto_class, path, flag, what, **kwargs):
-    """An adapter folder as a plain model: its recorded base loaded (checked against the recorded fingerprint),
-    the adapter merged in, the extra config keys (reward_mean, dpo_beta) set. Returns (model, missing keys)."""
-    peft, record = peft_module(), adapter_base(path, flag)
-    base, missing = from_checkpoint(
-        auto_class, record["base"], f"{flag} {path}'s base", what, **kwargs
-    )
-    if fingerprint(base) != record["fingerprint"]:
-        fail(
-            f"{flag} {path}: its base {record['base']} now holds other weights than the adapter was trained on "
-            f"(fingerprint {fingerprint(base)}, recorded {record['fingerprint']})"
-        )
-    model = (
-        peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)
-    )  # peft froze it
-    for k, v in record.get("config", {}).items():
-        setattr(model.config, k, v)
-    saved = set(
-        peft.PeftConfig.from_pretrained(path).modules_to_save or []
-    )  # a reward head comes from the adapter
-    return model, [k for k in missing if k.split(".")[0] not in saved]
-
-
-def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
-    """The adapter folder (adapter_config.json, adapter_model.safetensors: the "default" adapter and a scorer's
-    head copy), the tokenizer and lora_base.json, adapter_config.json moved in last (it marks the folder whole)."""
-    tmp = os.path.join(out_dir, ".saving")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(
-        tmp, state_dict=state, selected_adapters=["default"], safe_serialization=True
-    )
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, LORA_BASE), "w") as f:
-        json.dump({**model.lora_base, "config": extra_config or {}}, f, indent=1)
-    if os.path.exists(os.path.join(out_dir, "adapter_config.json")):
-        os.remove(os.path.join(out_dir, "adapter_config.json"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
-
-
-def merged_state_dict(model, state, name="default"):
-    """A peft model's state dict (gathered, any dtype) -> the plain model's, adapter `name` merged in
-    (merged_weights)."""
-    return dict(merged_weights(model, state, name))
-
-
-def merged_weights(model, state, name="default"):
-    """(name, tensor) of the plain model, one at a time, from a peft model's state dict: W + s * B A for every adapted
-    weight (s: the layer's scale, alpha / r, or alpha / sqrt(r) under rsLoRA; transposed for Conv1D layers), the
-    head copy in place of the original head, other adapters dropped. Computed from the tensors, so it works on a
-    gathered FSDP2 state dict as on one process; FSDP2's sharded tensors (DTensor) are gathered one at a time
-    (vllm_engine.push takes the merged weights this way, never a whole second copy)."""
-
-    def full(t):
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-    for key, value in state.items():
-        plain = key.removeprefix("base_model.model.")
-        if (
-            ".lora_" in plain
-            or ".original_module." in plain
-            or (".modules_to_save." in plain and f".modules_to_save.{name}." not in plain)
-        ):
-            continue
-        value = full(value)
-        if ".base_layer." in plain:
-            module = key.split(".base_layer.")[0]
-            plain = plain.replace(".base_layer.", ".")
-            if plain.endswith(".weight"):
-                layer = model.get_submodule(
-                    module
-                )  # peft's LoRA layer: its own scale and weight layout
-                a, b = (
-                    full(state[f"{module}.lora_A.{name}.weight"]),
-                    full(state[f"{module}.lora_B.{name}.weight"]),
-                )
-                delta = layer.scaling[name] * (b.float() @ a.float())  # (out, in)
-                if layer.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
-                    delta = delta.T
-                value = (value.float() + delta).to(value.dtype)
-        yield plain.replace(f".modules_to_save.{name}.", "."), value
-
-
-def plain_model(model):
-    """A peft model's underlying transformers model with no adapter layers, on the meta device (shapes and
-    config only): what save_pretrained of a merged state dict needs."""
-    from accelerate import init_empty_weights
-
-    base = model.get_base_model()
-    cls = type(base)  # FSDP2 swaps the class for FSDP<cls>, a subclass of (FSDPModule, cls)
-    cls = cls.__bases__[-1] if fsdp_modules(base) and cls.__name__.startswith("FSDP") else cls
-    with init_empty_weights():
-        return cls(base.config)
 
 
 # ============================================================================ logging and progress
@@ -1754,23 +1040,3 @@ def log_metrics(accelerator, output_dir, metrics, step):
         with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-
-
-def progress(accelerator, total, desc, initial=0):
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-
-
-def progress_iter(accelerator, iterable, desc):
-    return tqdm(
-        iterable,
-        desc=desc,
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-        leave=False,
-    )

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import speed
 import toy_task
 from common import TOY_LONG, TOYS, fail
 
@@ -483,7 +484,7 @@ def mean_oracle_reward(
     )  # sampling draws from its RNG too
     with (
         torch.random.fork_rng(devices=gpus),
-        common.gathered_weights(model),
+        speed.gathered_weights(model),
     ):  # FSDP2: no collective per token
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import tqdm
 from torch.utils.data import DataLoader
 
 import common
 import data
+import lora
+import speed
 from common import TOY, Default, arg
 
 # flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
@@ -92,7 +95,7 @@ def pair_collate(pad_id):
 
 def sequence_logprobs(model, batch):
     """log pi(y|x) summed over response tokens: (2B,)."""
-    return common.response_logprobs(model, batch).sum(-1)
+    return speed.response_logprobs(model, batch).sum(-1)
 
 
 @torch.no_grad()
@@ -102,7 +105,7 @@ def precompute_reference(accelerator, ref, examples, micro, pad_id):
         DataLoader(examples, micro, collate_fn=pair_collate(pad_id))
     )
     out = []
-    for batch in common.progress_iter(accelerator, loader, "reference log-probs"):
+    for batch in tqdm(loader, desc="reference log-probs", dynamic_ncols=True, leave=False):
         lp = sequence_logprobs(ref, batch)  # (2B,)
         B = lp.shape[0] // 2
         out.append(
@@ -167,10 +170,10 @@ def main(argv=None):
     ):  # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt", dtype=dtype)
-        model = common.add_adapter(common.cast(model, dtype), args, args.sft_ckpt).to(
+        model = lora.add_adapter(common.cast(model, dtype), args, args.sft_ckpt).to(
             accelerator.device
         )
-        ref = common.AdapterView(model, None)
+        ref = lora.AdapterView(model, None)
     else:
         model = common.load_causal_lm(
             args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator)
@@ -226,7 +229,9 @@ def main(argv=None):
             evaluate(accelerator, model, ref, held_loader, args.beta),
             0,
         )
-    bar, skipped, window = common.progress(accelerator, steps, "dpo", step), 0, []
+    bar = tqdm(total=steps, initial=step, desc="dpo", dynamic_ncols=True)  # on the main process
+    skipped = 0
+    window = []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss, chosen, rejected = batch_loss(model, ref, batch, args.beta, args.nll_coef)

@@ -28,10 +28,11 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import set_seed, tqdm
 
 import common
 import data
+import speed
 import toy_task
 from common import TOY, TOYS, Default, arg
 
@@ -172,7 +173,7 @@ def oracle_scores(judge, batch, prompts, texts):
 
 
 def rm_scores(judge, batch, prompts, texts):
-    return common.sequence_scores(judge["rm"], batch).tolist()
+    return speed.sequence_scores(judge["rm"], batch).tolist()
 
 
 def dpo_scores(judge, batch, prompts, texts):
@@ -190,8 +191,8 @@ def judge_scores(judge, batch, prompts, texts):
 
 def dpo_token_rewards(pair, batch):
     """beta * (log pi_dpo - log pi_ref) of every response token: (B, R), 0 on padding."""
-    ref_logprobs = common.response_logprobs(pair["ref"], batch)
-    return pair["beta"] * (common.response_logprobs(pair["dpo"], batch) - ref_logprobs)
+    ref_logprobs = speed.response_logprobs(pair["ref"], batch)
+    return pair["beta"] * (speed.response_logprobs(pair["dpo"], batch) - ref_logprobs)
 
 
 # ============================================================================ sampling and scoring
@@ -221,7 +222,8 @@ def sample_and_score(accelerator, model, tokenizer, prompts, ids, judge, args, n
     # similar models write identical responses to many prompts: ties, not independent draws)
     set_seed(args.seed + zlib.crc32(name.encode()) % 2**20)
     width = max(map(len, ids))  # one prompt width for all batches and models
-    rows, bar = [], common.progress(accelerator, len(ids), f"{name}: sample + judge")
+    rows = []
+    bar = tqdm(total=len(ids), desc=f"{name}: sample + judge", dynamic_ncols=True)
     for i in range(0, len(ids), args.batch_size):
         batch = common.sample(
             model,

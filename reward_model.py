@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import tqdm
 from torch.utils.data import DataLoader
 
 import common
 import data
+import lora
+import speed
 from common import TOY, Default, arg
 
 # flag: its value on the built-in task, with real models (the paper), on toy-long; these flags default to None in Args
@@ -75,7 +78,7 @@ def evaluate(accelerator, model, loader):
     model.eval()
     parts = []
     for batch in loader:
-        r = common.sequence_scores(model, batch)
+        r = speed.sequence_scores(model, batch)
         B = r.shape[0] // 2
         parts.append(common.gather(accelerator, torch.stack([r[:B], r[B:]], 1)))
     model.train()
@@ -93,7 +96,7 @@ def reward_statistics(accelerator, model, loader):
     # gathered per pair, (b, 2) like evaluate(): the gather drops the last batch's padding by counting
     # dataset rows (pairs), which on the flat (2b,) scores would drop the wrong ones
     r = torch.cat(
-        [common.gather(accelerator, common.sequence_scores(model, b).view(2, -1).T) for b in loader]
+        [common.gather(accelerator, speed.sequence_scores(model, b).view(2, -1).T) for b in loader]
     )
     return {"reward_mean": r.mean().item(), "reward_std": r.std().item()}
 
@@ -115,7 +118,7 @@ def main(argv=None):
         new_head=True,
     )  # the reward head is new
     if args.lora_rank:  # an adapter on the frozen SFT model, and a trained copy of the new head
-        model = common.add_adapter(common.cast(model, dtype), args, args.sft_ckpt, scorer=True)
+        model = lora.add_adapter(common.cast(model, dtype), args, args.sft_ckpt, scorer=True)
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
 
     def enc(rows):
@@ -162,10 +165,14 @@ def main(argv=None):
         common.log_metrics(
             accelerator, args.output_dir, evaluate(accelerator, model, held_loader), 0
         )
-    bar, skipped, window = common.progress(accelerator, steps, "reward model", step), 0, []
+    bar = tqdm(
+        total=steps, initial=step, desc="reward model", dynamic_ncols=True
+    )  # on the main process
+    skipped = 0
+    window = []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
-            loss, chosen, rejected = bt_loss(common.sequence_scores(model, batch))
+            loss, chosen, rejected = bt_loss(speed.sequence_scores(model, batch))
             skipped += not common.optimizer_step(
                 accelerator, [model], loss, [optimizer], [scheduler], args, f"step {step + 1}"
             )

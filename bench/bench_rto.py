@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 import common  # noqa: E402
 import data  # noqa: E402
 import rto  # noqa: E402
+import speed  # noqa: E402
 import toy_task  # noqa: E402
 
 
@@ -119,7 +120,7 @@ def alone(tok, models, opts, args, sizes, prompts, ro, seed):
                 eos_token_id=tok.eos_token_id,
             )
         )
-    pos = common.position_ids(ro["attention_mask"])
+    pos = speed.position_ids(ro["attention_mask"])
     B = ro["input_ids"].shape[0]
 
     def forwards():

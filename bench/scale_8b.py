@@ -182,7 +182,7 @@ def times(gpus, tflops, hbm):
     rate = tflops * 1e12 * 0.4  # 40% of the dense bf16 peak for forward/backward
     bandwidth = hbm * 1e12 * 0.6  # 60% of the HBM bandwidth for decoding
     calls = prompts // GEN_BATCH
-    # common.prefill's StaticCache: every step attends over the prompt and room for all the new tokens (masked)
+    # speed.prefill's StaticCache: every step attends over the prompt and room for all the new tokens (masked)
     cache = GEN_BATCH * (PROMPT + MAX_LEN // 2) * KV_PER_TOKEN  # bytes of KV cache read per step
     step_read = (LM * 2 + cache) / bandwidth  # weights and cache read once per decode step
     step_overhead = (

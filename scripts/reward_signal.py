@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import data  # noqa: E402
+import speed  # noqa: E402
 import toy_task  # noqa: E402
 
 KINDS = [
@@ -97,10 +98,10 @@ def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
         )
         mask = b["response_mask"]  # (B, R)
         r = beta1 * (
-            common.response_logprobs(dpo, b) - common.response_logprobs(ref, b)
+            speed.response_logprobs(dpo, b) - speed.response_logprobs(ref, b)
         )  # (B, R) token rewards
         score = (
-            common.sequence_scores(rm, b) - rm.config.reward_mean
+            speed.sequence_scores(rm, b) - rm.config.reward_mean
         ) / rm.config.reward_std  # (B,)
         for j, (p, text) in enumerate(zip(chunk, data.decode_responses(tokenizer, b), strict=True)):
             words, L = text.split(), int(mask[j].sum())

@@ -169,6 +169,7 @@ def tiny_model(tokenizer, family, seed=0, scorer=False, **config):
     )
 
     import common
+    import speed
 
     ids = {
         "vocab_size": len(tokenizer),
@@ -222,7 +223,7 @@ def tiny_model(tokenizer, family, seed=0, scorer=False, **config):
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
     model = auto.from_config(made, attn_implementation="sdpa")
-    return common.use_packed_sdpa(common.disable_dropout(model))
+    return speed.use_packed_sdpa(common.disable_dropout(model))
 
 
 # ---------------------------------------------------------------------------- data files and messages

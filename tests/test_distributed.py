@@ -111,6 +111,7 @@ IN_TURN = """
 import os, sys
 sys.path.insert(0, {root!r})
 import common
+import speed
 from accelerate.state import AcceleratorState, GradientState, PartialState
 {prelude}
 common.finish = lambda accelerator: accelerator.wait_for_everyone()  # the process group stays up for the next run
@@ -358,20 +359,21 @@ SHARD_PROBE = """
 import inspect, re, sys, types
 sys.path.insert(0, {root!r})
 import torch
-import common, data, rto, toy_task
-args = types.SimpleNamespace(report_to="none", trust_remote_code=False, seed=0, output_dir={out!r}, bf16=False)
+import common, data, rto, speed, toy_task
+args = types.SimpleNamespace(report_to="none", trust_remote_code=False, seed=0, output_dir={out!r}, bf16=False,
+                             collective_timeout=600)
 acc = common.setup(args)
 tok = data.build_tiny_tokenizer("toy")
 model = common.frozen(common.load_causal_lm("tiny", tok))
 total = sum(p.numel() for p in model.parameters())
 model = common.place_frozen(acc, model)
 local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
-groups = lambda: {{g for m in common.fsdp_modules(model) for g in m._get_fsdp_state()._fsdp_param_groups}}
+groups = lambda: {{g for m in speed.fsdp_modules(model) for g in m._get_fsdp_state()._fsdp_param_groups}}
 gathered = lambda: sum(not g.is_sharded for g in groups())  # parameter groups holding their full weights
 with torch.no_grad():
     logits = float(model(torch.arange(5, 25)[None]).logits.sum())
 after_forward = gathered()  # a no-grad forward leaves the final norm and LM head (tied: + embeddings) gathered
-common.reshard(model)  # as rto.frozen_pass does after scoring
+speed.reshard(model)  # as rto.frozen_pass does after scoring
 # whitening: each rank holds half of the same rollout; rto.whiten must see the whole of it
 g = torch.Generator().manual_seed(0)
 x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
@@ -400,7 +402,7 @@ def count(run, n):
 prompts = toy_task.prompts("test", 4, seed=rank)  # other prompts on each rank: responses end at other lengths
 gen = lambda n: types.SimpleNamespace(max_new_tokens=n, generation_batch_size=2, temperature=1.0, top_p=1.0,
                                       generation_logprobs=False, rollout_engine="hf")
-settings = lambda: [common.reshards_after_forward(m, root=m is trained) for m in common.fsdp_modules(trained)]
+settings = lambda: [speed.reshards_after_forward(m, root=m is trained) for m in speed.fsdp_modules(trained)]
 before = settings()
 rollouts = [count(lambda n: rto.rollout(acc, trained, tok, prompts, [0, 1, 2, 3], gen(n)), n) for n in (2, 12)]
 # the rollout leaves every module's reshard-after-forward as Accelerate chose it: the decoder layers reshard, the

@@ -14,6 +14,7 @@ import torch
 import common
 import data
 import evaluate
+import speed
 import toy_task
 from conftest import run_main
 
@@ -94,7 +95,7 @@ def test_rm_judge(tiny):
     )
     batch, seqs = hand_batch(tiny.tok)
     scores = evaluate.judge_scores(judge, batch, None, None)
-    assert scores == common.sequence_scores(judge["rm"], batch).tolist()
+    assert scores == speed.sequence_scores(judge["rm"], batch).tolist()
     for score, (p, r) in zip(
         scores, seqs, strict=True
     ):  # the head read at the last token of the unpadded sequence

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import data
+import speed
 
 
 @pytest.fixture(scope="module", params=["llama", "llama-gqa"])
@@ -36,7 +37,7 @@ def naive_logprobs(model, batch, temperature):
         model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            position_ids=common.position_ids(batch["attention_mask"]),
+            position_ids=speed.position_ids(batch["attention_mask"]),
         ).logits.float()
         / temperature
     )
@@ -73,7 +74,7 @@ def test_rtos_plain_logprob_lines_equal_a_naive_loop(tiny):
 
 @pytest.mark.parametrize("tied, family", [(True, "llama"), (False, "llama"), (True, "llama-gqa")])
 def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypatch, tied, family):
-    """rto.token_logprobs (common.response_logprobs) never builds the (B, R, V) logits: its log-probs, entropies and
+    """rto.token_logprobs (speed.response_logprobs) never builds the (B, R, V) logits: its log-probs, entropies and
     the gradients of every parameter equal rto.plain_token_logprobs' over the full logits, with chunks of 3 rows
     (several per sequence)."""
     import rto
@@ -90,7 +91,7 @@ def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypat
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
-    monkeypatch.setattr(common, "LOGITS_CHUNK_BYTES", 4 * len(tok) * 3)
+    monkeypatch.setattr(speed, "LOGITS_CHUNK_BYTES", 4 * len(tok) * 3)
     pairs = [
         encode(tok, "tell me about fruit", "apple pear ."),
         encode(
@@ -125,7 +126,7 @@ def test_chunked_logprobs_compute_in_the_models_dtype_under_autocast(tiny):
     )
     batch = data.collate([a[0]], [a[1]], tok.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = common.response_logprobs(model, batch)
+        fused = speed.response_logprobs(model, batch)
         plain, _ = naive_logprobs(model, batch, 1.0)
     full, _ = naive_logprobs(model, batch, 1.0)
     torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
@@ -146,10 +147,10 @@ def test_models_that_change_their_logits_after_the_head_take_the_plain_path(
     a = encode(tok, "tell me about fruit", "apple pear .")
     batch = data.collate([a[0]], [a[1]], tok.pad_token_id)
     calls = []
-    fused = common.TokenLogprobs.apply
-    monkeypatch.setattr(common.TokenLogprobs, "apply", lambda *a: calls.append(1) or fused(*a))
+    fused = speed.TokenLogprobs.apply
+    monkeypatch.setattr(speed.TokenLogprobs, "apply", lambda *a: calls.append(1) or fused(*a))
     with torch.no_grad():
-        lp, ent = common.response_logprobs(model, batch, with_entropy=True)
+        lp, ent = speed.response_logprobs(model, batch, with_entropy=True)
         want = naive_logprobs(model, batch, 1.0)
     assert bool(calls) is not rescaled and lp.shape == ent.shape == batch["response_mask"].shape
     torch.testing.assert_close((lp, ent), want, atol=1e-5, rtol=0)
@@ -162,8 +163,8 @@ def test_logprobs_do_not_depend_on_padding(tiny):
     b = encode(
         tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
     )
-    alone = common.response_logprobs(model, data.collate([a[0]], [a[1]], tok.pad_token_id))
-    both = common.response_logprobs(
+    alone = speed.response_logprobs(model, data.collate([a[0]], [a[1]], tok.pad_token_id))
+    both = speed.response_logprobs(
         model, data.collate([a[0], b[0]], [a[1], b[1]], tok.pad_token_id)
     )
     n = len(a[1])
@@ -181,7 +182,7 @@ def test_logprobs_do_not_depend_on_padding(tiny):
 
 def test_position_ids_count_from_the_first_real_token():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
-    assert common.position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+    assert speed.position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
 
 
 def test_truncate_at_eos():
@@ -224,7 +225,7 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
 
 # ---------------------------------------------------------------------------- scores and checkpoints
 def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_it_unchanged(tiny):
-    """common.prefill: the keys and values of left-padded prompts but their last column, computed over the packed
+    """speed.prefill: the keys and values of left-padded prompts but their last column, computed over the packed
     prompts without the padding, equal a padded forward's at every real position (1e-5); greedy generate() from
     that cache gives the tokens and scores of a plain generate(); the cache has room for the new tokens and keeps
     them in place (a StaticCache). A model with a sliding window, attention other than packed_sdpa, or training with
@@ -240,12 +241,12 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
     ]  # one of a single token
     input_ids, mask = common.left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
-        cache = common.prefill(model, input_ids, mask, 8)
+        cache = speed.prefill(model, input_ids, mask, 8)
         padded = model(
             input_ids=input_ids[:, :-1],
             attention_mask=mask[:, :-1],
             use_cache=True,
-            position_ids=common.position_ids(mask[:, :-1]),
+            position_ids=speed.position_ids(mask[:, :-1]),
         ).past_key_values
         real = mask[:, :-1].bool()  # (B, W - 1)
         assert len(cache.layers) == len(padded.layers) == model.config.num_hidden_layers
@@ -271,7 +272,7 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
         }
         plain = model.generate(input_ids, **kwargs)
         cached = model.generate(
-            input_ids, past_key_values=common.prefill(model, input_ids, mask, 8), **kwargs
+            input_ids, past_key_values=speed.prefill(model, input_ids, mask, 8), **kwargs
         )
     assert torch.equal(cached.sequences, plain.sequences)
     torch.testing.assert_close(
@@ -289,19 +290,19 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
         "sdpa_packed"  # as a loaded model's: the window, not the kernel, is refused
     )
     assert (
-        common.prefill(
+        speed.prefill(
             type("Model", (), {"config": windowed, "training": False})(), input_ids, mask, 8
         )
         is None
     )
     model.set_attn_implementation("eager")
     try:
-        assert common.prefill(model, input_ids, mask, 8) is None
+        assert speed.prefill(model, input_ids, mask, 8) is None
     finally:
         model.set_attn_implementation("sdpa_packed")
     model.gradient_checkpointing_enable()  # training with it, transformers keeps no cache
     try:
-        assert common.prefill(model.train(), input_ids, mask, 8) is None
+        assert speed.prefill(model.train(), input_ids, mask, 8) is None
     finally:
         model.gradient_checkpointing_disable()
         model.eval()
@@ -315,9 +316,9 @@ def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny
     b = encode(
         tok, "hello what do you know about animals thanks", "cat dog horse sheep goat mouse ."
     )
-    alone = common.sequence_scores(rm, data.collate([a[0]], [a[1]], tok.pad_token_id))
+    alone = speed.sequence_scores(rm, data.collate([a[0]], [a[1]], tok.pad_token_id))
     batch = data.collate([b[0], a[0]], [b[1], a[1]], tok.pad_token_id)  # a: left- and right-padded
-    torch.testing.assert_close(common.sequence_scores(rm, batch)[1], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(speed.sequence_scores(rm, batch)[1], alone[0], atol=1e-5, rtol=0)
     # all-right-padded layout (prompt+response packed to the left) gives the same score
     ids = a[0] + a[1]
     right = {
@@ -326,14 +327,14 @@ def test_sequence_score_is_read_at_the_last_real_token_whatever_the_padding(tiny
         "response_mask": None,
         "prompt_len": 1,
     }
-    torch.testing.assert_close(common.sequence_scores(rm, right)[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(speed.sequence_scores(rm, right)[0], alone[0], atol=1e-5, rtol=0)
     # and it is what transformers' own pooling gives when pad != EOS
     hf = rm(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        position_ids=common.position_ids(batch["attention_mask"]),
+        position_ids=speed.position_ids(batch["attention_mask"]),
     ).logits[:, 0]
-    torch.testing.assert_close(hf, common.sequence_scores(rm, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf, speed.sequence_scores(rm, batch), atol=1e-5, rtol=0)
 
 
 def test_a_reward_model_whose_head_is_not_in_the_checkpoint_is_refused_not_given_a_random_one(

@@ -10,7 +10,9 @@ import torch
 
 import common
 import data
+import lora
 import rto
+import speed
 from conftest import iteration_metrics, run_main
 
 peft = pytest.importorskip("peft")
@@ -30,7 +32,7 @@ RTO_FLAGS = [
 ]
 
 
-class Flags:  # common.add_adapter's arguments, as a stage's Args gives them
+class Flags:  # lora.add_adapter's arguments, as a stage's Args gives them
     lora_rank, lora_alpha, lora_dropout, lora_target_modules, vllm_sleep = (
         4,
         8.0,
@@ -48,7 +50,7 @@ def save_tiny(path, tokenizer, seed=0):
     return common.load_causal_lm(str(path), tokenizer)
 
 
-class FakeAccelerator:  # what common.save_model and common.adapter_on ask of an Accelerator, on one process
+class FakeAccelerator:  # what common.save_model and lora.adapter_on ask of an Accelerator, on one process
     is_main_process, mixed_precision, device = True, "no", torch.device("cpu")
 
     def reduce(self, x, op):
@@ -66,9 +68,7 @@ class FakeAccelerator:  # what common.save_model and common.adapter_on ask of an
 
 def dpo_adapter(sft_path, tokenizer, out, seed=1):
     """An adapter on the SFT model with random (non-zero) B: a stand-in for dpo.py --lora_rank, saved merged too."""
-    model = common.add_adapter(
-        common.load_causal_lm(str(sft_path), tokenizer), Flags, str(sft_path)
-    )
+    model = lora.add_adapter(common.load_causal_lm(str(sft_path), tokenizer), Flags, str(sft_path))
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -100,19 +100,19 @@ def tiny(tmp_path_factory):
 
 def test_roles_on_one_base_equal_the_separate_models(tiny):
     tok, batch, root = tiny["tokenizer"], tiny["batch"], tiny["root"]
-    policy = common.add_adapter(
+    policy = lora.add_adapter(
         common.load_causal_lm(str(root / "sft"), tok), Flags, str(root / "sft")
     )
-    assert common.add_second_adapter(policy, str(root / "dpo"), "--dpo_ckpt", "dpo")
+    assert lora.add_second_adapter(policy, str(root / "dpo"), "--dpo_ckpt", "dpo")
     sft, merged_dpo = tiny["sft"], common.load_causal_lm(str(root / "dpo" / "merged"), tok)
     with torch.no_grad():
-        lp_sft = common.response_logprobs(sft, batch)
+        lp_sft = speed.response_logprobs(sft, batch)
         # iteration 1: B = 0, so the policy is the SFT model exactly (KL 0)
-        assert torch.equal(common.response_logprobs(policy, batch), lp_sft)
-        ref = common.response_logprobs(common.AdapterView(policy, None), batch)
+        assert torch.equal(speed.response_logprobs(policy, batch), lp_sft)
+        ref = speed.response_logprobs(lora.AdapterView(policy, None), batch)
         torch.testing.assert_close(ref, lp_sft, rtol=0, atol=1e-6)
-        dpo = common.response_logprobs(common.AdapterView(policy, "dpo"), batch)
-        want = common.response_logprobs(merged_dpo, batch) - lp_sft
+        dpo = speed.response_logprobs(lora.AdapterView(policy, "dpo"), batch)
+        want = speed.response_logprobs(merged_dpo, batch) - lp_sft
         torch.testing.assert_close(
             0.1 * (dpo - ref), 0.1 * want, rtol=0, atol=1e-5
         )  # the DPO token reward
@@ -125,7 +125,7 @@ def test_merged_export_and_adapter_folder_reload_with_the_same_logits(tiny):
     from transformers import AutoModelForCausalLM
 
     tok, root, ids = tiny["tokenizer"], tiny["root"], tiny["batch"]["input_ids"]
-    adapted = common.add_adapter(
+    adapted = lora.add_adapter(
         common.load_causal_lm(str(root / "sft"), tok), Flags, str(root / "sft")
     )
     adapted.lora.load_adapter(str(root / "dpo"), adapter_name="dpo")
@@ -146,14 +146,14 @@ def test_a_base_with_other_weights_fails_with_one_line(tiny, tmp_path):
     with pytest.raises(
         SystemExit, match=r"^error: --dpo_ckpt .*other base weights than --sft_ckpt's"
     ):
-        common.adapter_on(
+        lora.adapter_on(
             FakeAccelerator(), other, str(tiny["root"] / "dpo"), "--dpo_ckpt", "--sft_ckpt"
         )
-    assert common.fingerprint(other) != common.fingerprint(tiny["sft"])
+    assert lora.fingerprint(other) != lora.fingerprint(tiny["sft"])
     bf16 = common.cast(
         common.load_causal_lm(str(tiny["root"] / "sft"), tiny["tokenizer"]), torch.bfloat16
     )
-    assert common.fingerprint(bf16) == common.fingerprint(
+    assert lora.fingerprint(bf16) == lora.fingerprint(
         tiny["sft"]
     )  # the rule is the weights, not the dtype
     # the base an adapter folder names now holds other weights: loading it fails too
@@ -259,7 +259,7 @@ def test_rto_with_adapters_starts_at_kl_0_and_resumes_to_the_uninterrupted_run(
     shutil.copytree(tmp_path / "clean", tmp_path / "cut")
     run_main("rto.py", *rto_args(pipeline, lora_dpo, tmp_path / "cut", *flags, "--resume"))
     assert iteration_metrics(tmp_path / "cut") == clean
-    assert common.is_adapter(str(tmp_path / "clean")) and common.is_adapter(
+    assert lora.is_adapter(str(tmp_path / "clean")) and lora.is_adapter(
         str(tmp_path / "clean" / "critic")
     )
     tok = common.load_tokenizer(str(pipeline["sft"]))
@@ -307,7 +307,7 @@ def test_dpo_and_reward_model_adapters_feed_rto(pipeline, tmp_path):
             *LORA,
         )
         assert (
-            common.is_adapter(str(tmp_path / out))
+            lora.is_adapter(str(tmp_path / out))
             and (tmp_path / out / "merged" / "config.json").exists()
         )
     run_main(
@@ -374,7 +374,7 @@ def test_ddp_and_fsdp2_with_adapters_log_the_numbers_of_one_process(pipeline, lo
         two = rto_numbers(tmp_path / config)
         assert [x[:2] for x in two] == [x[:2] for x in one]
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
-        assert common.is_adapter(str(tmp_path / config)) and common.is_adapter(
+        assert lora.is_adapter(str(tmp_path / config)) and lora.is_adapter(
             str(tmp_path / config / "critic")
         )
     from transformers import AutoModelForCausalLM
@@ -418,7 +418,7 @@ def test_the_vllm_engine_receives_the_merged_weights(tiny):
 def test_the_merged_export_equals_peffts_own_merge_on_conv1d_and_linear_layers(family, tmp_path):
     """dpo.py --lora_rank 4 --merge_lora on a tiny GPT-2 (Conv1D layers, which store their weight as (in, out), so
     peft transposes their update; two of them square) and on a tiny Llama, every linear layer adapted: the run
-    saves, and <out>/merged (common.merged_weights, which vllm_engine.push sends too) equals peft's own
+    saves, and <out>/merged (lora.merged_weights, which vllm_engine.push sends too) equals peft's own
     merge_and_unload() of the adapter folder, tensor for tensor, to 1e-5."""
     import json
 

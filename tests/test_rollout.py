@@ -15,6 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import common
 import data
 import rto
+import speed
 import toy_task
 from conftest import iteration_metrics, read_metrics, rto_cmd, run_main
 
@@ -266,8 +267,8 @@ def test_dpo_token_reward_is_taken_at_temperature_one(pipeline, acc):
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7)
     beta = models["dpo"].config.dpo_beta
     implicit = beta * (
-        common.response_logprobs(models["dpo"], ro).sum(-1)
-        - common.response_logprobs(models["ref"], ro).sum(-1)
+        speed.response_logprobs(models["dpo"], ro).sum(-1)
+        - speed.response_logprobs(models["ref"], ro).sum(-1)
     )  # dpo.py's sequence log-probs
     torch.testing.assert_close(beta * ro["dpo_log_ratio"].sum(-1), implicit, atol=1e-4, rtol=0)
     assert implicit.abs().max() > 0.05  # a real DPO model: the check above is not 0 = 0
@@ -281,7 +282,7 @@ def test_critic_starts_as_the_normalised_reward_model_and_reloads_the_same(pipel
     T = ro["attention_mask"].shape[1]
     last = T - 1 - ro["attention_mask"].flip(-1).argmax(-1)
     cfg = models["rm"].config
-    critic_at_last = common.head_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
+    critic_at_last = speed.head_outputs(models["critic"], ro).gather(1, last[:, None]).squeeze(1)
     torch.testing.assert_close(
         (critic_at_last - cfg.reward_mean) / cfg.reward_std, ro["rm_score"], atol=1e-5, rtol=0
     )
@@ -300,7 +301,7 @@ def test_critic_starts_as_the_normalised_reward_model_and_reloads_the_same(pipel
     raw_args = rto_args(
         pipeline, "--no_normalize_reward"
     )  # off with the flag: the critic keeps the raw scale
-    raw_values = common.head_outputs(again, ro)[:, ro["prompt_len"] - 1 : -1] * ro["response_mask"]
+    raw_values = speed.head_outputs(again, ro)[:, ro["prompt_len"] - 1 : -1] * ro["response_mask"]
     torch.testing.assert_close(rto.critic_values(again, ro, raw_args), raw_values)
     assert (raw_values - ro["values"]).abs().max() > 0.1
 
@@ -344,7 +345,7 @@ def test_frozen_models_run_once_per_rollout_and_first_ratio_is_one(pipeline, acc
     )
     calls.update(policy=0)  # generation's own forward passes
     ro = rto.frozen_pass(acc, ro, models, args)
-    # one pass per forward batch, and a one-token probe of each causal LM's head (common.changes_logits, once)
+    # one pass per forward batch, and a one-token probe of each causal LM's head (speed.changes_logits, once)
     assert calls == {"policy": 4 + 1, "critic": 4, "ref": 4 + 1, "dpo": 4 + 1, "rm": 4}
     ro["rewards"] = rto.token_rewards(ro, args, 0.1)
     ro["advantages"], ro["returns"] = rto.gae(
@@ -415,7 +416,7 @@ def test_gradient_accumulation_gives_the_weights_of_one_big_micro_batch(pipeline
 
 
 def test_pack_lays_sequences_end_to_end_in_one_row():
-    """common.pack on a hand-made batch: sequences of 5, 4, 3, 2 and 1 real tokens (prompts left-padded to 3,
+    """speed.pack on a hand-made batch: sequences of 5, 4, 3, 2 and 1 real tokens (prompts left-padded to 3,
     responses right-padded to 4) end to end in one row, positions 0, 1, ... for each, their spans for packed_sdpa;
     `index` puts each token back, `columns` points at the position before each response token."""
     prompts, responses = [3, 2, 1, 1, 1], [2, 2, 2, 1, 0]  # lengths 5, 4, 3, 2, 1
@@ -427,7 +428,7 @@ def test_pack_lays_sequences_end_to_end_in_one_row():
     )
     ids = torch.arange(1, 36).view(5, 7) * mask
     response_mask = mask[:, 3:]
-    packed = common.pack(
+    packed = speed.pack(
         {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask, "prompt_len": 3}
     )["packed"]
     rows = ids[mask.bool()].split(mask.sum(-1).tolist())  # each sequence's real tokens
@@ -443,7 +444,7 @@ def test_pack_lays_sequences_end_to_end_in_one_row():
 
 
 def test_packed_sdpa_attends_within_each_sequence_as_a_block_diagonal_mask_does():
-    """common.packed_sdpa over a row of 3 sequences (grouped-query: 4 query heads, 2 key/value heads) against
+    """speed.packed_sdpa over a row of 3 sequences (grouped-query: 4 query heads, 2 key/value heads) against
     transformers' sdpa (key and value heads repeated) with the block-diagonal causal mask over the whole row; and
     under a mask itself (the kernel's grouped-query attention) against the same: outputs and gradients to 1e-6."""
     torch.manual_seed(0)
@@ -453,10 +454,10 @@ def test_packed_sdpa_attends_within_each_sequence_as_a_block_diagonal_mask_does(
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
     outs, grads = [], []
     for run in (
-        lambda: common.packed_sdpa(
+        lambda: speed.packed_sdpa(
             module, q, k, v, None, scaling=0.3, sequences=[(0, 4), (4, 6), (6, 9)]
         ),
-        lambda: common.packed_sdpa(module, q, k, v, mask[None, None], scaling=0.3),
+        lambda: speed.packed_sdpa(module, q, k, v, mask[None, None], scaling=0.3),
         lambda: sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=0.3),
     ):
         out, _ = run()  # (1, L, h, d)
@@ -482,14 +483,14 @@ def test_packed_sdpa_decodes_left_padded_rows_with_grouped_heads_as_transformers
         :, None, None
     ]  # (b, 1, 1, L_kv): left padding
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
-    ours, _ = common.packed_sdpa(module, q, k, v, mask, scaling=0.3)
+    ours, _ = speed.packed_sdpa(module, q, k, v, mask, scaling=0.3)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
     assert ours.shape == (3, 1, 4, 8)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
 def test_generation_decodes_eagerly_from_the_prefilled_static_cache(pipeline, acc, monkeypatch):
-    """rto.rollout and common.sample hand generate() common.prefill's StaticCache with disable_compile=True: on GPUs
+    """rto.rollout and common.sample hand generate() speed.prefill's StaticCache with disable_compile=True: on GPUs
     transformers would otherwise compile the decoding step for a StaticCache, again for every cache size."""
     from transformers import StaticCache
 
@@ -512,17 +513,17 @@ def test_generation_decodes_eagerly_from_the_prefilled_static_cache(pipeline, ac
 
 
 def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, acc):
-    """common.pack: the sequences of a micro-batch end to end in one row, no padding: log-probs, entropies, values
+    """speed.pack: the sequences of a micro-batch end to end in one row, no padding: log-probs, entropies, values
     and every gradient of a loss over them equal the padded batch's (1e-6 on the numbers, 1e-5 on gradients)."""
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, n=8)
     _, mb = next(rto.micro_batches(ro, 8, torch.arange(8)))
     assert (mb["attention_mask"] == 0).float().mean() > 0.2  # much padding to drop
     assert (
         models["policy"].config._attn_implementation == "sdpa_packed"
-    )  # common.packed_sdpa for packed rows
+    )  # speed.packed_sdpa for packed rows
     out = []
     for packing in (False, True):
-        b = common.pack(mb) if packing else mb
+        b = speed.pack(mb) if packing else mb
         for m in (models["policy"], models["critic"]):
             m.zero_grad()
         lp, ent = rto.token_logprobs(models["policy"], b, 0.7, with_entropy=True)
@@ -693,7 +694,7 @@ def test_a_phases_seconds_include_the_device_work_it_queued(monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
-    clock = common.phase_clock(SimpleNamespace(device=torch.device("cuda")))
+    clock = rto.phase_clock(SimpleNamespace(device=torch.device("cuda")))
     queued.append(0.3)  # the first phase's kernels, still running when its Python returns
     clock("generate")
     clock("update")
@@ -785,7 +786,7 @@ def test_with_attention_dropout_in_the_config_the_first_ppo_ratio_is_one(tmp_pat
 def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_window(family):
     """A tiny Mistral (a sliding window of 4 tokens; 4 query heads share 2 key/value heads) and a tiny Llama with
     the same heads, on sequences of 9 to 15 tokens: log-probs, entropies, critic values, DPO log-ratios and the
-    gradients, packed (common.pack, packed_sdpa) and padded, equal to 1e-5; and the padded numbers equal
+    gradients, packed (speed.pack, packed_sdpa) and padded, equal to 1e-5; and the padded numbers equal
     transformers' eager attention's, padded and packed (there transformers masks the sequences from the positions,
     as for any attention but packed_sdpa). The window changes the numbers (against the same model without it), so the
     test sees whether packing honours it."""
@@ -800,7 +801,7 @@ def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_wind
     args = SimpleNamespace(rm_ckpt=None, normalize_reward=False)
     out = {}
     for layout in ("padded", "packed"):
-        b = common.pack(batch) if layout == "packed" else batch
+        b = speed.pack(batch) if layout == "packed" else batch
         for m in (policy, critic):
             m.zero_grad()
         lp, ent = rto.token_logprobs(policy, b, 0.7, with_entropy=True)
@@ -816,7 +817,7 @@ def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_wind
         policy.set_attn_implementation(
             "eager"
         )  # transformers' own attention, its own masks (packed: from positions)
-        for b in (batch, common.pack(batch)):
+        for b in (batch, speed.pack(batch)):
             torch.testing.assert_close(
                 rto.token_logprobs(policy, b, 0.7), out["padded"][0][0], atol=1e-5, rtol=0
             )
