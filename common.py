@@ -400,12 +400,10 @@ def fsdp_on_cpu(accelerator):
         return
     for state in (accelerator.state, PartialState()):
         state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = (
-        FullyShardedDataParallelPlugin()
-    )  # reads the launcher's FSDP_* variables
-    if (
-        accelerator.mixed_precision != "no"
-    ):  # as Accelerate does on GPUs: bf16 compute, fp32 master weights
+    # reads the launcher's FSDP_* variables
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    # as Accelerate does on GPUs: bf16 compute, fp32 master weights
+    if accelerator.mixed_precision != "no":
         accelerator.state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
@@ -497,9 +495,8 @@ def end_of_turn_token(tokenizer):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False)
-    except (
-        Exception
-    ):  # a template may reject this conversation (jinja raise_exception); then it tells us nothing
+    # a template may reject this conversation (jinja raise_exception); then it tells us nothing
+    except Exception:
         return None
     after = text.split(mark, 1)[1].lstrip() if mark in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
@@ -586,9 +583,8 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
     with weights=False the same model with its parameters on the meta device (buffers, such as rotary
     frequencies, computed for real). Returns (model, the checkpoint's weights that the model had to create)."""
     check_model_path(name, flag)
-    if lora.is_adapter(
-        name
-    ):  # an adapter folder: its base, the adapter merged in (every rank reads the weights)
+    # an adapter folder: its base, the adapter merged in (every rank reads the weights)
+    if lora.is_adapter(name):
         return lora.load_merged_adapter(auto_class, name, flag, what, **kwargs)
     path, extra = from_pretrained_args(name, flag, model=True)
     try:
@@ -607,9 +603,8 @@ def from_checkpoint(auto_class, name, flag, what, weights=True, **kwargs):
                     config, dtype=kwargs.get("dtype", torch.float32), **LOAD_OPTIONS
                 )
             model.tie_weights()  # the meta parameters are made after from_config tied them: tie them again
-            stored = checkpoint_tensor_names(
-                path
-            )  # so that every rank finds the same weights missing
+            # so that every rank finds the same weights missing
+            stored = checkpoint_tensor_names(path)
             return model, [k for k in model.state_dict() if stored is not None and k not in stored]
         model, info = auto_class.from_pretrained(
             path,
@@ -712,9 +707,8 @@ def disable_dropout(model):
             if any(word in name for word in NOISE) and type(value) is float:
                 setattr(m, name, 0.0)
     configs = [model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)]
-    for config in (
-        c for c in configs if c is not None
-    ):  # a multimodal model's text_config among them
+    # a multimodal model's text_config among them
+    for config in (c for c in configs if c is not None):
         for name, value in vars(config).items():
             if any(word in name for word in NOISE) and type(value) is float:
                 setattr(config, name, 0.0)

@@ -106,9 +106,8 @@ def _parse_layout(row, fmt):
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if chosen is None or rejected is None:
         raise ValueError("'chosen' or 'rejected' is missing")
-    if isinstance(
-        chosen, list
-    ):  # UltraFeedback: full conversations, the last message is the answer
+    # UltraFeedback: full conversations, the last message is the answer
+    if isinstance(chosen, list):
         chosen, rejected = _as_messages(chosen), _as_messages(rejected)
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise ValueError("the last message of 'chosen'/'rejected' is not the assistant's")
@@ -161,9 +160,8 @@ def load_rows(dataset, split="train", skip_bad_rows=False):
     rows, bad = [], 0
     for i in range(len(raws)):
         try:
-            raw = raws[
-                i
-            ]  # by index: a parquet string that is not UTF-8 raises as its row is read, not before
+            # by index: a parquet string that is not UTF-8 raises as its row is read, not before
+            raw = raws[i]
             if isinstance(raw, ValueError):  # a JSON line that is not an object (see _read_json)
                 raise raw
             rows.append(parse_row(raw, fmt))
@@ -247,9 +245,8 @@ def _json_value(text):
     """Bytes of JSON -> the value, or a ValueError saying why not."""
     try:
         value = json.loads(text.decode())  # strict UTF-8
-        if (
-            b"\\ud" in text.lower()
-        ):  # escapes of lone surrogates ("\ud800") parse, but no tokenizer takes them
+        # escapes of lone surrogates ("\ud800") parse, but no tokenizer takes them
+        if b"\\ud" in text.lower():
             json.dumps(value, ensure_ascii=False).encode()
     except UnicodeError:
         return ValueError("not valid UTF-8 text")
@@ -479,9 +476,8 @@ def mean_oracle_reward(
     samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
     model = accelerator.unwrap_model(model)
     scores = []
-    gpus = (
-        [accelerator.device] if accelerator.device.type == "cuda" else []
-    )  # sampling draws from its RNG too
+    # sampling draws from its RNG too
+    gpus = [accelerator.device] if accelerator.device.type == "cuda" else []
     with (
         torch.random.fork_rng(devices=gpus),
         speed.gathered_weights(model),

@@ -108,9 +108,8 @@ def precompute_reference(accelerator, ref, examples, micro, pad_id):
     for batch in tqdm(loader, desc="reference log-probs", dynamic_ncols=True, leave=False):
         lp = sequence_logprobs(ref, batch)  # (2B,)
         B = lp.shape[0] // 2
-        out.append(
-            common.gather(accelerator, torch.stack([lp[:B], lp[B:]], 1))
-        )  # (B, 2) in data order
+        # (B, 2) in data order
+        out.append(common.gather(accelerator, torch.stack([lp[:B], lp[B:]], 1)))
     out = torch.cat(out).tolist()
     return [
         {**e, "ref_chosen": c, "ref_rejected": r} for e, (c, r) in zip(examples, out, strict=True)
@@ -165,9 +164,8 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    if (
-        args.lora_rank
-    ):  # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
+    # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
+    if args.lora_rank:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model = common.load_causal_lm(args.sft_ckpt, tokenizer, "--sft_ckpt", dtype=dtype)
         model = lora.add_adapter(common.cast(model, dtype), args, args.sft_ckpt).to(
@@ -178,9 +176,8 @@ def main(argv=None):
         model = common.load_causal_lm(
             args.sft_ckpt, tokenizer, "--sft_ckpt", weights=common.loads_weights(accelerator)
         )
-        ref = common.load_frozen(
-            accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16
-        )  # bf16 under --bf16
+        # bf16 under --bf16
+        ref = common.load_frozen(accelerator, args.sft_ckpt, tokenizer, "--sft_ckpt", args.bf16)
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
 
     def enc(rows):
@@ -214,9 +211,8 @@ def main(argv=None):
     model, optimizer, train_loader, held_loader = accelerator.prepare(
         model, optimizer, train_loader, held_loader
     )
-    steps = common.total_steps(
-        len(train_loader), accum, args.epochs, args.max_steps
-    )  # per-process batches
+    # per-process batches
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     scheduler = common.lr_schedule(
         accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps
     )

@@ -149,9 +149,8 @@ def load_dpo_pair(spec, tokenizer, flag, args, device):
     """{'dpo', 'ref', 'beta'} from '<dpo_dir>,<ref_dir>'; beta is the one the DPO model was trained with."""
     paths = spec.split(",")
     for path in paths:
-        common.same_vocab(
-            path, tokenizer, flag, "the first model"
-        )  # the judge reads the policies' ids as they are
+        # the judge reads the policies' ids as they are
+        common.same_vocab(path, tokenizer, flag, "the first model")
     dpo, ref = (common.frozen(common.load_causal_lm(p, tokenizer, flag)).to(device) for p in paths)
     return {"dpo": dpo, "ref": ref, "beta": getattr(dpo.config, "dpo_beta", None) or args.dpo_beta}
 
@@ -236,9 +235,8 @@ def sample_and_score(accelerator, model, tokenizer, prompts, ids, judge, args, n
         )
         texts = data.decode_responses(tokenizer, batch)
         scores = judge_scores(judge, batch, prompts[i : i + args.batch_size], texts)
-        responses = batch["input_ids"][
-            :, batch["prompt_len"] :
-        ]  # (b, R), right-padded after the first EOS
+        # (b, R), right-padded after the first EOS
+        responses = batch["input_ids"][:, batch["prompt_len"] :]
         for k, (text, score) in enumerate(zip(texts, scores, strict=True)):
             mask = batch["response_mask"][k].bool()
             rows.append(
@@ -429,9 +427,8 @@ def show_token_rewards(pair, tokenizer, results, prompt_ids, n, out, device):
             }
             for k, r in enumerate(rows[:n])
         ]
-    scale = (
-        max((abs(v) for it in items for v in it["values"]), default=0.0) or 1.0
-    )  # one scale for all models
+    # one scale for all models
+    scale = max((abs(v) for it in items for v in it["values"]), default=0.0) or 1.0
     print_token_rewards(items, scale)
     with open(os.path.join(out, "token_rewards.html"), "w") as f:
         f.write(token_rewards_html(items, scale, pair["beta"]))
@@ -448,9 +445,8 @@ def read_curves(run_dirs):
                 lines = [json.loads(line) for line in f if line.strip()]
         except (OSError, ValueError) as e:
             common.fail(f"--curves {d}: cannot read {path} ({type(e).__name__})")
-        lines = [
-            m for m in lines if "policy_loss" in m
-        ]  # iteration lines, not before/after summaries
+        # iteration lines, not before/after summaries
+        lines = [m for m in lines if "policy_loss" in m]
         if not lines:
             common.fail(f"--curves {d}: {path} has no RL iteration lines (is it an rto.py run?)")
         label = os.path.basename(os.path.normpath(d))
@@ -488,9 +484,8 @@ def plot_curves(curves, out):
         return path
     cols, rows = min(3, len(metrics)), math.ceil(len(metrics) / 3)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows + 0.5), squeeze=False)
-    colours = {
-        run: f"C{k}" for k, run in enumerate(curves)
-    }  # a run keeps its colour where others have no line
+    # a run keeps its colour where others have no line
+    colours = {run: f"C{k}" for k, run in enumerate(curves)}
     for ax, m in zip(axes.flat, metrics, strict=True):
         for run, lines in curves.items():
             points = [(line["step"], line[m]) for line in lines if m in line]
@@ -519,9 +514,8 @@ def main(argv=None):
     judge = parse_judge(args.judge, args.dataset) if models else None
     curves = read_curves(args.curves)
     accelerator = common.setup(args)
-    if (
-        accelerator.num_processes > 1
-    ):  # every process would sample everything and write the same files
+    # every process would sample everything and write the same files
+    if accelerator.num_processes > 1:
         common.fail("evaluate.py runs in one process: start it with python, not accelerate launch")
     device = accelerator.device
     if models:  # every input is checked and every model found before anything is written

@@ -94,9 +94,8 @@ def add_adapter(model, args, base_path, scorer=False):
     )
     base_fingerprint = fingerprint(model)
     wrapper = peft.get_peft_model(model, config)
-    for p in common.trainable(
-        model
-    ):  # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
+    # a bf16 base (--bf16): adapters (peft keeps them in fp32) and the head copy in fp32
+    for p in common.trainable(model):
         p.data = p.data.float()
     model.enable_input_require_grads()  # gradient checkpointing: the frozen embeddings' output must carry a grad
     wrapper.lora_base = {
@@ -163,12 +162,10 @@ def adapter_on(accelerator, model, path, flag, model_flag):
     if not is_adapter(path):
         return False
     mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
-    other = (
-        mine is not None and mine != theirs
-    )  # (None: this rank holds shapes only; the main process holds weights)
-    if (
-        common.reduce(accelerator, float(other)).item() > 0
-    ):  # every rank takes the branch the weights decide
+    # (None: this rank holds shapes only; the main process holds weights)
+    other = mine is not None and mine != theirs
+    # every rank takes the branch the weights decide
+    if common.reduce(accelerator, float(other)).item() > 0:
         if not accelerator.is_main_process:
             raise SystemExit(1)
         common.fail(
@@ -201,14 +198,12 @@ def load_merged_adapter(auto_class, path, flag, what, **kwargs):
             f"{flag} {path}: its base {record['base']} now holds other weights than the adapter was trained on "
             f"(fingerprint {fingerprint(base)}, recorded {record['fingerprint']})"
         )
-    model = (
-        peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)
-    )  # peft froze it
+    # peft froze it
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)
     for k, v in record.get("config", {}).items():
         setattr(model.config, k, v)
-    saved = set(
-        peft.PeftConfig.from_pretrained(path).modules_to_save or []
-    )  # a reward head comes from the adapter
+    # a reward head comes from the adapter
+    saved = set(peft.PeftConfig.from_pretrained(path).modules_to_save or [])
     return model, [k for k in missing if k.split(".")[0] not in saved]
 
 
@@ -259,9 +254,8 @@ def merged_weights(model, state, name="default"):
             module = key.split(".base_layer.")[0]
             plain = plain.replace(".base_layer.", ".")
             if plain.endswith(".weight"):
-                layer = model.get_submodule(
-                    module
-                )  # peft's LoRA layer: its own scale and weight layout
+                # peft's LoRA layer: its own scale and weight layout
+                layer = model.get_submodule(module)
                 a, b = (
                     full(state[f"{module}.lora_A.{name}.weight"]),
                     full(state[f"{module}.lora_B.{name}.weight"]),

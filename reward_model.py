@@ -106,9 +106,8 @@ def main(argv=None):
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
     tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
-    dtype = (
-        torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32
-    )  # a frozen base needs no fp32 master
+    # a frozen base needs no fp32 master
+    dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32
     model = common.load_scorer(
         args.sft_ckpt,
         tokenizer,
@@ -153,9 +152,8 @@ def main(argv=None):
     model, optimizer, train_loader, held_loader, stats_loader = accelerator.prepare(
         model, optimizer, train_loader, held_loader, stats_loader
     )
-    steps = common.total_steps(
-        len(train_loader), accum, args.epochs, args.max_steps
-    )  # per-process batches
+    # per-process batches
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     scheduler = common.lr_schedule(
         accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps
     )
@@ -165,9 +163,8 @@ def main(argv=None):
         common.log_metrics(
             accelerator, args.output_dir, evaluate(accelerator, model, held_loader), 0
         )
-    bar = tqdm(
-        total=steps, initial=step, desc="reward model", dynamic_ncols=True
-    )  # on the main process
+    # on the main process
+    bar = tqdm(total=steps, initial=step, desc="reward model", dynamic_ncols=True)
     skipped = 0
     window = []
     for batch in common.train_batches(accelerator, train_loader, args.epochs, step, accum):

@@ -205,9 +205,8 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
             [-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators]
         )
         scores = logits + gumbel
-        if (
-            logprobs is not None
-        ):  # generate() takes the argmax of the scores: that is the drawn token
+        # generate() takes the argmax of the scores: that is the drawn token
+        if logprobs is not None:
             logprobs.append(
                 tempered.gather(-1, scores.argmax(-1, keepdim=True))[:, 0] - tempered.logsumexp(-1)
             )
@@ -232,9 +231,8 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
         eos_token_id=eos,
         disable_compile=True,
     )  # on GPUs transformers compiles decoding for a StaticCache
-    engine = args.rollout_engine == "vllm" and vllm_engine.ready(
-        accelerator, model, args
-    )  # with these weights
+    # with these weights
+    engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)
     # hf: --generation_batch_size prompts per generate() call; vllm: every prompt in one call (the engine schedules
     # its own batches within its memory share, and with --vllm_sleep it sleeps once the call returns)
     size = len(ids) if engine else args.generation_batch_size
@@ -252,9 +250,8 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
                 )
             else:
                 pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
-                kv = speed.prefill(
-                    model, input_ids, attention_mask, args.max_new_tokens
-                )  # prompts' cache, or None
+                # prompts' cache, or None
+                kv = speed.prefill(model, input_ids, attention_mask, args.max_new_tokens)
                 responses = model.generate(
                     input_ids,
                     attention_mask=attention_mask,
@@ -263,9 +260,8 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
                     synced_gpus=False,
                     logits_processor=[pick],
                 )[:, width:]
-            response_mask, ended = common.truncate_at_eos(
-                responses, eos
-            )  # (b, R_chunk); no EOS: keeps the last
+            # (b, R_chunk); no EOS: keeps the last
+            response_mask, ended = common.truncate_at_eos(responses, eos)
             chunks.append(
                 {
                     "input_ids": torch.cat(
@@ -288,13 +284,11 @@ def plain_token_logprobs(model, batch, temperature=1.0, with_entropy=False):
     """log pi(a_h | s_h) of every response token at temperature T, (b, R), 0 on padding, in plain lines; and with
     with_entropy=True the entropy of each of those distributions (a statistic, no gradient)."""
     P, mask = batch["prompt_len"], batch["response_mask"]  # prompts left-padded to width P
-    logits = (
-        speed.forward(model, batch).logits[:, P - 1 : -1].float() / temperature
-    )  # (b, R, V): token P+h from P+h-1
+    # (b, R, V): token P+h from P+h-1
+    logits = speed.forward(model, batch).logits[:, P - 1 : -1].float() / temperature
     logprobs = logits.log_softmax(-1)  # (b, R, V)
-    taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(
-        -1
-    )  # (b, R): the response tokens' own
+    # (b, R): the response tokens' own
+    taken = logprobs.gather(-1, batch["input_ids"][:, P:, None]).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # (b, R)
     return (taken * mask, entropy * mask) if with_entropy else taken * mask
 
@@ -338,9 +332,8 @@ def frozen_pass(accelerator, batch, models, args):
         torch.zeros_like(mask[:, 0]),
         0,
     )  # computed: the positions the forward passes run
-    with (
-        accelerator.autocast()
-    ):  # --bf16: the frozen models compute as the prepared (trained) ones do
+    # --bf16: the frozen models compute as the prepared (trained) ones do
+    with accelerator.autocast():
         for idx, micro in micro_batches(
             batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()
         ):
@@ -364,9 +357,8 @@ def frozen_pass(accelerator, batch, models, args):
                 out["dpo_log_ratio"][idx, :width] = token_logprobs(models["dpo"], micro) - ref
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], micro, args)
-    speed.reshard(
-        *(models[n] for n in ("ref", "dpo", "rm") if n in models)
-    )  # FSDP2: free the gathered weights
+    # FSDP2: free the gathered weights
+    speed.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))
     unused = [
         k for k, model in (("dpo_log_ratio", "dpo"), ("rm_score", "rm")) if model not in models
     ]
@@ -431,9 +423,8 @@ def whiten(accelerator, x, mask):
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    surrogate = torch.max(
-        -ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages
-    )  # (b, R)
+    # (b, R)
+    surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)
     token_stats = {
         "clip_frac": ((ratio - 1).abs() > eps).float(),
         "ratio": ratio,
@@ -456,9 +447,8 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
     policy, critic, sums, skipped = models["policy"], models["critic"], {}, 0
     for _epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
-        for start in range(
-            0, sizes["rollout"], sizes["mini"]
-        ):  # a mini-batch: sizes["mini"] sequences ...
+        # a mini-batch: sizes["mini"] sequences ...
+        for start in range(0, sizes["rollout"], sizes["mini"]):
             for _, micro in micro_batches(
                 batch, sizes["micro"], order[start : start + sizes["mini"]]
             ):  # in micros
@@ -483,9 +473,8 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
                         args,
                         f"iteration {it + 1}",
                     )
-                with (
-                    torch.no_grad()
-                ):  # sums over tokens (sequences for the losses), divided at the end
+                # sums over tokens (sequences for the losses), divided at the end
+                with torch.no_grad():
                     real = micro[
                         "attention_mask"
                     ].sum()  # of the positions computed, padded or packed
@@ -509,9 +498,8 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
         for k in totals
         if k not in ("tokens", "sequences", "positions", "real", "skipped_nonfinite")
     }
-    out["padding_share_update"] = (
-        1 - totals["real"] / totals["positions"]
-    )  # of the positions the update computed
+    # of the positions the update computed
+    out["padding_share_update"] = 1 - totals["real"] / totals["positions"]
     return {**out, "skipped_nonfinite": totals["skipped_nonfinite"]}
 
 
@@ -536,9 +524,8 @@ def micro_batches(batch, size, order):
         first, end = real.min().item(), real.max().item() + 1
         for k, v in micro.items():
             if torch.is_tensor(v) and v.dim() == 2:
-                micro[k] = (
-                    v[:, first:end] if v.shape[1] == P + R else v[:, : end - P]
-                )  # all-padding columns go
+                # all-padding columns go
+                micro[k] = v[:, first:end] if v.shape[1] == P + R else v[:, : end - P]
         yield idx, {**micro, "prompt_len": P - first}  # the left ones were prompt padding
 
 
@@ -554,9 +541,8 @@ def load_models(args, accelerator):
     optimizers = []
     adapters = args.lora_rank > 0
     dpo_shares = False
-    dtype = (
-        torch.bfloat16 if adapters and args.bf16 else torch.float32
-    )  # a frozen base needs no fp32 master
+    # a frozen base needs no fp32 master
+    dtype = torch.bfloat16 if adapters and args.bf16 else torch.float32
     critic_flag = "--rm_ckpt" if args.rm_ckpt else "--sft_ckpt"
     for name, lr, path, flag in (
         ("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
@@ -638,9 +624,8 @@ def num_iterations(args, n_prompts):
 
 def iteration_prompts(prompts, order, it, args, process_index, local):
     """Prompts of iteration `it` for process k (its slice of a walk through one shuffle, `order`), and their seeds."""
-    positions = [
-        it * args.rollout_batch_size + process_index * local + j for j in range(local)
-    ]  # places in the walk
+    # places in the walk
+    positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]
     return [prompts[order[p % len(prompts)]] for p in positions], [
         args.seed * 2**32 + p for p in positions
     ]  # wraps
@@ -697,9 +682,8 @@ def save(accelerator, models, tokenizer, args, iteration, beta2):
         ("critic", f"{args.output_dir}/critic"),
     ):  # LoRA: adapters
         common.save_model(accelerator, models[name], tokenizer, out, merge_lora=args.merge_lora)
-    if (
-        args.save_every
-    ):  # resumable state (both models' optimisers too) is large: only when asked for
+    # resumable state (both models' optimisers too) is large: only when asked for
+    if args.save_every:
         common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
 
@@ -713,9 +697,8 @@ def phase_clock(accelerator):
         torch.cuda.reset_peak_memory_stats(device)
 
     def clock(name):
-        if (
-            device.type != "cpu"
-        ):  # kernels run asynchronously: the phase ends when its device work has finished
+        # kernels run asynchronously: the phase ends when its device work has finished
+        if device.type != "cpu":
             torch.accelerator.synchronize(device)
         now = time.perf_counter()
         metrics[f"time_{name}"], last[0] = now - last[0], now
@@ -787,9 +770,8 @@ def main(argv=None):
         clock("generate")
         batch = frozen_pass(accelerator, batch, models, args)  # 2.
         batch["rewards"] = token_rewards(batch, args, beta2)  # 3.
-        if not common.all_finite(
-            accelerator, batch["rewards"]
-        ):  # a broken DPO or reward-model checkpoint
+        # a broken DPO or reward-model checkpoint
+        if not common.all_finite(accelerator, batch["rewards"]):
             common.nonfinite(args, "reward", f"iteration {it + 1}", optimizers)
             continue
         batch["advantages"], batch["returns"] = gae(
@@ -809,9 +791,8 @@ def main(argv=None):
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
         common.log_metrics(accelerator, args.output_dir, metrics, it + 1)
         bar.update(1)
-        if (
-            args.sample_every and (it + 1) % args.sample_every == 0
-        ):  # a few (reward, prompt, response)
+        # a few (reward, prompt, response)
+        if args.sample_every and (it + 1) % args.sample_every == 0:
             for p, t, reward in list(
                 zip(
                     batch_prompts,

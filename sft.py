@@ -136,9 +136,8 @@ def main(argv=None):
         if args.model_name_or_path == common.TINY
         else common.load_tokenizer(args.model_name_or_path)
     )
-    dtype = (
-        torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32
-    )  # a frozen base needs no fp32 master
+    # a frozen base needs no fp32 master
+    dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32
     model = common.load_causal_lm(
         args.model_name_or_path,
         tokenizer,
@@ -146,9 +145,8 @@ def main(argv=None):
         dtype=dtype,
         weights=args.lora_rank > 0 or common.loads_weights(accelerator),
     )
-    if (
-        args.lora_rank
-    ):  # an adapter on the frozen pretrained model; later stages load it merged (common.py)
+    # an adapter on the frozen pretrained model; later stages load it merged (common.py)
+    if args.lora_rank:
         model = lora.add_adapter(common.cast(model, dtype), args, args.model_name_or_path)
     train, held = load_demonstrations(args, tokenizer)
     common.prepare_output_dir(
@@ -178,9 +176,8 @@ def main(argv=None):
     model, optimizer, train_loader, held_loader = accelerator.prepare(
         model, optimizer, train_loader, held_loader
     )
-    steps = common.total_steps(
-        len(train_loader), accum, args.epochs, args.max_steps
-    )  # per-process batches
+    # per-process batches
+    steps = common.total_steps(len(train_loader), accum, args.epochs, args.max_steps)
     scheduler = common.lr_schedule(
         accelerator, optimizer, "linear", int(args.warmup_ratio * steps), steps
     )

@@ -86,9 +86,8 @@ def packed_sdpa(
                 f"packed rows: {type(module).__name__} attends with {unsupported or 'no causal mask'}, which packed "
                 "attention does not compute; pass --packing false"
             )
-        window = kwargs.get(
-            "sliding_window"
-        )  # a layer of a sliding-window model: each query sees `window` keys
+        # a layer of a sliding-window model: each query sees `window` keys
+        window = kwargs.get("sliding_window")
         outs = []
         for s, e in sequences:
             mask = (
@@ -156,9 +155,8 @@ def packed_kwargs(model, rows):
     """What a packed row runs with: its positions, and for packed_sdpa its sequences with a placeholder 4D mask
     (one is passed through as is, so transformers builds no (L, L) mask that packed_sdpa would not read)."""
     config = getattr(model, "module", model).config  # DDP
-    if (
-        config._attn_implementation != "sdpa_packed"
-    ):  # transformers finds the sequences from the positions
+    # transformers finds the sequences from the positions
+    if config._attn_implementation != "sdpa_packed":
         return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"]}
     return {
         "input_ids": rows["input_ids"],
@@ -181,9 +179,8 @@ def forward(model, batch, **kwargs):
     )
 
 
-LOGITS_CHUNK_BYTES = (
-    2**28
-)  # float32 logits of at most this size (and one temporary as large) exist at once
+# float32 logits of at most this size (and one temporary as large) exist at once
+LOGITS_CHUNK_BYTES = 2**28
 
 
 def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
@@ -209,9 +206,10 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     packed = "packed" in batch  # rto.py --packing
     keep = batch["packed"]["columns"].flatten() if packed else tokens.shape[1] + 1
 
+    # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
     def head_to_logprobs(
         hidden,
-    ):  # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
+    ):
         hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
         logprobs, entropy = TokenLogprobs.apply(
             hidden, head.weight, tokens.flatten(), temperature, with_entropy
@@ -239,9 +237,8 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     return (logprobs * mask, entropy * mask) if with_entropy else logprobs * mask
 
 
-CHANGES_LOGITS = (
-    weakref.WeakKeyDictionary()
-)  # output head -> whether its model changes the head's output
+# output head -> whether its model changes the head's output
+CHANGES_LOGITS = weakref.WeakKeyDictionary()
 
 
 def changes_logits(model, head, tokens):
@@ -312,9 +309,8 @@ class TokenLogprobs(torch.autograd.Function):
         )
         for i in range(0, len(h), rows):
             hi, g = h[i : i + rows].to(ctx.dtype), grad[i : i + rows]
-            dlogits = (
-                torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)
-            )  # (n, V), then in place:
+            # (n, V), then in place:
+            dlogits = torch.nn.functional.linear(hi, w).float().div_(ctx.temperature)
             dlogits.sub_(lse[i : i + rows, None]).exp_().mul_(-g[:, None])  # - softmax * g
             dlogits.scatter_add_(1, tokens[i : i + rows, None], g[:, None]).div_(ctx.temperature)
             dlogits = dlogits.to(ctx.dtype)
@@ -338,9 +334,8 @@ def head_outputs(model, batch):
         forward(model, batch)
     finally:
         hook.remove()
-    out = (
-        caught[0].squeeze(-1).float()
-    )  # (B, T), packed (1, L): put back where the real tokens were
+    # (B, T), packed (1, L): put back where the real tokens were
+    out = caught[0].squeeze(-1).float()
     return (
         out.flatten()[batch["packed"]["index"]] * batch["attention_mask"]
         if "packed" in batch
@@ -371,12 +366,10 @@ def prefill(model, input_ids, attention_mask, max_new_tokens):
     from transformers.cache_utils import StaticLayer
 
     B, W = input_ids.shape
-    cache = StaticCache(
-        config=model.config, max_cache_len=W + max_new_tokens
-    )  # allocated at its first update
-    full = all(
-        type(layer) is StaticLayer for layer in cache.layers
-    )  # full attention in every layer
+    # allocated at its first update
+    cache = StaticCache(config=model.config, max_cache_len=W + max_new_tokens)
+    # full attention in every layer
+    full = all(type(layer) is StaticLayer for layer in cache.layers)
     checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
     empty = not attention_mask[:, :-1].any()  # every prompt one token long: nothing to cache
     if not full or checkpointing or empty or model.config._attn_implementation != "sdpa_packed":

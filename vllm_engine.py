@@ -98,15 +98,13 @@ def ready(accelerator, model, args):
 
 
 def build(accelerator, config, max_len, args):
-    os.environ.setdefault(
-        "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
-    )  # the engine in this process: weights by reference
+    # the engine in this process: weights by reference
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up log is long; INFO to see it
     if accelerator.device.type == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
-        os.environ.setdefault(
-            "VLLM_CPU_OMP_THREADS_BIND", "nobind"
-        )  # leave the trainer's threads where they are
+        # leave the trainer's threads where they are
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     try:
         from vllm import LLM
     except ImportError as e:
@@ -146,9 +144,8 @@ def push(llm, model, args):
     """The policy's current weights into the engine, one parameter at a time (FSDP2: each gathered, then dropped)."""
 
     def weights():  # the state dict, tied weights under each name: vLLM's CPU backend repacks the LM head apart
-        if hasattr(
-            model, "lora"
-        ):  # --lora_rank: the plain model's weights, the adapter merged in (W + s B A)
+        # --lora_rank: the plain model's weights, the adapter merged in (W + s B A)
+        if hasattr(model, "lora"):
             state = {f"base_model.model.{k}": v for k, v in model.state_dict().items()}
             yield from lora.merged_weights(model.lora, state)
             return

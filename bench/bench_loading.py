@@ -148,13 +148,11 @@ def main():
     for name, root in ([("before", a.before)] if a.before else []) + [("this checkout", ROOT)]:
         for config in ("cpu_fsdp.yaml", "cpu_fsdp_ram_efficient.yaml"):
             ranks = measure(root, lm, rm, prompts, a.bf16, config)
-            loading = [
-                hwm - start for hwm, start, *_ in ranks
-            ]  # per rank: peak minus the memory before main()
+            # per rank: peak minus the memory before main()
+            loading = [hwm - start for hwm, start, *_ in ranks]
             held = [anon - start_anon for _, _, anon, start_anon, *_ in ranks]
-            read = [
-                file - start_file for *_, file, start_file in ranks
-            ]  # checkpoint pages mapped in
+            # checkpoint pages mapped in
+            read = [file - start_file for *_, file, start_file in ranks]
             print(
                 f"{name}, {config}: loading peak "
                 + ", ".join(

@@ -26,9 +26,8 @@ MB = 2**20
 
 def status(key):
     with open("/proc/self/status") as f:
-        return next(
-            int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")
-        )  # kB -> bytes
+        # kB -> bytes
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 def child(root):
@@ -87,9 +86,8 @@ def child(root):
         packing=False,
     )
     sizes = {"rollout": B, "mini": B, "micro": B, "accum": 1}
-    rto.ppo_update(
-        acc, ro, models, optimizers, schedulers, args, sizes
-    )  # warm-up: the optimisers' state
+    # warm-up: the optimisers' state
+    rto.ppo_update(acc, ro, models, optimizers, schedulers, args, sizes)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back, so that RSS is what is in use
     before = status("VmRSS")

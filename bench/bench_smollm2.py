@@ -162,16 +162,13 @@ def iteration_flops(config, args, prompt_lens, response_len):
     the work of one such pass. The update runs forward and backward (3 passes' worth) of policy and critic."""
     L, d, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     kv = config.num_key_value_heads * d // config.num_attention_heads
-    body = L * (
-        2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
-    )  # weights per token, q/o, k/v, MLP
+    # weights per token, q/o, k/v, MLP
+    body = L * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)
     lengths = [p + response_len for p in prompt_lens]
-    scalar = sum(
-        2 * body * T + 2 * L * d * T**2 for T in lengths
-    )  # a pass with a scalar head (critic, reward)
-    lm = (
-        scalar + len(lengths) * 2 * d * V * response_len
-    )  # a pass with the LM head at the response positions
+    # a pass with a scalar head (critic, reward)
+    scalar = sum(2 * body * T + 2 * L * d * T**2 for T in lengths)
+    # a pass with the LM head at the response positions
+    lm = scalar + len(lengths) * 2 * d * V * response_len
     causal = (
         (not args.generation_logprobs) + 1 + (args.temperature != 1) + (args.reward_mode != "ppo")
     )  # policy,

@@ -15,15 +15,12 @@ GB = 1e9
 # Llama-3-8B
 VOCAB, HIDDEN, LAYERS, FFN, HEADS, KV_HEADS = 128_256, 4096, 32, 14_336, 32, 8
 HEAD_DIM = HIDDEN // HEADS
-LAYER = (
-    2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * HEAD_DIM + 3 * HIDDEN * FFN + 2 * HIDDEN
-)  # one decoder layer
-LM = (
-    2 * VOCAB * HIDDEN + LAYERS * LAYER + HIDDEN
-)  # embeddings, layers, final norm, LM head (untied): 8.03e9
-SCORER = (
-    LM - VOCAB * HIDDEN + HIDDEN
-)  # critic and reward model: no LM head, a 1-wide score head: 7.50e9
+# one decoder layer
+LAYER = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_HEADS * HEAD_DIM + 3 * HIDDEN * FFN + 2 * HIDDEN
+# embeddings, layers, final norm, LM head (untied): 8.03e9
+LM = 2 * VOCAB * HIDDEN + LAYERS * LAYER + HIDDEN
+# critic and reward model: no LM head, a 1-wide score head: 7.50e9
+SCORER = LM - VOCAB * HIDDEN + HIDDEN
 # the recipe's flags (per GPU: the global sizes / --gpus)
 ROLLOUT, GEN_BATCH, MICRO, MAX_LEN = 1024, 32, 2, 1024 + 1024
 PROMPT, RESPONSE = (
@@ -50,9 +47,8 @@ def memory(gpus):
     frozen_states = sum(n * 2 for n in frozen) / gpus / GB  # bf16
     layer_bf16 = LAYER * 2 / GB
     head_bf16 = VOCAB * HIDDEN * 2 / GB
-    activations = (
-        2 * MICRO * MAX_LEN * HIDDEN * 2 * LAYERS / GB
-    )  # checkpointed layer inputs, bf16, both models
+    # checkpointed layer inputs, bf16, both models
+    activations = 2 * MICRO * MAX_LEN * HIDDEN * 2 * LAYERS / GB
     per_token = (
         2 * HIDDEN + 2 * KV_HEADS * HEAD_DIM + 4 * FFN
     ) * 2  # one layer's recomputed activations, bf16
@@ -128,12 +124,10 @@ def lora_memory(rank, gen_batch, micro, dpo_adapter=True):
     reference, DPO adapter; reward model: critic, reward model), adapters and their gradients and Adam state in
     fp32 (16 bytes a parameter, bench/bench_lora_memory.py), nothing sharded or gathered."""
     bases = (LM + SCORER + (0 if dpo_adapter else LM)) * 2 / GB  # bf16
-    adapters = (
-        (2 * lora_params(rank) + HIDDEN) * 16 / GB
-    )  # + the critic's head copy; weights, grads, 2 moments
-    activations = (
-        2 * micro * MAX_LEN * HIDDEN * 2 * LAYERS / GB
-    )  # checkpointed layer inputs, bf16, both models
+    # + the critic's head copy; weights, grads, 2 moments
+    adapters = (2 * lora_params(rank) + HIDDEN) * 16 / GB
+    # checkpointed layer inputs, bf16, both models
+    activations = 2 * micro * MAX_LEN * HIDDEN * 2 * LAYERS / GB
     per_token = (2 * HIDDEN + 2 * KV_HEADS * HEAD_DIM + 4 * FFN) * 2
     base = [
         (f"bases in bf16 ({'2' if dpo_adapter else '3: a full DPO model'})", bases),

@@ -36,9 +36,8 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     P, mask = ro["prompt_len"], ro["response_mask"]
     credit = torch.zeros_like(mask)
     for i, (p, ids, m) in enumerate(zip(prompts, ro["input_ids"][:, P:], mask, strict=True)):
-        tokens = tokenizer.convert_ids_to_tokens(
-            ids[m.bool()].tolist()
-        )  # one word per token on this task
+        # one word per token on this task
+        tokens = tokenizer.convert_ids_to_tokens(ids[m.bool()].tolist())
         words = tokens[:-1] if ro["ended"][i] else tokens
         credit[i, : len(words)] = torch.tensor(toy_task.token_credit(p, words))
     ro["credit"] = credit

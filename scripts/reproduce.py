@@ -47,15 +47,13 @@ VARIANTS = {
     "rto_noclip": ["--dpo_reward_clip", 0],
     "rto_dpo_only": ["--beta3", 0, "--dpo_reward_clip", 0],
 }
-GRID = [
-    (lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)
-]  # actor lr x KL coefficient, the same for all
+# actor lr x KL coefficient, the same for all
+GRID = [(lr, b2) for lr in (5e-5, 1e-4) for b2 in (0.05, 0.1)]
 PROMPTS = toy_task.RL_PROMPTS  # the built-in task's RL prompts
 
 
-THREADS = {
-    "n": os.cpu_count() or 1
-}  # per run: the cores shared out among the --jobs running at once
+# per run: the cores shared out among the --jobs running at once
+THREADS = {"n": os.cpu_count() or 1}
 
 
 def run(script, *args):
@@ -502,9 +500,8 @@ def report(s):
                 statistics.mean(x["by_kind"][kind]["mean_reward"] for x in s["signal"][p])
                 for p in ("sft", "rto")
             ]
-            if any(
-                math.isnan(m) for m in means
-            ):  # a kind of word this task never produces (";" on toy)
+            # a kind of word this task never produces (";" on toy)
+            if any(math.isnan(m) for m in means):
                 continue
             lines.append(f"| {kind} | " + " | ".join(f"{m:+.4f}" for m in means) + " |")
     if "ablation" in s:

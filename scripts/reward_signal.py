@@ -97,18 +97,16 @@ def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
             policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
         )
         mask = b["response_mask"]  # (B, R)
-        r = beta1 * (
-            speed.response_logprobs(dpo, b) - speed.response_logprobs(ref, b)
-        )  # (B, R) token rewards
+        # (B, R) token rewards
+        r = beta1 * (speed.response_logprobs(dpo, b) - speed.response_logprobs(ref, b))
         score = (
             speed.sequence_scores(rm, b) - rm.config.reward_mean
         ) / rm.config.reward_std  # (B,)
         for j, (p, text) in enumerate(zip(chunk, data.decode_responses(tokenizer, b), strict=True)):
             words, L = text.split(), int(mask[j].sum())
             credit, kinds = token_credit(p, words)
-            if len(words) != L - bool(
-                b["ended"][j]
-            ):  # one token per word (+ EOS): true on the built-in task
+            # one token per word (+ EOS): true on the built-in task
+            if len(words) != L - bool(b["ended"][j]):
                 common.fail(
                     f"response {text!r} does not map one word to one token; this analysis needs the "
                     "built-in task's word-level tokenizer"

@@ -32,14 +32,12 @@ def test_the_table_fills_only_flags_left_unset(stage, tmp_path):
     long = parse(stage, "--dataset", common.TOY_LONG)
     for flag, default in module.DEFAULTS.items():
         assert getattr(builtin, flag) == default.toy and getattr(real, flag) == default.real, flag
-        on_long = (
-            default.toy if default.toy_long is None else default.toy_long
-        )  # toy-long's own value, if any
+        # toy-long's own value, if any
+        on_long = default.toy if default.toy_long is None else default.toy_long
         assert getattr(long, flag) == on_long, flag
         given = "rm:y" if flag == "judge" else 7
-        assert getattr(parse(stage, f"--{flag}", given), flag) == given, (
-            flag
-        )  # a given value wins on either task
+        # a given value wins on either task
+        assert getattr(parse(stage, f"--{flag}", given), flag) == given, flag
         assert (
             getattr(parse(stage, "--dataset", tmp_path / "p.jsonl", f"--{flag}", given), flag)
             == given
@@ -147,25 +145,21 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
         True,
         "toy-long",
     )  # typed as flags are
-    assert args.max_response_len == 96 and args.config == str(
-        config
-    )  # the table still fills what it leaves unset
-    args = parse(
-        "sft.py", "--config", config, "--lr", "3e-3", "--dataset", "toy"
-    )  # the command line wins
+    # the table still fills what it leaves unset
+    assert args.max_response_len == 96 and args.config == str(config)
+    # the command line wins
+    args = parse("sft.py", "--config", config, "--lr", "3e-3", "--dataset", "toy")
     assert (args.lr, args.epochs, args.dataset, args.max_response_len) == (3e-3, 5, "toy", 24)
     acc = SimpleNamespace(num_processes=1, wait_for_everyone=lambda: None, is_main_process=True)
     argv = ["--config", str(config), "--output_dir", str(tmp_path / "out")]
     common.prepare_output_dir(common.parse_args(sft.Args, argv, sft.DEFAULTS), acc)
     saved = json.loads((tmp_path / "out" / "args.json").read_text())  # the record of what ran
     assert (saved["lr"], saved["epochs"], saved["config"]) == (1e-4, 5, str(config))
-    config.write_text(
-        "models: [sft=a, dpo=b]\ncurves: results/rto\n"
-    )  # list flags: a list or one value
+    # list flags: a list or one value
+    config.write_text("models: [sft=a, dpo=b]\ncurves: results/rto\n")
     args = parse("evaluate.py", "--config", config)
-    assert args.models == ["a=x"] and args.curves == [
-        "results/rto"
-    ]  # parse() gives --models on the command line
+    # parse() gives --models on the command line
+    assert args.models == ["a=x"] and args.curves == ["results/rto"]
     assert common.parse_args(evaluate.Args, ["--config", str(config)]).models == ["sft=a", "dpo=b"]
     config.write_text("sft_ckpt: runs/sft\nnormalize_reward: false\nbeta3: 0\nkl_target: null\n")
     import rto

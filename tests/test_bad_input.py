@@ -85,9 +85,8 @@ def test_bad_input_stops_the_stage_before_it_writes(tmp_path, case):
     line = e.value.code
     assert isinstance(line, str) and line.startswith("error:") and "\n" not in line, line
     assert names in line, line
-    if (
-        case == "resume without a checkpoint"
-    ):  # found after the output folder is set up (args.json written)
+    # found after the output folder is set up (args.json written)
+    if case == "resume without a checkpoint":
         assert line.startswith("error: --resume")
     else:
         assert not out.exists()

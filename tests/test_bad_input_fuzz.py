@@ -171,9 +171,8 @@ EXTRA = ["zq_id", "zq_meta", "zq_score", "zq_note"]
 def wrong_type(rng, row):
     c, k = rng.choice(layout_slots(row, lambda v: isinstance(v, (str, list))))
     c[k] = copy.deepcopy(rng.choice(NOT_TEXT + MAYBE))
-    return not isinstance(
-        c[k], (list, type(None))
-    )  # a number, bool or dict where text or messages go: reject
+    # a number, bool or dict where text or messages go: reject
+    return not isinstance(c[k], (list, type(None)))
 
 
 def missing_field(rng, row):
@@ -448,9 +447,8 @@ def check_stage_loaders(path, skip, rows, capsys, tokenizers, pairs):
         train, held = data.load_pairs(path, args)
     except SystemExit as e:
         assert_clean_exit(e, path)
-        if isinstance(
-            rows, list
-        ):  # load_rows worked: only a prompt-only file or nothing but ties may stop it
+        # load_rows worked: only a prompt-only file or nothing but ties may stop it
+        if isinstance(rows, list):
             assert (
                 "holds prompts only" in e.code
                 if not pairs
@@ -498,9 +496,8 @@ def test_corrupted_rows(tmp_path, capsys, tokenizers, name, kind):
     lenient = check_load_rows(path, True, capsys, clean, touched, must_reject, leaves, pairs)
     if isinstance(strict, list):
         assert lenient == strict  # nothing to skip
-    elif (
-        " row " in strict
-    ):  # the file was read and one row refused: --skip_bad_rows must get past it
+    # the file was read and one row refused: --skip_bad_rows must get past it
+    elif " row " in strict:
         assert isinstance(lenient, list), lenient
     check_stage_loaders(path, True, lenient, capsys, tokenizers, pairs)
     check_stage_loaders(path, False, strict, capsys, tokenizers, pairs)
@@ -658,9 +655,8 @@ def test_answers_that_read_as_json_stay_text_beside_a_mixed_column(tmp_path):
 )
 def test_a_broken_line_is_one_skippable_row(tmp_path, capsys, line, why):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, line, GOOD])
-    if line.startswith(
-        b"["
-    ):  # a line that opens with "[" only counts as a row after the first line
+    # a line that opens with "[" only counts as a row after the first line
+    if line.startswith(b"["):
         path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, line])
     with pytest.raises(SystemExit) as e:
         data.load_rows(path)

@@ -270,9 +270,8 @@ def test_real_file_loads(name):
             assert row["chosen"].strip() or row["rejected"].strip()
             empty += not row["chosen"].strip() or not row["rejected"].strip()
     assert odd == PROMPT_ENDS_WITH_ASSISTANT.get(name, 0)
-    assert empty <= 0.01 * len(
-        rows
-    )  # a few empty replies in the sources (kept: EOS alone is the response)
+    # a few empty replies in the sources (kept: EOS alone is the response)
+    assert empty <= 0.01 * len(rows)
 
 
 def test_real_hh_transcripts_rejoin():
@@ -297,13 +296,11 @@ def test_real_hh_transcripts_rejoin():
             head + " " + row["chosen"] == raw["chosen"]
             and head + " " + row["rejected"] == raw["rejected"]
         )
-    for raw, row in list(zip(raws, rows, strict=True))[
-        :5
-    ]:  # well-formed rows: prompt + " " + answer is the transcript
+    # well-formed rows: prompt + " " + answer is the transcript
+    for raw, row in list(zip(raws, rows, strict=True))[:5]:
         assert data.format_prompt(hh, row["prompt"]) + " " + row["chosen"] == raw["chosen"]
-    assert exact >= 0.99 * len(
-        rows
-    )  # the rest differ only in whitespace, or are malformed in the source
+    # the rest differ only in whitespace, or are malformed in the source
+    assert exact >= 0.99 * len(rows)
     assert [i for i, r in enumerate(rows) if not r["chosen"]] == [
         86,
         516,
@@ -340,9 +337,8 @@ def test_real_load_pairs(capsys):
     train, held = data.load_pairs(
         path, SimpleNamespace(seed=0, skip_bad_rows=False, dataset_split="train")
     )
-    assert (
-        "note: skipped 1 pairs whose chosen equals rejected" in capsys.readouterr().err
-    )  # row 224
+    # row 224
+    assert "note: skipped 1 pairs whose chosen equals rejected" in capsys.readouterr().err
     assert (len(train), len(held)) == (237, 12)  # int(249 * 0.05) held out
 
     def key(r):
@@ -407,9 +403,8 @@ def test_encode_examples_toy(toy_tok, capsys):
 
 
 def test_encode_examples_keys_and_limits_are_inclusive(toy_tok, capsys):
-    rows = [
-        {"prompt": [U("describe music")], "response": "drum piano ."}
-    ]  # prompt 4 tokens, response 3 + EOS
+    # prompt 4 tokens, response 3 + EOS
+    rows = [{"prompt": [U("describe music")], "response": "drum piano ."}]
     out = data.encode_examples(
         toy_tok, rows, max_prompt_len=4, max_response_len=4, keys=("response",)
     )
@@ -450,9 +445,8 @@ def test_encode_examples_bytes_prompt_limit(byte_tok, capsys):
         {"prompt": [U("a" * 10)], "chosen": "x", "rejected": "y"},
         {"prompt": [U("a" * 11)], "chosen": "x", "rejected": "y"},
     ]
-    out = data.encode_examples(
-        byte_tok, rows, 2 + 12, 8
-    )  # <|user|> " " + 10 × a + " " <|assistant|>
+    # <|user|> " " + 10 × a + " " <|assistant|>
+    out = data.encode_examples(byte_tok, rows, 2 + 12, 8)
     assert [len(e["prompt"]) for e in out] == [14]
     assert "skipped 1 prompts over 14 tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="15 tokens > --max_prompt_len 14"):
@@ -498,6 +492,5 @@ def test_decoded_responses_keep_junk_special_tokens_but_not_the_final_eos():
     batch = data.collate([p, p], [r, r[:1]], tok.pad_token_id)
     texts = data.decode_responses(tok, batch)
     assert texts == ["apple <unk> pear", "apple"]
-    assert (
-        toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0
-    )  # <unk> is junk to the judge
+    # <unk> is junk to the judge
+    assert toy_task.oracle_reward("tell me about fruit", texts[0]) == 1.0

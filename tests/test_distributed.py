@@ -49,9 +49,8 @@ def launch(config, script, *args, timeout=180):
         proc = run_group(cmd, env, timeout)
         assert proc is not None, f"{script} under {config} hung twice"
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "processes: 2" in proc.stdout, proc.stdout[
-        -2000:
-    ]  # not a silent single-process fallback
+    # not a silent single-process fallback
+    assert "processes: 2" in proc.stdout, proc.stdout[-2000:]
     return proc
 
 
@@ -230,14 +229,12 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     ]
     run_main("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
     one = rto_numbers(tmp_path / "one")
-    assert (
-        len({v for _, k, v in one if k == "response_length"}) == 2
-    )  # two iterations, different rollouts
+    # two iterations, different rollouts
+    assert len({v for _, k, v in one if k == "response_length"}) == 2
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
         out = tmp_path / config
-        packing = (
-            ["--packing"] if config == "cpu_fsdp.yaml" else []
-        )  # FSDP2 with packed micro-batches, too
+        # FSDP2 with packed micro-batches, too
+        packing = ["--packing"] if config == "cpu_fsdp.yaml" else []
         launch(
             config,
             "rto.py",
@@ -439,35 +436,28 @@ def test_fsdp_shards_frozen_models_and_accumulated_gradients_and_whitening_spans
         kept,
         *collectives,
     ) in rows:
-        assert (
-            kept == "1"
-        )  # reshard-after-forward settings as Accelerate chose them, after a rollout
-        assert (
-            int(local) <= int(total) // 2 + 1000
-        )  # about half of the parameters per rank, not a replica
-        assert (
-            int(after_forward) >= 1 and int(after_reshard) == 0
-        )  # only its shard once scoring is done
-        assert (
-            sharded == "1" and int(local_grad) <= int(total) // 2 + 1000
-        )  # a shard of the gradient, mid-accumulation
+        # reshard-after-forward settings as Accelerate chose them, after a rollout
+        assert kept == "1"
+        # about half of the parameters per rank, not a replica
+        assert int(local) <= int(total) // 2 + 1000
+        # only its shard once scoring is done
+        assert int(after_forward) >= 1 and int(after_reshard) == 0
+        # a shard of the gradient, mid-accumulation
+        assert sharded == "1" and int(local_grad) <= int(total) // 2 + 1000
         short, long, control_short, control_long = map(int, collectives)  # max_new_tokens 2 and 12
         assert 0 < short == long  # a rollout's collectives do not grow with its length ...
-        assert (
-            control_long - control_short >= 10
-        )  # ... where generate() on the sharded model gathers per token
-    assert (
-        rows[0][3] == rows[1][3]
-    )  # and the sharded model still computes the same thing on both ranks
+        # ... where generate() on the sharded model gathers per token
+        assert control_long - control_short >= 10
+    # and the sharded model still computes the same thing on both ranks
+    assert rows[0][3] == rows[1][3]
     from types import SimpleNamespace
 
     import rto
 
     g = torch.Generator().manual_seed(0)
     x, mask = torch.randn(6, 5, generator=g), (torch.rand(6, 5, generator=g) < 0.7).float()
-    one = rto.whiten(
-        SimpleNamespace(reduce=lambda t, op: t, device=torch.device("cpu")), x, mask
-    )  # one process, all of the data
+    # one process, all of the data
+    one = rto.whiten(SimpleNamespace(reduce=lambda t, op: t, device=torch.device("cpu")), x, mask)
     two = torch.cat([torch.load(tmp_path / f"whiten-{rank}.pt") for rank in (0, 1)])
     torch.testing.assert_close(two, one, atol=1e-6, rtol=0)
 
@@ -614,6 +604,5 @@ def test_every_collective_goes_through_common_reduce_or_gather_which_put_tensors
         common.reduce(fake, torch.ones(2)),
         common.gather(fake, torch.ones(2, 2)),
     )
-    assert (
-        seen == [torch.device("meta")] * 3
-    )  # a number or a CPU tensor: moved before the collective
+    # a number or a CPU tensor: moved before the collective
+    assert seen == [torch.device("meta")] * 3

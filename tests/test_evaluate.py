@@ -96,9 +96,8 @@ def test_rm_judge(tiny):
     batch, seqs = hand_batch(tiny.tok)
     scores = evaluate.judge_scores(judge, batch, None, None)
     assert scores == speed.sequence_scores(judge["rm"], batch).tolist()
-    for score, (p, r) in zip(
-        scores, seqs, strict=True
-    ):  # the head read at the last token of the unpadded sequence
+    # the head read at the last token of the unpadded sequence
+    for score, (p, r) in zip(scores, seqs, strict=True):
         alone = judge["rm"](input_ids=torch.tensor([p + r])).logits[0, -1].item()
         assert score == pytest.approx(alone, abs=1e-4)
 
@@ -113,9 +112,8 @@ def test_dpo_judge_is_beta_times_sequence_log_ratio(tiny):
     batch, seqs = hand_batch(tiny.tok)
     scores = evaluate.judge_scores(judge, batch, None, None)
 
-    def seq_logp(
-        model, p, r
-    ):  # naive: one unpadded sequence, sum of log-probs of the response tokens
+    # naive: one unpadded sequence, sum of log-probs of the response tokens
+    def seq_logp(model, p, r):
         logp = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
         return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
 
@@ -168,9 +166,8 @@ def fake_runs(tmp_path):
 
 
 def test_curves_csv_without_matplotlib(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(
-        sys.modules, "matplotlib", None
-    )  # `import matplotlib` now raises ImportError
+    # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     path = evaluate.plot_curves(evaluate.read_curves(fake_runs(tmp_path)), str(tmp_path))
     assert path.endswith("curves.csv") and "matplotlib is not installed" in capsys.readouterr().out
     rows = [line.split(",") for line in open(path).read().splitlines()]
@@ -181,9 +178,8 @@ def test_curves_csv_without_matplotlib(tmp_path, monkeypatch, capsys):
         "kl_per_token",
         "0.01",
     ] in rows
-    assert (
-        len(rows) == 1 + 2 * 3 + 2 * 2
-    )  # rto: 3 metrics x 2 iterations; ppo: 2 x 2; no before/after lines
+    # rto: 3 metrics x 2 iterations; ppo: 2 x 2; no before/after lines
+    assert len(rows) == 1 + 2 * 3 + 2 * 2
 
 
 def test_curves_png(tmp_path):
@@ -219,16 +215,14 @@ def test_end_to_end(tiny, tmp_path, one_thread):
     w = json.loads((out / "winrates.json").read_text())["win_rates"]
     rows = [json.loads(line) for line in open(out / "responses.jsonl")]
     assert len(rows) == 32 and {r["model"] for r in rows} == {"a", "b"}
-    a, b = (
-        [r["score"] for r in rows if r["model"] == m] for m in ("a", "b")
-    )  # the table from the responses
+    # the table from the responses
+    a, b = ([r["score"] for r in rows if r["model"] == m] for m in ("a", "b"))
     by_hand = (
         sum(0.5 if abs(x - y) <= 1e-6 else float(x > y) for x, y in zip(a, b, strict=True)) / 16
     )
     assert w["a"]["b"] == pytest.approx(by_hand)
-    shown = sum(
-        r["length"] for r in rows if r["prompt_index"] < 2
-    )  # 2 responses of each model, token by token
+    # 2 responses of each model, token by token
+    shown = sum(r["length"] for r in rows if r["prompt_index"] < 2)
     assert (out / "token_rewards.html").read_text().count("<span") == shown
 
 

@@ -111,9 +111,8 @@ def test_chunked_logprobs_entropy_and_gradients_match_rtos_plain_lines(monkeypat
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         grads[-1]["values"] = (lp.detach(), ent)
     for name, got in grads[0].items():
-        torch.testing.assert_close(
-            got, grads[1][name], atol=1e-4, rtol=1e-5, msg=name
-        )  # gradients up to ~50
+        # gradients up to ~50
+        torch.testing.assert_close(got, grads[1][name], atol=1e-4, rtol=1e-5, msg=name)
     assert not grads[0]["values"][1].requires_grad
 
 
@@ -256,9 +255,8 @@ def test_prefill_caches_what_a_padded_forward_does_and_generation_goes_on_from_i
                     a.shape[:2] + a.shape[3:] == b.shape[:2] + b.shape[3:]
                     and a.shape[2] == b.shape[2] + 1 + 8
                 )
-                a = a[
-                    :, :, : b.shape[2]
-                ]  # the prompts' columns; the rest is room for the last one and 8 new
+                # the prompts' columns; the rest is room for the last one and 8 new
+                a = a[:, :, : b.shape[2]]
                 torch.testing.assert_close(
                     a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5, rtol=0
                 )
@@ -349,9 +347,8 @@ def test_a_reward_model_whose_head_is_not_in_the_checkpoint_is_refused_not_given
         match=r"--rm_ckpt .*lm: the checkpoint has no weights for the reward head `score`",
     ):
         common.load_scorer(str(tmp_path / "lm"), tok, "--rm_ckpt")
-    scorer = common.load_scorer(
-        str(tmp_path / "lm"), tok, "--sft_ckpt", new_head=True
-    )  # a critic's new head
+    # a critic's new head
+    scorer = common.load_scorer(str(tmp_path / "lm"), tok, "--sft_ckpt", new_head=True)
     scorer.save_pretrained(tmp_path / "rm")
     assert torch.equal(
         common.load_scorer(str(tmp_path / "rm"), tok, "--rm_ckpt").score.weight, scorer.score.weight

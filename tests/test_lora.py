@@ -113,9 +113,8 @@ def test_roles_on_one_base_equal_the_separate_models(tiny):
         torch.testing.assert_close(ref, lp_sft, rtol=0, atol=1e-6)
         dpo = speed.response_logprobs(lora.AdapterView(policy, "dpo"), batch)
         want = speed.response_logprobs(merged_dpo, batch) - lp_sft
-        torch.testing.assert_close(
-            0.1 * (dpo - ref), 0.1 * want, rtol=0, atol=1e-5
-        )  # the DPO token reward
+        # the DPO token reward
+        torch.testing.assert_close(0.1 * (dpo - ref), 0.1 * want, rtol=0, atol=1e-5)
     # after the views ran, only the trained adapter requires grad; the DPO adapter stays frozen
     names = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert names and all(".lora_" in n and ".default." in n for n in names)
@@ -131,9 +130,8 @@ def test_merged_export_and_adapter_folder_reload_with_the_same_logits(tiny):
     adapted.lora.load_adapter(str(root / "dpo"), adapter_name="dpo")
     adapted.lora.set_adapter("dpo")
     plain = AutoModelForCausalLM.from_pretrained(str(root / "dpo" / "merged"))  # no peft involved
-    folder = common.load_causal_lm(
-        str(root / "dpo"), tok, "--dpo_ckpt"
-    )  # the adapter folder, merged on load
+    # the adapter folder, merged on load
+    folder = common.load_causal_lm(str(root / "dpo"), tok, "--dpo_ckpt")
     assert not hasattr(plain, "lora") and folder.config.dpo_beta == 0.1
     with torch.no_grad():
         want = adapted(input_ids=ids).logits
@@ -153,9 +151,8 @@ def test_a_base_with_other_weights_fails_with_one_line(tiny, tmp_path):
     bf16 = common.cast(
         common.load_causal_lm(str(tiny["root"] / "sft"), tiny["tokenizer"]), torch.bfloat16
     )
-    assert lora.fingerprint(bf16) == lora.fingerprint(
-        tiny["sft"]
-    )  # the rule is the weights, not the dtype
+    # the rule is the weights, not the dtype
+    assert lora.fingerprint(bf16) == lora.fingerprint(tiny["sft"])
     # the base an adapter folder names now holds other weights: loading it fails too
     moved = tmp_path / "dpo"
     dpo_adapter(tmp_path / "other", tiny["tokenizer"], moved)
@@ -510,7 +507,6 @@ def test_an_adapter_on_other_weights_stops_both_ranks_within_a_minute_with_one_l
         f"error: --dpo_ckpt {tmp_path / 'dpo'}: an adapter trained on other base weights"
         in proc.stderr
     )
-    assert (
-        "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
-    )  # (the launcher's
+    # (the launcher's
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # own report of the failed ranks has one)

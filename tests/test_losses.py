@@ -97,18 +97,16 @@ def test_gae_matches_a_naive_loop(gamma, lam):
     lengths = torch.tensor([9, 1, 4, 7, 2, 9])
     mask = (torch.arange(R)[None] < lengths[:, None]).float()
     rewards = torch.randn(B, R, generator=g, dtype=torch.float64) * mask
-    values = torch.randn(
-        B, R, generator=g, dtype=torch.float64
-    )  # garbage after the end: must be ignored
+    # garbage after the end: must be ignored
+    values = torch.randn(B, R, generator=g, dtype=torch.float64)
     adv, ret = rto.gae(rewards, values, mask.double(), gamma, lam)
     adv_ref, ret_ref = naive_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv, adv_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(ret, ret_ref, atol=1e-6, rtol=0)
 
 
-ONE_PROCESS = SimpleNamespace(
-    reduce=lambda x, op: x, device=torch.device("cpu")
-)  # accelerator.reduce, 1 process
+# accelerator.reduce, 1 process
+ONE_PROCESS = SimpleNamespace(reduce=lambda x, op: x, device=torch.device("cpu"))
 
 
 def test_whitening_matches_a_naive_loop_over_the_masked_entries():
@@ -159,9 +157,8 @@ def test_value_loss_by_hand():
 def test_adaptive_kl_controller_by_hand():
     args = SimpleNamespace(kl_target=1.0, kl_horizon=100)
     assert rto.update_kl_coef(0.1, 2.0, SimpleNamespace(kl_target=None, kl_horizon=100), 10) == 0.1
-    assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(
-        0.1 * (1 + 0.2 * 0.1)
-    )  # error clipped at 0.2
+    # error clipped at 0.2
+    assert rto.update_kl_coef(0.1, 5.0, args, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert rto.update_kl_coef(0.1, 0.9, args, 10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
 
 

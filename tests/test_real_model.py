@@ -156,14 +156,12 @@ def test_smollm2_through_every_stage(tmp_path):
         )
         assert {p.dtype for p in model.parameters()} == {torch.float32}
     for folder in (rm, rto / "critic"):
-        AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=1
-        )  # loads as a scalar-head model
+        # loads as a scalar-head model
+        AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
     tok = AutoTokenizer.from_pretrained(sft)
     assert tok.chat_template and "<|im_end|>" in tok.chat_template
-    assert (
-        tok.eos_token == "<|im_end|>"
-    )  # the template's end of an assistant turn (see common.load_tokenizer)
+    # the template's end of an assistant turn (see common.load_tokenizer)
+    assert tok.eos_token == "<|im_end|>"
     tok.eos_token = "<|endoftext|>"  # a base model's EOS under the same ChatML template: load_tokenizer switches
     tok.save_pretrained(tmp_path / "base_tokenizer")
     assert common.load_tokenizer(str(tmp_path / "base_tokenizer"), "x").eos_token == "<|im_end|>"

@@ -40,9 +40,8 @@ def test_recipe_command_lines_parse(recipe):
         args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
         assert args.output_dir and args.bf16
         if script == "rto.py":
-            rto.validate(
-                common.apply_defaults(args, rto.DEFAULTS)
-            )  # the mode has the models it needs
+            # the mode has the models it needs
+            rto.validate(common.apply_defaults(args, rto.DEFAULTS))
             rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
 
 
@@ -118,16 +117,14 @@ def output_dir(argv):
 
 def test_documented_command_lines_parse(monkeypatch):
     monkeypatch.chdir(ROOT)  # a --config file is named from the repository root
-    assert {script for script, *_ in doc_lines([ROOT / "README.md"])} == set(
-        PARSERS
-    )  # the README shows every stage
+    # the README shows every stage
+    assert {script for script, *_ in doc_lines([ROOT / "README.md"])} == set(PARSERS)
     commands = doc_lines()
     for script, *argv in commands:
         args = common.parse_args(PARSERS[script], argv)  # an unknown flag exits here
         if script == "rto.py":
-            rto.validate(
-                common.apply_defaults(args, rto.DEFAULTS)
-            )  # the mode has the models it needs
+            # the mode has the models it needs
+            rto.validate(common.apply_defaults(args, rto.DEFAULTS))
             rto.batch_sizes(args, 8)  # sizes divide on 8 GPUs
 
 
@@ -151,9 +148,8 @@ def test_the_docs_show_the_recipes_commands():
         for line in recipe_lines("pythia28b_hh.sh")
         if line[0] == "rto.py" and flags(line).get("--reward_mode") == ("rto",)
     ]
-    assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(
-        output_dir, shown
-    )  # the paper's RTO run is shown
+    # the paper's RTO run is shown
+    assert len(pythia_rto) == 1 and output_dir(pythia_rto[0]) in map(output_dir, shown)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

@@ -75,9 +75,8 @@ def test_kill_and_resume_gives_the_uninterrupted_run(stage, pipeline, tmp_path):
     assert not (out / "config.json").exists()  # the killed run never looked complete
     run_main(stage, *args, "--output_dir", out, "--resume")
     assert read_metrics(out) == read_metrics(tmp_path / "clean")
-    if (
-        stage == "dpo.py"
-    ):  # the checkpoint and the resumed steps lie past the first epoch, the run within 3
+    # the checkpoint and the resumed steps lie past the first epoch, the run within 3
+    if stage == "dpo.py":
         per_epoch = math.ceil(
             json.loads((out / "args.json").read_text())["derived"]["train_pairs"] / 32
         )
@@ -103,9 +102,8 @@ def test_rto_resumes_after_a_kill_to_the_uninterrupted_run(pipeline, tmp_path):
         "--kl_horizon",
         100,
     )
-    run_main(
-        "rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args)
-    )  # in this process, and the killed
+    # in this process, and the killed
+    run_main("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *common_args))
     # one with this process's thread count: the numbers can then agree to the bit
     out = tmp_path / "killed"
     kill_after_checkpoint(
@@ -118,9 +116,8 @@ def test_rto_resumes_after_a_kill_to_the_uninterrupted_run(pipeline, tmp_path):
     clean, resumed = iteration_metrics(tmp_path / "clean"), iteration_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed == clean
-    for prev, cur in itertools.pairwise(
-        clean
-    ):  # per-response KL feeds the controller (6 decimals as logged)
+    # per-response KL feeds the controller (6 decimals as logged)
+    for prev, cur in itertools.pairwise(clean):
         error = max(-0.2, min(0.2, prev["kl_per_response"] / 0.05 - 1))
         assert cur["beta2"] == pytest.approx(prev["beta2"] * (1 + error * 32 / 100), abs=2e-6)
     assert len({r["beta2"] for r in clean}) == 4

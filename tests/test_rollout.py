@@ -46,13 +46,11 @@ def test_num_iterations_from_episodes_or_steps():
         )
 
     assert rto.num_iterations(args(), 2000) == 32  # one pass: ceil(2000 / 64)
-    assert (
-        rto.num_iterations(args(num_episodes=200), 2000) == 4
-    )  # prompts rolled out, not passes: ceil(200 / 64)
+    # prompts rolled out, not passes: ceil(200 / 64)
+    assert rto.num_iterations(args(num_episodes=200), 2000) == 4
     assert rto.num_iterations(args(num_iterations=5), 2000) == 5
-    assert (
-        rto.num_iterations(args(max_steps=20), 2000) == 3
-    )  # 8 optimiser steps per iteration: ceil(20 / 8)
+    # 8 optimiser steps per iteration: ceil(20 / 8)
+    assert rto.num_iterations(args(max_steps=20), 2000) == 3
     assert rto.num_iterations(args(num_iterations=2, max_steps=100), 2000) == 2
 
 
@@ -66,9 +64,8 @@ def test_prompts_are_sharded_once_per_pass_and_never_twice_in_an_iteration():
         assert len(set(both)) == 4  # no prompt twice in one iteration, across the two processes
         walk += both
         seeds += batch[0][1] + batch[1][1]
-    assert sorted(walk[:10]) == sorted(prompts) and sorted(walk[10:]) == sorted(
-        prompts
-    )  # each once per pass
+    # each once per pass
+    assert sorted(walk[:10]) == sorted(prompts) and sorted(walk[10:]) == sorted(prompts)
     assert len(set(seeds)) == 20  # every rollout of a prompt has its own sampling seed
     assert rto.iteration_prompts(prompts, order, 1, args, 1, 2)[1] == [3 * 2**32 + 6, 3 * 2**32 + 7]
 
@@ -78,9 +75,8 @@ def test_sampler_draws_from_the_tempered_nucleus():
     top-p nucleus and renormalised; each row's draw depends only on its own generator."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     T, top_p, n = 0.7, 0.8, 6000
-    p = (logits / T).softmax(
-        -1
-    )  # 0.73, 0.17, 0.08, ...: the nucleus reaching 0.8 is the first two tokens
+    # 0.73, 0.17, 0.08, ...: the nucleus reaching 0.8 is the first two tokens
+    p = (logits / T).softmax(-1)
     expected = torch.where(torch.arange(6) < 2, p, torch.zeros(6))
     expected = expected / expected.sum()
     pick = rto.draw_with_own_generators(
@@ -146,9 +142,8 @@ def test_bf16_stores_the_frozen_models_in_bf16_and_trains_fp32_weights(pipeline,
         "dpo": {torch.bfloat16},
         "rm": {torch.bfloat16},
     }
-    assert {b.dtype for b in models["ref"].buffers()} == {
-        torch.float32
-    }  # rotary frequencies: as in the policy
+    # rotary frequencies: as in the policy
+    assert {b.dtype for b in models["ref"].buffers()} == {torch.float32}
 
 
 def test_modes_load_only_the_models_they_need_and_fail_clearly_without_them(pipeline, acc):
@@ -184,18 +179,16 @@ def test_logprobs_and_values_match_each_sequence_alone_at_temperature(pipeline, 
     )
     mask, P = ro["response_mask"], ro["prompt_len"]
     assert mask.sum(-1).min() < mask.shape[1]  # response lengths differ: right padding is exercised
-    assert (
-        len({len(data.encode_prompt(tok, p)) for p in prompts}) > 1
-    )  # and so do prompt lengths: left padding
+    # and so do prompt lengths: left padding
+    assert len({len(data.encode_prompt(tok, p)) for p in prompts}) > 1
     for key in ("logprobs", "ref_logprobs", "dpo_log_ratio", "values"):
         assert (ro[key] * (1 - mask) == 0).all(), key  # nothing after the first EOS
     for i in range(len(prompts)):  # each sequence alone, unpadded
         n, ids = int(mask[i].sum()), data.encode_prompt(tok, prompts[i])
         resp = ro["input_ids"][i, P : P + n].tolist()
         full = torch.tensor([ids + resp])
-        logits = (
-            models["policy"](full).logits[0, len(ids) - 1 : -1] / 0.7
-        )  # (n, V): predicts each response token
+        # (n, V): predicts each response token
+        logits = models["policy"](full).logits[0, len(ids) - 1 : -1] / 0.7
         expected = logits.log_softmax(-1).gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
         torch.testing.assert_close(ro["logprobs"][i, :n], expected, atol=1e-5, rtol=0)
         head = []
@@ -211,9 +204,8 @@ def test_logprobs_and_values_match_each_sequence_alone_at_temperature(pipeline, 
     assert ro["padding_share"] == pytest.approx(
         padding_share(ro, ro["attention_mask"].sum(-1).argsort(), 5)
     )
-    assert (
-        ro["padding_share"] < 1 - ro["attention_mask"].float().mean()
-    )  # less than the untrimmed batch's
+    # less than the untrimmed batch's
+    assert ro["padding_share"] < 1 - ro["attention_mask"].float().mean()
 
 
 @torch.no_grad()
@@ -298,9 +290,8 @@ def test_critic_starts_as_the_normalised_reward_model_and_reloads_the_same(pipel
     torch.testing.assert_close(
         (raw - cfg.reward_mean) / cfg.reward_std, ro["rm_score"], atol=1e-5, rtol=0
     )
-    raw_args = rto_args(
-        pipeline, "--no_normalize_reward"
-    )  # off with the flag: the critic keeps the raw scale
+    # off with the flag: the critic keeps the raw scale
+    raw_args = rto_args(pipeline, "--no_normalize_reward")
     raw_values = speed.head_outputs(again, ro)[:, ro["prompt_len"] - 1 : -1] * ro["response_mask"]
     torch.testing.assert_close(rto.critic_values(again, ro, raw_args), raw_values)
     assert (raw_values - ro["values"]).abs().max() > 0.1
@@ -479,9 +470,8 @@ def test_packed_sdpa_decodes_left_padded_rows_with_grouped_heads_as_transformers
     packed_sdpa under the padding mask equals transformers' sdpa, which repeats the key and value heads, to 1e-6."""
     torch.manual_seed(1)
     q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 9, 8), torch.randn(3, 2, 9, 8)
-    mask = (torch.arange(9) >= torch.tensor([0, 3, 7])[:, None])[
-        :, None, None
-    ]  # (b, 1, 1, L_kv): left padding
+    # (b, 1, 1, L_kv): left padding
+    mask = (torch.arange(9) >= torch.tensor([0, 3, 7])[:, None])[:, None, None]
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
     ours, _ = speed.packed_sdpa(module, q, k, v, mask, scaling=0.3)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
@@ -518,9 +508,8 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, n=8)
     _, mb = next(rto.micro_batches(ro, 8, torch.arange(8)))
     assert (mb["attention_mask"] == 0).float().mean() > 0.2  # much padding to drop
-    assert (
-        models["policy"].config._attn_implementation == "sdpa_packed"
-    )  # speed.packed_sdpa for packed rows
+    # speed.packed_sdpa for packed rows
+    assert models["policy"].config._attn_implementation == "sdpa_packed"
     out = []
     for packing in (False, True):
         b = speed.pack(mb) if packing else mb
@@ -533,12 +522,10 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
             [lp.detach(), ent, values.detach()]
             + [p.grad.clone() for m in (models["policy"], models["critic"]) for p in m.parameters()]
         )
-    torch.testing.assert_close(
-        out[1][:3], out[0][:3], atol=1e-6, rtol=1e-6
-    )  # log-probs ~ -3: float32 rounding
-    torch.testing.assert_close(
-        out[1][3:], out[0][3:], atol=1e-5, rtol=1e-5
-    )  # gradients: other summation orders
+    # log-probs ~ -3: float32 rounding
+    torch.testing.assert_close(out[1][:3], out[0][:3], atol=1e-6, rtol=1e-6)
+    # gradients: other summation orders
+    torch.testing.assert_close(out[1][3:], out[0][3:], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_frozen_pass_gives_the_padded_outputs_and_packing_is_the_default_on_real_data(
@@ -560,9 +547,8 @@ def test_packed_frozen_pass_gives_the_padded_outputs_and_packing_is_the_default_
         models,
         dataclasses.replace(args, packing=True),
     )
-    order = (
-        ro["attention_mask"].sum(-1).argsort()
-    )  # the frozen pass's forward batches: grouped by length
+    # the frozen pass's forward batches: grouped by length
+    order = ro["attention_mask"].sum(-1).argsort()
     assert (
         ro["padding_share"] == pytest.approx(padding_share(ro, order, 8))
         and ro["padding_share"] > 0.1
@@ -648,9 +634,8 @@ def test_ppo_and_dppo_run_several_iterations(mode, pipeline, tmp_path):
     assert len(it) == 3
     for key in ("reward_total", "policy_loss", "value_loss", "kl_per_token", "entropy"):
         assert all(math.isfinite(r[key]) for r in it), key
-    assert (
-        len({r["kl_per_token"] for r in it}) == 3 and it[0]["kl_per_token"] == 0
-    )  # the policy moves
+    # the policy moves
+    assert len({r["kl_per_token"] for r in it}) == 3 and it[0]["kl_per_token"] == 0
     assert ("sentence_reward" in it[0]) == (mode == "ppo") and (
         "dpo_reward_per_response" in it[0]
     ) == (mode == "dppo")
@@ -674,9 +659,8 @@ def test_a_non_finite_reward_stops_the_run_or_skips_the_iteration(pipeline, tmp_
     with pytest.raises(SystemExit, match="non-finite reward at iteration 1"):
         rto.main(list(map(str, rto_cmd(pipeline, tmp_path / "stop", *small))))
     rto.main(list(map(str, rto_cmd(pipeline, tmp_path / "skip", *small, "--skip_nonfinite"))))
-    assert (
-        iteration_metrics(tmp_path / "skip") == []
-    )  # both iterations skipped, the run still ends and saves
+    # both iterations skipped, the run still ends and saves
+    assert iteration_metrics(tmp_path / "skip") == []
     assert (tmp_path / "skip" / "model.safetensors").exists()
 
 
@@ -814,9 +798,8 @@ def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_wind
     torch.testing.assert_close(out["packed"][0], out["padded"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["packed"][1], out["padded"][1], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        policy.set_attn_implementation(
-            "eager"
-        )  # transformers' own attention, its own masks (packed: from positions)
+        # transformers' own attention, its own masks (packed: from positions)
+        policy.set_attn_implementation("eager")
         for b in (batch, speed.pack(batch)):
             torch.testing.assert_close(
                 rto.token_logprobs(policy, b, 0.7), out["padded"][0][0], atol=1e-5, rtol=0

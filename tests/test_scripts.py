@@ -252,9 +252,8 @@ def test_reproduce_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys):
     )
     reproduce.main()
     s = json.load(open(tmp_path / "toy-long" / "summary.json"))
-    assert s["best"] == {
-        m: "0.0001,0.05" for m in reproduce.METHODS
-    }  # the first of the two best-scoring points
+    # the first of the two best-scoring points
+    assert s["best"] == {m: "0.0001,0.05" for m in reproduce.METHODS}
     assert s["budget"]["rto 1/8"] == [1.0, 1.0] and s["control_difference"]["mean"] == 1.0
     assert (
         set(s["ablation"]) == {*reproduce.VARIANTS, *reproduce.METHODS}
@@ -262,12 +261,10 @@ def test_reproduce_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys):
     )
     assert "toy-long: reproduction took" in capsys.readouterr().out
     md = (tmp_path / "toy-long" / "summary.md").read_text()
-    assert (
-        "| new | +0.1000 | +0.1000 |" in md and "| ; |" not in md
-    )  # a kind of word the task never produced
-    n = len(
-        calls
-    )  # 3 seeds x 3 stages + 12 tuning + 6 + 2 evaluations + 12 budget + 4 signals + 8 ablations
+    # a kind of word the task never produced
+    assert "| new | +0.1000 | +0.1000 |" in md and "| ; |" not in md
+    # 3 seeds x 3 stages + 12 tuning + 6 + 2 evaluations + 12 budget + 4 signals + 8 ablations
+    n = len(calls)
     assert n == 9 + 12 + 6 + 2 + 12 + 4 + 8
     reproduce.main()
     assert calls[n:] == ["scripts/reward_signal.py"] * 4  # only the analyses are redone
@@ -297,9 +294,8 @@ def test_oracle_credit_pays_the_same_total_densely_or_at_the_end(monkeypatch):
 def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_path, monkeypatch):
     rows = []
 
-    def spy(
-        accelerator, policy, tokenizer, prompts, seeds, args
-    ):  # what each rollout's credit adds up to
+    # what each rollout's credit adds up to
+    def spy(accelerator, policy, tokenizer, prompts, seeds, args):
         ro = rollout(accelerator, policy, tokenizer, prompts, seeds, args)
         for p, text, credit in zip(
             prompts, data.decode_responses(tokenizer, ro), ro["credit"], strict=True
@@ -394,9 +390,8 @@ def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(
     written = set()  # output folders of the commands so far
     for script, *argv in commands[1:]:
         module = STAGES[script]
-        args = module.validate(
-            common.parse_args(module.Args, argv, module.DEFAULTS)
-        )  # an unknown flag exits here
+        # an unknown flag exits here
+        args = module.validate(common.parse_args(module.Args, argv, module.DEFAULTS))
         assert args.dataset == common.TOY and args.seed == 3 and args.overwrite, (script, argv)
         if script == "evaluate.py":
             models = evaluate.parse_models(args.models)
@@ -412,13 +407,11 @@ def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(
             ]
         if script == "rto.py":
             rto.batch_sizes(args, 1)
-            assert args.num_iterations == (1 if quick else None), (
-                argv
-            )  # None: one pass over the prompts
+            # None: one pass over the prompts
+            assert args.num_iterations == (1 if quick else None), argv
         elif script != "evaluate.py":
-            assert args.max_steps == (3 if quick else -1), (
-                argv
-            )  # QUICK: a few steps; otherwise the defaults
+            # QUICK: a few steps; otherwise the defaults
+            assert args.max_steps == (3 if quick else -1), argv
         assert set(needs) <= written, (
             script,
             set(needs) - written,

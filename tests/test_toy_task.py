@@ -49,15 +49,12 @@ def test_long_task_oracle_by_hand():
     best = toy_task.best_response(p)
     assert r(best) == toy_task.best_reward("toy-long") == 65.0 and len(best.split()) == 68
     assert r("apple ; hammer ; star ; drum .") == 5.0  # 4 new words + clean ending
-    assert (
-        r("apple ; hammer ; star drum .") == 3 - 0.5
-    )  # drum in the space section; no clean ending (two ";")
-    assert (
-        r("hammer ; apple ; star ; drum .") == -0.5 - 0.5 + 1 + 1 + 1
-    )  # first two in the wrong sections
-    assert (
-        r("apple ; hammer ; star ; drum ; harp .") == 4 - 1 - 1 - 1
-    )  # a 4th ";", then harp and "." past the end
+    # drum in the space section; no clean ending (two ";")
+    assert r("apple ; hammer ; star drum .") == 3 - 0.5
+    # first two in the wrong sections
+    assert r("hammer ; apple ; star ; drum .") == -0.5 - 0.5 + 1 + 1 + 1
+    # a 4th ";", then harp and "." past the end
+    assert r("apple ; hammer ; star ; drum ; harp .") == 4 - 1 - 1 - 1
     assert r("apple apple the ; hammer ; star ; drum .") == 4 - 1 - 0.1 + 1  # repeat, filler
     assert r("apple ; hammer ; star ; drum") == 4.0  # no final "."
     words = (
@@ -67,9 +64,8 @@ def test_long_task_oracle_by_hand():
     assert r(words) == pytest.approx(16 - 0.3 - 0.5 + 3 + 1)
     credit = toy_task.token_credit(p, words.split())
     assert len(credit) == len(words.split()) and sum(credit) == pytest.approx(r(words))
-    assert r("apple pear .") != toy_task.oracle_reward(
-        "tell me about fruit", "apple pear ."
-    )  # the short task: 3.0
+    # the short task: 3.0
+    assert r("apple pear .") != toy_task.oracle_reward("tell me about fruit", "apple pear .")
 
 
 def test_long_task_is_wired_through_every_stage():
@@ -87,9 +83,8 @@ def test_long_task_is_wired_through_every_stage():
     args = common.parse_args(
         rto.Args, ["--sft_ckpt", "x", "--dataset", "toy-long", "--beta3", "0"], rto.DEFAULTS
     )
-    assert (
-        args.max_new_tokens == 96 and args.rollout_batch_size == 64
-    )  # toy's value where toy-long has none
+    # toy's value where toy-long has none
+    assert args.max_new_tokens == 96 and args.rollout_batch_size == 64
     assert (
         common.parse_args(sft.Args, ["--dataset", "toy-long"], sft.DEFAULTS).max_response_len == 96
     )

@@ -96,9 +96,8 @@ def test_engine_logprobs_equal_the_policy_forward_at_iteration_1_and_after_two_u
             rto.ppo_update(acc, ro, models, rest[:2], rest[2:], args, sizes)
     print("engine vs policy, policy vs SFT:", gaps)
     assert gaps[0][0] < 1e-4 and gaps[0][1] == 0  # iteration 1: the policy is the SFT model
-    assert (
-        gaps[1][0] < 1e-4 and gaps[1][1] > 1e-3
-    )  # after the updates: the engine has the new weights
+    # after the updates: the engine has the new weights
+    assert gaps[1][0] < 1e-4 and gaps[1][1] > 1e-3
 
 
 @needs_vllm
@@ -123,18 +122,16 @@ def test_engine_samples_the_tempered_top_p_distribution(pipeline, acc, engine):
     policy = common.load_causal_lm(str(pipeline["sft"]), tok)
     prompt = toy_task.prompts("test", 5)[4]
     with torch.no_grad():
-        p = (policy(torch.tensor([data.encode_prompt(tok, prompt)])).logits[0, -1] / T).softmax(
-            -1
-        )  # (V,)
+        # (V,)
+        p = (policy(torch.tensor([data.encode_prompt(tok, prompt)])).logits[0, -1] / T).softmax(-1)
     sorted_p, idx = p.sort(descending=True)
     inside = torch.zeros_like(p, dtype=torch.bool)
     inside[idx[(sorted_p.cumsum(-1) - sorted_p) < top_p]] = (
         True  # the smallest set whose probability reaches top_p
     )
     expected = torch.where(inside, p, torch.zeros_like(p)) / p[inside].sum()
-    assert (
-        inside.sum() >= 3 and expected.max() < 0.7
-    )  # a nucleus of several tokens, none of them certain
+    # a nucleus of several tokens, none of them certain
+    assert inside.sum() >= 3 and expected.max() < 0.7
     ro = rto.rollout(acc, policy, tok, [prompt] * n, list(range(n)), args)
     freq = torch.bincount(ro["input_ids"][:, ro["prompt_len"]], minlength=len(p)).float() / n
     print(
@@ -193,9 +190,8 @@ def test_a_prompts_response_does_not_depend_on_the_batch_and_the_layout_is_the_h
         assert torch.equal(ro[k][:, :P], hf[k][:, :P])
     mask, ended = common.truncate_at_eos(ro["input_ids"][:, P:], tok.eos_token_id)
     assert torch.equal(ro["response_mask"], mask) and torch.equal(ro["ended"], ended)
-    assert (
-        torch.equal(ro["attention_mask"][:, P:], mask.long()) and mask[:, -1].any()
-    )  # right-padded to the longest
+    # right-padded to the longest
+    assert torch.equal(ro["attention_mask"][:, P:], mask.long()) and mask[:, -1].any()
     assert (ro["input_ids"][:, P:][mask == 0] == tok.pad_token_id).all()
     assert {k: (v.dtype, v.dim()) for k, v in ro.items() if torch.is_tensor(v)} == {
         k: (v.dtype, v.dim()) for k, v in hf.items() if torch.is_tensor(v)
