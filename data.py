@@ -399,21 +399,24 @@ def collate_pairs(examples, pad_id):
 
 
 def cat_batches(batches, pad_id):
-    """Concatenate batches of the common layout that share P but not R (responses right-padded to the longest)."""
+    """Concatenate batches of the common layout that share P but not R, whatever their keys (a fork's own tensors
+    too): each (b, P + R_b) or (b, R_b) tensor is right-padded to the longest R (input_ids with pad_id, the rest
+    with 0); any other tensor is concatenated as it is."""
+    P = batches[0]["prompt_len"]
     R = max(b["response_mask"].shape[1] for b in batches)
-    out = {}
-    for key, fill in (
-        ("input_ids", pad_id),
-        ("attention_mask", 0),
-        ("response_mask", 0),
-        ("logprobs", 0),
-    ):
-        if key in batches[0]:  # logprobs: rto.py --generation_logprobs
-            out[key] = torch.cat(
-                [F.pad(b[key], (0, R - b["response_mask"].shape[1]), value=fill) for b in batches]
-            )
-    out["ended"] = torch.cat([b["ended"] for b in batches])
-    return {**out, "prompt_len": batches[0]["prompt_len"]}
+    out = {"prompt_len": P}
+    for key in batches[0]:
+        if key == "prompt_len":
+            continue
+        parts = []
+        for b in batches:
+            width = b["response_mask"].shape[1]  # R_b
+            part = b[key]
+            if part.dim() == 2 and part.shape[1] in (width, P + width):  # per token: pad to R
+                part = F.pad(part, (0, R - width), value=pad_id if key == "input_ids" else 0)
+            parts.append(part)
+        out[key] = torch.cat(parts)
+    return out
 
 
 def decode_responses(tokenizer, batch):

@@ -49,36 +49,20 @@ from common import TOY, TOYS, arg
 @dataclass
 class Args(common.TrainArgs, common.LoraArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint: initial policy and the frozen reference pi_ref")
-    dpo_ckpt: str = arg(
-        None, "DPO checkpoint (trained from the SFT model): the token-level reward [rto, dppo]"
-    )
+    dpo_ckpt: str = arg(None, "DPO checkpoint (from the SFT model): the token rewards [rto, dppo]")
     rm_ckpt: str = arg(None, "sentence-level reward model; the critic starts from it when given")
-    reward_mode: str = arg(
-        "rto", "rto | ppo | dppo: which per-token reward (docs/algorithm.md, stage 4)"
-    )
-    dataset: str = arg(
-        TOY, "RL prompts: 'toy', a hub id or a file (prompt-only, or the prompts of pairs)"
-    )
+    reward_mode: str = arg("rto", "rto | ppo | dppo: the per-token reward (docs/algorithm.md)")
+    dataset: str = arg(TOY, "RL prompts: 'toy', a hub id or a file (prompt-only, or pairs)")
     output_dir: str = arg("runs/rto", "policy checkpoint folder (critic in <output_dir>/critic)")
-    beta1: float = arg(
-        0.05, "scale of the DPO token reward (authors' dpo_reward_scale; paper v1: 0.1)"
-    )
+    beta1: float = arg(0.05, "DPO token reward scale (authors' dpo_reward_scale; paper v1: 0.1)")
     dpo_reward_clip: float = arg(0.05, "clamp each DPO token reward to [-c, c] (0 = off)")
     beta2: float = arg(None, "KL coefficient, init_kl_coef")
-    kl_target: float = arg(
-        None, "adapt beta2 toward this KL per response (Ziegler; OpenRLHF: per token); unset: fixed"
-    )
+    kl_target: float = arg(None, "adapt beta2 toward this KL per response (Ziegler); unset: fixed")
     kl_horizon: float = arg(10000, "horizon of the adaptive KL controller, in prompts (episodes)")
-    beta3: float = arg(
-        1.0, "scale of the reward-model score at the last token (0 = paper v1: no reward model)"
-    )
-    normalize_reward: bool = arg(
-        True, "normalise r_MLE and the critic started from it by the RM's reward_mean/std"
-    )
+    beta3: float = arg(1.0, "reward-model score scale at the last token (0 = paper v1: no RM)")
+    normalize_reward: bool = arg(True, "normalise r_MLE and its critic by the RM's mean and std")
     reward_clip: float = arg(10.0, "clamp the (normalised) reward-model score to [-c, c]")
-    missing_eos_penalty: float = arg(
-        0.0, "subtracted from the last-token reward of responses with no EOS"
-    )
+    missing_eos_penalty: float = arg(0.0, "subtracted from the last reward if there is no EOS")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     eps_clip: float = arg(0.2, "PPO ratio clip")
@@ -86,53 +70,24 @@ class Args(common.TrainArgs, common.LoraArgs):
     ppo_epochs: int = arg(2, "passes over each rollout batch (paper: 2)")
     rollout_batch_size: int = arg(None, "prompts per iteration, all processes")
     mini_batch_size: int = arg(None, "sequences per optimiser step, all processes")
-    forward_batch_size: int = arg(
-        None, "sequences per forward pass of frozen_pass, per process, grouped by length"
-    )
-    generation_batch_size: int = arg(
-        64,
-        "hf engine: prompts per generate call on each process (bounds KV-cache "
-        "memory); vllm takes them all at once and batches them itself",
-    )
+    forward_batch_size: int = arg(None, "sequences per frozen_pass forward, per process, by length")
+    generation_batch_size: int = arg(64, "hf: prompts per generate call, per process; vllm: all")
     max_prompt_len: int = arg(None, "longer prompts are skipped or fatal (--long_prompts)")
-    max_new_tokens: int = arg(
-        None, "response length limit; a response cut here keeps its last token, has no EOS"
-    )
-    temperature: float = arg(
-        1.0, "sampling temperature (see the module docstring for which log-probs use it)"
-    )
+    max_new_tokens: int = arg(None, "response length limit (a response cut here has no EOS)")
+    temperature: float = arg(1.0, "sampling temperature (module docstring: which log-probs use it)")
     top_p: float = arg(1.0, "nucleus sampling")
-    packing: bool = arg(
-        None,
-        "frozen pass and update: a micro-batch's sequences end to end in one row (speed.pack)",
-    )
-    generation_logprobs: bool = arg(
-        False, "log pi_old from the sampling pass: one forward less (fp32: equal to 1e-5)"
-    )
-    rollout_engine: str = arg(
-        "hf", "hf (transformers' generate) | vllm (a colocated vLLM engine: vllm_engine.py)"
-    )
-    vllm_gpu_memory_utilization: float = arg(
-        0.3, "vllm: the engine's share of the GPU (weights, KV cache)"
-    )
-    vllm_sleep: bool = arg(
-        False, "vllm, GPU only: free the engine's weights and KV cache during the update"
-    )
+    packing: bool = arg(None, "frozen pass and update: a micro-batch's sequences in one row")
+    generation_logprobs: bool = arg(False, "log pi_old from the sampling pass: one forward less")
+    rollout_engine: str = arg("hf", "hf (transformers' generate) | vllm (vllm_engine.py)")
+    vllm_gpu_memory_utilization: float = arg(0.3, "vllm: the engine's share of the GPU")
+    vllm_sleep: bool = arg(False, "vllm, GPU only: free the engine's memory during the update")
     actor_lr: float = arg(None, "policy learning rate")
     critic_lr: float = arg(None, "critic learning rate")
     num_iterations: int = arg(None, "PPO iterations (default: one pass over the prompts)")
-    num_episodes: int = arg(
-        None, "or: total prompts to roll out (OpenRLHF's --num_episodes counts passes instead)"
-    )
-    save_every: int = arg(
-        0, "write models and resumable state (optimisers, beta2, RNG) every N iterations"
-    )
-    sample_every: int = arg(
-        10, "print a small table of (prompt, response, reward) every N iterations (0 = never)"
-    )
-    oracle_prompts: int = arg(
-        200, "built-in task: held-out prompts for the oracle reward before and after"
-    )
+    num_episodes: int = arg(None, "or: total prompts to roll out (OpenRLHF counts passes)")
+    save_every: int = arg(0, "models and resumable state every N iterations (0: models at the end)")
+    sample_every: int = arg(10, "print (prompt, response, reward) every N iterations (0 = never)")
+    oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward")
 
 
 # flags defaulting to None in Args, by task: built-in, real models (docs/algorithm.md; beta2: authors'), toy-long
@@ -219,62 +174,66 @@ def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits
     (prompts prefilled unpadded), or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution."""
-    model, ids = (
-        accelerator.unwrap_model(policy).eval(),
-        [data.encode_prompt(tokenizer, p) for p in prompts],
-    )
-    width, pad, eos, chunks = max(map(len, ids)), tokenizer.pad_token_id, tokenizer.eos_token_id, []
+    model = accelerator.unwrap_model(policy)
+    model.eval()
+    ids = [data.encode_prompt(tokenizer, p) for p in prompts]
+    width = max(map(len, ids))  # P: every prompt is left-padded to it
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    # disable_compile: on GPUs transformers would compile decoding for a StaticCache, once per cache size
     config = GenerationConfig(
         do_sample=False,
         max_new_tokens=args.max_new_tokens,
         pad_token_id=pad,
         eos_token_id=eos,
         disable_compile=True,
-    )  # on GPUs transformers compiles decoding for a StaticCache
-    # with these weights
+    )
+    # the vLLM engine, holding the policy's current weights; False for the hf engine
     engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)
     # hf: --generation_batch_size prompts per generate() call; vllm: every prompt in one call (the engine schedules
     # its own batches within its memory share, and with --vllm_sleep it sleeps once the call returns)
     size = len(ids) if engine else args.generation_batch_size
-    with speed.gathered_weights(model, enabled=not engine):  # FSDP2: one all-gather per
-        for i in range(0, len(ids), size):  # rollout, then no collective per token
+    chunks = []
+    # FSDP2: one all-gather per rollout, then no collective per token
+    with speed.gathered_weights(model, enabled=not engine):
+        for i in range(0, len(ids), size):
             chunk = slice(i, i + size)
-            input_ids, attention_mask = (
-                t.to(accelerator.device) for t in common.left_pad(ids[chunk], pad, width)
-            )
-            generators = [torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]]
+            input_ids, attention_mask = common.left_pad(ids[chunk], pad, width)  # (b, P)
+            input_ids = input_ids.to(accelerator.device)
+            attention_mask = attention_mask.to(accelerator.device)
             steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
             if engine:
                 responses, steps = vllm_engine.generate(
                     engine, ids[chunk], seeds[chunk], args, eos, accelerator.device
                 )
             else:
+                generators = [
+                    torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]
+                ]
                 pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
-                # prompts' cache, or None
-                kv = speed.prefill(model, input_ids, attention_mask, args.max_new_tokens)
-                responses = model.generate(
+                kv = speed.prefill(model, input_ids, attention_mask, args.max_new_tokens)  # or None
+                out = model.generate(
                     input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
                     past_key_values=kv,
                     synced_gpus=False,
                     logits_processor=[pick],
-                )[:, width:]
-            # (b, R_chunk); no EOS: keeps the last
-            response_mask, ended = common.truncate_at_eos(responses, eos)
-            chunks.append(
-                {
-                    "input_ids": torch.cat(
-                        [input_ids, responses.masked_fill(response_mask == 0, pad)], 1
-                    ),
-                    "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
-                    "response_mask": response_mask,
-                    "ended": ended,
-                    "prompt_len": width,
-                }
-            )
+                )
+                responses = out[:, width:]  # (b, R_chunk)
+            # no EOS: the response keeps its last token
+            response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk), (b,)
+            responses = responses.masked_fill(response_mask == 0, pad)
+            rows = {
+                "input_ids": torch.cat([input_ids, responses], 1),
+                "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
+                "response_mask": response_mask,
+                "ended": ended,
+                "prompt_len": width,
+            }
             if steps is not None:
-                chunks[-1]["logprobs"] = torch.stack(steps, 1) * response_mask  # (b, R_chunk)
+                rows["logprobs"] = torch.stack(steps, 1) * response_mask  # (b, R_chunk)
+            chunks.append(rows)
     model.train()
     return data.cat_batches(chunks, pad)
 
@@ -314,9 +273,8 @@ def critic_values(critic, batch, args):
 def rm_score(rm, batch, args):
     """r_MLE at the last real token (from the mask: right even when pad == EOS), normalised, clamped: (b,)."""
     score = speed.sequence_scores(rm, batch)  # (b,)
-    score = (
-        (score - rm.config.reward_mean) / rm.config.reward_std if args.normalize_reward else score
-    )
+    if args.normalize_reward:
+        score = (score - rm.config.reward_mean) / rm.config.reward_std
     return score.clamp(-args.reward_clip, args.reward_clip)
 
 
@@ -324,52 +282,40 @@ def rm_score(rm, batch, args):
 def frozen_pass(accelerator, batch, models, args):
     """Step 2, once per rollout, --forward_batch_size sequences of similar length (little padding) at a time."""
     mask = batch["response_mask"]  # (B, R); every output below is 0 after the first EOS
-    out = {
-        k: batch.get(k, torch.zeros_like(mask))
-        for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio")
-    }
-    out["rm_score"], computed = (
-        torch.zeros_like(mask[:, 0]),
-        0,
-    )  # computed: the positions the forward passes run
+    out = {}
+    for k in ("logprobs", "ref_logprobs", "values", "dpo_log_ratio"):  # (B, R)
+        out[k] = batch.get(k, torch.zeros_like(mask))
+    out["rm_score"] = torch.zeros_like(mask[:, 0])  # (B,)
+    computed = 0  # the positions the forward passes run, padding or packed
+    by_length = batch["attention_mask"].sum(-1).argsort()
     # --bf16: the frozen models compute as the prepared (trained) ones do
     with accelerator.autocast():
-        for idx, micro in micro_batches(
-            batch, args.forward_batch_size, batch["attention_mask"].sum(-1).argsort()
-        ):
-            micro, width = (
-                speed.pack(micro) if args.packing else micro,
-                micro["response_mask"].shape[1],
-            )
-            computed += micro.get("packed", micro)[
-                "input_ids"
-            ].numel()  # the ids it runs: the row or padded
+        for idx, micro in micro_batches(batch, args.forward_batch_size, by_length):
+            width = micro["response_mask"].shape[1]
+            if args.packing:
+                micro = speed.pack(micro)
+            computed += micro.get("packed", micro)["input_ids"].numel()
             if "logprobs" not in batch:  # else --generation_logprobs: the sampling pass gave them
                 out["logprobs"][idx, :width] = token_logprobs(
                     models["policy"], micro, args.temperature
                 )
-            out["ref_logprobs"][idx, :width] = ref = token_logprobs(
-                models["ref"], micro, args.temperature
-            )
+            ref = token_logprobs(models["ref"], micro, args.temperature)
+            out["ref_logprobs"][idx, :width] = ref
             out["values"][idx, :width] = critic_values(models["critic"], micro, args)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
-                ref = ref if args.temperature == 1 else token_logprobs(models["ref"], micro)
+                if args.temperature != 1:
+                    ref = token_logprobs(models["ref"], micro)
                 out["dpo_log_ratio"][idx, :width] = token_logprobs(models["dpo"], micro) - ref
             if "rm" in models:
                 out["rm_score"][idx] = rm_score(models["rm"], micro, args)
-    # FSDP2: free the gathered weights
-    speed.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))
-    unused = [
-        k for k, model in (("dpo_log_ratio", "dpo"), ("rm_score", "rm")) if model not in models
-    ]
-    real, computed = common.reduce(
-        accelerator, [batch["attention_mask"].sum().item(), float(computed)]
-    )
-    return {
-        **batch,
-        **{k: v for k, v in out.items() if k not in unused},
-        "padding_share": 1 - (real / computed).item(),
-    }
+    speed.reshard(*(models[n] for n in ("ref", "dpo", "rm") if n in models))  # FSDP2: free them
+    if "dpo" not in models:
+        del out["dpo_log_ratio"]
+    if "rm" not in models:
+        del out["rm_score"]
+    real = batch["attention_mask"].sum().item()
+    totals = common.reduce(accelerator, [real, computed])  # (2,): over all processes
+    return {**batch, **out, "padding_share": 1 - (totals[0] / totals[1]).item()}
 
 
 # ============================================================================ 3. token rewards   <- edit here
@@ -381,9 +327,8 @@ def token_rewards(batch, args, beta2):
     with dpo(h) = log pi_dpo(a_h|s_h) - log pi_ref(a_h|s_h) (batch['dpo_log_ratio']), kl(h) = log pi_old - log pi_ref
     of the sampling policy (the k1 estimator, no gradient), H the last real token (EOS included)."""
     mask = batch["response_mask"]
-    last = torch.nn.functional.one_hot(
-        mask.sum(-1).long() - 1, mask.shape[1]
-    ).float()  # (B, R): 1 at h = H
+    H = mask.sum(-1).long() - 1  # (B,): the last real token
+    last = torch.nn.functional.one_hot(H, mask.shape[1]).float()  # (B, R): 1 at h = H
     rewards = -beta2 * (batch["logprobs"] - batch["ref_logprobs"])
     if args.reward_mode == "rto":
         dense = args.beta1 * batch["dpo_log_ratio"]
@@ -402,13 +347,17 @@ def token_rewards(batch, args, beta2):
 # ============================================================================ 4. advantages
 def gae(rewards, values, mask, gamma, lam):
     """GAE over (B, R): delta_h = r_h + gamma V(s_h+1) - V(s_h),  A_h = delta_h + gamma lam A_h+1,  returns = A + V."""
-    values, advantages = values * mask, torch.zeros_like(rewards)
-    next_value = next_adv = torch.zeros_like(rewards[:, 0])  # (B,) V and A after the last token: 0
+    values = values * mask
+    advantages = torch.zeros_like(rewards)  # (B, R)
+    next_value = torch.zeros_like(rewards[:, 0])  # (B,): V after the last token is 0
+    next_adv = torch.zeros_like(rewards[:, 0])  # (B,): and so is A
     for h in reversed(range(rewards.shape[1])):
         delta = rewards[:, h] + gamma * next_value - values[:, h]
-        advantages[:, h] = next_adv = (delta + gamma * lam * next_adv) * mask[:, h]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, h]
+        advantages[:, h] = next_adv
         next_value = values[:, h]
-    return advantages, (advantages + values) * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
 
 
 def whiten(accelerator, x, mask):
@@ -422,37 +371,45 @@ def whiten(accelerator, x, mask):
 # ============================================================================ 5. PPO update   <- edit here for a loss
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    # (b, R)
-    surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)
+    ratio = torch.exp(logprobs - old_logprobs)  # (b, R)
+    surrogate = torch.max(
+        -ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages
+    )  # (b, R)
+    loss = common.masked_mean(surrogate, mask, -1).mean()
     token_stats = {
         "clip_frac": ((ratio - 1).abs() > eps).float(),
         "ratio": ratio,
-        "approx_kl": (ratio - 1) - (logprobs - old_logprobs),
-    }  # k3 estimate of KL(old || new)
-    return common.masked_mean(surrogate, mask, -1).mean(), token_stats
+        "approx_kl": (ratio - 1) - (logprobs - old_logprobs),  # k3 estimate of KL(old || new)
+    }
+    return loss, token_stats
 
 
 def value_loss(values, old_values, returns, mask, clip):
     """0.5 * max of the clipped and unclipped squared errors; same aggregation as the policy loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return common.masked_mean(loss, mask, -1).mean(), {
-        "value_clip_frac": ((values - old_values).abs() > clip).float()
-    }
+    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)  # (b, R)
+    token_stats = {"value_clip_frac": ((values - old_values).abs() > clip).float()}
+    return common.masked_mean(loss, mask, -1).mean(), token_stats
 
 
 def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, it=0):
-    """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes."""
-    policy, critic, sums, skipped = models["policy"], models["critic"], {}, 0
+    """One optimiser step per mini-batch for actor and critic each; statistics: means over all tokens, all processes.
+
+    How the loss adds up: a micro-batch's loss is the mean over its sequences of each sequence's token mean;
+    accelerator.backward divides it by the micro-batches per step (sizes["accum"]), and DDP and FSDP2 average the
+    gradients over the processes, so a step's gradient is that of the mean over the mini-batch's sequences."""
+    policy = models["policy"]
+    critic = models["critic"]
+    sums = {}  # over tokens (over sequences for the losses), divided at the end
+    skipped = 0
     for _epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
-        # a mini-batch: sizes["mini"] sequences ...
-        for start in range(0, sizes["rollout"], sizes["mini"]):
-            for _, micro in micro_batches(
-                batch, sizes["micro"], order[start : start + sizes["mini"]]
-            ):  # in micros
-                micro, mask = speed.pack(micro) if args.packing else micro, micro["response_mask"]
+        for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch ...
+            mini = order[start : start + sizes["mini"]]
+            for _, micro in micro_batches(batch, sizes["micro"], mini):  # ... in micro-batches
+                mask = micro["response_mask"]
+                if args.packing:
+                    micro = speed.pack(micro)
                 with accelerator.accumulate(policy, critic):
                     logprobs, entropy = token_logprobs(
                         policy, micro, args.temperature, with_entropy=True
@@ -464,69 +421,60 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
                     v_loss, vstats = value_loss(
                         values, micro["values"], micro["returns"], mask, args.value_clip
                     )
-                    skipped += not common.optimizer_step(
-                        accelerator,
-                        [policy, critic],
-                        pg_loss + v_loss,
-                        optimizers,
-                        schedulers,
-                        args,
-                        f"iteration {it + 1}",
+                    where = f"iteration {it + 1}"
+                    loss = pg_loss + v_loss
+                    ok = common.optimizer_step(
+                        accelerator, [policy, critic], loss, optimizers, schedulers, args, where
                     )
-                # sums over tokens (sequences for the losses), divided at the end
+                    skipped += not ok
                 with torch.no_grad():
-                    real = micro[
-                        "attention_mask"
-                    ].sum()  # of the positions computed, padded or packed
                     for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
                         sums[k] = sums.get(k, 0) + (v * mask).sum()
-                    n, positions = len(mask), micro.get("packed", micro)["input_ids"].numel()
-                    for k, v in (
-                        ("sequences", n),
-                        ("policy_loss", pg_loss * n),
-                        ("value_loss", v_loss * n),
-                        ("positions", positions),
-                        ("real", real),
-                    ):
-                        sums[k] = sums.get(k, 0) + v
-    totals = {
-        k: common.reduce(accelerator, v).item()
-        for k, v in {**sums, "skipped_nonfinite": skipped}.items()
-    }
-    out = {
-        k: totals[k] / totals["sequences" if k in ("policy_loss", "value_loss") else "tokens"]
-        for k in totals
-        if k not in ("tokens", "sequences", "positions", "real", "skipped_nonfinite")
-    }
-    # of the positions the update computed
+                    n = len(mask)
+                    sums["sequences"] = sums.get("sequences", 0) + n
+                    sums["policy_loss"] = sums.get("policy_loss", 0) + pg_loss * n
+                    sums["value_loss"] = sums.get("value_loss", 0) + v_loss * n
+                    # of the positions computed, padded or packed
+                    sums["real"] = sums.get("real", 0) + micro["attention_mask"].sum()
+                    positions = micro.get("packed", micro)["input_ids"].numel()
+                    sums["positions"] = sums.get("positions", 0) + positions
+    sums["skipped_nonfinite"] = skipped
+    totals = {k: common.reduce(accelerator, v).item() for k, v in sums.items()}
+    out = {}
+    for k in stats.keys() | vstats.keys() | {"entropy"}:
+        out[k] = totals[k] / totals["tokens"]
+    for k in ("policy_loss", "value_loss"):
+        out[k] = totals[k] / totals["sequences"]
     out["padding_share_update"] = 1 - totals["real"] / totals["positions"]
-    return {**out, "skipped_nonfinite": totals["skipped_nonfinite"]}
+    out["skipped_nonfinite"] = totals["skipped_nonfinite"]
+    return out
 
 
 def update_kl_coef(beta2, kl_per_response, args, n_prompts):
     """Adaptive KL (Ziegler et al. 2019): beta2 *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_prompts / horizon."""
-    error = (
-        0 if args.kl_target is None else max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
-    )
+    if args.kl_target is None:
+        return beta2
+    error = max(-0.2, min(0.2, kl_per_response / args.kl_target - 1))
     return beta2 * (1 + error * n_prompts / args.kl_horizon)
 
 
 # ============================================================================ plumbing: batches, models, logging
 def micro_batches(batch, size, order):
-    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence."""
+    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence:
+    the columns that are padding in every row go from each (b, P + R) and (b, R) tensor, whatever its key."""
+    P = batch["prompt_len"]
+    R = batch["response_mask"].shape[1]
     for idx in order.split(size):
         micro = {k: v[idx] if torch.is_tensor(v) else v for k, v in batch.items()}
-        real, P, R = (
-            micro["attention_mask"].any(0).nonzero(),
-            micro["prompt_len"],
-            micro["response_mask"].shape[1],
-        )
-        first, end = real.min().item(), real.max().item() + 1
+        real = micro["attention_mask"].any(0).nonzero()  # columns with a real token in some row
+        first = real.min().item()  # the columns before it were prompt padding in every row
+        end = real.max().item() + 1  # and those from here response padding
         for k, v in micro.items():
-            if torch.is_tensor(v) and v.dim() == 2:
-                # all-padding columns go
-                micro[k] = v[:, first:end] if v.shape[1] == P + R else v[:, : end - P]
-        yield idx, {**micro, "prompt_len": P - first}  # the left ones were prompt padding
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == P + R:
+                micro[k] = v[:, first:end]
+            elif torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == R:
+                micro[k] = v[:, : end - P]
+        yield idx, {**micro, "prompt_len": P - first}
 
 
 def load_models(args, accelerator):
@@ -644,6 +592,8 @@ def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
         return (common.reduce(accelerator, (x * mask).sum()) / n_tokens).item()
 
     kl = (batch["logprobs"] - batch["ref_logprobs"]) * mask
+    residual = token_mean((batch["returns"] - batch["values"]) ** 2)
+    spread = token_mean((batch["returns"] - token_mean(batch["returns"])) ** 2)
     metrics = {
         "reward_total": mean(batch["rewards"].sum(-1)),
         "kl_per_token": token_mean(kl),
@@ -653,11 +603,7 @@ def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
         "eos_rate": mean(batch["ended"]),
         "value_mean": token_mean(batch["values"]),
         "padding_share": batch["padding_share"],
-        "explained_variance": 1
-        - (
-            token_mean((batch["returns"] - batch["values"]) ** 2)
-            / max(token_mean((batch["returns"] - token_mean(batch["returns"])) ** 2), 1e-8)
-        ),
+        "explained_variance": 1 - residual / max(spread, 1e-8),
     }
     if "rm_score" in batch:
         metrics["sentence_reward"] = mean(batch["rm_score"])
@@ -666,33 +612,36 @@ def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
         metrics["dpo_reward_per_response"] = mean(args.beta1 * batch["dpo_log_ratio"].sum(-1))
     if args.dataset in TOYS:
         texts = data.decode_responses(tokenizer, batch)
-        metrics["oracle_reward"] = mean(
-            torch.tensor(
-                [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
-            )
-        )
+        scores = [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
+        metrics["oracle_reward"] = mean(torch.tensor(scores))
     return metrics
 
 
 def save(accelerator, models, tokenizer, args, iteration, beta2):
     """Policy (a causal-LM folder, or an adapter folder and with --merge_lora <dir>/merged), critic beside it, and
     resumable state, each written atomically."""
-    for name, out in (
-        ("policy", args.output_dir),
-        ("critic", f"{args.output_dir}/critic"),
-    ):  # LoRA: adapters
+    for name, out in (("policy", args.output_dir), ("critic", f"{args.output_dir}/critic")):
         common.save_model(accelerator, models[name], tokenizer, out, merge_lora=args.merge_lora)
     # resumable state (both models' optimisers too) is large: only when asked for
     if args.save_every:
         common.save_state(accelerator, args, iteration, {"beta2": beta2})
 
 
+def print_samples(accelerator, tokenizer, prompts, batch, n=3):
+    """A few (reward, prompt, response) of the iteration, for a reader watching the run."""
+    texts = data.decode_responses(tokenizer, batch)
+    rewards = batch["rewards"].sum(-1)  # (B,)
+    for p, text, reward in list(zip(prompts, texts, rewards, strict=True))[:n]:
+        accelerator.print(f"  [{reward:+.3f}] {p[-1]['content'][:60]!r} -> {text[:100]!r}")
+
+
 def phase_clock(accelerator):
     """clock(name) logs the seconds since the previous call (or since phase_clock), device work included, as
-    time_<name>, and on GPUs the
-    peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
+    time_<name>, and on GPUs the peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
     device = accelerator.device
-    cuda, metrics, last = device.type == "cuda", {}, [time.perf_counter()]
+    cuda = device.type == "cuda"
+    metrics = {}
+    last = [time.perf_counter()]  # when the phase began
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -701,7 +650,8 @@ def phase_clock(accelerator):
         if device.type != "cpu":
             torch.accelerator.synchronize(device)
         now = time.perf_counter()
-        metrics[f"time_{name}"], last[0] = now - last[0], now
+        metrics[f"time_{name}"] = now - last[0]
+        last[0] = now
         if cuda:
             metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
             torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -716,15 +666,9 @@ def main(argv=None):
     sizes = batch_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = sizes["accum"]
     tokenizer, models, optimizers = load_models(args, accelerator)
-    prompts = [
-        p
-        for p, _ in data.fit_prompts(
-            tokenizer,
-            data.load_prompts(args.dataset, args.dataset_split, args),
-            args.max_prompt_len,
-            args.long_prompts,
-        )
-    ]
+    rows = data.load_prompts(args.dataset, args.dataset_split, args)
+    fitted = data.fit_prompts(tokenizer, rows, args.max_prompt_len, args.long_prompts)
+    prompts = [p for p, _ in fitted]
     if len(prompts) < args.rollout_batch_size:
         common.fail(
             f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: one would repeat"
@@ -732,24 +676,23 @@ def main(argv=None):
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
-    schedulers = [
-        common.lr_schedule(
-            accelerator, o, "cosine_with_min_lr", math.ceil(0.03 * steps), steps, min_lr_rate=0.1
+    warmup = math.ceil(0.03 * steps)
+    schedulers = []  # authors': cosine to 0.1 x lr
+    for o in optimizers:
+        schedule = common.lr_schedule(
+            accelerator, o, "cosine_with_min_lr", warmup, steps, min_lr_rate=0.1
         )
-        for o in optimizers
-    ]  # authors': cosine to 0.1 x lr
+        schedulers.append(schedule)
     for name in ("policy", "critic") if args.gradient_checkpointing else ():
         accelerator.unwrap_model(models[name]).gradient_checkpointing_enable()
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
-    start, beta2 = state["step"], state["beta2"]
-    order = torch.randperm(
-        len(prompts), generator=torch.Generator().manual_seed(args.seed)
-    ).tolist()
-    held_out = (
-        toy_task.prompts("test", args.oracle_prompts, args.seed, args.dataset)
-        if args.dataset in TOYS
-        else None
-    )
+    start = state["step"]
+    beta2 = state["beta2"]
+    shuffle = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(prompts), generator=shuffle).tolist()  # one walk through the prompts
+    held_out = None
+    if args.dataset in TOYS:
+        held_out = toy_task.prompts("test", args.oracle_prompts, args.seed, args.dataset)
 
     def oracle():
         return data.mean_oracle_reward(
@@ -781,7 +724,7 @@ def main(argv=None):
         clock("frozen_pass")
         train_stats = ppo_update(
             accelerator, batch, models, optimizers, schedulers, args, sizes, it
-        )  # 5.
+        )
         clock("update")
         metrics = {
             **rollout_metrics(accelerator, batch, tokenizer, batch_prompts, beta2, args),
@@ -791,17 +734,8 @@ def main(argv=None):
         beta2 = update_kl_coef(beta2, metrics["kl_per_response"], args, args.rollout_batch_size)
         common.log_metrics(accelerator, args.output_dir, metrics, it + 1)
         bar.update(1)
-        # a few (reward, prompt, response)
         if args.sample_every and (it + 1) % args.sample_every == 0:
-            for p, t, reward in list(
-                zip(
-                    batch_prompts,
-                    data.decode_responses(tokenizer, batch),
-                    batch["rewards"].sum(-1),
-                    strict=True,
-                )
-            )[:3]:
-                accelerator.print(f"  [{reward:+.3f}] {p[-1]['content'][:60]!r} -> {t[:100]!r}")
+            print_samples(accelerator, tokenizer, batch_prompts, batch)
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
     save(accelerator, models, tokenizer, args, n_iter, beta2)

@@ -812,3 +812,93 @@ def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_wind
             assert (
                 rto.plain_token_logprobs(policy, batch, 0.7) - out["padded"][0][0]
             ).abs().max() > 1e-3
+
+
+def test_plumbing_keeps_and_cuts_a_forks_own_tensors_by_their_shape():
+    """data.cat_batches pads every per-token tensor of the rollout's chunks, whatever its key, and
+    rto.micro_batches cuts every (B, P + R) and (B, R) tensor to the micro-batch's columns; a tensor of another
+    width passes whole. By hand: two chunks of responses 2 and 3 tokens wide after prompts of width 2."""
+    chunks = [
+        {
+            "input_ids": torch.tensor([[7, 8, 3, 4]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1]]),
+            "response_mask": torch.tensor([[1.0, 1.0]]),
+            "ended": torch.tensor([True]),
+            "bonus": torch.tensor([[0.5, 0.25]]),  # (b, R_b): a fork's per-token tensor
+            "topk": torch.tensor(
+                [[1, 2, 3, 4, 5, 6]]
+            ),  # (b, K), K neither R nor P + R: not per token
+            "prompt_len": 2,
+        },
+        {
+            "input_ids": torch.tensor([[0, 9, 5, 6, 2]]),
+            "attention_mask": torch.tensor([[0, 1, 1, 1, 1]]),
+            "response_mask": torch.tensor([[1.0, 1.0, 1.0]]),
+            "ended": torch.tensor([False]),
+            "bonus": torch.tensor([[1.0, 2.0, 3.0]]),
+            "topk": torch.tensor([[6, 7, 8, 9, 10, 11]]),
+            "prompt_len": 2,
+        },
+    ]
+    batch = data.cat_batches(chunks, pad_id=0)
+    assert batch["input_ids"].tolist() == [[7, 8, 3, 4, 0], [0, 9, 5, 6, 2]]
+    assert batch["bonus"].tolist() == [[0.5, 0.25, 0.0], [1.0, 2.0, 3.0]]
+    assert batch["topk"].shape == (2, 6) and batch["ended"].tolist() == [True, False]
+    assert batch["prompt_len"] == 2
+    (_, micro), (_, other) = rto.micro_batches(batch, 1, torch.arange(2))
+    assert (
+        micro["input_ids"].tolist() == [[7, 8, 3, 4]] and micro["prompt_len"] == 2
+    )  # response padding cut
+    assert micro["bonus"].tolist() == [[0.5, 0.25]] and micro["topk"].tolist() == [
+        [1, 2, 3, 4, 5, 6]
+    ]
+    assert (
+        other["input_ids"].tolist() == [[9, 5, 6, 2]] and other["prompt_len"] == 1
+    )  # prompt padding cut
+    assert other["bonus"].tolist() == [[1.0, 2.0, 3.0]] and other["topk"].shape == (1, 6)
+
+
+def test_a_fork_adds_a_per_token_reward_in_the_rollout_without_touching_plumbing(
+    tmp_path, monkeypatch
+):
+    """A fork's edit, as a reader of rto.py would make it: rollout() puts a (b, R) tensor of its own in each chunk,
+    and token_rewards() adds it. The plumbing in between (cat_batches, frozen_pass, micro_batches, the update)
+    carries it without an edit: the first iteration's logged reward_total rises by 0.5 per response token."""
+    from conftest import tiny_model
+
+    tok = data.build_tiny_tokenizer(common.TOY)
+    tiny_model(tok, "llama-gqa").save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    run = ["--sft_ckpt", tmp_path / "sft", "--reward_mode", "dppo", "--dpo_ckpt", tmp_path / "sft"]
+    run += ["--beta3", 0, "--rollout_batch_size", 8, "--mini_batch_size", 4, "--num_iterations", 1]
+    run += [
+        "--max_new_tokens",
+        8,
+        "--oracle_prompts",
+        4,
+        "--sample_every",
+        0,
+        "--generation_batch_size",
+        3,
+    ]
+    run_main("rto.py", *run, "--output_dir", tmp_path / "plain")
+    cat_batches, token_rewards = data.cat_batches, rto.token_rewards
+
+    def with_bonus(
+        chunks, pad_id
+    ):  # the fork's line in rollout(): each chunk gets its own (b, R_b) tensor
+        for chunk in chunks:
+            chunk["bonus"] = 0.5 * chunk["response_mask"]
+        return cat_batches(chunks, pad_id)
+
+    monkeypatch.setattr(data, "cat_batches", with_bonus)
+    monkeypatch.setattr(
+        rto, "token_rewards", lambda b, a, beta2: token_rewards(b, a, beta2) + b["bonus"]
+    )
+    run_main("rto.py", *run, "--output_dir", tmp_path / "fork")
+    (plain,) = iteration_metrics(tmp_path / "plain")
+    (fork,) = iteration_metrics(tmp_path / "fork")
+    assert fork["response_length"] == plain["response_length"] > 1  # the same rollout
+    bonus = 0.5 * plain["response_length"]
+    assert fork["reward_total"] == pytest.approx(plain["reward_total"] + bonus, abs=1e-5)
+    assert fork["policy_loss"] != plain["policy_loss"]  # the update saw it
