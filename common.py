@@ -1,15 +1,15 @@
-"""Plumbing shared by the stages: loading, set-up, the optimiser step, checkpoints, logging.
+"""Plumbing two or more stages share: flags, set-up and collectives, loading and saving, the optimiser step and
+resumable state, logging. The fast paths are in speed.py, the LoRA adapters in lora.py (docs/design.md).
 
 Sections, in this order:
     errors and arguments           fail(); the flag dataclasses; a stage's DEFAULTS table applied; shared checks
     set-up and distributed         the Accelerator and seed; the output folder and args.json; ending a run
-    models and tokenizers          any checkpoint (hub id, folder, .gguf, the tiny Llama); the vocabulary check
-    log-probs and masked means     log-probs of given tokens, scalar-head read-outs; masked mean and sum
-    sampling                       generate with the KV cache, everything after the first EOS masked
+    models and tokenizers          any checkpoint (hub id, folder, .gguf, the tiny Llama); the vocabulary check;
+                                   training-mode noise off
+    masked means and sampling      the mean over response tokens; generate with the KV cache, the EOS cut
     training step, resumable state batch sizes, the optimiser step, schedules, checkpoint-<step> save/resume
     checkpoints                    the save_pretrained hand-off between stages
-    adapters (LoRA)                --lora_rank: a trained adapter on a frozen base; its roles, fingerprint, export
-    logging and progress           metrics.jsonl and trackers, progress bars
+    logging                        metrics.jsonl and trackers
 
 The dataset layouts and the batch layout (prompt left-padded, response right-padded) are in data.py, the built-in
 task in toy_task.py; common.py imports neither.
@@ -35,7 +35,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
@@ -487,68 +486,6 @@ def from_pretrained_args(name, flag, model=False):
     return os.path.dirname(os.path.abspath(name)), kwargs
 
 
-def end_of_turn_token(tokenizer):
-    """The special token the chat template writes right after an assistant message (ChatML: <|im_end|>), or None."""
-    if not tokenizer.chat_template:
-        return None
-    mark = "RESPONSE_ENDS_HERE"
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
-    try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False)
-    # a template may reject this conversation (jinja raise_exception); then it tells us nothing
-    except Exception:
-        return None
-    after = text.split(mark, 1)[1].lstrip() if mark in text else ""
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-    special = ids and getattr(tokenizer.added_tokens_decoder.get(ids[0]), "special", False)
-    return tokenizer.convert_ids_to_tokens(ids[0]) if special else None
-
-
-def load_tokenizer(name, flag="--model_name_or_path"):
-    """A checkpoint's tokenizer (hub id, folder or .gguf file).
-
-    EOS is the token that ends a response: encode_response appends it and sampling stops at it. When the chat
-    template ends an assistant turn with another special token (a base model's <|endoftext|> under a ChatML
-    template that ends turns with <|im_end|>), that token becomes EOS, so that responses end the way the
-    template's turns do and an instruct model stops where it was taught to. Sets pad = EOS when the tokenizer
-    has no pad token (masks compensate). The tiny model's tokenizer is data.build_tiny_tokenizer (sft.py)."""
-    if name == TINY:
-        fail(
-            f"{flag} {TINY}: the small random model is sft.py's starting point only; pass a checkpoint folder"
-        )
-    check_model_path(name, flag)
-    path, kwargs = from_pretrained_args(name, flag)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **LOAD_OPTIONS)
-    except (OSError, ValueError) as e:
-        fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0]})")
-    eot = end_of_turn_token(tokenizer)
-    if eot and eot != tokenizer.eos_token:
-        print(
-            f"note: the chat template of {name} ends an assistant turn with {eot!r}, not its EOS "
-            f"{tokenizer.eos_token!r}; using {eot!r} as EOS",
-            file=sys.stderr,
-        )
-        tokenizer.eos_token = eot
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        print(
-            f"note: tokenizer of {name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad",
-            file=sys.stderr,
-        )
-    return tokenizer
-
-
-def same_vocab(path, tokenizer, flag, first):
-    """The vocabulary check: fail unless the checkpoint at `path` (given as `flag`) has `tokenizer`'s vocabulary.
-    Models of one run pass token ids to each other as they are (a DPO model or a judge reads the policy's ids),
-    so they must share one; `first` names where `tokenizer` came from ("--sft_ckpt", "the first model")."""
-    if load_tokenizer(path, flag).get_vocab() != tokenizer.get_vocab():
-        fail(
-            f"{flag} {path}: its tokenizer differs from {first}'s; all models of a run must share one vocabulary"
-        )
-
-
 def tiny_config(tokenizer, hidden=128, layers=4):
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -741,6 +678,11 @@ def load_frozen(accelerator, name, tokenizer, flag, bf16=False, scorer=False):
     return place_frozen(accelerator, frozen(cast(model, dtype)))
 
 
+def trainable(model):
+    """The parameters the optimiser holds: all of them, or with an adapter only it (and a scorer's head copy)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def cast(model, dtype):
     """Parameters in `dtype` (the tiny random model is built in float32), buffers (rotary frequencies) in float32,
     as FSDP's mixed precision leaves them in the trained models."""
@@ -751,9 +693,9 @@ def cast(model, dtype):
     return model
 
 
-# ============================================================================ log-probs and masked means
-
-
+# ============================================================================ masked means and sampling
+# Statistics over response tokens; responses from a policy, in the batch layout, everything after the first EOS
+# masked out.
 def masked_mean(x, mask, dim=None):
     """The mean of x over the entries where mask is 1: all of them (dim=None) or along dim."""
     if dim is None:
@@ -761,8 +703,6 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
 
 
-# ============================================================================ sampling
-# Responses from a policy, in the batch layout, with everything after the first EOS masked out.
 def truncate_at_eos(responses, eos_id):
     """Mask (B, R) that keeps tokens up to and including the first EOS; and whether an EOS was found (B,)."""
     is_eos = responses == eos_id
@@ -1017,16 +957,8 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_
     os.rmdir(tmp)
 
 
-# ============================================================================ adapters (LoRA)
-
-
-def trainable(model):
-    """The parameters the optimiser holds: all of them, or with an adapter only it (and a scorer's head copy)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# ============================================================================ logging and progress
-# metrics.jsonl (and any tracker), and progress bars on the main process.
+# ============================================================================ logging
+# metrics.jsonl, and any tracker.
 def log_metrics(accelerator, output_dir, metrics, step):
     """Append one JSON line to <output_dir>/metrics.jsonl and send the numbers to any tracker."""
     metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}

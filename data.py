@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 import common
 import speed
@@ -496,3 +497,65 @@ def mean_oracle_reward(
                 for p, r in zip(chunk, decode_responses(tokenizer, batch), strict=True)
             ]
     return sum(scores) / len(scores)
+
+
+def end_of_turn_token(tokenizer):
+    """The special token the chat template writes right after an assistant message (ChatML: <|im_end|>), or None."""
+    if not tokenizer.chat_template:
+        return None
+    mark = "RESPONSE_ENDS_HERE"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    # a template may reject this conversation (jinja raise_exception); then it tells us nothing
+    except Exception:
+        return None
+    after = text.split(mark, 1)[1].lstrip() if mark in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    special = ids and getattr(tokenizer.added_tokens_decoder.get(ids[0]), "special", False)
+    return tokenizer.convert_ids_to_tokens(ids[0]) if special else None
+
+
+def load_tokenizer(name, flag="--model_name_or_path"):
+    """A checkpoint's tokenizer (hub id, folder or .gguf file).
+
+    EOS is the token that ends a response: encode_response appends it and sampling stops at it. When the chat
+    template ends an assistant turn with another special token (a base model's <|endoftext|> under a ChatML
+    template that ends turns with <|im_end|>), that token becomes EOS, so that responses end the way the
+    template's turns do and an instruct model stops where it was taught to. Sets pad = EOS when the tokenizer
+    has no pad token (masks compensate). The tiny model's tokenizer is data.build_tiny_tokenizer (sft.py)."""
+    if name == common.TINY:
+        fail(
+            f"{flag} {common.TINY}: the small random model is sft.py's starting point only; pass a checkpoint folder"
+        )
+    common.check_model_path(name, flag)
+    path, kwargs = common.from_pretrained_args(name, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **common.LOAD_OPTIONS)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0]})")
+    eot = end_of_turn_token(tokenizer)
+    if eot and eot != tokenizer.eos_token:
+        print(
+            f"note: the chat template of {name} ends an assistant turn with {eot!r}, not its EOS "
+            f"{tokenizer.eos_token!r}; using {eot!r} as EOS",
+            file=sys.stderr,
+        )
+        tokenizer.eos_token = eot
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        print(
+            f"note: tokenizer of {name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad",
+            file=sys.stderr,
+        )
+    return tokenizer
+
+
+def same_vocab(path, tokenizer, flag, first):
+    """The vocabulary check: fail unless the checkpoint at `path` (given as `flag`) has `tokenizer`'s vocabulary.
+    Models of one run pass token ids to each other as they are (a DPO model or a judge reads the policy's ids),
+    so they must share one; `first` names where `tokenizer` came from ("--sft_ckpt", "the first model")."""
+    if load_tokenizer(path, flag).get_vocab() != tokenizer.get_vocab():
+        fail(
+            f"{flag} {path}: its tokenizer differs from {first}'s; all models of a run must share one vocabulary"
+        )

@@ -163,7 +163,7 @@ def main(argv=None):
     args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
-    tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
+    tokenizer = data.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     # an adapter on the frozen SFT model (bf16 under --bf16); the reference: the adapter off
     if args.lora_rank:
         dtype = torch.bfloat16 if args.bf16 else torch.float32

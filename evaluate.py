@@ -150,14 +150,14 @@ def load_dpo_pair(spec, tokenizer, flag, args, device):
     paths = spec.split(",")
     for path in paths:
         # the judge reads the policies' ids as they are
-        common.same_vocab(path, tokenizer, flag, "the first model")
+        data.same_vocab(path, tokenizer, flag, "the first model")
     dpo, ref = (common.frozen(common.load_causal_lm(p, tokenizer, flag)).to(device) for p in paths)
     return {"dpo": dpo, "ref": ref, "beta": getattr(dpo.config, "dpo_beta", None) or args.dpo_beta}
 
 
 def load_judge(judge, tokenizer, args, device):
     if judge["kind"] == "rm":
-        common.same_vocab(judge["path"], tokenizer, "--judge rm:", "the first model")
+        data.same_vocab(judge["path"], tokenizer, "--judge rm:", "the first model")
         judge["rm"] = common.frozen(common.load_scorer(judge["path"], tokenizer, "--judge rm:")).to(
             device
         )
@@ -520,9 +520,9 @@ def main(argv=None):
     device = accelerator.device
     if models:  # every input is checked and every model found before anything is written
         first = next(iter(models.values()))
-        tokenizer = common.load_tokenizer(first, "--models")
+        tokenizer = data.load_tokenizer(first, "--models")
         for path in models.values():
-            common.same_vocab(path, tokenizer, "--models", "the first model")
+            data.same_vocab(path, tokenizer, "--models", "the first model")
         prompts, prompt_ids = load_eval_prompts(args, tokenizer)
         judge = load_judge(judge, tokenizer, args, device)
         pair = judge  # the token rewards come from the dpo: judge unless --token_reward_dpo names another pair

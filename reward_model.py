@@ -105,7 +105,7 @@ def main(argv=None):
     args = validate(common.parse_args(Args, argv, DEFAULTS))
     accelerator = common.setup(args)
     micro, accum = common.batch_plan(accelerator, args.batch_size, args.micro_batch_size)
-    tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
+    tokenizer = data.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     # a frozen base needs no fp32 master
     dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32
     model = common.load_scorer(

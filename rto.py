@@ -481,10 +481,10 @@ def load_models(args, accelerator):
     """Policy and critic (trained, with Adam), reference, DPO and reward model (frozen, only when used), each sharded
     or placed before the next loads. --lora_rank (docs/lora.md): two frozen bases, not five models: the reference is
     the policy's base, adapter off; a DPO adapter on it is a second adapter; the reward model is the critic's base."""
-    tokenizer = common.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
+    tokenizer = data.load_tokenizer(args.sft_ckpt, "--sft_ckpt")
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
-            common.same_vocab(path, tokenizer, flag, "--sft_ckpt")
+            data.same_vocab(path, tokenizer, flag, "--sft_ckpt")
     models = {}
     optimizers = []
     adapters = args.lora_rank > 0

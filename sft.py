@@ -134,7 +134,7 @@ def main(argv=None):
     tokenizer = (
         data.build_tiny_tokenizer(args.dataset)
         if args.model_name_or_path == common.TINY
-        else common.load_tokenizer(args.model_name_or_path)
+        else data.load_tokenizer(args.model_name_or_path)
     )
     # a frozen base needs no fp32 master
     dtype = torch.bfloat16 if args.bf16 and args.lora_rank else torch.float32

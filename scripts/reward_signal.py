@@ -79,7 +79,7 @@ def pearson(x, y):
 
 @torch.no_grad()
 def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
-    tokenizer = common.load_tokenizer(str(run / "sft"))
+    tokenizer = data.load_tokenizer(str(run / "sft"))
 
     def load(d):
         return common.frozen(common.load_causal_lm(str(d), tokenizer))

@@ -237,7 +237,7 @@ def test_models_and_vocabulary_checks(tiny, tmp_path):
     byte_level = data.build_tiny_tokenizer("other")  # another vocabulary
     byte_level.save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit, match="tokenizer differs"):
-        common.same_vocab(str(tmp_path / "other"), tiny.tok, "--judge rm:", "the first model")
+        data.same_vocab(str(tmp_path / "other"), tiny.tok, "--judge rm:", "the first model")
 
 
 def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):

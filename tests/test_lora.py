@@ -177,7 +177,7 @@ def test_lora_rank_without_peft_says_how_to_install_it(monkeypatch):
 @pytest.fixture(scope="module")
 def lora_dpo(pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_dpo") / "dpo"
-    dpo_adapter(pipeline["sft"], common.load_tokenizer(str(pipeline["sft"])), out)
+    dpo_adapter(pipeline["sft"], data.load_tokenizer(str(pipeline["sft"])), out)
     return out
 
 
@@ -259,7 +259,7 @@ def test_rto_with_adapters_starts_at_kl_0_and_resumes_to_the_uninterrupted_run(
     assert lora.is_adapter(str(tmp_path / "clean")) and lora.is_adapter(
         str(tmp_path / "clean" / "critic")
     )
-    tok = common.load_tokenizer(str(pipeline["sft"]))
+    tok = data.load_tokenizer(str(pipeline["sft"]))
     merged = common.load_causal_lm(str(tmp_path / "clean" / "merged"), tok)
     folder = common.load_causal_lm(str(tmp_path / "clean"), tok)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import common
+import data
 from conftest import ROOT, read_metrics, run_main
 
 DATA = ROOT / "samples"
@@ -160,11 +160,11 @@ def test_smollm2_through_every_stage(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
     tok = AutoTokenizer.from_pretrained(sft)
     assert tok.chat_template and "<|im_end|>" in tok.chat_template
-    # the template's end of an assistant turn (see common.load_tokenizer)
+    # the template's end of an assistant turn (see data.load_tokenizer)
     assert tok.eos_token == "<|im_end|>"
     tok.eos_token = "<|endoftext|>"  # a base model's EOS under the same ChatML template: load_tokenizer switches
     tok.save_pretrained(tmp_path / "base_tokenizer")
-    assert common.load_tokenizer(str(tmp_path / "base_tokenizer"), "x").eos_token == "<|im_end|>"
+    assert data.load_tokenizer(str(tmp_path / "base_tokenizer"), "x").eos_token == "<|im_end|>"
     assert (
         AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1).config.reward_std > 0
     )

@@ -44,7 +44,7 @@ def acc():
 def engine(pipeline, acc):
     """This process's engine, built for the built-in task's --max_prompt_len + --max_new_tokens (24 + 24)."""
     args = rto_args(pipeline, "--rollout_engine", "vllm")
-    tok = common.load_tokenizer(str(pipeline["sft"]))
+    tok = data.load_tokenizer(str(pipeline["sft"]))
     return vllm_engine.ready(acc, common.load_causal_lm(str(pipeline["sft"]), tok), args)
 
 
@@ -118,7 +118,7 @@ def test_engine_samples_the_tempered_top_p_distribution(pipeline, acc, engine):
         "--generation_batch_size",
         n,
     )
-    tok = common.load_tokenizer(str(pipeline["sft"]))
+    tok = data.load_tokenizer(str(pipeline["sft"]))
     policy = common.load_causal_lm(str(pipeline["sft"]), tok)
     prompt = toy_task.prompts("test", 5)[4]
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_a_prompts_response_does_not_depend_on_the_batch_and_the_layout_is_the_h
         "--max_new_tokens",
         16,
     )
-    tok = common.load_tokenizer(str(pipeline["sft"]))
+    tok = data.load_tokenizer(str(pipeline["sft"]))
     policy = common.load_causal_lm(str(pipeline["sft"]), tok)
     prompts, seeds = toy_task.prompts("test", 8), list(range(100, 108))
 
