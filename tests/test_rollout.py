@@ -902,3 +902,20 @@ def test_a_fork_adds_a_per_token_reward_in_the_rollout_without_touching_plumbing
     bonus = 0.5 * plain["response_length"]
     assert fork["reward_total"] == pytest.approx(plain["reward_total"] + bonus, abs=1e-5)
     assert fork["policy_loss"] != plain["policy_loss"]  # the update saw it
+
+
+def test_packed_attention_refuses_what_it_cannot_compute_with_one_line():
+    """A packed row under attention that sdpa cannot express per sequence here (a position bias, attention sinks,
+    soft-capping, no causal mask) stops with one line that names --packing false, instead of wrong numbers."""
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    rows = [(0, 2), (2, 5)]
+    for extra in (
+        {"position_bias": torch.zeros(1, 2, 5, 5)},
+        {"s_aux": torch.zeros(2)},
+        {"is_causal": False},
+    ):
+        with pytest.raises(SystemExit, match=r"^error: packed rows: .*; pass --packing false$"):
+            speed.packed_sdpa(module, q, k, v, None, sequences=rows, **extra)
+    out, _ = speed.packed_sdpa(module, q, k, v, None, sequences=rows, sliding_window=None)
+    assert out.shape == (1, 5, 2, 4)
