@@ -637,18 +637,14 @@ def disable_dropout(model):
     """Every source of training-mode noise off, so that a forward in train mode gives the numbers of one in eval mode
     (PPO's first ratio is then exactly 1): nn.Dropout modules, float dropout rates held by modules, and the
     config's (the saved config then records the 0 the model trained with)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for name, value in vars(m).items():
-            if any(word in name for word in NOISE) and type(value) is float:
-                setattr(m, name, 0.0)
     configs = [model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)]
-    # a multimodal model's text_config among them
-    for config in (c for c in configs if c is not None):
-        for name, value in vars(config).items():
-            if any(word in name for word in NOISE) and type(value) is float:
-                setattr(config, name, 0.0)
+    holders = [*model.modules(), *(c for c in configs if c is not None)]  # a text_config among them
+    for holder in holders:
+        if isinstance(holder, torch.nn.Dropout):
+            holder.p = 0.0
+        for name, value in vars(holder).items():
+            if type(value) is float and any(word in name for word in NOISE):
+                setattr(holder, name, 0.0)
     return model
 
 

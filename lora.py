@@ -161,8 +161,8 @@ def adapter_on(accelerator, model, path, flag, model_flag):
     it names); an adapter on other weights stops every process, the main one with one line."""
     if not is_adapter(path):
         return False
-    mine, theirs = fingerprint(model), adapter_base(path, flag)["fingerprint"]
-    # (None: this rank holds shapes only; the main process holds weights)
+    mine = fingerprint(model)  # None: this rank holds shapes only; the main process holds weights
+    theirs = adapter_base(path, flag)["fingerprint"]
     other = mine is not None and mine != theirs
     # every rank takes the branch the weights decide
     if common.reduce(accelerator, float(other)).item() > 0:
@@ -256,10 +256,8 @@ def merged_weights(model, state, name="default"):
             if plain.endswith(".weight"):
                 # peft's LoRA layer: its own scale and weight layout
                 layer = model.get_submodule(module)
-                a, b = (
-                    full(state[f"{module}.lora_A.{name}.weight"]),
-                    full(state[f"{module}.lora_B.{name}.weight"]),
-                )
+                a = full(state[f"{module}.lora_A.{name}.weight"])  # (r, in)
+                b = full(state[f"{module}.lora_B.{name}.weight"])  # (out, r)
                 delta = layer.scaling[name] * (b.float() @ a.float())  # (out, in)
                 if layer.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
                     delta = delta.T

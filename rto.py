@@ -263,9 +263,8 @@ def critic_values(critic, batch, args):
     critic started from the reward model (--rm_ckpt) speaks in normalised-reward units, as r_MLE does (authors')."""
     out = speed.head_outputs(critic, batch)[:, batch["prompt_len"] - 1 : -1]  # (b, R)
     if args.rm_ckpt and args.normalize_reward:
-        config = getattr(
-            critic, "module", critic
-        ).config  # DDP wraps it; the RM's statistics are in it
+        # DDP wraps it; the RM's statistics are in its config
+        config = getattr(critic, "module", critic).config
         out = (out - config.reward_mean) / config.reward_std
     return out * batch["response_mask"]
 
@@ -503,12 +502,12 @@ def load_models(args, accelerator):
             scorer=name == "critic",
             dtype=dtype,
             weights=adapters or common.loads_weights(accelerator),
-            new_head=not args.rm_ckpt,
-        )  # new: a value head
-        if name == "policy" and args.reward_mode in ("rto", "dppo"):
+            new_head=not args.rm_ckpt,  # a critic without --rm_ckpt: a new value head
+        )
+        if name == "policy" and args.reward_mode in ("rto", "dppo"):  # pi_ref = SFT
             dpo_shares = lora.adapter_on(
                 accelerator, model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt"
-            )  # pi_ref = SFT
+            )
         if adapters:
             model = lora.add_adapter(common.cast(model, dtype), args, path, scorer=name == "critic")
         if name == "policy" and adapters and dpo_shares:
@@ -518,11 +517,8 @@ def load_models(args, accelerator):
         )
         optimizers.append(optimizer)
     policy, critic = (accelerator.unwrap_model(models[n]) for n in ("policy", "critic"))
-    if (
-        args.rm_ckpt
-        and args.normalize_reward
-        and getattr(critic.config, "reward_std", None) is None
-    ):  # critic_values
+    reward_std = getattr(critic.config, "reward_std", None)  # what critic_values normalises with
+    if args.rm_ckpt and args.normalize_reward and reward_std is None:
         common.fail(
             f"--rm_ckpt {args.rm_ckpt}: no reward_mean/reward_std in its config (train it with "
             "reward_model.py) — or pass --no_normalize_reward"
@@ -531,19 +527,20 @@ def load_models(args, accelerator):
     def load(path, flag, scorer=False):
         return common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
 
-    models["ref"] = (
-        lora.AdapterView(policy, None) if adapters else load(args.sft_ckpt, "--sft_ckpt")
-    )
-    if args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = (
-            lora.AdapterView(policy, "dpo")
-            if adapters and dpo_shares
-            else load(args.dpo_ckpt, "--dpo_ckpt")
-        )
-    if uses_reward_model(args):  # the critic starts from --rm_ckpt whenever a reward model is used
-        models["rm"] = (
-            lora.AdapterView(critic, None) if adapters else load(args.rm_ckpt, "--rm_ckpt", True)
-        )
+    if adapters:
+        models["ref"] = lora.AdapterView(policy, None)
+    else:
+        models["ref"] = load(args.sft_ckpt, "--sft_ckpt")
+    if args.reward_mode in ("rto", "dppo") and adapters and dpo_shares:
+        models["dpo"] = lora.AdapterView(policy, "dpo")
+    elif args.reward_mode in ("rto", "dppo"):
+        models["dpo"] = load(args.dpo_ckpt, "--dpo_ckpt")
+    if (
+        uses_reward_model(args) and adapters
+    ):  # the critic starts from --rm_ckpt whenever an RM is used
+        models["rm"] = lora.AdapterView(critic, None)
+    elif uses_reward_model(args):
+        models["rm"] = load(args.rm_ckpt, "--rm_ckpt", True)
     return tokenizer, models, optimizers
 
 
@@ -574,9 +571,9 @@ def iteration_prompts(prompts, order, it, args, process_index, local):
     """Prompts of iteration `it` for process k (its slice of a walk through one shuffle, `order`), and their seeds."""
     # places in the walk
     positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]
-    return [prompts[order[p % len(prompts)]] for p in positions], [
-        args.seed * 2**32 + p for p in positions
-    ]  # wraps
+    chosen = [prompts[order[p % len(prompts)]] for p in positions]  # the walk wraps
+    seeds = [args.seed * 2**32 + p for p in positions]
+    return chosen, seeds
 
 
 def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):

@@ -72,9 +72,9 @@ def packed_sdpa(
     has one: sdpa over the whole row would compute every pair of positions in it, then mask out the pairs across
     sequences (on the CPU, and on GPUs without a variable-length kernel); the mask given alongside is not read.
     Attention that sdpa cannot express here (a position bias, attention sinks) stops the run with one line. And on
-    the CPU, grouped-query attention under a
-    mask (padded batches, every decoding step) is left to the kernel, which has it: transformers copies the key and
-    value heads out to the query heads' number first, for GPU kernels that lack it. query (b, h, L, d), key and
+    the CPU, grouped-query attention under a mask (padded batches, every decoding step) is left to the kernel,
+    which has it: transformers copies the key and value heads out to the query heads' number first, for GPU kernels
+    that lack it. query (b, h, L, d), key and
     value (b, h_kv, L_kv, d)."""
     grouped = query.shape[1] != key.shape[1]
     if sequences is not None:
@@ -90,11 +90,9 @@ def packed_sdpa(
         window = kwargs.get("sliding_window")
         outs = []
         for s, e in sequences:
-            mask = (
-                sliding_causal_mask(e - s, window, query.device)
-                if window and e - s > window
-                else None
-            )
+            mask = None  # causal over the whole sequence (is_causal)
+            if window and e - s > window:
+                mask = sliding_causal_mask(e - s, window, query.device)  # (e - s, e - s)
             outs.append(
                 torch.nn.functional.scaled_dot_product_attention(
                     query[:, :, s:e],
@@ -206,10 +204,8 @@ def response_logprobs(model, batch, temperature=1.0, with_entropy=False):
     packed = "packed" in batch  # rto.py --packing
     keep = batch["packed"]["columns"].flatten() if packed else tokens.shape[1] + 1
 
-    # padded (B, R + 1, d): the columns P - 1 .. P + R - 1, the last predicts nothing
-    def head_to_logprobs(
-        hidden,
-    ):
+    def head_to_logprobs(hidden):  # padded (B, R + 1, d): columns P - 1 .. P + R - 1
+        # the last padded column predicts nothing
         hidden = hidden[0] if packed else hidden[:, :-1].flatten(0, 1)  # packed: (1, B * R, d)
         logprobs, entropy = TokenLogprobs.apply(
             hidden, head.weight, tokens.flatten(), temperature, with_entropy

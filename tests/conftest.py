@@ -177,48 +177,22 @@ def tiny_model(tokenizer, family, seed=0, scorer=False, **config):
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": None,
     }
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    grouped = {
+        **shape,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+    }  # 2 query heads a key/value head
     if family == "gpt2":
         made = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids, **config)
     elif family == "falcon":
-        made = FalconConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **ids, **config
-        )
-    elif family == "granite":
-        made = GraniteConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **ids,
-            **config,
-        )
+        made = FalconConfig(**shape, **ids, **config)
     elif family == "mixtral":
-        made = MixtralConfig(
-            hidden_size=64,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            **ids,
-            **config,
-        )
+        made = MixtralConfig(**grouped, num_local_experts=4, num_experts_per_tok=2, **ids, **config)
     else:
-        cls = MistralConfig if family == "mistral" else LlamaConfig
+        cls = {"llama-gqa": LlamaConfig, "mistral": MistralConfig, "granite": GraniteConfig}[family]
         window = {"sliding_window": 4} if family == "mistral" else {}
-        made = cls(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **window,
-            **ids,
-            **config,
-        )
+        made = cls(**grouped, **window, **ids, **config)
     made.num_labels = 1
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM

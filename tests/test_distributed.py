@@ -27,26 +27,25 @@ SMALL = {
 PAIRS = 96
 
 
+LAUNCH_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch_cmd(config, script, *args):
+    """`accelerate launch --config_file configs/<config> <script> args` as a command list."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    return [*launcher, str(ROOT / "configs" / config), str(ROOT / script), *map(str, args)]
+
+
 def launch(config, script, *args, timeout=180):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / config),
-        str(ROOT / script),
-        *map(str, args),
-        "--overwrite",
-    ]
-    proc = run_group(cmd, env, timeout)
+    cmd = [*launch_cmd(config, script, *args), "--overwrite"]
+    proc = run_group(cmd, timeout)
     if proc is None:
         # A hang at exit (gloo teardown, see common.finish) is fixed; should any other hang appear, the stacks of
         # every rank are printed above and the run gets one retry. A second hang fails the test.
         print(
             f"warning: {script} under {config} hung for {timeout} s; retrying once", file=sys.stderr
         )
-        proc = run_group(cmd, env, timeout)
+        proc = run_group(cmd, timeout)
         assert proc is not None, f"{script} under {config} hung twice"
     assert proc.returncode == 0, proc.stderr[-3000:]
     # not a silent single-process fallback
@@ -54,14 +53,25 @@ def launch(config, script, *args, timeout=180):
     return proc
 
 
-def run_group(cmd, env, timeout):
+def launch_to_fail(config, script, *args, timeout=180):
+    """A launch that must stop on bad input: a failing exit status, and no rank's traceback (the launcher's own
+    report of the failed ranks has one). Returns the CompletedProcess, stderr to look for the error line in."""
+    proc = run_group(launch_cmd(config, script, *args), timeout)
+    assert proc is not None and proc.returncode != 0, f"{script} under {config} did not stop"
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, (
+        proc.stderr
+    )
+    return proc
+
+
+def run_group(cmd, timeout):
     """Run the launcher; on a hang print the Python stack of the launcher and every rank (py-spy, when installed),
     kill them all and return None. The ranks are found as descendants: torchrun puts them in sessions of their own,
     out of reach of a process-group kill."""
     with subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=env,
+        env=LAUNCH_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -502,34 +512,11 @@ def test_with_the_gpu_loading_settings_a_reward_model_without_its_head_stops_eve
     """Under fsdp_cpu_ram_efficient_loading a reward model whose head transformers cannot find stops the run with
     one line on every rank, instead of a random head on rank 0 and none on rank 1. (That every rank holds the
     checkpoints' weights under this setting: test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch.)"""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = run_group(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "configs" / "cpu_fsdp_ram_efficient.yaml"),
-            str(ROOT / "rto.py"),
-            "--sft_ckpt",
-            pipeline["sft"],
-            "--dpo_ckpt",
-            pipeline["dpo"],
-            "--rm_ckpt",
-            pipeline["sft"],
-            "--output_dir",
-            tmp_path / "bad",
-        ],
-        env,
-        180,
-    )
-    assert proc is not None and proc.returncode != 0
+    bad_rm = ["--rm_ckpt", pipeline["sft"], "--output_dir", tmp_path / "bad"]
+    run = ["--sft_ckpt", pipeline["sft"], "--dpo_ckpt", pipeline["dpo"], *bad_rm]
+    proc = launch_to_fail("cpu_fsdp_ram_efficient.yaml", "rto.py", *run)
     line = f"error: --rm_ckpt {pipeline['sft']}: the checkpoint has no weights for the reward head `score`"
-    assert (
-        line in proc.stderr
-        and "[rank0]: Traceback" not in proc.stderr
-        and "[rank1]: Traceback" not in proc.stderr
-    )
+    assert line in proc.stderr
 
 
 # the collectives of torch.distributed and Accelerate (functions and Accelerator methods) that move tensors
