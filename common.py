@@ -18,6 +18,7 @@ task in toy_task.py; common.py imports neither.
 import argparse
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -28,9 +29,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, NamedTuple
 
+import accelerate.utils
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -385,6 +391,11 @@ def gather(accelerator, x):
     return accelerator.gather_for_metrics(x.to(accelerator.device))
 
 
+def gather_objects(objects):
+    """Every process's list of picklable objects (numbers and text, no tensors), joined in process order."""
+    return accelerate.utils.gather_object(objects)
+
+
 def fsdp_on_cpu(accelerator):
     """Accelerate ignores an FSDP config when there is no GPU (and falls back to DDP); apply it by hand, so that
     the FSDP code paths run in tests on CPU processes. A no-op wherever Accelerate already set FSDP up."""
@@ -720,48 +731,33 @@ def left_pad(prompts, pad_id, width=None):
 
 
 @torch.no_grad()
-def sample(
-    model,
-    tokenizer,
-    prompt_ids,
-    max_new_tokens,
-    temperature=1.0,
-    top_p=1.0,
-    prompt_width=None,
-):
-    """Sample responses with the KV cache. prompt_ids: list of id lists.
-
-    Returns a batch in the common layout plus 'ended' (B,): whether the response has an EOS.
-    Tokens after the first EOS are padding and masked out."""
-    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, prompt_width)  # (B, P)
-    P = input_ids.shape[1]
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = speed.prefill(model, input_ids, attention_mask, max_new_tokens)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        synced_gpus=False,  # FSDP2: the callers gather the weights once (gathered_weights); no collective per token
-        disable_compile=True,
-    )
-    responses = out[:, P:]  # (B, R)
-    response_mask, ended = truncate_at_eos(responses, tokenizer.eos_token_id)
+def response_batch(input_ids, attention_mask, responses, tokenizer, logprobs=None):
+    """Sampled responses (b, R) after their left-padded prompts (b, P), in data.py's layout, cut at the first EOS
+    (a response without one keeps its last token), with "ended" (b,): the response has an EOS; and, given the
+    log-probs of the drawn tokens (a list of (b,) tensors, one per step), "logprobs" (b, R)."""
+    response_mask, ended = truncate_at_eos(responses, tokenizer.eos_token_id)  # (b, R), (b,)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return {
+    batch = {
         "input_ids": torch.cat([input_ids, responses], 1),
         "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
         "response_mask": response_mask,
-        "prompt_len": P,
         "ended": ended,
+        "prompt_len": input_ids.shape[1],
     }
+    if logprobs is not None:
+        batch["logprobs"] = torch.stack(logprobs, 1) * response_mask  # (b, R)
+    return batch
+
+
+def prompt_seeds(seed, stream, n):
+    """The sampling seeds of n held-out prompts (speed.sample's seeds): prompt k's seed depends on (seed, stream, k)
+    alone, so it draws the same response at every evaluation whatever its batch or process, and each stream (a
+    model's name in evaluate.py) draws independently of the others. 63-bit, as torch and vLLM generators take."""
+    seeds = []
+    for k in range(n):
+        digest = hashlib.sha256(f"{seed}/{stream}/{k}".encode()).digest()
+        seeds.append(int.from_bytes(digest[:8], "big") >> 1)
+    return seeds
 
 
 # ============================================================================ the training step and resumable state
@@ -918,12 +914,14 @@ def truncate_metrics(accelerator, output_dir, step):
 
 # ============================================================================ checkpoints
 # How stages hand off: a save_pretrained folder (model + tokenizer), written atomically.
-def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_lora=False):
+def save_model(
+    accelerator, model, tokenizer, out_dir, extra_config=None, merge_lora=False, files=None
+):
     """save_pretrained (safetensors) + tokenizer, atomically: config.json is moved in last, so a crash
     mid-save never leaves a folder that from_pretrained would load. One consolidated folder (under FSDP2 rank 0
     gathers it), in the training dtype: bfloat16 under --bf16 (the fp32 master weights rounded), else float32.
     A LoRA model (--lora_rank) is written as an adapter folder instead (save_adapter), and with merge_lora also
-    merged into a plain model in <out_dir>/merged."""
+    merged into a plain model in <out_dir>/merged. `files`: {name: text} written into the folder with the model."""
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
@@ -937,7 +935,7 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_
             setattr(model.config, k, v)
     if hasattr(model, "lora"):  # add_adapter's model: its keys as the peft wrapper names them
         state = {f"base_model.model.{k}": v for k, v in state.items()}
-        lora.save_adapter(model.lora, state, tokenizer, out_dir, extra_config)
+        lora.save_adapter(model.lora, state, tokenizer, out_dir, extra_config, files)
         if not merge_lora:
             return
         model, state = lora.plain_model(model.lora), lora.merged_state_dict(model.lora, state)
@@ -946,11 +944,19 @@ def save_model(accelerator, model, tokenizer, out_dir, extra_config=None, merge_
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    write_files(tmp, files)
     if os.path.exists(os.path.join(out_dir, "config.json")):
         os.remove(os.path.join(out_dir, "config.json"))  # the folder stops looking complete first
     for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
+
+
+def write_files(folder, files):
+    """{name: text} into folder."""
+    for name, text in (files or {}).items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
 
 
 # ============================================================================ logging

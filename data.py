@@ -299,6 +299,20 @@ def load_prompts(dataset, split, args, n=None):
     return prompts[:n] if n else prompts
 
 
+def held_out_prompts(tokenizer, dataset, split, n, args):
+    """(prompts as messages, their token ids): the first n of a split that fit --max_prompt_len, in file order; on the
+    built-in tasks n test prompts drawn with --seed. Over-long prompts before them are skipped (counted) or fatal
+    (--long_prompts)."""
+    prompts = load_prompts(dataset, split, args, n if dataset in TOYS else None)
+    keep = fit_prompts(tokenizer, prompts, args.max_prompt_len, args.long_prompts, limit=n)
+    if len(keep) < n:
+        print(
+            f"note: only {len(keep)} of the {n} prompts asked for fit --max_prompt_len",
+            file=sys.stderr,
+        )
+    return [p for p, _ in keep], [ids for _, ids in keep]
+
+
 # ============================================================================ tokenisation and batches
 # Messages -> token ids (prompts never cut, responses cut to length) -> the batch layout above, and back to text.
 def format_prompt(tokenizer, messages):
@@ -476,25 +490,20 @@ def build_tiny_tokenizer(dataset):
 def mean_oracle_reward(
     accelerator, model, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0
 ):
-    """Mean ground-truth reward of sampled responses to built-in-task prompts (messages). Every process
-    samples the same responses (same seed) in step with the others; the training RNG is left untouched."""
+    """Mean ground-truth reward of sampled responses to built-in-task prompts (messages), prompt k drawn with the
+    same seed at every call (common.prompt_seeds). Every process samples the same responses; the training RNG is
+    left untouched."""
     model = accelerator.unwrap_model(model)
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    seeds = common.prompt_seeds(seed, "oracle", len(prompts))
     scores = []
-    # sampling draws from its RNG too
-    gpus = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with (
-        torch.random.fork_rng(devices=gpus),
-        speed.gathered_weights(model),
-    ):  # FSDP2: no collective per token
-        torch.manual_seed(seed)
+    with speed.gathered_weights(model):  # FSDP2: no collective per token
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            batch = common.sample(
-                model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
-            )
+            chunk = slice(i, i + batch_size)
+            batch = speed.sample(model, tokenizer, ids[chunk], seeds[chunk], max_new_tokens)
+            texts = decode_responses(tokenizer, batch)
             scores += [
-                toy_task.oracle_reward(p, r)
-                for p, r in zip(chunk, decode_responses(tokenizer, batch), strict=True)
+                toy_task.oracle_reward(p, t) for p, t in zip(prompts[chunk], texts, strict=True)
             ]
     return sum(scores) / len(scores)
 

@@ -9,10 +9,10 @@ held-out prompts with the same settings (each model with its own fixed seed); on
 the win rate of row model a over column model b is the fraction of prompts where a's response scores higher,
 ties counting half.
 
-Judges (--judge):
-    oracle                    the built-in task's ground truth, toy_task.oracle_reward (built-in prompts only)
-    rm:<dir>                  a sequence-classification reward model, read at the last real token
-    dpo:<dpo_dir>,<ref_dir>   DPO's implicit reward beta * sum_h (log pi_dpo - log pi_ref)
+Judges (--judge), judges.py: oracle (the built-in tasks' ground truth), rm:<dir>, dpo:<dpo_dir>,<ref_dir>, or your
+own Python function py:<file.py>:<function>. A model named m draws prompt k's response with the seed
+common.prompt_seeds(--seed, m)[k]: whatever the batch, and for a model named policy the response rto.py's
+evaluation drew.
 
 Writes winrates.md, winrates.json, responses.jsonl; token_rewards.html with --show_token_rewards; curves.png
 (or curves.csv without matplotlib) with --curves. One process (python, not accelerate launch).
@@ -24,17 +24,16 @@ import json
 import math
 import os
 import sys
-import zlib
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import set_seed, tqdm
+from accelerate.utils import tqdm
 
 import common
 import data
+import judges
 import speed
-import toy_task
-from common import TOY, TOYS, Default, arg
+from common import TOY, Default, arg
 
 # flag: its value on the built-in task, with real models (None: required), on toy-long; None in Args
 DEFAULTS = {
@@ -53,7 +52,7 @@ class Args(common.RunArgs):
             "the table); every model must share the first one's vocabulary"
         },
     )
-    judge: str = arg(None, "oracle | rm:<dir> | dpo:<dpo_dir>,<ref_dir>")
+    judge: str = arg(None, "oracle | rm:<dir> | dpo:<dpo>,<ref> | py:<file.py>:<function>")
     dataset: str = arg(
         TOY, "held-out prompts: 'toy' (the built-in task's test prompts), a hub id or a file"
     )
@@ -81,6 +80,7 @@ class Args(common.RunArgs):
 
 
 CURVE_METRICS = [
+    "eval_score",
     "sentence_reward",
     "oracle_reward",
     "dpo_reward_per_response",
@@ -95,14 +95,14 @@ def validate(args):
         common.fail("nothing to do: pass --models name=dir ... and/or --curves run_dir ...")
     if args.models and not args.judge:
         common.fail(
-            "--judge is required off the built-in task: rm:<dir> or dpo:<dpo_dir>,<ref_dir>"
+            "--judge is required off the built-in task: rm:<dir>, dpo:<dpo_dir>,<ref_dir> or py:<file.py>:<function>"
         )
     common.check_at_least(args, 1, "num_prompts", "batch_size", "max_new_tokens", "max_prompt_len")
     common.check_at_least(args, 0, "show_token_rewards")
     common.check_positive(args, "temperature", "dpo_beta")
     if not 0 < args.top_p <= 1:
         common.fail(f"--top_p {args.top_p}: must be greater than 0 and at most 1")
-    if args.token_reward_dpo and not is_pair(args.token_reward_dpo):
+    if args.token_reward_dpo and not judges.is_pair(args.token_reward_dpo):
         common.fail(f"--token_reward_dpo {args.token_reward_dpo}: expected <dpo_dir>,<ref_dir>")
     if args.show_token_rewards and not (
         args.token_reward_dpo or (args.judge or "").startswith("dpo:")
@@ -127,114 +127,31 @@ def parse_models(entries):
     return models
 
 
-def parse_judge(spec, dataset):
-    """'oracle' | 'rm:<dir>' | 'dpo:<dpo_dir>,<ref_dir>' -> {'kind', 'path'}; models are loaded later."""
-    kind, _, path = spec.partition(":")
-    if kind == "oracle" and not path:
-        if dataset not in TOYS:  # the oracle knows only the built-in task's topics
-            common.fail(
-                f"--judge oracle: only for the built-in task's prompts (--dataset toy), not {dataset}"
-            )
-        return {"kind": "oracle"}
-    if kind == "rm" and path or kind == "dpo" and is_pair(path):
-        return {"kind": kind, "path": path}
-    common.fail(f"--judge {spec}: expected oracle, rm:<dir> or dpo:<dpo_dir>,<ref_dir>")
-
-
-def is_pair(spec):
-    return spec is not None and len(spec.split(",")) == 2 and all(spec.split(","))
-
-
-def load_dpo_pair(spec, tokenizer, flag, args, device):
-    """{'dpo', 'ref', 'beta'} from '<dpo_dir>,<ref_dir>'; beta is the one the DPO model was trained with."""
-    paths = spec.split(",")
-    for path in paths:
-        # the judge reads the policies' ids as they are
-        data.same_vocab(path, tokenizer, flag, "the first model")
-    dpo, ref = (common.frozen(common.load_causal_lm(p, tokenizer, flag)).to(device) for p in paths)
-    return {"dpo": dpo, "ref": ref, "beta": getattr(dpo.config, "dpo_beta", None) or args.dpo_beta}
-
-
-def load_judge(judge, tokenizer, args, device):
-    if judge["kind"] == "rm":
-        data.same_vocab(judge["path"], tokenizer, "--judge rm:", "the first model")
-        judge["rm"] = common.frozen(common.load_scorer(judge["path"], tokenizer, "--judge rm:")).to(
-            device
-        )
-    if judge["kind"] == "dpo":
-        judge.update(load_dpo_pair(judge["path"], tokenizer, "--judge dpo:", args, device))
-    return judge
-
-
-# ============================================================================ judges: one function per kind
-def oracle_scores(judge, batch, prompts, texts):
-    return [toy_task.oracle_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
-
-
-def rm_scores(judge, batch, prompts, texts):
-    return speed.sequence_scores(judge["rm"], batch).tolist()
-
-
-def dpo_scores(judge, batch, prompts, texts):
-    return dpo_token_rewards(judge, batch).sum(-1).tolist()  # DPO's sentence-level implicit reward
-
-
-JUDGES = {"oracle": oracle_scores, "rm": rm_scores, "dpo": dpo_scores}
-
-
-@torch.no_grad()
-def judge_scores(judge, batch, prompts, texts):
-    """One score per response. batch: data.py's layout (prompt + sampled response ids); texts: decoded."""
-    return JUDGES[judge["kind"]](judge, batch, prompts, texts)
-
-
-def dpo_token_rewards(pair, batch):
-    """beta * (log pi_dpo - log pi_ref) of every response token: (B, R), 0 on padding."""
-    ref_logprobs = speed.response_logprobs(pair["ref"], batch)
-    return pair["beta"] * (speed.response_logprobs(pair["dpo"], batch) - ref_logprobs)
-
-
 # ============================================================================ sampling and scoring
-def load_eval_prompts(args, tokenizer):
-    """(prompts as messages, their token ids): the first --num_prompts that fit --max_prompt_len, in file order;
-    over-long prompts before them are skipped (counted) or fatal (--long_prompts)."""
-    if args.dataset in TOYS:
-        prompts = toy_task.prompts("test", args.num_prompts, seed=args.seed, task=args.dataset)
-    else:
-        prompts = data.load_prompts(args.dataset, args.split, args)
-    keep = data.fit_prompts(
-        tokenizer, prompts, args.max_prompt_len, args.long_prompts, limit=args.num_prompts
-    )
-    if len(keep) < args.num_prompts:
-        print(
-            f"note: only {len(keep)} prompts fit --max_prompt_len (--num_prompts {args.num_prompts})",
-            file=sys.stderr,
-        )
-    return [p for p, _ in keep], [ids for _, ids in keep]
-
-
 @torch.no_grad()
-def sample_and_score(accelerator, model, tokenizer, prompts, ids, judge, args, name):
-    """One response per prompt, scored: rows {prompt, response, score, length, ended, ids}."""
-    # Reseeded per model, from --seed and the model's name: a model's samples do not depend on which other models
-    # are in the table, and models draw independent samples as in the paper (one shared stream would make
-    # similar models write identical responses to many prompts: ties, not independent draws)
-    set_seed(args.seed + zlib.crc32(name.encode()) % 2**20)
+def sample_and_score(model, tokenizer, prompts, ids, judge, args, name):
+    """One response per prompt, scored: rows {prompt, response, score, length, ended, ids}. Prompt k is drawn
+    with its own seed from --seed and the model's name: a model's samples do not depend on which other models
+    are in the table or on the batch, and models draw independently as in the paper (one shared stream would make
+    similar models write identical responses to many prompts: ties, not independent draws)."""
+    seeds = common.prompt_seeds(args.seed, name, len(ids))
     width = max(map(len, ids))  # one prompt width for all batches and models
     rows = []
     bar = tqdm(total=len(ids), desc=f"{name}: sample + judge", dynamic_ncols=True)
     for i in range(0, len(ids), args.batch_size):
-        batch = common.sample(
+        chunk = slice(i, i + args.batch_size)
+        batch = speed.sample(
             model,
             tokenizer,
-            ids[i : i + args.batch_size],
+            ids[chunk],
+            seeds[chunk],
             args.max_new_tokens,
             args.temperature,
             args.top_p,
-            prompt_width=width,
+            width,
         )
         texts = data.decode_responses(tokenizer, batch)
-        scores = judge_scores(judge, batch, prompts[i : i + args.batch_size], texts)
+        scores = judges.score(judge, batch, prompts[chunk], texts)
         # (b, R), right-padded after the first EOS
         responses = batch["input_ids"][:, batch["prompt_len"] :]
         for k, (text, score) in enumerate(zip(texts, scores, strict=True)):
@@ -417,7 +334,7 @@ def show_token_rewards(pair, tokenizer, results, prompt_ids, n, out, device):
     for model, rows in results.items():
         batch = data.collate(prompt_ids[:n], [r["ids"] for r in rows[:n]], tokenizer.pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        rewards = dpo_token_rewards(pair, batch)  # (n, R)
+        rewards = judges.dpo_token_rewards(pair, batch)  # (n, R)
         items += [
             {
                 "model": model,
@@ -445,8 +362,8 @@ def read_curves(run_dirs):
                 lines = [json.loads(line) for line in f if line.strip()]
         except (OSError, ValueError) as e:
             common.fail(f"--curves {d}: cannot read {path} ({type(e).__name__})")
-        # iteration lines, not before/after summaries
-        lines = [m for m in lines if "policy_loss" in m]
+        # iteration lines and evaluations on held-out prompts
+        lines = [m for m in lines if "policy_loss" in m or m.get("phase") == "eval"]
         if not lines:
             common.fail(f"--curves {d}: {path} has no RL iteration lines (is it an rto.py run?)")
         label = os.path.basename(os.path.normpath(d))
@@ -461,6 +378,8 @@ def plot_curves(curves, out):
     metrics = [
         m for m in CURVE_METRICS if any(m in line for lines in curves.values() for line in lines)
     ]
+    # the held-out judge's score against the KL from the reference: the over-optimisation picture
+    by_kl = any("eval_kl_per_response" in line for lines in curves.values() for line in lines)
     try:
         import matplotlib
 
@@ -475,24 +394,34 @@ def plot_curves(curves, out):
                 [run, line["step"], m, line[m]]
                 for run, lines in curves.items()
                 for line in lines
-                for m in metrics
+                for m in [*metrics, "eval_kl_per_response"]
                 if m in line
             )
         print(
             f"matplotlib is not installed, so the curves went to {path} (pip install -r requirements-plot.txt)"
         )
         return path
-    cols, rows = min(3, len(metrics)), math.ceil(len(metrics) / 3)
+    panels = len(metrics) + by_kl
+    cols, rows = min(3, panels), math.ceil(panels / 3)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows + 0.5), squeeze=False)
     # a run keeps its colour where others have no line
     colours = {run: f"C{k}" for k, run in enumerate(curves)}
-    for ax, m in zip(axes.flat, metrics, strict=True):
+    for ax, m in zip(axes.flat[: len(metrics)], metrics, strict=True):
         for run, lines in curves.items():
             points = [(line["step"], line[m]) for line in lines if m in line]
             if points:
                 ax.plot(*zip(*points, strict=True), color=colours[run])
         ax.set(title=m, xlabel="iteration")
-    for ax in axes.flat[len(metrics) :]:
+    if by_kl:
+        ax = axes.flat[len(metrics)]
+        for run, lines in curves.items():
+            points = [
+                (m["eval_kl_per_response"], m["eval_score"]) for m in lines if "eval_score" in m
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", color=colours[run])
+        ax.set(title="eval_score against KL", xlabel="eval_kl_per_response")
+    for ax in axes.flat[panels:]:
         ax.axis("off")
     fig.legend(
         [plt.Line2D([], [], color=c) for c in colours.values()],
@@ -511,7 +440,7 @@ def plot_curves(curves, out):
 def main(argv=None):
     args = validate(common.parse_args(Args, argv, DEFAULTS))
     models = parse_models(args.models)
-    judge = parse_judge(args.judge, args.dataset) if models else None
+    judge = judges.parse(args.judge, args.dataset, "--judge") if models else None
     curves = read_curves(args.curves)
     accelerator = common.setup(args)
     # every process would sample everything and write the same files
@@ -523,12 +452,14 @@ def main(argv=None):
         tokenizer = data.load_tokenizer(first, "--models")
         for path in models.values():
             data.same_vocab(path, tokenizer, "--models", "the first model")
-        prompts, prompt_ids = load_eval_prompts(args, tokenizer)
-        judge = load_judge(judge, tokenizer, args, device)
+        prompts, prompt_ids = data.held_out_prompts(
+            tokenizer, args.dataset, args.split, args.num_prompts, args
+        )
+        judge = judges.load(judge, tokenizer, device, args.dpo_beta, prompts)
         pair = judge  # the token rewards come from the dpo: judge unless --token_reward_dpo names another pair
         if args.show_token_rewards and args.token_reward_dpo:
-            pair = load_dpo_pair(
-                args.token_reward_dpo, tokenizer, "--token_reward_dpo", args, device
+            pair = judges.load_dpo_pair(
+                args.token_reward_dpo, tokenizer, "--token_reward_dpo", args.dpo_beta, device
             )
     common.prepare_output_dir(args, accelerator, {"prompts": len(prompt_ids)} if models else None)
 
@@ -537,7 +468,7 @@ def main(argv=None):
         for name, path in models.items():  # one policy in memory at a time
             model = common.frozen(common.load_causal_lm(path, tokenizer, "--models")).to(device)
             results[name] = sample_and_score(
-                accelerator, model, tokenizer, prompts, prompt_ids, judge, args, name
+                model, tokenizer, prompts, prompt_ids, judge, args, name
             )
             del model
         text, summary = write_results(args.output_dir, results, args)

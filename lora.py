@@ -207,7 +207,7 @@ def load_merged_adapter(auto_class, path, flag, what, **kwargs):
     return model, [k for k in missing if k.split(".")[0] not in saved]
 
 
-def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
+def save_adapter(model, state, tokenizer, out_dir, extra_config=None, files=None):
     """The adapter folder (adapter_config.json, adapter_model.safetensors: the "default" adapter and a scorer's
     head copy), the tokenizer and lora_base.json, adapter_config.json moved in last (it marks the folder whole)."""
     tmp = os.path.join(out_dir, ".saving")
@@ -218,6 +218,7 @@ def save_adapter(model, state, tokenizer, out_dir, extra_config=None):
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, LORA_BASE), "w") as f:
         json.dump({**model.lora_base, "config": extra_config or {}}, f, indent=1)
+    common.write_files(tmp, files)
     if os.path.exists(os.path.join(out_dir, "adapter_config.json")):
         os.remove(os.path.join(out_dir, "adapter_config.json"))
     for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):

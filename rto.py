@@ -29,16 +29,18 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 (scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 from accelerate.utils import tqdm
-from transformers import GenerationConfig
 
 import common
 import data
+import judges
 import lora
 import speed
 import toy_task
@@ -87,7 +89,19 @@ class Args(common.TrainArgs, common.LoraArgs):
     num_episodes: int = arg(None, "or: total prompts to roll out (OpenRLHF counts passes)")
     save_every: int = arg(0, "models and resumable state every N iterations (0: models at the end)")
     sample_every: int = arg(10, "print (prompt, response, reward) every N iterations (0 = never)")
-    oracle_prompts: int = arg(200, "built-in task: held-out prompts for the oracle reward")
+    eval_every: int = arg(
+        0, "evaluate every N iterations, and before and after (0: before and after)"
+    )
+    eval_prompts: str = arg(
+        None, "held-out prompts: a file or hub id (built-in tasks: their test split)"
+    )
+    eval_num_prompts: int = arg(200, "held-out prompts per evaluation (0: no evaluation)")
+    eval_judge: str = arg(
+        None,
+        "oracle | rm:<dir> | dpo:<dpo>,<ref> | py:<file.py>:<function> "
+        "(default: oracle on the built-in tasks, none otherwise: no evaluation)",
+    )
+    keep_best: bool = arg(False, "keep the policy of the highest eval_score in <output_dir>/best")
 
 
 # flags defaulting to None in Args, by task: built-in, real models (docs/algorithm.md; beta2: authors'), toy-long
@@ -137,6 +151,19 @@ def validate(args):
         "top_p",
     )
     common.check_between(args, "top_p", 0, 1)
+    common.check_at_least(args, 0, "eval_every", "eval_num_prompts")
+    if args.eval_judge is None and args.dataset in TOYS:
+        args.eval_judge = "oracle"
+    # a judge spec that does not parse fails here, before anything loads
+    if args.eval_judge and args.eval_num_prompts:
+        if args.dataset not in TOYS and not args.eval_prompts:
+            common.fail(
+                "--eval_judge needs --eval_prompts off the built-in tasks: a file of held-out prompts"
+            )
+        judges.parse(args.eval_judge, args.eval_prompts or args.dataset, "--eval_judge")
+    elif args.keep_best or args.eval_every:
+        flag = "--keep_best" if args.keep_best else "--eval_every"
+        common.fail(f"{flag} needs an evaluation: --eval_judge and --eval_num_prompts > 0")
     vllm_engine.check(args)  # --rollout_engine: hf, or vllm installed and with good flags
     return args
 
@@ -146,48 +173,14 @@ def uses_reward_model(args):
 
 
 # ============================================================================ 1. rollout
-def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
-    """Gumbel-max sampling of softmax(logits / T) in the top-p nucleus, one generator per prompt (batch-independent);
-    each step appends log softmax(logits / T)[drawn token], (b,), to a list `logprobs` (--generation_logprobs)."""
-
-    def pick(input_ids, logits):  # (b, V) logits of the next token
-        tempered = logits = logits.float() / temperature
-        if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
-            p, idx = logits.softmax(-1).sort(-1, descending=True)
-            outside = (p.cumsum(-1) - p) >= top_p  # the top token is always kept
-            logits = logits.masked_fill(outside.scatter(-1, idx, outside), -math.inf)
-        gumbel = torch.stack(
-            [-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators]
-        )
-        scores = logits + gumbel
-        # generate() takes the argmax of the scores: that is the drawn token
-        if logprobs is not None:
-            logprobs.append(
-                tempered.gather(-1, scores.argmax(-1, keepdim=True))[:, 0] - tempered.logsumexp(-1)
-            )
-        return scores
-
-    return pick
-
-
 @torch.no_grad()
 def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
-    """One response per prompt, prompt i drawn with seed seeds[i]: greedy generate() over Gumbel-perturbed logits
-    (prompts prefilled unpadded), or (--rollout_engine vllm) a vLLM engine's sampler, the same distribution."""
+    """One response per prompt, prompt i drawn with seed seeds[i] (its draw does not depend on its batch):
+    speed.sample (transformers' generate), or with --rollout_engine vllm a vLLM engine's sampler."""
     model = accelerator.unwrap_model(policy)
     model.eval()
     ids = [data.encode_prompt(tokenizer, p) for p in prompts]
     width = max(map(len, ids))  # P: every prompt is left-padded to it
-    pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
-    # disable_compile: on GPUs transformers would compile decoding for a StaticCache, once per cache size
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=args.max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=eos,
-        disable_compile=True,
-    )
     # the vLLM engine, holding the policy's current weights; False for the hf engine
     engine = args.rollout_engine == "vllm" and vllm_engine.ready(accelerator, model, args)
     # hf: --generation_batch_size prompts per generate() call; vllm: every prompt in one call (the engine schedules
@@ -198,44 +191,25 @@ def rollout(accelerator, policy, tokenizer, prompts, seeds, args):
     with speed.gathered_weights(model, enabled=not engine):
         for i in range(0, len(ids), size):
             chunk = slice(i, i + size)
-            input_ids, attention_mask = common.left_pad(ids[chunk], pad, width)  # (b, P)
-            input_ids = input_ids.to(accelerator.device)
-            attention_mask = attention_mask.to(accelerator.device)
-            steps = [] if args.generation_logprobs else None  # (b,) log pi_old per step
             if engine:
-                responses, steps = vllm_engine.generate(
-                    engine, ids[chunk], seeds[chunk], args, eos, accelerator.device
+                batch = vllm_engine.generate(
+                    engine, ids[chunk], seeds[chunk], width, tokenizer, args, accelerator.device
                 )
             else:
-                generators = [
-                    torch.Generator(accelerator.device).manual_seed(s) for s in seeds[chunk]
-                ]
-                pick = draw_with_own_generators(generators, args.temperature, args.top_p, steps)
-                kv = speed.prefill(model, input_ids, attention_mask, args.max_new_tokens)  # or None
-                out = model.generate(
-                    input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    past_key_values=kv,
-                    synced_gpus=False,
-                    logits_processor=[pick],
+                batch = speed.sample(
+                    model,
+                    tokenizer,
+                    ids[chunk],
+                    seeds[chunk],
+                    args.max_new_tokens,
+                    args.temperature,
+                    args.top_p,
+                    width,
+                    args.generation_logprobs,
                 )
-                responses = out[:, width:]  # (b, R_chunk)
-            # no EOS: the response keeps its last token
-            response_mask, ended = common.truncate_at_eos(responses, eos)  # (b, R_chunk), (b,)
-            responses = responses.masked_fill(response_mask == 0, pad)
-            rows = {
-                "input_ids": torch.cat([input_ids, responses], 1),
-                "attention_mask": torch.cat([attention_mask, response_mask.long()], 1),
-                "response_mask": response_mask,
-                "ended": ended,
-                "prompt_len": width,
-            }
-            if steps is not None:
-                rows["logprobs"] = torch.stack(steps, 1) * response_mask  # (b, R_chunk)
-            chunks.append(rows)
+            chunks.append(batch)
     model.train()
-    return data.cat_batches(chunks, pad)
+    return data.cat_batches(chunks, tokenizer.pad_token_id)
 
 
 # ============================================================================ 2. frozen pass: log-probs and values
@@ -457,6 +431,115 @@ def update_kl_coef(beta2, kl_per_response, args, n_prompts):
     return beta2 * (1 + error * n_prompts / args.kl_horizon)
 
 
+# ============================================================================ evaluation on held-out prompts
+def load_evaluation(accelerator, tokenizer, args):
+    """The held-out prompts, a sampling seed for each and the judge (judges.py), checked before training starts by
+    a probe call; None when there is no evaluation (--eval_judge unset, or --eval_num_prompts 0)."""
+    if not (args.eval_judge and args.eval_num_prompts):
+        return None
+    dataset = args.eval_prompts or args.dataset
+    prompts, _ = data.held_out_prompts(tokenizer, dataset, "test", args.eval_num_prompts, args)
+    judge = judges.parse(args.eval_judge, dataset, "--eval_judge")
+    judge = judges.load(judge, tokenizer, accelerator.device, 0.1, prompts)
+    # the stream evaluate.py gives a model named "policy": it samples these same responses
+    seeds = common.prompt_seeds(args.seed, "policy", len(prompts))
+    return {"prompts": prompts, "seeds": seeds, "judge": judge}
+
+
+@torch.no_grad()
+def evaluate(accelerator, models, tokenizer, evaluation, args, step):
+    """One response per held-out prompt, prompt k drawn with its own seed at every evaluation (never from the
+    training's random state), scored by the judge; the prompts are split across processes and the rows gathered.
+    Writes <output_dir>/eval/iteration_<step>.jsonl, one line per prompt, and returns the eval row of metrics.jsonl."""
+    began = time.perf_counter()
+    n = len(evaluation["prompts"])
+    per = math.ceil(n / accelerator.num_processes)
+    first = accelerator.process_index * per
+    mine = [
+        min(k, n - 1) for k in range(first, first + per)
+    ]  # the last process repeats the last prompt
+    prompts = [evaluation["prompts"][k] for k in mine]
+    seeds = [evaluation["seeds"][k] for k in mine]
+    batch = rollout(accelerator, models["policy"], tokenizer, prompts, seeds, args)
+    texts = data.decode_responses(tokenizer, batch)
+    when = f"at the evaluation of iteration {step}; the checkpoints so far are kept: fix it, rerun with --resume"
+    scores = judges.score_on_every_process(
+        accelerator, evaluation["judge"], batch, prompts, texts, when
+    )
+    columns = {
+        "prompt": prompts,
+        "response": texts,
+        "score": scores,
+        "kl": response_kl(accelerator, models, batch, args).tolist(),
+        "length": batch["response_mask"].sum(-1).int().tolist(),
+        "ended": batch["ended"].tolist(),
+    }
+    rows = [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+    rows = common.gather_objects(rows)[:n]  # every process: all rows, in prompt order
+    if accelerator.is_main_process:
+        path = os.path.join(args.output_dir, "eval", f"iteration_{step}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+
+    def mean(key):
+        return sum(r[key] for r in rows) / n
+
+    return {
+        "phase": "eval",
+        "eval_score": mean("score"),
+        "eval_kl_per_response": mean("kl"),
+        "eval_response_length": mean("length"),
+        "eval_eos_rate": mean("ended"),
+        "eval_seconds": time.perf_counter() - began,
+    }
+
+
+def response_kl(accelerator, models, batch, args):
+    """log pi - log pi_ref summed over each response, (b,), at --temperature as the rollouts' kl_per_response."""
+    kl = torch.zeros(len(batch["ended"]), device=batch["input_ids"].device)  # (b,)
+    by_length = batch["attention_mask"].sum(-1).argsort()
+    with accelerator.autocast():
+        for idx, micro in micro_batches(batch, args.forward_batch_size, by_length):
+            if args.packing:
+                micro = speed.pack(micro)
+            logprobs = token_logprobs(models["policy"], micro, args.temperature)
+            ref_logprobs = token_logprobs(models["ref"], micro, args.temperature)
+            kl[idx] = (logprobs - ref_logprobs).sum(-1)
+    speed.reshard(models["ref"])
+    return kl
+
+
+def keep_best(accelerator, models, tokenizer, args, step, score, best):
+    """With --keep_best: the policy in <output_dir>/best, with best.json, whenever its eval_score beats the best so
+    far (`best`, None at first). Returns the best score."""
+    if not args.keep_best or best is not None and score <= best:
+        return best
+    record = json.dumps({"iteration": step, "eval_score": score})
+    out = os.path.join(args.output_dir, "best")
+    common.save_model(
+        accelerator,
+        models["policy"],
+        tokenizer,
+        out,
+        merge_lora=args.merge_lora,
+        files={"best.json": record},
+    )
+    return score
+
+
+def best_so_far(args):
+    """The eval_score kept in <output_dir>/best (a resumed run's), or None."""
+    path = os.path.join(args.output_dir, "best", "best.json")
+    if not (args.keep_best and args.resume and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        return json.load(f)["eval_score"]
+
+
 # ============================================================================ plumbing: batches, models, logging
 def micro_batches(batch, size, order):
     """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence:
@@ -670,6 +753,7 @@ def main(argv=None):
         common.fail(
             f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: one would repeat"
         )
+    evaluation = load_evaluation(accelerator, tokenizer, args)
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
@@ -687,19 +771,16 @@ def main(argv=None):
     beta2 = state["beta2"]
     shuffle = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(prompts), generator=shuffle).tolist()  # one walk through the prompts
-    held_out = None
-    if args.dataset in TOYS:
-        held_out = toy_task.prompts("test", args.oracle_prompts, args.seed, args.dataset)
+    best = best_so_far(args)
 
-    def oracle():
-        return data.mean_oracle_reward(
-            accelerator, models["policy"], tokenizer, held_out, args.max_new_tokens, seed=args.seed
-        )
+    def evaluation_point(step, best):  # the eval row, and with --keep_best the best policy so far
+        metrics = evaluate(accelerator, models, tokenizer, evaluation, args, step)
+        common.log_metrics(accelerator, args.output_dir, metrics, step)
+        accelerator.print(f"eval_score {metrics['eval_score']:.4f} at iteration {step}")
+        return keep_best(accelerator, models, tokenizer, args, step, metrics["eval_score"], best)
 
-    if start == 0 and held_out:
-        common.log_metrics(
-            accelerator, args.output_dir, {"phase": "before", "oracle_reward_test": oracle()}, 0
-        )
+    if evaluation and start == 0:
+        best = evaluation_point(0, best)
     bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode)  # on the main process
     for it in range(start, n_iter):
         batch_prompts, seeds = iteration_prompts(
@@ -733,15 +814,13 @@ def main(argv=None):
         bar.update(1)
         if args.sample_every and (it + 1) % args.sample_every == 0:
             print_samples(accelerator, tokenizer, batch_prompts, batch)
+        if evaluation and args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < n_iter:
+            best = evaluation_point(it + 1, best)
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
     save(accelerator, models, tokenizer, args, n_iter, beta2)
-    if held_out:
-        after = oracle()
-        common.log_metrics(
-            accelerator, args.output_dir, {"phase": "after", "oracle_reward_test": after}, n_iter
-        )
-        accelerator.print(f"oracle reward on held-out prompts after RL: {after:.3f}")
+    if evaluation:
+        evaluation_point(n_iter, best)
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)
 

@@ -11,12 +11,15 @@ holds the two equal. Nothing here is needed to follow the algorithm.
     sequence_scores
     prefill                the prompts' KV cache computed packed, in a StaticCache; replaces generate()'s own padded
                            prefill (tests/test_logprobs.py: prefill_caches_what_a_padded_forward_does...)
+    sample                 one response per prompt, each prompt with its own seed, whatever its batch; replaces
+                           generate(do_sample=True) (tests/test_rollout.py: sampler_draws_from_the_tempered_nucleus)
 
 register() puts packed_sdpa among transformers' attention functions; common.load_causal_lm and load_scorer call it
 (use_packed_sdpa) for every model they load with sdpa attention.
 """
 
 import contextlib
+import math
 import weakref
 
 import torch
@@ -391,6 +394,76 @@ def prefill(model, input_ids, attention_mask, max_new_tokens):
         )  # (B, h, W - 1, d), left-padded as the prompts
         cache.update(keys.contiguous(), values.contiguous(), i)
     return cache
+
+
+def draw_with_own_generators(generators, temperature, top_p, logprobs=None):
+    """A logits processor for greedy generate(): Gumbel-max sampling of softmax(logits / T) in the top-p nucleus,
+    row i with its own generator, so a prompt's draw does not depend on its batch; each step appends
+    log softmax(logits / T)[drawn token], (b,), to a list `logprobs` (--generation_logprobs)."""
+
+    def pick(input_ids, logits):  # (b, V) logits of the next token
+        tempered = logits = logits.float() / temperature
+        if top_p < 1:  # drop the tokens outside the smallest set whose probability reaches top_p
+            p, idx = logits.softmax(-1).sort(-1, descending=True)
+            outside = (p.cumsum(-1) - p) >= top_p  # the top token is always kept
+            logits = logits.masked_fill(outside.scatter(-1, idx, outside), -math.inf)
+        gumbel = torch.stack(
+            [-torch.empty_like(logits[0]).exponential_(generator=g).log() for g in generators]
+        )
+        scores = logits + gumbel
+        # generate() takes the argmax of the scores: that is the drawn token
+        if logprobs is not None:
+            drawn = scores.argmax(-1, keepdim=True)
+            logprobs.append(tempered.gather(-1, drawn)[:, 0] - tempered.logsumexp(-1))
+        return scores
+
+    return pick
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt_ids,
+    seeds,
+    max_new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    width=None,
+    logprobs=False,
+):
+    """One response per prompt (lists of token ids), prompt i drawn with seed seeds[i] whatever its batch: greedy
+    generate() over Gumbel-perturbed logits, the prompts prefilled unpadded. Replaces generate(do_sample=True) on
+    the global RNG, the same distribution (tests/test_rollout.py: sampler_draws_from_the_tempered_nucleus). The
+    global RNG is not touched. Returns common.response_batch's layout, prompts left-padded to `width`; with
+    logprobs=True "logprobs" (b, R) holds log softmax(logits / T) of the drawn tokens."""
+    from transformers import GenerationConfig
+
+    device = model.device
+    input_ids, attention_mask = common.left_pad(prompt_ids, tokenizer.pad_token_id, width)  # (b, P)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    # disable_compile: on GPUs transformers would compile decoding for a StaticCache, once per cache size
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        disable_compile=True,
+    )
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    steps = [] if logprobs else None  # (b,) log pi per step
+    pick = draw_with_own_generators(generators, temperature, top_p, steps)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        past_key_values=prefill(model, input_ids, attention_mask, max_new_tokens),  # or None
+        synced_gpus=False,  # FSDP2: the callers gather the weights once (gathered_weights)
+        logits_processor=[pick],
+    )
+    responses = out[:, input_ids.shape[1] :]  # (b, R)
+    return common.response_batch(input_ids, attention_mask, responses, tokenizer, steps)
 
 
 def fsdp_modules(model):

@@ -19,7 +19,7 @@ reload_weights); under FSDP2 each is gathered with full_tensor() and dropped onc
 the model is ever held beside the engine's.
 
 Sampling: vLLM divides the logits by T, keeps the smallest set of tokens whose probability reaches top_p (the same
-rule as rto.draw_with_own_generators) and draws with Gumbel-max noise from the request's own generator
+rule as speed.draw_with_own_generators) and draws with Gumbel-max noise from the request's own generator
 (SamplingParams(seed)): the hf engine's distribution, and a prompt's draw does not depend on the batch. Not the hf
 engine's tokens for a seed: the noise differs (on CPU a SplitMix64 stream seeded from that generator).
 --generation_logprobs: vLLM's "processed" log-probs, log softmax(logits / T) at the drawn token, which is what the
@@ -157,14 +157,14 @@ def push(llm, model, args):
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
 
 
-def generate(llm, prompt_ids, seeds, args, eos, device):
+def generate(llm, prompt_ids, seeds, width, tokenizer, args, device):
     """A rollout's responses, one per prompt (lists of token ids), in one call: with --vllm_sleep the engine sleeps
-    when it returns, until the next push. Prompt i is drawn with seed seeds[i]: (b, R) tokens, a response
-    that ended early followed by more EOS (rollout() masks everything after the first EOS, as after generate()); and
-    with --generation_logprobs log softmax(logits / T) of the drawn tokens, one (b,) tensor per step as
-    rto.draw_with_own_generators records them (else None)."""
+    when it returns, until the next push. Prompt i is drawn with seed seeds[i]. Returns speed.sample's batch:
+    prompts left-padded to `width`, responses cut at the first EOS, and with --generation_logprobs "logprobs",
+    log softmax(logits / T) of the drawn tokens."""
     from vllm import SamplingParams
 
+    eos = tokenizer.eos_token_id
     params = [
         SamplingParams(
             temperature=args.temperature,
@@ -179,23 +179,23 @@ def generate(llm, prompt_ids, seeds, args, eos, device):
         for s in seeds
     ]
     with global_rng_kept():
-        outputs = [
-            o.outputs[0]
-            for o in llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
-            )
-        ]
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        outputs = [o.outputs[0] for o in llm.generate(requests, params, use_tqdm=False)]
     if args.vllm_sleep:
         llm.sleep(level=2)  # weights and KV cache freed; the next push brings the weights back
-    width = max(len(o.token_ids) for o in outputs)
-    responses = torch.full((len(outputs), width), eos, dtype=torch.long)  # (b, R)
-    logprobs = torch.zeros(len(outputs), width)  # (b, R)
+    R = max(len(o.token_ids) for o in outputs)
+    responses = torch.full(
+        (len(outputs), R), eos, dtype=torch.long
+    )  # (b, R); EOS after an early end
+    logprobs = torch.zeros(len(outputs), R)  # (b, R)
     for i, o in enumerate(outputs):
         responses[i, : len(o.token_ids)] = torch.tensor(o.token_ids)
         if args.generation_logprobs:
             logprobs[i, : len(o.token_ids)] = torch.tensor(
                 [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)]
             )
-    return responses.to(device), list(
-        logprobs.to(device).unbind(1)
-    ) if args.generation_logprobs else None
+    input_ids, attention_mask = common.left_pad(prompt_ids, tokenizer.pad_token_id, width)  # (b, P)
+    steps = list(logprobs.to(device).unbind(1)) if args.generation_logprobs else None
+    return common.response_batch(
+        input_ids.to(device), attention_mask.to(device), responses.to(device), tokenizer, steps
+    )

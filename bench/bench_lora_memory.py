@@ -102,7 +102,7 @@ def run(work, lora, rank, bf16):
         8,
         "--max_new_tokens",
         16,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         4,
         "--sample_every",
         0,

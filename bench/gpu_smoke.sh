@@ -88,7 +88,7 @@ FLAGS="$BF16 --gradient_checkpointing"
 launch sft.py --model_name_or_path "$W/base" --max_steps 20 --eval_steps 20 --oracle_prompts 32 $FLAGS --output_dir "$W/sft"
 launch dpo.py --sft_ckpt "$W/sft" --max_steps 10 --eval_steps 10 $FLAGS --output_dir "$W/dpo"
 launch reward_model.py --sft_ckpt "$W/sft" --max_steps 10 --eval_steps 10 $FLAGS --output_dir "$W/rm"
-RTO=(rto.py --sft_ckpt "$W/sft" --dpo_ckpt "$W/dpo" --rm_ckpt "$W/rm" --oracle_prompts 32 --sample_every 0
+RTO=(rto.py --sft_ckpt "$W/sft" --dpo_ckpt "$W/dpo" --rm_ckpt "$W/rm" --eval_num_prompts 32 --sample_every 0
      $FLAGS --packing --save_every 1 --output_dir "$W/rto")
 launch "${RTO[@]}" --num_iterations 2
 mv "$W/rto.py.log" "$W/rto_first.log"

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import data  # noqa: E402
+import speed  # noqa: E402
 import toy_task  # noqa: E402
 
 # the built-in task's sizes in bytes: its prompts are <= 24 words and answers <= 24 words of at most ~7 bytes
@@ -59,17 +60,15 @@ def judge(folder, prompts, seed, max_new_tokens):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     scores, formed, ended = [], [], []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), 50):
-            chunk = prompts[i : i + 50]
-            batch = common.sample(
-                model, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
-            )
-            texts = data.decode_responses(tokenizer, batch)
-            scores += [toy_task.oracle_reward(p, t) for p, t in zip(chunk, texts, strict=True)]
-            formed += [well_formed(t) for t in texts]
-            ended += batch["ended"].tolist()
+    seeds = common.prompt_seeds(seed, "policy", len(prompts))
+    for i in range(0, len(prompts), 50):
+        chunk = prompts[i : i + 50]
+        ids = [data.encode_prompt(tokenizer, p) for p in chunk]
+        batch = speed.sample(model, tokenizer, ids, seeds[i : i + 50], max_new_tokens)
+        texts = data.decode_responses(tokenizer, batch)
+        scores += [toy_task.oracle_reward(p, t) for p, t in zip(chunk, texts, strict=True)]
+        formed += [well_formed(t) for t in texts]
+        ended += batch["ended"].tolist()
     mean = statistics.mean(scores)
     return {
         "oracle": mean,

@@ -9,7 +9,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results}
 SEED=${SEED:-0}
 if [ -n "${QUICK:-}" ]; then
-  TRAIN="--max_steps 3 --eval_steps 3"; RL="--num_iterations 1 --oracle_prompts 8"; EVAL="--num_prompts 16"
+  TRAIN="--max_steps 3 --eval_steps 3"; RL="--num_iterations 1 --eval_num_prompts 8"; EVAL="--num_prompts 16"
 else
   TRAIN=""; RL=""; EVAL="--num_prompts 400"
 fi

@@ -159,7 +159,7 @@ def train_score(folder):
 
 
 def test_score(folder):
-    return next(m["oracle_reward_test"] for m in metrics(folder) if m.get("phase") == "after")
+    return [m["eval_score"] for m in metrics(folder) if m.get("phase") == "eval"][-1]
 
 
 def ci95(xs):

@@ -87,15 +87,14 @@ def measure(run, policy_dir, n, beta1, clip, seed, task="toy", batch=100):
     policy, ref, dpo = load(policy_dir), load(run / "sft"), load(run / "dpo")
     rm = common.frozen(common.load_scorer(str(run / "rm"), tokenizer, "--run"))
     prompts = toy_task.prompts("test", n, task=task)
-    torch.manual_seed(seed)
+    seeds = common.prompt_seeds(seed, "policy", n)
     max_new_tokens = 96 if task == common.TOY_LONG else 24  # rto.py's defaults
     seq = {"oracle": [], "rm": [], "dpo_sum": [], "dpo_clipped_sum": []}
     tok = {"credit": [], "reward": [], "kind": []}
     for i in range(0, n, batch):
         chunk = prompts[i : i + batch]
-        b = common.sample(
-            policy, tokenizer, [data.encode_prompt(tokenizer, p) for p in chunk], max_new_tokens
-        )
+        ids = [data.encode_prompt(tokenizer, p) for p in chunk]
+        b = speed.sample(policy, tokenizer, ids, seeds[i : i + batch], max_new_tokens)
         mask = b["response_mask"]  # (B, R)
         # (B, R) token rewards
         r = beta1 * (speed.response_logprobs(dpo, b) - speed.response_logprobs(ref, b))

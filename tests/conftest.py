@@ -105,9 +105,13 @@ def run_main(script, *args):
         return module.main([str(a) for a in args])
 
 
-def read_metrics(folder):
-    with open(Path(folder) / "metrics.jsonl") as f:
+def read_jsonl(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def read_metrics(folder):
+    return read_jsonl(Path(folder) / "metrics.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,8 @@ def test_help_shows_both_defaults(stage, capsys):
     with pytest.raises(SystemExit) as e:
         common.parse_args(module.Args, ["--help"], module.DEFAULTS)
     assert e.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    # argparse wraps lines, also after a hyphen
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
     for flag, default in module.DEFAULTS.items():
         shown = "required" if default.real is None else default.real
         long = "" if default.toy_long is None else f"{default.toy_long} on toy-long, "

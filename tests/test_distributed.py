@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import toy_task
-from conftest import ROOT, read_metrics, run_main
+from conftest import ROOT, read_jsonl, read_metrics, run_main
 
 SMALL = {
     "sft.py": ["--max_steps", 4, "--eval_steps", 2, "--oracle_prompts", 8],
@@ -202,14 +202,13 @@ def test_ddp_and_fsdp_train_each_stage_like_one_process_on_the_global_batch(pipe
 
 
 def rto_numbers(folder):
-    """Every number an rto.py iteration logged, in order; times and padding shares aside (the padding depends on
-    how the rollout is split into batches, which differs between 1 process and 2)."""
+    """Every number an rto.py iteration and evaluation logged, in order; times and padding shares aside (the
+    padding depends on how the rollout is split into batches, which differs between 1 process and 2)."""
     return [
         (m["step"], k, v)
         for m in read_metrics(folder)
-        if "phase" not in m
         for k, v in sorted(m.items())
-        if isinstance(v, float) and not k.startswith(("time_", "padding_share"))
+        if isinstance(v, float) and not k.startswith(("time_", "padding_share", "eval_seconds"))
     ]
 
 
@@ -218,7 +217,8 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
     """2 iterations, 16 prompts each, 2 PPO epochs over one mini-batch of 16 accumulated over 2 micro-batches: one
     process, then DDP and FSDP2 on 2 ranks (8 prompts each). Each prompt's response is drawn with its own seed, so
     the rollouts are the same; advantages are whitened over both ranks, losses and statistics are global means:
-    every logged number must match. The ranks' responses differ in length, and generation must not hang."""
+    every logged number must match. The ranks' responses differ in length, and generation must not hang. The
+    evaluations (5 held-out prompts: 3 on rank 0, 2 and a repeat on rank 1) log the numbers of one process too."""
     run = [
         "--sft_ckpt",
         pipeline["sft"],
@@ -232,13 +232,16 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
         16,
         "--mini_batch_size",
         16,
-        "--oracle_prompts",
-        8,
+        "--eval_num_prompts",
+        5,
+        "--eval_every",
+        1,
         "--sample_every",
         0,
     ]
     run_main("rto.py", *run, "--micro_batch_size", 8, "--output_dir", tmp_path / "one")
     one = rto_numbers(tmp_path / "one")
+    assert [s for s, k, _ in one if k == "eval_score"] == [0, 1, 2]
     # two iterations, different rollouts
     assert len({v for _, k, v in one if k == "response_length"}) == 2
     for config in ("cpu_ddp.yaml", "cpu_fsdp.yaml"):
@@ -262,6 +265,12 @@ def test_rto_on_two_ranks_equals_one_process_at_the_same_global_batch(pipeline, 
         two = rto_numbers(out)
         assert [x[:2] for x in two] == [x[:2] for x in one]
         assert [x[2] for x in two] == pytest.approx([x[2] for x in one], abs=1e-4), config
+        for step in (0, 2):  # the same responses and scores, in prompt order
+            rows = [
+                read_jsonl(d / "eval" / f"iteration_{step}.jsonl") for d in (tmp_path / "one", out)
+            ]
+            assert [r["response"] for r in rows[1]] == [r["response"] for r in rows[0]]
+            assert len(rows[1]) == 5
         AutoModelForCausalLM.from_pretrained(out)
         assert (out / "checkpoint-2" / "state.json").exists()
     # the GPU configs' loading settings (rank 1 reads no checkpoint) and --gradient_checkpointing: every rank holds
@@ -343,7 +352,7 @@ def test_bf16_under_fsdp_policy_and_reference_compute_alike(pipeline, tmp_path):
         8,
         "--mini_batch_size",
         8,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         4,
         "--sample_every",
         0,
@@ -544,7 +553,8 @@ COLLECTIVES = {
 def test_every_collective_goes_through_common_reduce_or_gather_which_put_tensors_on_the_accelerators_device():
     """NCCL takes no CPU tensor: a collective on a CPU tensor passes every CPU test and crashes on GPUs. Every
     collective on a tensor in the project's code is common.reduce or common.gather, which move it to
-    accelerator.device themselves; any other call site fails here. A tensor's own .gather(dim, index) is not a
+    accelerator.device themselves (common.gather_objects carries no tensors); any other call site fails
+    here. A tensor's own .gather(dim, index) is not a
     collective: it is told apart by what it is called on (an accelerator, torch.distributed, accelerate.utils)."""
     found = []
     for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py")]):
@@ -571,11 +581,11 @@ def test_every_collective_goes_through_common_reduce_or_gather_which_put_tensors
     allowed = {
         f"common.py:{n.lineno + i}"
         for n in ast.parse((ROOT / "common.py").read_text()).body
-        if isinstance(n, ast.FunctionDef) and n.name in ("reduce", "gather")
+        if isinstance(n, ast.FunctionDef) and n.name in ("reduce", "gather", "gather_objects")
         for i in range(n.end_lineno - n.lineno + 1)
     }
     assert [f for f in found if f.split(" ")[0] not in allowed] == []
-    assert len(found) == 2  # the two helpers' own calls
+    assert len(found) == 3  # the three helpers' own calls
     from types import SimpleNamespace
 
     import common

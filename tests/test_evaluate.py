@@ -14,6 +14,7 @@ import torch
 import common
 import data
 import evaluate
+import judges
 import speed
 import toy_task
 from conftest import run_main
@@ -82,19 +83,16 @@ def test_confidence_interval_by_hand():
 # ---------------------------------------------------------------------------- judges
 def test_oracle_judge():
     prompts = [[{"role": "user", "content": "tell me about fruit"}]] * 2
-    scores = evaluate.judge_scores(
-        {"kind": "oracle"}, None, prompts, ["apple pear .", "apple apple asdf"]
-    )
+    judge = judges.parse("oracle", "toy", "--judge")
+    scores = judges.score(judge, None, prompts, ["apple pear .", "apple apple asdf"])
     assert scores == [3.0, -1.0]  # +1 +1 and a clean end +1;  +1, repeat -1, junk -1
 
 
 @torch.no_grad()
 def test_rm_judge(tiny):
-    judge = evaluate.load_judge(
-        {"kind": "rm", "path": str(tiny.rm)}, tiny.tok, SimpleNamespace(dataset="toy"), "cpu"
-    )
+    judge = judges.load(judges.parse(f"rm:{tiny.rm}", "toy", "--judge"), tiny.tok, "cpu", 0.1, [])
     batch, seqs = hand_batch(tiny.tok)
-    scores = evaluate.judge_scores(judge, batch, None, None)
+    scores = judges.score(judge, batch, None, None)
     assert scores == speed.sequence_scores(judge["rm"], batch).tolist()
     # the head read at the last token of the unpadded sequence
     for score, (p, r) in zip(scores, seqs, strict=True):
@@ -104,13 +102,11 @@ def test_rm_judge(tiny):
 
 @torch.no_grad()
 def test_dpo_judge_is_beta_times_sequence_log_ratio(tiny):
-    args = SimpleNamespace(dataset="toy", dpo_beta=0.1)
-    judge = evaluate.load_judge(
-        {"kind": "dpo", "path": f"{tiny.a},{tiny.b}"}, tiny.tok, args, "cpu"
-    )
+    judge = judges.parse(f"dpo:{tiny.a},{tiny.b}", "toy", "--judge")
+    judge = judges.load(judge, tiny.tok, "cpu", 0.1, [])
     assert judge["beta"] == 0.25  # from the DPO checkpoint's config, not --dpo_beta
     batch, seqs = hand_batch(tiny.tok)
-    scores = evaluate.judge_scores(judge, batch, None, None)
+    scores = judges.score(judge, batch, None, None)
 
     # naive: one unpadded sequence, sum of log-probs of the response tokens
     def seq_logp(model, p, r):
@@ -150,7 +146,7 @@ def fake_runs(tmp_path):
     for name, oracle in (("rto", True), ("ppo", False)):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
-        lines = [{"step": 0, "phase": "before", "oracle_reward_test": 1.0}]
+        lines = [{"step": 0, "phase": "eval", "eval_score": 1.0, "eval_kl_per_response": 0.0}]
         for step in (1, 2):
             line = {
                 "step": step,
@@ -159,7 +155,7 @@ def fake_runs(tmp_path):
                 "response_length": 9.0 + step,
             }
             lines.append({**line, "oracle_reward": 0.5 * step} if oracle else line)
-        lines.append({"step": 2, "phase": "after", "oracle_reward_test": 2.0})
+        lines.append({"step": 2, "phase": "eval", "eval_score": 2.0, "eval_kl_per_response": 0.5})
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         dirs.append(str(d))
     return dirs
@@ -178,8 +174,14 @@ def test_curves_csv_without_matplotlib(tmp_path, monkeypatch, capsys):
         "kl_per_token",
         "0.01",
     ] in rows
-    # rto: 3 metrics x 2 iterations; ppo: 2 x 2; no before/after lines
-    assert len(rows) == 1 + 2 * 3 + 2 * 2
+    assert ["rto", "0", "eval_score", "1.0"] in rows and [
+        "ppo",
+        "2",
+        "eval_kl_per_response",
+        "0.5",
+    ] in rows
+    # rto: 3 metrics x 2 iterations; ppo: 2 x 2; each: 2 evaluations x (eval_score, eval_kl_per_response)
+    assert len(rows) == 1 + 2 * 3 + 2 * 2 + 2 * 2 * 2
 
 
 def test_curves_png(tmp_path):
@@ -250,7 +252,7 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
     args = evaluate.validate(
         common.parse_args(evaluate.Args, argv + ["--num_prompts", "3"], evaluate.DEFAULTS)
     )
-    prompts, ids = evaluate.load_eval_prompts(args, tok)
+    prompts, ids = data.held_out_prompts(tok, args.dataset, args.split, args.num_prompts, args)
     assert [p[-1]["content"] for p in prompts] == ["one", "two", "three"] and all(
         len(i) <= 30 for i in ids
     )
@@ -258,8 +260,8 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
     args = evaluate.validate(
         common.parse_args(evaluate.Args, argv + ["--num_prompts", "9"], evaluate.DEFAULTS)
     )
-    assert len(evaluate.load_eval_prompts(args, tok)[0]) == 4
-    assert "only 4 prompts fit" in capsys.readouterr().err
+    assert len(data.held_out_prompts(tok, args.dataset, args.split, 9, args)[0]) == 4
+    assert "only 4 of the 9 prompts asked for fit" in capsys.readouterr().err
     args = evaluate.validate(
         common.parse_args(
             evaluate.Args,
@@ -268,4 +270,4 @@ def test_eval_prompts_are_the_first_num_prompts_that_fit(tmp_path, capsys):
         )
     )
     with pytest.raises(SystemExit, match="tokens > --max_prompt_len 30"):
-        evaluate.load_eval_prompts(args, tok)
+        data.held_out_prompts(tok, args.dataset, args.split, 1, args)

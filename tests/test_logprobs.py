@@ -211,7 +211,7 @@ def test_sample_masks_everything_after_the_first_eos(tiny):
         encode(tok, "tell me about fruit", "")[0],
         encode(tok, "hi list some space now", "")[0],
     ]
-    b = common.sample(model, tok, prompts, max_new_tokens=12)
+    b = speed.sample(model, tok, prompts, [0, 1], max_new_tokens=12)
     resp = b["input_ids"][:, b["prompt_len"] :]
     for row, m, ended in zip(resp, b["response_mask"], b["ended"], strict=True):
         n = int(m.sum())

@@ -93,7 +93,7 @@ def test_rto_resumes_after_a_kill_to_the_uninterrupted_run(pipeline, tmp_path):
         4,
         "--save_every",
         2,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         8,
         "--rollout_batch_size",
         32,

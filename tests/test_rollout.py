@@ -79,16 +79,16 @@ def test_sampler_draws_from_the_tempered_nucleus():
     p = (logits / T).softmax(-1)
     expected = torch.where(torch.arange(6) < 2, p, torch.zeros(6))
     expected = expected / expected.sum()
-    pick = rto.draw_with_own_generators(
+    pick = speed.draw_with_own_generators(
         [torch.Generator().manual_seed(i) for i in range(n)], T, top_p
     )
     tokens = pick(None, logits.expand(n, 6).clone()).argmax(-1)
     freq = torch.bincount(tokens, minlength=6).float() / n
     assert (freq - expected).abs().max() < 0.02
-    again = rto.draw_with_own_generators(
+    again = speed.draw_with_own_generators(
         [torch.Generator().manual_seed(i) for i in range(5)], T, 1.0
     )
-    alone = rto.draw_with_own_generators([torch.Generator().manual_seed(3)], T, 1.0)
+    alone = speed.draw_with_own_generators([torch.Generator().manual_seed(3)], T, 1.0)
     assert (
         again(None, logits.expand(5, 6).clone())[3].tolist()
         == alone(None, logits[None].clone())[0].tolist()
@@ -480,7 +480,7 @@ def test_packed_sdpa_decodes_left_padded_rows_with_grouped_heads_as_transformers
 
 
 def test_generation_decodes_eagerly_from_the_prefilled_static_cache(pipeline, acc, monkeypatch):
-    """rto.rollout and common.sample hand generate() speed.prefill's StaticCache with disable_compile=True: on GPUs
+    """rto.rollout and speed.sample hand generate() speed.prefill's StaticCache with disable_compile=True: on GPUs
     transformers would otherwise compile the decoding step for a StaticCache, again for every cache size."""
     from transformers import StaticCache
 
@@ -498,7 +498,7 @@ def test_generation_decodes_eagerly_from_the_prefilled_static_cache(pipeline, ac
     )
     prompts = toy_task.prompts("test", 4)
     rto.rollout(acc, model, tok, prompts, list(range(4)), args)
-    common.sample(model, tok, [data.encode_prompt(tok, p) for p in prompts], 8)
+    speed.sample(model, tok, [data.encode_prompt(tok, p) for p in prompts], [0, 1, 2, 3], 8)
     assert seen == [(StaticCache, True)] * 2
 
 
@@ -577,8 +577,9 @@ def test_packed_frozen_pass_gives_the_padded_outputs_and_packing_is_the_default_
 def test_rto_raises_the_oracle_reward_above_sft(pipeline, tmp_path):
     run_main("rto.py", *rto_cmd(pipeline, tmp_path / "rto"))
     m = read_metrics(tmp_path / "rto")
-    before = next(r for r in m if r.get("phase") == "before")["oracle_reward_test"]
-    after = next(r for r in m if r.get("phase") == "after")["oracle_reward_test"]
+    evals = [r for r in m if r.get("phase") == "eval"]
+    assert [r["step"] for r in evals] == [0, evals[-1]["step"]]  # before and after (--eval_every 0)
+    before, after = evals[0]["eval_score"], evals[-1]["eval_score"]
     print(f"oracle reward of held-out samples: SFT {before:.3f} -> RTO {after:.3f}")
     assert after > before + 0.5
     it = [r for r in m if "policy_loss" in r]
@@ -626,7 +627,7 @@ def test_ppo_and_dppo_run_several_iterations(mode, pipeline, tmp_path):
             3,
             "--rollout_batch_size",
             16,
-            "--oracle_prompts",
+            "--eval_num_prompts",
             8,
         ),
     )
@@ -653,7 +654,7 @@ def test_a_non_finite_reward_stops_the_run_or_skips_the_iteration(pipeline, tmp_
         8,
         "--mini_batch_size",
         8,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         4,
     )
     with pytest.raises(SystemExit, match="non-finite reward at iteration 1"):
@@ -753,7 +754,7 @@ def test_with_attention_dropout_in_the_config_the_first_ppo_ratio_is_one(tmp_pat
         1,
         "--max_new_tokens",
         8,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         4,
         "--sample_every",
         0,
@@ -874,7 +875,7 @@ def test_a_fork_adds_a_per_token_reward_in_the_rollout_without_touching_plumbing
     run += [
         "--max_new_tokens",
         8,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         4,
         "--sample_every",
         0,

@@ -22,6 +22,7 @@ import common
 import data
 import dpo
 import evaluate
+import judges
 import reward_model
 import rto
 import sft
@@ -237,7 +238,7 @@ def test_reproduce_end_to_end_with_stand_in_runs(tmp_path, monkeypatch, capsys):
                 flag("--credit") == "dense"
             )
             rows = [{"policy_loss": 0, "oracle_reward": score}] * 5 + [
-                {"phase": "after", "oracle_reward_test": score}
+                {"phase": "eval", "eval_score": score}
             ]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (out / "args.json").write_text(
@@ -325,8 +326,8 @@ def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_pa
         "1",
         "--rollout_batch_size",
         "16",
-        "--oracle_prompts",
-        "8",
+        "--eval_num_prompts",
+        "0",  # the spy sees the training rollout alone
         "--sample_every",
         "0",
     )
@@ -396,7 +397,7 @@ def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(
         if script == "evaluate.py":
             models = evaluate.parse_models(args.models)
             assert list(models) == ["sft", "dpo", "ppo", "dppo", "rto"] and args.judge == "oracle"
-            evaluate.parse_judge(args.judge, args.dataset)
+            judges.parse(args.judge, args.dataset, "--judge")
             needs = [*models.values(), *args.curves, *args.token_reward_dpo.split(",")]
             assert args.show_token_rewards > 0 and args.num_prompts == (16 if quick else 400)
         else:

@@ -277,7 +277,7 @@ def test_resume_with_vllm_reproduces_the_uninterrupted_run(pipeline, tmp_path, e
         3,
         "--rollout_batch_size",
         16,
-        "--oracle_prompts",
+        "--eval_num_prompts",
         8,
     )
     run_main("rto.py", *rto_cmd(pipeline, tmp_path / "clean", *flags))
@@ -343,7 +343,7 @@ def test_fsdp2_on_two_ranks_with_vllm_runs_and_both_engines_hold_the_updated_wei
             16,
             "--mini_batch_size",
             8,
-            "--oracle_prompts",
+            "--eval_num_prompts",
             4,
         ),
         timeout=240,

