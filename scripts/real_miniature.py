@@ -240,7 +240,10 @@ def main(argv=None):
     s = SMALL if a.small else SETTINGS
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(s, indent=1))
+    recorded = out / "settings.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(s)):
+        common.fail(f"--out {out} was run with other settings ({recorded}): use another folder")
+    recorded.write_text(json.dumps(s, indent=1))
     log = out / "wall_seconds.json"
     prompts = write_splits(out)
     sft = convert(out)
@@ -288,6 +291,13 @@ def main(argv=None):
     for folder in runs:
         models += [f"{folder.name}={folder}", f"{folder.name}_best={folder / 'best'}"]
     evaluation = out / ("eval_" + "_".join(f.name for f in runs))
+    if not (evaluation / "winrates.json").exists():
+        evaluate(log, evaluation, models, runs, s, prompts)
+    report(evaluation)
+
+
+def evaluate(log, evaluation, models, runs, s, prompts):
+    """evaluate.py on the SFT model and every run's final and best policy, judged by VADER on the test split."""
     run(
         log,
         evaluation.name,
@@ -309,6 +319,11 @@ def main(argv=None):
         "--output_dir",
         evaluation,
     )
+
+
+def report(evaluation):
+    """The win rates, and how often each model's test responses game VADER (gaming.json); every response with its
+    score in responses.jsonl.gz, to be scored again by another judge."""
     rows = [json.loads(line) for line in open(evaluation / "responses.jsonl")]
     by_model = {}
     for r in rows:

