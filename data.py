@@ -434,6 +434,24 @@ def cat_batches(batches, pad_id):
     return out
 
 
+def micro_batches(batch, size, order):
+    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence:
+    the columns that are padding in every row go from each (b, P + R) and (b, R) tensor, whatever its key."""
+    P = batch["prompt_len"]
+    R = batch["response_mask"].shape[1]
+    for idx in order.split(size):
+        micro = {k: v[idx] if torch.is_tensor(v) else v for k, v in batch.items()}
+        real = micro["attention_mask"].any(0).nonzero()  # columns with a real token in some row
+        first = real.min().item()  # the columns before it were prompt padding in every row
+        end = real.max().item() + 1  # and those from here response padding
+        for k, v in micro.items():
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == P + R:
+                micro[k] = v[:, first:end]
+            elif torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == R:
+                micro[k] = v[:, : end - P]
+        yield idx, {**micro, "prompt_len": P - first}
+
+
 def decode_responses(tokenizer, batch):
     """Response texts without the final EOS. Other special tokens stay in the text: a policy that learns to
     emit <unk> or a role marker is writing junk, and a judge must be able to see it."""

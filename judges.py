@@ -1,4 +1,4 @@
-"""Judges: one score per sampled response, for evaluate.py's win rates and rto.py's evaluation during RL.
+"""Judges: one score per sampled response, for evaluate.py's win rates; and rto.py's evaluation during RL.
 
     oracle                    the built-in task's ground truth, toy_task.oracle_reward (built-in prompts only)
     rm:<dir>                  a sequence-classification reward model, read at the last real token
@@ -9,11 +9,15 @@
 
 parse() checks a spec and loads nothing; load() loads the models, or imports the file and probes the function
 with two prompts; score() scores a batch, and score_on_every_process() does so under several processes.
+Evaluation during RL (rto.py --eval_*): held_out() loads the prompts and the judge, evaluate_policy() samples,
+scores and writes one evaluation, keep_best() keeps the best policy so far.
 """
 
 import importlib.util
+import json
 import math
 import os
+import time
 
 import torch
 
@@ -153,3 +157,109 @@ def dpo_token_rewards(pair, batch):
     """beta * (log pi_dpo - log pi_ref) of every response token: (B, R), 0 on padding."""
     ref_logprobs = speed.response_logprobs(pair["ref"], batch)
     return pair["beta"] * (speed.response_logprobs(pair["dpo"], batch) - ref_logprobs)
+
+
+# ============================================================================ evaluation during RL (rto.py)
+def check_flags(args):
+    """rto.py's --eval_* and --keep_best, checked before anything loads (a judge spec that does not parse too);
+    on the built-in tasks the judge defaults to the oracle."""
+    if args.eval_judge is None and args.dataset in TOYS:
+        args.eval_judge = "oracle"
+    if args.eval_judge and args.eval_num_prompts:
+        if args.dataset not in TOYS and not args.eval_prompts:
+            common.fail(
+                "--eval_judge needs --eval_prompts off the built-in tasks: a file of held-out prompts"
+            )
+        parse(args.eval_judge, args.eval_prompts or args.dataset, "--eval_judge")
+    elif args.keep_best or args.eval_every:
+        flag = "--keep_best" if args.keep_best else "--eval_every"
+        common.fail(f"{flag} needs an evaluation: --eval_judge and --eval_num_prompts > 0")
+
+
+def held_out(accelerator, tokenizer, args):
+    """The held-out prompts, a sampling seed for each and the judge, checked by a probe call before training starts;
+    None when there is no evaluation (--eval_judge unset, or --eval_num_prompts 0)."""
+    if not (args.eval_judge and args.eval_num_prompts):
+        return None
+    dataset = args.eval_prompts or args.dataset
+    prompts, _ = data.held_out_prompts(tokenizer, dataset, "test", args.eval_num_prompts, args)
+    judge = load(
+        parse(args.eval_judge, dataset, "--eval_judge"), tokenizer, accelerator.device, 0.1, prompts
+    )
+    # the stream evaluate.py gives a model named "policy": it samples these same responses
+    seeds = common.prompt_seeds(args.seed, "policy", len(prompts))
+    return {"prompts": prompts, "seeds": seeds, "judge": judge}
+
+
+@torch.no_grad()
+def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, output_dir, step):
+    """One response per held-out prompt, prompt k drawn with its own seed at every evaluation (never from the
+    training's random state), scored by the judge. sample(prompts, seeds) -> a batch; kl(batch) -> (b,), the
+    response's log pi - log pi_ref. The prompts are split across processes and the rows gathered. Writes
+    <output_dir>/eval/iteration_<step>.jsonl, one line per prompt, and returns the eval row of metrics.jsonl."""
+    began = time.perf_counter()
+    n = len(evaluation["prompts"])
+    per = math.ceil(n / accelerator.num_processes)
+    first = accelerator.process_index * per
+    mine = [
+        min(k, n - 1) for k in range(first, first + per)
+    ]  # the last process repeats the last prompt
+    prompts = [evaluation["prompts"][k] for k in mine]
+    seeds = [evaluation["seeds"][k] for k in mine]
+    batch = sample(prompts, seeds)
+    texts = data.decode_responses(tokenizer, batch)
+    when = f"at the evaluation of iteration {step}; the checkpoints so far are kept: fix it, rerun with --resume"
+    columns = {
+        "prompt": prompts,
+        "response": texts,
+        "score": score_on_every_process(
+            accelerator, evaluation["judge"], batch, prompts, texts, when
+        ),
+        "kl": kl(batch).tolist(),
+        "length": batch["response_mask"].sum(-1).int().tolist(),
+        "ended": batch["ended"].tolist(),
+    }
+    rows = [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+    rows = common.gather_objects(rows)[:n]  # every process: all rows, in prompt order
+    if accelerator.is_main_process:
+        path = os.path.join(output_dir, "eval", f"iteration_{step}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+
+    def mean(key):
+        return sum(r[key] for r in rows) / n
+
+    return {
+        "phase": "eval",
+        "eval_score": mean("score"),
+        "eval_kl_per_response": mean("kl"),
+        "eval_response_length": mean("length"),
+        "eval_eos_rate": mean("ended"),
+        "eval_seconds": time.perf_counter() - began,
+    }
+
+
+def keep_best(accelerator, policy, tokenizer, args, step, score, best):
+    """With --keep_best: the policy in <output_dir>/best, with best.json, whenever its eval_score beats the best so
+    far (`best`, None at first). Returns the best score."""
+    if not args.keep_best or best is not None and score <= best:
+        return best
+    record = json.dumps({"iteration": step, "eval_score": score})
+    out = os.path.join(args.output_dir, "best")
+    common.save_model(
+        accelerator, policy, tokenizer, out, merge_lora=args.merge_lora, files={"best.json": record}
+    )
+    return score
+
+
+def best_so_far(args):
+    """The eval_score kept in <output_dir>/best (a resumed run's), or None."""
+    path = os.path.join(args.output_dir, "best", "best.json")
+    if not (args.keep_best and args.resume and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        return json.load(f)["eval_score"]

@@ -29,9 +29,7 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 (scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -89,12 +87,8 @@ class Args(common.TrainArgs, common.LoraArgs):
     num_episodes: int = arg(None, "or: total prompts to roll out (OpenRLHF counts passes)")
     save_every: int = arg(0, "models and resumable state every N iterations (0: models at the end)")
     sample_every: int = arg(10, "print (prompt, response, reward) every N iterations (0 = never)")
-    eval_every: int = arg(
-        0, "evaluate every N iterations, and before and after (0: before and after)"
-    )
-    eval_prompts: str = arg(
-        None, "held-out prompts: a file or hub id (built-in tasks: their test split)"
-    )
+    eval_every: int = arg(0, "evaluate every N iterations, and before and after (0: only those)")
+    eval_prompts: str = arg(None, "held-out prompts, a file or hub id (built-in tasks: test split)")
     eval_num_prompts: int = arg(200, "held-out prompts per evaluation (0: no evaluation)")
     eval_judge: str = arg(
         None,
@@ -152,18 +146,7 @@ def validate(args):
     )
     common.check_between(args, "top_p", 0, 1)
     common.check_at_least(args, 0, "eval_every", "eval_num_prompts")
-    if args.eval_judge is None and args.dataset in TOYS:
-        args.eval_judge = "oracle"
-    # a judge spec that does not parse fails here, before anything loads
-    if args.eval_judge and args.eval_num_prompts:
-        if args.dataset not in TOYS and not args.eval_prompts:
-            common.fail(
-                "--eval_judge needs --eval_prompts off the built-in tasks: a file of held-out prompts"
-            )
-        judges.parse(args.eval_judge, args.eval_prompts or args.dataset, "--eval_judge")
-    elif args.keep_best or args.eval_every:
-        flag = "--keep_best" if args.keep_best else "--eval_every"
-        common.fail(f"{flag} needs an evaluation: --eval_judge and --eval_num_prompts > 0")
+    judges.check_flags(args)  # --eval_*, --keep_best; the judge spec parses
     vllm_engine.check(args)  # --rollout_engine: hf, or vllm installed and with good flags
     return args
 
@@ -263,7 +246,7 @@ def frozen_pass(accelerator, batch, models, args):
     by_length = batch["attention_mask"].sum(-1).argsort()
     # --bf16: the frozen models compute as the prepared (trained) ones do
     with accelerator.autocast():
-        for idx, micro in micro_batches(batch, args.forward_batch_size, by_length):
+        for idx, micro in data.micro_batches(batch, args.forward_batch_size, by_length):
             width = micro["response_mask"].shape[1]
             if args.packing:
                 micro = speed.pack(micro)
@@ -379,7 +362,7 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch ...
             mini = order[start : start + sizes["mini"]]
-            for _, micro in micro_batches(batch, sizes["micro"], mini):  # ... in micro-batches
+            for _, micro in data.micro_batches(batch, sizes["micro"], mini):  # ... in micro-batches
                 mask = micro["response_mask"]
                 if args.packing:
                     micro = speed.pack(micro)
@@ -432,70 +415,23 @@ def update_kl_coef(beta2, kl_per_response, args, n_prompts):
 
 
 # ============================================================================ evaluation on held-out prompts
-def load_evaluation(accelerator, tokenizer, args):
-    """The held-out prompts, a sampling seed for each and the judge (judges.py), checked before training starts by
-    a probe call; None when there is no evaluation (--eval_judge unset, or --eval_num_prompts 0)."""
-    if not (args.eval_judge and args.eval_num_prompts):
-        return None
-    dataset = args.eval_prompts or args.dataset
-    prompts, _ = data.held_out_prompts(tokenizer, dataset, "test", args.eval_num_prompts, args)
-    judge = judges.parse(args.eval_judge, dataset, "--eval_judge")
-    judge = judges.load(judge, tokenizer, accelerator.device, 0.1, prompts)
-    # the stream evaluate.py gives a model named "policy": it samples these same responses
-    seeds = common.prompt_seeds(args.seed, "policy", len(prompts))
-    return {"prompts": prompts, "seeds": seeds, "judge": judge}
+def evaluate(accelerator, models, tokenizer, evaluation, args, step, best):
+    """judges.evaluate_policy with this run's sampler (rollout) and KL (response_kl): the eval row in
+    metrics.jsonl, and with --keep_best the best policy so far in <output_dir>/best. Returns the best score."""
 
+    def sample(prompts, seeds):
+        return rollout(accelerator, models["policy"], tokenizer, prompts, seeds, args)
 
-@torch.no_grad()
-def evaluate(accelerator, models, tokenizer, evaluation, args, step):
-    """One response per held-out prompt, prompt k drawn with its own seed at every evaluation (never from the
-    training's random state), scored by the judge; the prompts are split across processes and the rows gathered.
-    Writes <output_dir>/eval/iteration_<step>.jsonl, one line per prompt, and returns the eval row of metrics.jsonl."""
-    began = time.perf_counter()
-    n = len(evaluation["prompts"])
-    per = math.ceil(n / accelerator.num_processes)
-    first = accelerator.process_index * per
-    mine = [
-        min(k, n - 1) for k in range(first, first + per)
-    ]  # the last process repeats the last prompt
-    prompts = [evaluation["prompts"][k] for k in mine]
-    seeds = [evaluation["seeds"][k] for k in mine]
-    batch = rollout(accelerator, models["policy"], tokenizer, prompts, seeds, args)
-    texts = data.decode_responses(tokenizer, batch)
-    when = f"at the evaluation of iteration {step}; the checkpoints so far are kept: fix it, rerun with --resume"
-    scores = judges.score_on_every_process(
-        accelerator, evaluation["judge"], batch, prompts, texts, when
+    def kl(batch):
+        return response_kl(accelerator, models, batch, args)
+
+    metrics = judges.evaluate_policy(
+        accelerator, evaluation, tokenizer, sample, kl, args.output_dir, step
     )
-    columns = {
-        "prompt": prompts,
-        "response": texts,
-        "score": scores,
-        "kl": response_kl(accelerator, models, batch, args).tolist(),
-        "length": batch["response_mask"].sum(-1).int().tolist(),
-        "ended": batch["ended"].tolist(),
-    }
-    rows = [
-        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
-    ]
-    rows = common.gather_objects(rows)[:n]  # every process: all rows, in prompt order
-    if accelerator.is_main_process:
-        path = os.path.join(args.output_dir, "eval", f"iteration_{step}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
-
-    def mean(key):
-        return sum(r[key] for r in rows) / n
-
-    return {
-        "phase": "eval",
-        "eval_score": mean("score"),
-        "eval_kl_per_response": mean("kl"),
-        "eval_response_length": mean("length"),
-        "eval_eos_rate": mean("ended"),
-        "eval_seconds": time.perf_counter() - began,
-    }
+    common.log_metrics(accelerator, args.output_dir, metrics, step)
+    accelerator.print(f"eval_score {metrics['eval_score']:.4f} at iteration {step}")
+    policy = models["policy"]
+    return judges.keep_best(accelerator, policy, tokenizer, args, step, metrics["eval_score"], best)
 
 
 def response_kl(accelerator, models, batch, args):
@@ -503,7 +439,7 @@ def response_kl(accelerator, models, batch, args):
     kl = torch.zeros(len(batch["ended"]), device=batch["input_ids"].device)  # (b,)
     by_length = batch["attention_mask"].sum(-1).argsort()
     with accelerator.autocast():
-        for idx, micro in micro_batches(batch, args.forward_batch_size, by_length):
+        for idx, micro in data.micro_batches(batch, args.forward_batch_size, by_length):
             if args.packing:
                 micro = speed.pack(micro)
             logprobs = token_logprobs(models["policy"], micro, args.temperature)
@@ -513,52 +449,7 @@ def response_kl(accelerator, models, batch, args):
     return kl
 
 
-def keep_best(accelerator, models, tokenizer, args, step, score, best):
-    """With --keep_best: the policy in <output_dir>/best, with best.json, whenever its eval_score beats the best so
-    far (`best`, None at first). Returns the best score."""
-    if not args.keep_best or best is not None and score <= best:
-        return best
-    record = json.dumps({"iteration": step, "eval_score": score})
-    out = os.path.join(args.output_dir, "best")
-    common.save_model(
-        accelerator,
-        models["policy"],
-        tokenizer,
-        out,
-        merge_lora=args.merge_lora,
-        files={"best.json": record},
-    )
-    return score
-
-
-def best_so_far(args):
-    """The eval_score kept in <output_dir>/best (a resumed run's), or None."""
-    path = os.path.join(args.output_dir, "best", "best.json")
-    if not (args.keep_best and args.resume and os.path.exists(path)):
-        return None
-    with open(path) as f:
-        return json.load(f)["eval_score"]
-
-
 # ============================================================================ plumbing: batches, models, logging
-def micro_batches(batch, size, order):
-    """(indices, slice) of a rollout, `size` sequences at a time in `order`, each cut to its own longest sequence:
-    the columns that are padding in every row go from each (b, P + R) and (b, R) tensor, whatever its key."""
-    P = batch["prompt_len"]
-    R = batch["response_mask"].shape[1]
-    for idx in order.split(size):
-        micro = {k: v[idx] if torch.is_tensor(v) else v for k, v in batch.items()}
-        real = micro["attention_mask"].any(0).nonzero()  # columns with a real token in some row
-        first = real.min().item()  # the columns before it were prompt padding in every row
-        end = real.max().item() + 1  # and those from here response padding
-        for k, v in micro.items():
-            if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == P + R:
-                micro[k] = v[:, first:end]
-            elif torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == R:
-                micro[k] = v[:, : end - P]
-        yield idx, {**micro, "prompt_len": P - first}
-
-
 def load_models(args, accelerator):
     """Policy and critic (trained, with Adam), reference, DPO and reward model (frozen, only when used), each sharded
     or placed before the next loads. --lora_rank (docs/lora.md): two frozen bases, not five models: the reference is
@@ -753,7 +644,7 @@ def main(argv=None):
         common.fail(
             f"--rollout_batch_size {args.rollout_batch_size} > the {len(prompts)} prompts: one would repeat"
         )
-    evaluation = load_evaluation(accelerator, tokenizer, args)
+    evaluation = judges.held_out(accelerator, tokenizer, args)
     common.prepare_output_dir(args, accelerator, derived=sizes)
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
@@ -771,16 +662,9 @@ def main(argv=None):
     beta2 = state["beta2"]
     shuffle = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(prompts), generator=shuffle).tolist()  # one walk through the prompts
-    best = best_so_far(args)
-
-    def evaluation_point(step, best):  # the eval row, and with --keep_best the best policy so far
-        metrics = evaluate(accelerator, models, tokenizer, evaluation, args, step)
-        common.log_metrics(accelerator, args.output_dir, metrics, step)
-        accelerator.print(f"eval_score {metrics['eval_score']:.4f} at iteration {step}")
-        return keep_best(accelerator, models, tokenizer, args, step, metrics["eval_score"], best)
-
+    best = judges.best_so_far(args)  # the eval_score kept in <output_dir>/best
     if evaluation and start == 0:
-        best = evaluation_point(0, best)
+        best = evaluate(accelerator, models, tokenizer, evaluation, args, 0, best)
     bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode)  # on the main process
     for it in range(start, n_iter):
         batch_prompts, seeds = iteration_prompts(
@@ -815,12 +699,12 @@ def main(argv=None):
         if args.sample_every and (it + 1) % args.sample_every == 0:
             print_samples(accelerator, tokenizer, batch_prompts, batch)
         if evaluation and args.eval_every and (it + 1) % args.eval_every == 0 and it + 1 < n_iter:
-            best = evaluation_point(it + 1, best)
+            best = evaluate(accelerator, models, tokenizer, evaluation, args, it + 1, best)
         if args.save_every and (it + 1) % args.save_every == 0 and it + 1 < n_iter:
             save(accelerator, models, tokenizer, args, it + 1, beta2)
     save(accelerator, models, tokenizer, args, n_iter, beta2)
     if evaluation:
-        evaluation_point(n_iter, best)
+        evaluate(accelerator, models, tokenizer, evaluation, args, n_iter, best)
     accelerator.print(f"saved {args.output_dir}")
     common.finish(accelerator)
 

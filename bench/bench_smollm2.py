@@ -230,7 +230,7 @@ def padding(lm, logged):
     mask = ro["attention_mask"]
 
     def share(size, order):
-        masks = [mb["attention_mask"] for _, mb in rto.micro_batches(ro, size, order)]
+        masks = [mb["attention_mask"] for _, mb in data.micro_batches(ro, size, order)]
         return 1 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
 
     return {

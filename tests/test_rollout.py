@@ -506,7 +506,7 @@ def test_packed_batches_give_the_padded_logprobs_values_and_gradients(pipeline, 
     """speed.pack: the sequences of a micro-batch end to end in one row, no padding: log-probs, entropies, values
     and every gradient of a loss over them equal the padded batch's (1e-6 on the numbers, 1e-5 on gradients)."""
     args, tok, models, prompts, ro = sampled(acc, pipeline, "--temperature", 0.7, n=8)
-    _, mb = next(rto.micro_batches(ro, 8, torch.arange(8)))
+    _, mb = next(data.micro_batches(ro, 8, torch.arange(8)))
     assert (mb["attention_mask"] == 0).float().mean() > 0.2  # much padding to drop
     # speed.packed_sdpa for packed rows
     assert models["policy"].config._attn_implementation == "sdpa_packed"
@@ -817,7 +817,7 @@ def test_packed_rows_give_the_padded_numbers_on_grouped_heads_and_a_sliding_wind
 
 def test_plumbing_keeps_and_cuts_a_forks_own_tensors_by_their_shape():
     """data.cat_batches pads every per-token tensor of the rollout's chunks, whatever its key, and
-    rto.micro_batches cuts every (B, P + R) and (B, R) tensor to the micro-batch's columns; a tensor of another
+    data.micro_batches cuts every (B, P + R) and (B, R) tensor to the micro-batch's columns; a tensor of another
     width passes whole. By hand: two chunks of responses 2 and 3 tokens wide after prompts of width 2."""
     chunks = [
         {
@@ -846,7 +846,7 @@ def test_plumbing_keeps_and_cuts_a_forks_own_tensors_by_their_shape():
     assert batch["bonus"].tolist() == [[0.5, 0.25, 0.0], [1.0, 2.0, 3.0]]
     assert batch["topk"].shape == (2, 6) and batch["ended"].tolist() == [True, False]
     assert batch["prompt_len"] == 2
-    (_, micro), (_, other) = rto.micro_batches(batch, 1, torch.arange(2))
+    (_, micro), (_, other) = data.micro_batches(batch, 1, torch.arange(2))
     assert (
         micro["input_ids"].tolist() == [[7, 8, 3, 4]] and micro["prompt_len"] == 2
     )  # response padding cut
