@@ -1,6 +1,6 @@
 """Preference pairs labelled by a judge on a policy's own samples, as RLAIF pipelines make them (not a test).
 
-    python scripts/label_pairs.py --policy runs/sft --prompts prompts.jsonl --judge py:judges/vader.py:compound \
+    python scripts/label_pairs.py --policy runs/sft --prompts prompts.jsonl --judge py:scripts/vader_judge.py:compound \
         --k 4 --margin 0.05 --max_new_tokens 48 --out runs/pairs.jsonl
 
 k responses per prompt, sample j of prompt i drawn with its own seed (common.prompt_seeds(--seed, "label<j>")),
