@@ -94,7 +94,7 @@ SMALL = {  # --small: every step, a few minutes
         "beta3": 1.0,
         "eval_every": 1,
         "eval_num_prompts": 4,
-        "save_every": 1,
+        "save_every": 2,  # resumable state once, at the end (SmolLM2's is 3 GB)
     },
     "evaluate": {"num_prompts": 4},
     "primary": SETTINGS["primary"],
