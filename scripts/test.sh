@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install, check the formatting and lint (ruff), then run the whole test suite
-# (about 9 min on 2 CPU cores, plus the install).
+# (about 7 min on 2 CPU cores, plus the install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
