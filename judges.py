@@ -183,9 +183,8 @@ def held_out(accelerator, tokenizer, args):
         return None
     dataset = args.eval_prompts or args.dataset
     prompts, _ = data.held_out_prompts(tokenizer, dataset, "test", args.eval_num_prompts, args)
-    judge = load(
-        parse(args.eval_judge, dataset, "--eval_judge"), tokenizer, accelerator.device, 0.1, prompts
-    )
+    judge = parse(args.eval_judge, dataset, "--eval_judge")
+    judge = load(judge, tokenizer, accelerator.device, 0.1, prompts)
     # the stream evaluate.py gives a model named "policy": it samples these same responses
     seeds = common.prompt_seeds(args.seed, "policy", len(prompts))
     return {"prompts": prompts, "seeds": seeds, "judge": judge}
@@ -201,20 +200,18 @@ def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, output_dir, 
     n = len(evaluation["prompts"])
     per = math.ceil(n / accelerator.num_processes)
     first = accelerator.process_index * per
-    mine = [
-        min(k, n - 1) for k in range(first, first + per)
-    ]  # the last process repeats the last prompt
+    # the last process repeats the last prompt
+    mine = [min(k, n - 1) for k in range(first, first + per)]
     prompts = [evaluation["prompts"][k] for k in mine]
     seeds = [evaluation["seeds"][k] for k in mine]
     batch = sample(prompts, seeds)
     texts = data.decode_responses(tokenizer, batch)
     when = f"at the evaluation of iteration {step}; the checkpoints so far are kept: fix it, rerun with --resume"
+    scores = score_on_every_process(accelerator, evaluation["judge"], batch, prompts, texts, when)
     columns = {
         "prompt": prompts,
         "response": texts,
-        "score": score_on_every_process(
-            accelerator, evaluation["judge"], batch, prompts, texts, when
-        ),
+        "score": scores,
         "kl": kl(batch).tolist(),
         "length": batch["response_mask"].sum(-1).int().tolist(),
         "ended": batch["ended"].tolist(),

@@ -86,7 +86,7 @@ def test_the_gold_judge_is_vaders_compound_score_and_exclamation_marks_raise_it(
     not os.environ.get("RTO_TEST_REAL_CHAIN"),
     reason="six processes on SmolLM2, minutes: past the suite's budget; RTO_TEST_REAL_CHAIN=1 runs it",
 )
-def test_the_chain_runs_every_step_at_small_size_and_a_second_run_redoes_nothing(tmp_path, capsys):
+def test_the_chain_runs_every_step_at_small_size_and_a_second_run_redoes_nothing(tmp_path):
     """Convert, label, DPO and RM, RTO with evaluation during RL, evaluate.py on the final and the best policy."""
     out = tmp_path / "mini"
     real_miniature.main(["--out", str(out), "--small", "--methods", "rto"])
@@ -99,7 +99,6 @@ def test_the_chain_runs_every_step_at_small_size_and_a_second_run_redoes_nothing
     assert set(winrates["win_rates"]) == {"sft", "rto_seed0", "rto_seed0_best"}
     gaming = json.loads((out / "eval_rto_seed0" / "gaming.json").read_text())
     assert set(gaming["rto_seed0"]) == {"exclamation", "all_caps", "repeated_word"}
-    real_miniature.main(
-        ["--out", str(out), "--small", "--methods", "rto"]
-    )  # done steps are skipped
+    # a second run: every step is done, so none runs again
+    real_miniature.main(["--out", str(out), "--small", "--methods", "rto"])
     assert json.loads((out / "wall_seconds.json").read_text()) == steps
