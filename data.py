@@ -452,6 +452,15 @@ def micro_batches(batch, size, order):
         yield idx, {**micro, "prompt_len": P - first}
 
 
+def iteration_prompts(prompts, order, it, args, process_index, local):
+    """Prompts of iteration `it` for process k (its slice of a walk through one shuffle, `order`), and their seeds."""
+    # places in the walk
+    positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]
+    chosen = [prompts[order[p % len(prompts)]] for p in positions]  # the walk wraps
+    seeds = [args.seed * 2**32 + p for p in positions]
+    return chosen, seeds
+
+
 def decode_responses(tokenizer, batch):
     """Response texts without the final EOS. Other special tokens stay in the text: a policy that learns to
     emit <unk> or a role marker is writing junk, and a judge must be able to see it."""

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,10 +26,25 @@ import common
 import data
 import speed
 import toy_task
-from common import TOYS
+from common import TOYS, arg
 
 KINDS = "oracle, rm:<dir>, dpo:<dpo_dir>,<ref_dir> or py:<file.py>:<function>"
 PROBE_RESPONSES = ["Yes.", "No."]  # the probe call's two responses
+
+
+@dataclass
+class EvalArgs:
+    """rto.py's flags of the evaluation during RL (check_flags checks them)."""
+
+    eval_every: int = arg(0, "evaluate every N iterations, and before and after (0: only those)")
+    eval_prompts: str = arg(None, "held-out prompts, a file or hub id (built-in tasks: test split)")
+    eval_num_prompts: int = arg(200, "held-out prompts per evaluation (0: no evaluation)")
+    eval_judge: str = arg(
+        None,
+        "oracle | rm:<dir> | dpo:<dpo>,<ref> | py:<file.py>:<function> "
+        "(default: oracle on the built-in tasks, none otherwise: no evaluation)",
+    )
+    keep_best: bool = arg(False, "keep the policy of the highest eval_score in <output_dir>/best")
 
 
 def parse(spec, dataset, flag):
@@ -163,6 +179,7 @@ def dpo_token_rewards(pair, batch):
 def check_flags(args):
     """rto.py's --eval_* and --keep_best, checked before anything loads (a judge spec that does not parse too);
     on the built-in tasks the judge defaults to the oracle."""
+    common.check_at_least(args, 0, "eval_every", "eval_num_prompts")
     if args.eval_judge is None and args.dataset in TOYS:
         args.eval_judge = "oracle"
     if args.eval_judge and args.eval_num_prompts:
@@ -191,11 +208,12 @@ def held_out(accelerator, tokenizer, args):
 
 
 @torch.no_grad()
-def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, output_dir, step):
+def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, policy, args, step, best):
     """One response per held-out prompt, prompt k drawn with its own seed at every evaluation (never from the
     training's random state), scored by the judge. sample(prompts, seeds) -> a batch; kl(batch) -> (b,), the
     response's log pi - log pi_ref. The prompts are split across processes and the rows gathered. Writes
-    <output_dir>/eval/iteration_<step>.jsonl, one line per prompt, and returns the eval row of metrics.jsonl."""
+    <output_dir>/eval/iteration_<step>.jsonl, one line per prompt, and the eval row of metrics.jsonl; with
+    --keep_best the policy in <output_dir>/best when it scores best so far (`best`). Returns the best score."""
     began = time.perf_counter()
     n = len(evaluation["prompts"])
     per = math.ceil(n / accelerator.num_processes)
@@ -221,7 +239,7 @@ def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, output_dir, 
     ]
     rows = common.gather_objects(rows)[:n]  # every process: all rows, in prompt order
     if accelerator.is_main_process:
-        path = os.path.join(output_dir, "eval", f"iteration_{step}.jsonl")
+        path = os.path.join(args.output_dir, "eval", f"iteration_{step}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -230,7 +248,7 @@ def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, output_dir, 
     def mean(key):
         return sum(r[key] for r in rows) / n
 
-    return {
+    metrics = {
         "phase": "eval",
         "eval_score": mean("score"),
         "eval_kl_per_response": mean("kl"),
@@ -238,6 +256,9 @@ def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, output_dir, 
         "eval_eos_rate": mean("ended"),
         "eval_seconds": time.perf_counter() - began,
     }
+    common.log_metrics(accelerator, args.output_dir, metrics, step)
+    accelerator.print(f"eval_score {metrics['eval_score']:.4f} at iteration {step}")
+    return keep_best(accelerator, policy, tokenizer, args, step, metrics["eval_score"], best)
 
 
 def keep_best(accelerator, policy, tokenizer, args, step, score, best):

@@ -141,6 +141,15 @@ class AdapterView:
         return self.module.modules()
 
 
+def frozen_views(policy, critic, dpo_shares):
+    """rto.py's frozen models as views of its two LoRA models' bases: the reference is the policy adapter-off, the
+    reward model the critic adapter-off, the DPO model the policy's second adapter "dpo" when it has one."""
+    views = {"ref": AdapterView(policy, None), "rm": AdapterView(critic, None)}
+    if dpo_shares:
+        views["dpo"] = AdapterView(policy, "dpo")
+    return views
+
+
 def add_second_adapter(model, path, flag, name):
     """Load the adapter folder at `path` into `model` (add_adapter's) as frozen adapter `name`, if it was trained
     on this base (same fingerprint); returns False when it was not, or `path` is not an adapter folder."""

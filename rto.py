@@ -29,6 +29,7 @@ To fork an ablation, edit a function marked "edit here", or replace it from a sc
 (scripts/oracle_credit.py swaps rollout() and token_rewards() that way). Sections marked "plumbing" need no edit.
 """
 
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from common import TOY, TOYS, arg
 
 
 @dataclass
-class Args(common.TrainArgs, common.LoraArgs):
+class Args(common.TrainArgs, common.LoraArgs, judges.EvalArgs):
     sft_ckpt: str = arg(None, "SFT checkpoint: initial policy and the frozen reference pi_ref")
     dpo_ckpt: str = arg(None, "DPO checkpoint (from the SFT model): the token rewards [rto, dppo]")
     rm_ckpt: str = arg(None, "sentence-level reward model; the critic starts from it when given")
@@ -87,15 +88,6 @@ class Args(common.TrainArgs, common.LoraArgs):
     num_episodes: int = arg(None, "or: total prompts to roll out (OpenRLHF counts passes)")
     save_every: int = arg(0, "models and resumable state every N iterations (0: models at the end)")
     sample_every: int = arg(10, "print (prompt, response, reward) every N iterations (0 = never)")
-    eval_every: int = arg(0, "evaluate every N iterations, and before and after (0: only those)")
-    eval_prompts: str = arg(None, "held-out prompts, a file or hub id (built-in tasks: test split)")
-    eval_num_prompts: int = arg(200, "held-out prompts per evaluation (0: no evaluation)")
-    eval_judge: str = arg(
-        None,
-        "oracle | rm:<dir> | dpo:<dpo>,<ref> | py:<file.py>:<function> "
-        "(default: oracle on the built-in tasks, none otherwise: no evaluation)",
-    )
-    keep_best: bool = arg(False, "keep the policy of the highest eval_score in <output_dir>/best")
 
 
 # flags defaulting to None in Args, by task: built-in, real models (docs/algorithm.md; beta2: authors'), toy-long
@@ -114,38 +106,21 @@ DEFAULTS = {
 
 def validate(args):
     """The checks of rto.py's own flags (parse_args checked the shared ones): one line for the first bad one."""
-    if args.reward_mode not in ("rto", "ppo", "dppo"):
-        common.fail(f"--reward_mode {args.reward_mode}: expected rto, ppo or dppo")
+    mode = args.reward_mode
+    if mode not in ("rto", "ppo", "dppo"):
+        common.fail(f"--reward_mode {mode}: expected rto, ppo or dppo")
     if not args.sft_ckpt:
-        common.fail(
-            "--sft_ckpt is required: the SFT checkpoint folder (initial policy and reference)"
-        )
-    if args.reward_mode in ("rto", "dppo") and not args.dpo_ckpt:
-        common.fail(
-            f"--reward_mode {args.reward_mode} needs --dpo_ckpt (the DPO model gives its token rewards)"
-        )
+        common.fail("--sft_ckpt is required: the SFT checkpoint (initial policy and reference)")
+    if mode in ("rto", "dppo") and not args.dpo_ckpt:
+        common.fail(f"--reward_mode {mode} needs --dpo_ckpt (the DPO model's token rewards)")
     if uses_reward_model(args) and not args.rm_ckpt:
-        common.fail(
-            f"--reward_mode {args.reward_mode} with --beta3 {args.beta3} needs --rm_ckpt (or pass --beta3 0)"
-        )
-    if args.reward_mode == "ppo" and args.beta3 <= 0:
-        common.fail(
-            "--reward_mode ppo needs --beta3 > 0: its only task reward is the reward model's"
-        )
-    common.check_positive(
-        args,
-        "rollout_batch_size",
-        "mini_batch_size",
-        "forward_batch_size",
-        "generation_batch_size",
-        "max_prompt_len",
-        "max_new_tokens",
-        "ppo_epochs",
-        "temperature",
-        "top_p",
-    )
+        common.fail(f"--reward_mode {mode} with --beta3 {args.beta3} needs --rm_ckpt, or --beta3 0")
+    if mode == "ppo" and args.beta3 <= 0:
+        common.fail("--reward_mode ppo needs --beta3 > 0: its only task reward is the RM's")
+    common.check_positive(args, "rollout_batch_size", "mini_batch_size", "forward_batch_size")
+    common.check_positive(args, "generation_batch_size", "max_prompt_len", "max_new_tokens")
+    common.check_positive(args, "ppo_epochs", "temperature", "top_p")
     common.check_between(args, "top_p", 0, 1)
-    common.check_at_least(args, 0, "eval_every", "eval_num_prompts")
     judges.check_flags(args)  # --eval_*, --keep_best; the judge spec parses
     vllm_engine.check(args)  # --rollout_engine: hf, or vllm installed and with good flags
     return args
@@ -257,7 +232,8 @@ def frozen_pass(accelerator, batch, models, args):
                 )
             ref = token_logprobs(models["ref"], micro, args.temperature)
             out["ref_logprobs"][idx, :width] = ref
-            out["values"][idx, :width] = critic_values(models["critic"], micro, args)
+            if "critic" in models:  # evaluate's KL runs this pass without it
+                out["values"][idx, :width] = critic_values(models["critic"], micro, args)
             if "dpo" in models:  # at T = 1 whatever --temperature (module docstring)
                 if args.temperature != 1:
                     ref = token_logprobs(models["ref"], micro)
@@ -356,8 +332,9 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
     gradients over the processes, so a step's gradient is that of the mean over the mini-batch's sequences."""
     policy = models["policy"]
     critic = models["critic"]
-    sums = {}  # over tokens (over sequences for the losses), divided at the end
-    skipped = 0
+    sums = collections.defaultdict(
+        float
+    )  # over tokens (over sequences for the losses), divided at the end
     for _epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch ...
@@ -382,25 +359,19 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
                     ok = common.optimizer_step(
                         accelerator, [policy, critic], loss, optimizers, schedulers, args, where
                     )
-                    skipped += not ok
+                    sums["skipped_nonfinite"] += not ok
                 with torch.no_grad():
                     for k, v in {**stats, **vstats, "entropy": entropy, "tokens": 1}.items():
-                        sums[k] = sums.get(k, 0) + (v * mask).sum()
-                    n = len(mask)
-                    sums["sequences"] = sums.get("sequences", 0) + n
-                    sums["policy_loss"] = sums.get("policy_loss", 0) + pg_loss * n
-                    sums["value_loss"] = sums.get("value_loss", 0) + v_loss * n
+                        sums[k] += (v * mask).sum()
+                    sums["sequences"] += len(mask)
+                    sums["policy_loss"] += pg_loss * len(mask)
+                    sums["value_loss"] += v_loss * len(mask)
                     # of the positions computed, padded or packed
-                    sums["real"] = sums.get("real", 0) + micro["attention_mask"].sum()
-                    positions = micro.get("packed", micro)["input_ids"].numel()
-                    sums["positions"] = sums.get("positions", 0) + positions
-    sums["skipped_nonfinite"] = skipped
+                    sums["real"] += micro["attention_mask"].sum()
+                    sums["positions"] += micro.get("packed", micro)["input_ids"].numel()
     totals = {k: common.reduce(accelerator, v).item() for k, v in sums.items()}
-    out = {}
-    for k in stats.keys() | vstats.keys() | {"entropy"}:
-        out[k] = totals[k] / totals["tokens"]
-    for k in ("policy_loss", "value_loss"):
-        out[k] = totals[k] / totals["sequences"]
+    out = {k: totals[k] / totals["tokens"] for k in stats.keys() | vstats.keys() | {"entropy"}}
+    out |= {k: totals[k] / totals["sequences"] for k in ("policy_loss", "value_loss")}
     out["padding_share_update"] = 1 - totals["real"] / totals["positions"]
     out["skipped_nonfinite"] = totals["skipped_nonfinite"]
     return out
@@ -416,37 +387,22 @@ def update_kl_coef(beta2, kl_per_response, args, n_prompts):
 
 # ============================================================================ evaluation on held-out prompts
 def evaluate(accelerator, models, tokenizer, evaluation, args, step, best):
-    """judges.evaluate_policy with this run's sampler (rollout) and KL (response_kl): the eval row in
+    """judges.evaluate_policy with this run's sampler (rollout) and KL (frozen_pass): the eval row in
     metrics.jsonl, and with --keep_best the best policy so far in <output_dir>/best. Returns the best score."""
 
     def sample(prompts, seeds):
         return rollout(accelerator, models["policy"], tokenizer, prompts, seeds, args)
 
-    def kl(batch):
-        return response_kl(accelerator, models, batch, args)
+    def kl(
+        batch,
+    ):  # log pi - log pi_ref summed over each response, (b,), at --temperature as kl_per_response
+        out = frozen_pass(accelerator, batch, {k: models[k] for k in ("policy", "ref")}, args)
+        return (out["logprobs"] - out["ref_logprobs"]).sum(-1)
 
-    metrics = judges.evaluate_policy(
-        accelerator, evaluation, tokenizer, sample, kl, args.output_dir, step
-    )
-    common.log_metrics(accelerator, args.output_dir, metrics, step)
-    accelerator.print(f"eval_score {metrics['eval_score']:.4f} at iteration {step}")
     policy = models["policy"]
-    return judges.keep_best(accelerator, policy, tokenizer, args, step, metrics["eval_score"], best)
-
-
-def response_kl(accelerator, models, batch, args):
-    """log pi - log pi_ref summed over each response, (b,), at --temperature as the rollouts' kl_per_response."""
-    kl = torch.zeros(len(batch["ended"]), device=batch["input_ids"].device)  # (b,)
-    by_length = batch["attention_mask"].sum(-1).argsort()
-    with accelerator.autocast():
-        for idx, micro in data.micro_batches(batch, args.forward_batch_size, by_length):
-            if args.packing:
-                micro = speed.pack(micro)
-            logprobs = token_logprobs(models["policy"], micro, args.temperature)
-            ref_logprobs = token_logprobs(models["ref"], micro, args.temperature)
-            kl[idx] = (logprobs - ref_logprobs).sum(-1)
-    speed.reshard(models["ref"])
-    return kl
+    return judges.evaluate_policy(
+        accelerator, evaluation, tokenizer, sample, kl, policy, args, step, best
+    )
 
 
 # ============================================================================ plumbing: batches, models, logging
@@ -458,37 +414,35 @@ def load_models(args, accelerator):
     for flag, path in (("--dpo_ckpt", args.dpo_ckpt), ("--rm_ckpt", args.rm_ckpt)):
         if path:
             data.same_vocab(path, tokenizer, flag, "--sft_ckpt")
-    models = {}
-    optimizers = []
     adapters = args.lora_rank > 0
-    dpo_shares = False
+    uses_dpo = args.reward_mode in ("rto", "dppo")
     # a frozen base needs no fp32 master
     dtype = torch.bfloat16 if adapters and args.bf16 else torch.float32
+    weights = adapters or common.loads_weights(accelerator)
+    models = {}
+    optimizers = []
+    dpo_shares = False
     critic_flag = "--rm_ckpt" if args.rm_ckpt else "--sft_ckpt"
     for name, lr, path, flag in (
         ("policy", args.actor_lr, args.sft_ckpt, "--sft_ckpt"),  # one per prepare() (FSDP2)
         ("critic", args.critic_lr, args.rm_ckpt or args.sft_ckpt, critic_flag),
     ):
+        scorer = name == "critic"
+        new_head = not args.rm_ckpt  # a critic without --rm_ckpt: a new value head
         model = common.load_model(
-            path,
-            tokenizer,
-            flag,
-            scorer=name == "critic",
-            dtype=dtype,
-            weights=adapters or common.loads_weights(accelerator),
-            new_head=not args.rm_ckpt,  # a critic without --rm_ckpt: a new value head
+            path, tokenizer, flag, scorer=scorer, dtype=dtype, weights=weights, new_head=new_head
         )
-        if name == "policy" and args.reward_mode in ("rto", "dppo"):  # pi_ref = SFT
+        # whether --dpo_ckpt is an adapter on these weights: checked before adapters are added
+        if name == "policy" and uses_dpo:
             dpo_shares = lora.adapter_on(
                 accelerator, model, args.dpo_ckpt, "--dpo_ckpt", "--sft_ckpt"
             )
         if adapters:
-            model = lora.add_adapter(common.cast(model, dtype), args, path, scorer=name == "critic")
+            model = lora.add_adapter(common.cast(model, dtype), args, path, scorer=scorer)
         if name == "policy" and adapters and dpo_shares:
             lora.add_second_adapter(model, args.dpo_ckpt, "--dpo_ckpt", "dpo")
-        models[name], optimizer = accelerator.prepare(
-            model, torch.optim.Adam(common.trainable(model), lr, betas=(0.9, 0.95), fused=True)
-        )
+        optimizer = torch.optim.Adam(common.trainable(model), lr, betas=(0.9, 0.95), fused=True)
+        models[name], optimizer = accelerator.prepare(model, optimizer)
         optimizers.append(optimizer)
     policy, critic = (accelerator.unwrap_model(models[n]) for n in ("policy", "critic"))
     reward_std = getattr(critic.config, "reward_std", None)  # what critic_values normalises with
@@ -501,20 +455,13 @@ def load_models(args, accelerator):
     def load(path, flag, scorer=False):
         return common.load_frozen(accelerator, path, tokenizer, flag, args.bf16, scorer)
 
-    if adapters:
-        models["ref"] = lora.AdapterView(policy, None)
-    else:
-        models["ref"] = load(args.sft_ckpt, "--sft_ckpt")
-    if args.reward_mode in ("rto", "dppo") and adapters and dpo_shares:
-        models["dpo"] = lora.AdapterView(policy, "dpo")
-    elif args.reward_mode in ("rto", "dppo"):
-        models["dpo"] = load(args.dpo_ckpt, "--dpo_ckpt")
-    if (
-        uses_reward_model(args) and adapters
-    ):  # the critic starts from --rm_ckpt whenever an RM is used
-        models["rm"] = lora.AdapterView(critic, None)
-    elif uses_reward_model(args):
-        models["rm"] = load(args.rm_ckpt, "--rm_ckpt", True)
+    # with adapters the frozen models are views of the trained models' bases (the critic starts from --rm_ckpt)
+    views = lora.frozen_views(policy, critic, dpo_shares) if adapters else {}
+    models["ref"] = views.get("ref") or load(args.sft_ckpt, "--sft_ckpt")
+    if uses_dpo:
+        models["dpo"] = views.get("dpo") or load(args.dpo_ckpt, "--dpo_ckpt")
+    if uses_reward_model(args):
+        models["rm"] = views.get("rm") or load(args.rm_ckpt, "--rm_ckpt", True)
     return tokenizer, models, optimizers
 
 
@@ -539,15 +486,6 @@ def num_iterations(args, n_prompts):
     n = args.num_iterations or math.ceil((args.num_episodes or n_prompts) / args.rollout_batch_size)
     steps_per_iteration = args.ppo_epochs * args.rollout_batch_size // args.mini_batch_size
     return min(n, math.ceil(args.max_steps / steps_per_iteration)) if args.max_steps > 0 else n
-
-
-def iteration_prompts(prompts, order, it, args, process_index, local):
-    """Prompts of iteration `it` for process k (its slice of a walk through one shuffle, `order`), and their seeds."""
-    # places in the walk
-    positions = [it * args.rollout_batch_size + process_index * local + j for j in range(local)]
-    chosen = [prompts[order[p % len(prompts)]] for p in positions]  # the walk wraps
-    seeds = [args.seed * 2**32 + p for p in positions]
-    return chosen, seeds
 
 
 def rollout_metrics(accelerator, batch, tokenizer, prompts, beta2, args):
@@ -610,22 +548,20 @@ def phase_clock(accelerator):
     """clock(name) logs the seconds since the previous call (or since phase_clock), device work included, as
     time_<name>, and on GPUs the peak device memory in between as memory_<name>_gb; clock.metrics holds them."""
     device = accelerator.device
-    cuda = device.type == "cuda"
     metrics = {}
-    last = [time.perf_counter()]  # when the phase began
-    if cuda:
+    began = [time.perf_counter()]  # when the phase began
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def clock(name):
-        # kernels run asynchronously: the phase ends when its device work has finished
+        # kernels run asynchronously: the phase ends when its device work ends
         if device.type != "cpu":
             torch.accelerator.synchronize(device)
-        now = time.perf_counter()
-        metrics[f"time_{name}"] = now - last[0]
-        last[0] = now
-        if cuda:
-            metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        metrics[f"time_{name}"] = time.perf_counter() - began[0]
+        began[0] = time.perf_counter()
+        if device.type == "cuda":
+            metrics[f"memory_{name}_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            torch.cuda.reset_peak_memory_stats(device)
 
     clock.metrics = metrics
     return clock
@@ -649,12 +585,11 @@ def main(argv=None):
     n_iter = num_iterations(args, len(prompts))
     steps = n_iter * args.ppo_epochs * sizes["rollout"] // sizes["mini"]
     warmup = math.ceil(0.03 * steps)
-    schedulers = []  # authors': cosine to 0.1 x lr
-    for o in optimizers:
-        schedule = common.lr_schedule(
-            accelerator, o, "cosine_with_min_lr", warmup, steps, min_lr_rate=0.1
-        )
-        schedulers.append(schedule)
+    # authors': cosine to 0.1 x lr
+    schedulers = [
+        common.lr_schedule(accelerator, o, "cosine_with_min_lr", warmup, steps, min_lr_rate=0.1)
+        for o in optimizers
+    ]
     for name in ("policy", "critic") if args.gradient_checkpointing else ():
         accelerator.unwrap_model(models[name]).gradient_checkpointing_enable()
     state = common.load_state(accelerator, args) or {"step": 0, "beta2": args.beta2}
@@ -667,7 +602,7 @@ def main(argv=None):
         best = evaluate(accelerator, models, tokenizer, evaluation, args, 0, best)
     bar = tqdm(total=n_iter, initial=start, desc=args.reward_mode)  # on the main process
     for it in range(start, n_iter):
-        batch_prompts, seeds = iteration_prompts(
+        batch_prompts, seeds = data.iteration_prompts(
             prompts, order, it, args, accelerator.process_index, sizes["rollout"]
         )
         clock = phase_clock(accelerator)  # seconds (and on GPUs peak memory) of each phase

@@ -137,7 +137,7 @@ def iteration_batch(lm, flags, it=0, rm=None):
         args.long_prompts,
     )
     order = torch.randperm(len(fitted), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    batch, seeds = rto.iteration_prompts(fitted, order, it, args, 0, args.rollout_batch_size)
+    batch, seeds = data.iteration_prompts(fitted, order, it, args, 0, args.rollout_batch_size)
     return args, tok, batch, seeds
 
 

@@ -135,6 +135,43 @@ def test_batch_plan_and_args_json_record_the_derived_sizes(tmp_path):
     assert saved["lr"] == 1e-3 and saved["epochs"] == 3  # the table's values, as the run used them
 
 
+RTO_NEEDS = [  # rto.py's flags that need each other: (command line, its one error line)
+    (["--reward_mode", "sac"], "--reward_mode sac: expected rto, ppo or dppo"),
+    ([], "--sft_ckpt is required: the SFT checkpoint (initial policy and reference)"),
+    (["--sft_ckpt", "s"], "--reward_mode rto needs --dpo_ckpt (the DPO model's token rewards)"),
+    (["--sft_ckpt", "s", "--reward_mode", "dppo"], "--reward_mode dppo needs --dpo_ckpt"),
+    (
+        ["--sft_ckpt", "s", "--dpo_ckpt", "d"],
+        "--reward_mode rto with --beta3 1.0 needs --rm_ckpt, or",
+    ),
+    (
+        ["--sft_ckpt", "s", "--reward_mode", "ppo", "--beta3", 0],
+        "--reward_mode ppo needs --beta3 > 0",
+    ),
+    (
+        ["--sft_ckpt", "s", "--reward_mode", "dppo", "--dpo_ckpt", "d", "--eval_every", -1],
+        "--eval_every -1",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, line", RTO_NEEDS)
+def test_rto_refuses_flags_that_cannot_work_together(argv, line):
+    import rto
+
+    with pytest.raises(SystemExit) as e:
+        rto.validate(common.parse_args(rto.Args, argv, rto.DEFAULTS))
+    assert str(e.value).startswith(f"error: {line}")
+    # each mode with what it needs passes
+    needs = ["--sft_ckpt", "s", "--dpo_ckpt", "d", "--rm_ckpt", "r"]
+    for mode in ("rto", "ppo", "dppo"):
+        assert rto.validate(
+            common.parse_args(rto.Args, [*needs, "--reward_mode", mode], rto.DEFAULTS)
+        )
+    dppo = ["--sft_ckpt", "s", "--dpo_ckpt", "d", "--reward_mode", "dppo"]  # no reward model
+    assert rto.validate(common.parse_args(rto.Args, dppo, rto.DEFAULTS))
+
+
 # ---------------------------------------------------------------------------- --config run.yaml
 def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / "run.yaml"

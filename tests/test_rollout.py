@@ -59,7 +59,7 @@ def test_prompts_are_sharded_once_per_pass_and_never_twice_in_an_iteration():
     order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
     walk, seeds = [], []
     for it in range(5):  # 20 prompts: two passes over 10
-        batch = [rto.iteration_prompts(prompts, order, it, args, rank, 2) for rank in (0, 1)]
+        batch = [data.iteration_prompts(prompts, order, it, args, rank, 2) for rank in (0, 1)]
         both = batch[0][0] + batch[1][0]
         assert len(set(both)) == 4  # no prompt twice in one iteration, across the two processes
         walk += both
@@ -67,7 +67,7 @@ def test_prompts_are_sharded_once_per_pass_and_never_twice_in_an_iteration():
     # each once per pass
     assert sorted(walk[:10]) == sorted(prompts) and sorted(walk[10:]) == sorted(prompts)
     assert len(set(seeds)) == 20  # every rollout of a prompt has its own sampling seed
-    assert rto.iteration_prompts(prompts, order, 1, args, 1, 2)[1] == [3 * 2**32 + 6, 3 * 2**32 + 7]
+    assert data.iteration_prompts(prompts, order, 1, args, 1, 2)[1] == [3 * 2**32 + 6, 3 * 2**32 + 7]
 
 
 def test_sampler_draws_from_the_tempered_nucleus():
@@ -666,7 +666,7 @@ def test_a_non_finite_reward_stops_the_run_or_skips_the_iteration(pipeline, tmp_
 
 
 def test_a_phases_seconds_include_the_device_work_it_queued(monkeypatch):
-    """On GPUs kernels run after the host has moved on: common.phase_clock waits for the device before it reads the
+    """On GPUs kernels run after the host has moved on: rto.phase_clock waits for the device before it reads the
     clock. A stand-in device whose queued work takes 0.3 s to finish: the phase that queued it is billed for it, not
     the next one."""
     import time
