@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, NamedTuple
 
-import accelerate.utils
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -389,11 +388,6 @@ def gather(accelerator, x):
     """accelerator.gather_for_metrics of a tensor, on accelerator.device: every process's rows in data order, the
     padding that evened out the last batch dropped."""
     return accelerator.gather_for_metrics(x.to(accelerator.device))
-
-
-def gather_objects(objects):
-    """Every process's list of picklable objects (numbers and text, no tensors), joined in process order."""
-    return accelerate.utils.gather_object(objects)
 
 
 def fsdp_on_cpu(accelerator):

@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import accelerate.utils
 import torch
 
 import common
@@ -161,7 +162,7 @@ def score_on_every_process(accelerator, judge, batch, prompts, texts, when):
         scores, error = score(judge, batch, prompts, texts, when), None
     except SystemExit as e:
         scores, error = None, str(e)
-    errors = [e for e in common.gather_objects([error]) if e]
+    errors = [e for e in gather_objects([error]) if e]
     if errors:
         if not accelerator.is_main_process:
             raise SystemExit(1)
@@ -207,6 +208,12 @@ def held_out(accelerator, tokenizer, args):
     return {"prompts": prompts, "seeds": seeds, "judge": judge}
 
 
+def gather_objects(objects):
+    """Every process's list of picklable objects (numbers and text, no tensors: NCCL's device rule does not apply,
+    unlike common.reduce and gather), joined in process order."""
+    return accelerate.utils.gather_object(objects)
+
+
 @torch.no_grad()
 def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, policy, args, step, best):
     """One response per held-out prompt, prompt k drawn with its own seed at every evaluation (never from the
@@ -237,7 +244,7 @@ def evaluate_policy(accelerator, evaluation, tokenizer, sample, kl, policy, args
     rows = [
         dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
     ]
-    rows = common.gather_objects(rows)[:n]  # every process: all rows, in prompt order
+    rows = gather_objects(rows)[:n]  # every process: all rows, in prompt order
     if accelerator.is_main_process:
         path = os.path.join(args.output_dir, "eval", f"iteration_{step}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -67,7 +67,10 @@ def test_prompts_are_sharded_once_per_pass_and_never_twice_in_an_iteration():
     # each once per pass
     assert sorted(walk[:10]) == sorted(prompts) and sorted(walk[10:]) == sorted(prompts)
     assert len(set(seeds)) == 20  # every rollout of a prompt has its own sampling seed
-    assert data.iteration_prompts(prompts, order, 1, args, 1, 2)[1] == [3 * 2**32 + 6, 3 * 2**32 + 7]
+    assert data.iteration_prompts(prompts, order, 1, args, 1, 2)[1] == [
+        3 * 2**32 + 6,
+        3 * 2**32 + 7,
+    ]
 
 
 def test_sampler_draws_from_the_tempered_nucleus():
