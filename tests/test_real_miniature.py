@@ -102,3 +102,35 @@ def test_the_chain_runs_every_step_at_small_size_and_a_second_run_redoes_nothing
     # a second run: every step is done, so none runs again
     real_miniature.main(["--out", str(out), "--small", "--methods", "rto"])
     assert json.loads((out / "wall_seconds.json").read_text()) == steps
+
+
+def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp_path):
+    # three seeds, 0.5, 0.6 and 0.7: mean 0.6, sd 0.1, half-width t(0.975, 2) 4.303 * 0.1 / sqrt(3) = 0.2484
+    assert real_miniature.t_interval([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.24844), abs=1e-5)
+    assert real_miniature.t_interval([0.4]) == (0.4, None)
+    for k, (evaluation, w) in enumerate([("eval_a", 0.5), ("eval_b", 0.6), ("eval_b", 0.7)]):
+        folder = tmp_path / evaluation
+        folder.mkdir(exist_ok=True)
+        path = folder / "winrates.json"
+        record = json.loads(path.read_text()) if path.exists() else {"win_rates": {}, "summary": {}}
+        a, b = f"rto_seed{k}", f"ppo_seed{k}"
+        record["win_rates"] |= {a: {a: 0.5, b: w}, b: {a: 1 - w, b: 0.5}}
+        for m in (a, b):
+            record["summary"][m] = {"mean_score": w, "ci95": 0.1, "mean_length": 9, "eos_rate": 1}
+        path.write_text(json.dumps(record))
+        rates = {"exclamation": 0.25, "all_caps": 0, "repeated_word": 0}
+        gaming = folder / "gaming.json"
+        known = json.loads(gaming.read_text()) if gaming.exists() else {}
+        gaming.write_text(json.dumps(known | {a: rates, b: rates}))
+        for m in (a, b):
+            (tmp_path / m).mkdir()
+            rows = [
+                {"step": 0, "phase": "eval", "eval_score": 0.1, "eval_kl_per_response": 0.0},
+                {"step": 1, "reward_total": 0.3, "policy_loss": 0.0},
+                {"step": 1, "phase": "eval", "eval_score": 0.2, "eval_kl_per_response": 4.0},
+            ]
+            (tmp_path / m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = real_miniature.summarise(tmp_path)
+    assert "| rto / ppo | 0.500 | 0.600 | 0.700 | 0.600 | 0.352 to 0.848 |" in text
+    assert "| ppo_seed2 | 0.700 | 0.100 | 9.0 | 1.000 | 0.250 | 0.000 | 0.000 |" in text
+    assert (tmp_path / "summary.md").read_text() == text and (tmp_path / "curves.png").exists()
