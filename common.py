@@ -49,10 +49,9 @@ from transformers import (
 import lora
 import speed
 
-TOY, TOY_LONG = (
-    "toy",
-    "toy-long",
-)  # --dataset names of the built-in task and its long variant (toy_task.py)
+# --dataset names of the built-in task and its long variant (toy_task.py)
+TOY = "toy"
+TOY_LONG = "toy-long"
 TOYS = (TOY, TOY_LONG)  # every built-in task; toy_task.py takes the names from here
 COLLECTIVE_TIMEOUT = 1800  # seconds, --collective_timeout's default
 TINY = "tiny"  # --model_name_or_path of the small randomly initialised Llama

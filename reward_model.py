@@ -114,8 +114,8 @@ def main(argv=None):
         "--sft_ckpt",
         dtype,
         weights=args.lora_rank > 0 or common.loads_weights(accelerator),
-        new_head=True,
-    )  # the reward head is new
+        new_head=True,  # the reward head is new
+    )
     if args.lora_rank:  # an adapter on the frozen SFT model, and a trained copy of the new head
         model = lora.add_adapter(common.cast(model, dtype), args, args.sft_ckpt, scorer=True)
     train, held = data.load_pairs(args.dataset, args, args.eval_fraction)
@@ -178,10 +178,9 @@ def main(argv=None):
             continue
         step += 1
         bar.update(1)
-        mean, window = (
-            common.reduce(accelerator, torch.stack(window).mean(0), "mean").tolist(),
-            [],
-        )  # the step's means
+        # the step's means
+        mean = common.reduce(accelerator, torch.stack(window).mean(0), "mean").tolist()
+        window = []
         metrics = {"loss": mean[0], "accuracy": mean[1]}
         if step % args.eval_steps == 0 or step == steps:
             metrics.update(evaluate(accelerator, model, held_loader))

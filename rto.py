@@ -304,9 +304,7 @@ def whiten(accelerator, x, mask):
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)  # (b, R)
-    surrogate = torch.max(
-        -ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages
-    )  # (b, R)
+    surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)
     loss = common.masked_mean(surrogate, mask, -1).mean()
     token_stats = {
         "clip_frac": ((ratio - 1).abs() > eps).float(),
@@ -332,9 +330,8 @@ def ppo_update(accelerator, batch, models, optimizers, schedulers, args, sizes, 
     gradients over the processes, so a step's gradient is that of the mean over the mini-batch's sequences."""
     policy = models["policy"]
     critic = models["critic"]
-    sums = collections.defaultdict(
-        float
-    )  # over tokens (over sequences for the losses), divided at the end
+    # over tokens (over sequences for the losses), divided at the end
+    sums = collections.defaultdict(float)
     for _epoch in range(args.ppo_epochs):
         order = torch.randperm(sizes["rollout"])  # same seed on every process
         for start in range(0, sizes["rollout"], sizes["mini"]):  # a mini-batch ...
@@ -393,9 +390,8 @@ def evaluate(accelerator, models, tokenizer, evaluation, args, step, best):
     def sample(prompts, seeds):
         return rollout(accelerator, models["policy"], tokenizer, prompts, seeds, args)
 
-    def kl(
-        batch,
-    ):  # log pi - log pi_ref summed over each response, (b,), at --temperature as kl_per_response
+    # log pi - log pi_ref summed over each response, (b,), at --temperature as the rollouts' kl_per_response
+    def kl(batch):
         out = frozen_pass(accelerator, batch, {k: models[k] for k in ("policy", "ref")}, args)
         return (out["logprobs"] - out["ref_logprobs"]).sum(-1)
 

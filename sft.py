@@ -203,10 +203,9 @@ def main(argv=None):
             continue
         step += 1
         bar.update(1)
-        loss, window = (
-            common.reduce(accelerator, torch.stack(window).mean(), "mean").item(),
-            [],
-        )  # the step's mean loss
+        # the step's mean loss
+        loss = common.reduce(accelerator, torch.stack(window).mean(), "mean").item()
+        window = []
         metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0]}
         if step % args.eval_steps == 0 or step == steps:
             metrics["heldout_loss"] = heldout_loss(accelerator, model, held_loader)

@@ -50,10 +50,9 @@ def pack(batch):
     positions = position_ids(real.long())  # (B, T): from 0 at each sequence's first real token
     index = ((ends - lengths)[:, None] + positions) * real  # (B, T)
     ends = ends.tolist()  # one host sync: packed_sdpa cuts the row on the host
-    P, mask = (
-        batch["prompt_len"],
-        batch["response_mask"],
-    )  # response token j is predicted at padded column P-1+j
+    # response token j is predicted at padded column P-1+j
+    P = batch["prompt_len"]
+    mask = batch["response_mask"]
     columns = (index[:, P - 1 : P - 1 + mask.shape[1]] * mask).long()  # (B, R)
     return {
         **batch,
@@ -284,9 +283,10 @@ class TokenLogprobs(torch.autograd.Function):
             h.new_empty(len(h), dtype=torch.float),
         )
         for i in range(0, len(h), rows):
+            # (n, V)
             logits = (
                 torch.nn.functional.linear(h[i : i + rows].to(dtype), w).float().div_(temperature)
-            )  # (n, V)
+            )
             lse = logits.logsumexp(-1)
             logprobs[i : i + rows] = logits.gather(-1, tokens[i : i + rows, None]).squeeze(-1) - lse
             if with_entropy:  # H = lse - sum p * logits
@@ -388,10 +388,11 @@ def prefill(model, input_ids, attention_mask, max_new_tokens):
         "index"
     ].flatten()  # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
     for i, layer in enumerate(packed.layers):
+        # (B, h, W - 1, d) each, left-padded as the prompts
         keys, values = (
             t.transpose(1, 2).flatten(0, 1)[index].unflatten(0, (B, W - 1)).transpose(1, 2)
             for t in (layer.keys, layer.values)
-        )  # (B, h, W - 1, d), left-padded as the prompts
+        )
         cache.update(keys.contiguous(), values.contiguous(), i)
     return cache
 

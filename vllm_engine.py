@@ -184,9 +184,8 @@ def generate(llm, prompt_ids, seeds, width, tokenizer, args, device):
     if args.vllm_sleep:
         llm.sleep(level=2)  # weights and KV cache freed; the next push brings the weights back
     R = max(len(o.token_ids) for o in outputs)
-    responses = torch.full(
-        (len(outputs), R), eos, dtype=torch.long
-    )  # (b, R); EOS after an early end
+    # (b, R); EOS after an early end
+    responses = torch.full((len(outputs), R), eos, dtype=torch.long)
     logprobs = torch.zeros(len(outputs), R)  # (b, R)
     for i, o in enumerate(outputs):
         responses[i, : len(o.token_ids)] = torch.tensor(o.token_ids)

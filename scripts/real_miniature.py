@@ -49,10 +49,8 @@ SOURCES = [  # (file, how its rows are read by data.load_rows)
 ]
 TEST_SHARE = 5  # one prompt in TEST_SHARE is in the sealed test split
 MIN_TEST = 300
-SPLIT_SIZES = (
-    1332,
-    336,
-)  # (train, test) prompts of SOURCES as committed; tests/test_real_miniature.py checks
+# (train, test) prompts of SOURCES as committed; tests/test_real_miniature.py checks
+SPLIT_SIZES = (1332, 336)
 
 # Fixed before the first full run. One set for all three methods (no per-method tuning); beta1 as the paper
 # advises for its reward scale (docs/algorithm.md), the rest rto.py's real-model defaults where they fit a

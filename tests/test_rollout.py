@@ -888,9 +888,8 @@ def test_a_fork_adds_a_per_token_reward_in_the_rollout_without_touching_plumbing
     run_main("rto.py", *run, "--output_dir", tmp_path / "plain")
     cat_batches, token_rewards = data.cat_batches, rto.token_rewards
 
-    def with_bonus(
-        chunks, pad_id
-    ):  # the fork's line in rollout(): each chunk gets its own (b, R_b) tensor
+    # the fork's line in rollout(): each chunk gets its own (b, R_b) tensor
+    def with_bonus(chunks, pad_id):
         for chunk in chunks:
             chunk["bonus"] = 0.5 * chunk["response_mask"]
         return cat_batches(chunks, pad_id)

@@ -306,10 +306,8 @@ def test_oracle_credit_run_pays_each_response_its_oracle_reward(pipeline, tmp_pa
 
     rollout = oracle_credit.rollout
     monkeypatch.setattr(oracle_credit, "rollout", spy)
-    for name in (
-        "rollout",
-        "token_rewards",
-    ):  # oracle_credit.main patches rto's: put them back afterwards
+    # oracle_credit.main patches rto's: put them back afterwards
+    for name in ("rollout", "token_rewards"):
         monkeypatch.setattr(rto, name, getattr(rto, name))
     monkeypatch.setattr(oracle_credit, "CREDIT", None)
     run_main(
@@ -424,10 +422,8 @@ def test_pipeline_script_runs_valid_command_lines_that_hand_on_each_checkpoint(
         "ppo",
         "dppo",
     ]
-    with (
-        as_if_a_process(),
-        mock.patch.object(sys, "argv", commands[0]),
-    ):  # the first command: the task's numbers
+    # the first command: the task's numbers
+    with as_if_a_process(), mock.patch.object(sys, "argv", commands[0]):
         runpy.run_path(str(ROOT / "toy_task.py"), run_name="__main__")
     assert "label_agreement: " in capsys.readouterr().out
 
