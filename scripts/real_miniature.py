@@ -195,7 +195,7 @@ def flags(d):
 def rl(out, method, seed, s, prompts, log):
     """One RL run; resumed from its last checkpoint when a killed run left one."""
     folder = out / f"{method}_seed{seed}"
-    if (folder / "config.json").exists():
+    if finished(folder, s["rl"]["num_iterations"]):
         return folder
     resume = ["--resume"] if common.checkpoints(str(folder)) else ["--overwrite"]
     run(
@@ -231,6 +231,16 @@ def rl(out, method, seed, s, prompts, log):
         folder,
     )
     return folder
+
+
+def finished(folder, n_iterations):
+    """Whether an RL run has logged its evaluation after the last iteration (its checkpoints along the way also
+    write config.json, so that file does not say the run is done)."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return False
+    rows = [json.loads(line) for line in open(path)]
+    return any(r.get("phase") == "eval" and r["step"] == n_iterations for r in rows)
 
 
 def gaming(rows):

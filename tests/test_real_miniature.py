@@ -134,3 +134,17 @@ def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp
     assert "| rto / ppo | 0.500 | 0.600 | 0.700 | 0.600 | 0.352 to 0.848 |" in text
     assert "| ppo_seed2 | 0.700 | 0.100 | 9.0 | 1.000 | 0.250 | 0.000 | 0.000 |" in text
     assert (tmp_path / "summary.md").read_text() == text and (tmp_path / "curves.png").exists()
+
+
+def test_a_run_stopped_after_a_checkpoint_is_not_taken_for_done(tmp_path):
+    # a save at iteration 6 writes config.json too; only the evaluation after the last iteration marks it done
+    (tmp_path / "config.json").write_text("{}")
+    rows = [
+        {"step": 0, "phase": "eval"},
+        {"step": 6, "policy_loss": 0.1},
+        {"step": 6, "phase": "eval"},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not real_miniature.finished(tmp_path, 24)
+    assert real_miniature.finished(tmp_path, 6)
+    assert not real_miniature.finished(tmp_path / "absent", 6)
