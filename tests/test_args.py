@@ -162,7 +162,11 @@ def test_rto_refuses_flags_that_cannot_work_together(argv, line):
     with pytest.raises(SystemExit) as e:
         rto.validate(common.parse_args(rto.Args, argv, rto.DEFAULTS))
     assert str(e.value).startswith(f"error: {line}")
-    # each mode with what it needs passes
+
+
+def test_rto_passes_each_mode_with_the_checkpoints_it_needs():
+    import rto
+
     needs = ["--sft_ckpt", "s", "--dpo_ckpt", "d", "--rm_ckpt", "r"]
     for mode in ("rto", "ppo", "dppo"):
         assert rto.validate(
