@@ -88,6 +88,9 @@ SETTINGS = {
     },
     "evaluate": {"num_prompts": 400},  # the whole test split when it is smaller
     "primary": "win rate of RTO's final policy against PPO's on the test split, judged by VADER",
+    # secondary: DPO's and the RM's accuracy against gold on pairs of a policy's own samples (the SFT model's and
+    # each final policy's), made as the training pairs were, on the first test prompts
+    "judge_accuracy": {"num_prompts": 64, "k": 4, "margin": 0.05, "temperature": 1.0},
 }
 SMALL = {  # --small: every step, a few minutes
     "max_prompt_len": 64,
@@ -112,6 +115,7 @@ SMALL = {  # --small: every step, a few minutes
     },
     "evaluate": {"num_prompts": 4},
     "primary": SETTINGS["primary"],
+    "judge_accuracy": {"num_prompts": 4, "k": 2, "margin": 0.0, "temperature": 1.0},
 }
 # Student's t, 97.5% quantile, by degrees of freedom: the 95% interval of a mean over a few seeds
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
@@ -279,10 +283,7 @@ def main(argv=None):
     s = SMALL if a.small else SETTINGS
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    recorded = out / "settings.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(s)):
-        common.fail(f"--out {out} was run with other settings ({recorded}): use another folder")
-    recorded.write_text(json.dumps(s, indent=1))
+    check_settings(out / "settings.json", s)
     log = out / "wall_seconds.json"
     prompts = write_splits(out)
     sft = convert(out)
@@ -333,7 +334,21 @@ def main(argv=None):
     if not (evaluation / "winrates.json").exists():
         evaluate(log, evaluation, models, runs, s, prompts)
     report(evaluation)
+    for policy in [sft, *runs]:
+        judge_accuracy(log, out, policy, s, prompts)
     summarise(out)
+
+
+def check_settings(recorded, s):
+    """Stop when --out was run with other settings; a setting the record lacks (a step added since) joins it."""
+    current = json.loads(json.dumps(s))
+    before = json.loads(recorded.read_text()) if recorded.exists() else {}
+    changed = [k for k in before if before[k] != current.get(k)]
+    if changed:
+        common.fail(
+            f"--out {recorded.parent} was run with other {', '.join(changed)} ({recorded}): use another folder"
+        )
+    recorded.write_text(json.dumps(current, indent=1))
 
 
 def evaluate(log, evaluation, models, runs, s, prompts):
@@ -359,6 +374,52 @@ def evaluate(log, evaluation, models, runs, s, prompts):
         "--output_dir",
         evaluation,
     )
+
+
+def judge_accuracy(log, out, policy, s, prompts):
+    """<out>/judge_accuracy/<policy>.json: DPO's implicit reward's and the reward model's accuracy against the
+    gold judge on pairs of the policy's own samples on the test split (scripts/label_pairs.py, the best and the
+    worst of k, as the training pairs were made; scripts/judge_accuracy.py)."""
+    folder = out / "judge_accuracy"
+    pairs, result = folder / f"{policy.name}_pairs.jsonl", folder / f"{policy.name}.json"
+    lengths = ["--max_prompt_len", s["max_prompt_len"]]
+    if not pairs.exists():
+        run(
+            log,
+            f"pairs_{policy.name}",
+            "scripts/label_pairs.py",
+            "--policy",
+            policy,
+            "--prompts",
+            prompts / "test.jsonl",
+            "--judge",
+            JUDGE,
+            *lengths,
+            "--max_new_tokens",
+            s["max_new_tokens"],
+            *flags(s["judge_accuracy"]),
+            "--out",
+            pairs,
+        )
+    if not result.exists():
+        run(
+            log,
+            f"accuracy_{policy.name}",
+            "scripts/judge_accuracy.py",
+            "--pairs",
+            pairs,
+            "--tokenizer",
+            out / "sft",
+            "--judge",
+            f"dpo:{out / 'dpo'},{out / 'sft'}",
+            "--judge",
+            f"rm:{out / 'rm'}",
+            *lengths,
+            "--max_response_len",
+            s["max_new_tokens"],
+            "--out",
+            result,
+        )
 
 
 def report(evaluation):
@@ -403,7 +464,8 @@ def read_evaluations(out):
 
 def summarise(out):
     """<out>/summary.md: each pair of methods' win rate per seed (final policies, then best) with the t-interval
-    over seeds, each model's gold score and gaming rates, the wall times; <out>/curves.png: gold against sqrt(KL)
+    over seeds, each model's gold score and gaming rates, DPO's and the RM's accuracy against gold on each
+    policy's samples, the wall times; <out>/curves.png: gold against sqrt(KL)
     and, over the iterations, gold and the training reward. Returns the markdown."""
     wins, summary, gaming = read_evaluations(out)
     runs = sorted(p.parent for p in out.glob("*_seed*/metrics.jsonl"))
@@ -437,6 +499,14 @@ def summarise(out):
             f"| {m} | {s['mean_score']:.3f} | {s['ci95']:.3f} | {s['mean_length']:.1f} | "
             f"{s['eos_rate']:.3f} | {rates} |"
         )
+    accuracy = sorted((out / "judge_accuracy").glob("*.json"))
+    if accuracy:
+        lines += ["", "| pairs of the samples of | pairs | DPO's accuracy against gold | RM's |"]
+        lines.append("|---" * 4 + "|")
+    for path in accuracy:
+        record = json.loads(path.read_text())
+        dpo, rm = (v for k, v in record.items() if k != "pairs")  # in the order judged: dpo, rm
+        lines.append(f"| {path.stem} | {record['pairs']} | {dpo:.3f} | {rm:.3f} |")
     log = out / "wall_seconds.json"
     times = json.loads(log.read_text()) if log.exists() else {}
     lines += ["", "wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())]

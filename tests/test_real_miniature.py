@@ -91,7 +91,11 @@ def test_the_chain_runs_every_step_at_small_size_and_a_second_run_redoes_nothing
     out = tmp_path / "mini"
     real_miniature.main(["--out", str(out), "--small", "--methods", "rto"])
     steps = json.loads((out / "wall_seconds.json").read_text())
-    assert list(steps) == ["label", "dpo", "rm", "rto_seed0", "eval_rto_seed0"]
+    assert list(steps) == ["label", "dpo", "rm", "rto_seed0", "eval_rto_seed0"] + [
+        f"{step}_{policy}" for policy in ("sft", "rto_seed0") for step in ("pairs", "accuracy")
+    ]
+    accuracy = json.loads((out / "judge_accuracy" / "rto_seed0.json").read_text())
+    assert 0 <= accuracy[f"rm:{out / 'rm'}"] <= 1 and accuracy["pairs"] >= 1
     evals = [m for m in read_jsonl(out / "rto_seed0" / "metrics.jsonl") if m.get("phase") == "eval"]
     assert [m["step"] for m in evals] == [0, 1, 2]
     assert (out / "rto_seed0" / "best" / "best.json").exists()
@@ -130,9 +134,13 @@ def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp
                 {"step": 1, "phase": "eval", "eval_score": 0.2, "eval_kl_per_response": 4.0},
             ]
             (tmp_path / m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "judge_accuracy").mkdir()
+    record = {"pairs": 60, "dpo:d,s": 0.7, "rm:r": 0.55}
+    (tmp_path / "judge_accuracy" / "rto_seed0.json").write_text(json.dumps(record))
     text = real_miniature.summarise(tmp_path)
     assert "| rto / ppo | 0.500 | 0.600 | 0.700 | 0.600 | 0.352 to 0.848 |" in text
     assert "| ppo_seed2 | 0.700 | 0.100 | 9.0 | 1.000 | 0.250 | 0.000 | 0.000 |" in text
+    assert "| rto_seed0 | 60 | 0.700 | 0.550 |" in text
     assert (tmp_path / "summary.md").read_text() == text and (tmp_path / "curves.png").exists()
 
 
@@ -148,3 +156,69 @@ def test_a_run_stopped_after_a_checkpoint_is_not_taken_for_done(tmp_path):
     assert not real_miniature.finished(tmp_path, 24)
     assert real_miniature.finished(tmp_path, 6)
     assert not real_miniature.finished(tmp_path / "absent", 6)
+
+
+def test_judge_accuracy_counts_chosen_over_rejected_ties_as_half_and_scores_each_response_as_alone(
+    tmp_path,
+):
+    import judge_accuracy
+    import torch
+
+    import common
+    import data
+    import judges
+    import speed
+    import toy_task
+
+    tok = data.build_tiny_tokenizer("toy")
+    common.load_causal_lm("tiny", tok, seed=1).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    rm = common.load_scorer(str(tmp_path / "lm"), tok, "rm", new_head=True)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = toy_task.prompts("test", 3)
+    # (chosen, rejected): by word count 2 > 1, 1 < 3, 1 = 1
+    pairs = [("apple pear", "cat"), ("cat", "apple pear ."), ("cat", "pear")]
+    rows = [
+        {"prompt": p, "chosen": c, "rejected": r} for p, (c, r) in zip(prompts, pairs, strict=True)
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "words.py").write_text(
+        "def count(prompts, responses):\n    return [len(r.split()) for r in responses]\n"
+    )
+    words, model = f"py:{tmp_path / 'words.py'}:count", f"rm:{tmp_path / 'rm'}"
+    argv = ["--pairs", tmp_path / "pairs.jsonl", "--tokenizer", tmp_path / "lm", "--batch_size", 2]
+    argv += ["--judge", words, "--judge", model, "--out", tmp_path / "acc.json"]
+    result = judge_accuracy.main([str(a) for a in argv])
+    assert result[words] == pytest.approx((1 + 0 + 0.5) / 3)
+    # the reward model's scores in batches of 2 pairs, against each response scored alone (no padding, no batch)
+    judge = judges.load(judges.parse(model, "x", "--judge"), tok, "cpu", 0.1, prompts)
+    rows = data.load_rows(str(tmp_path / "pairs.jsonl"))
+    examples = data.encode_examples(tok, rows, 512, 512)
+    batched = judge_accuracy.pair_scores(judge, rows, examples, tok.pad_token_id, 2)
+    with torch.no_grad():
+        alone = [
+            tuple(
+                speed.sequence_scores(
+                    rm, data.collate([data.encode_prompt(tok, p)], [ids], 0)
+                ).item()
+                for ids in (data.encode_response(tok, text, 512)[0] for text in (c, r))
+            )
+            for p, (c, r) in zip(prompts, pairs, strict=True)
+        ]
+    for got, want in zip(batched, alone, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert result[model] == pytest.approx(sum(judge_accuracy.credit(*s) for s in alone) / 3)
+    assert json.loads((tmp_path / "acc.json").read_text()) == result
+    assert result["pairs"] == 3
+
+
+def test_settings_of_a_folder_may_gain_a_step_but_not_change_one(tmp_path):
+    record = tmp_path / "settings.json"
+    real_miniature.check_settings(record, {"rl": {"lr": 1}})
+    real_miniature.check_settings(record, {"rl": {"lr": 1}, "judge_accuracy": {"k": 4}})
+    assert json.loads(record.read_text()) == {"rl": {"lr": 1}, "judge_accuracy": {"k": 4}}
+    with pytest.raises(SystemExit, match="other rl "):
+        real_miniature.check_settings(record, {"rl": {"lr": 2}, "judge_accuracy": {"k": 4}})
+    with pytest.raises(SystemExit, match="other judge_accuracy "):
+        real_miniature.check_settings(record, {"rl": {"lr": 1}})
