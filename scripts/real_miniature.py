@@ -507,6 +507,7 @@ def summarise(out):
         record = json.loads(path.read_text())
         dpo, rm = (v for k, v in record.items() if k != "pairs")  # in the order judged: dpo, rm
         lines.append(f"| {path.stem} | {record['pairs']} | {dpo:.3f} | {rm:.3f} |")
+    lines += timing(runs)
     log = out / "wall_seconds.json"
     times = json.loads(log.read_text()) if log.exists() else {}
     lines += ["", "wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())]
@@ -516,6 +517,20 @@ def summarise(out):
     if runs:
         plot(out, runs)
     return text
+
+
+def timing(runs):
+    """Markdown lines: each RL run's median seconds an iteration, in all and by phase (rto.py's time_* metrics),
+    which pauses and the evaluations do not enter, unlike the wall time."""
+    lines = ["", "| run | iterations | median s an iteration | generate | frozen pass | update |"]
+    lines.append("|---" * 6 + "|")
+    for run in runs:
+        its = [r for r in read_metrics(run) if "policy_loss" in r]
+        phases = [k for k in its[0] if k.startswith("time_")] if its else []
+        total = statistics.median(sum(r[k] for k in phases) for r in its) if its else 0.0
+        cells = " | ".join(f"{statistics.median(r[k] for r in its):.1f}" for k in phases)
+        lines.append(f"| {run.name} | {len(its)} | {total:.1f} | {cells} |")
+    return lines
 
 
 def plot(out, runs):

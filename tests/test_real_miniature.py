@@ -130,7 +130,9 @@ def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp
             (tmp_path / m).mkdir()
             rows = [
                 {"step": 0, "phase": "eval", "eval_score": 0.1, "eval_kl_per_response": 0.0},
-                {"step": 1, "reward_total": 0.3, "policy_loss": 0.0},
+                {"step": 1, "reward_total": 0.3, "policy_loss": 0.0, "time_generate": 2.0},
+                {"step": 2, "reward_total": 0.3, "policy_loss": 0.0, "time_generate": 6.0},
+                {"step": 3, "reward_total": 0.3, "policy_loss": 0.0, "time_generate": 3.0},
                 {"step": 1, "phase": "eval", "eval_score": 0.2, "eval_kl_per_response": 4.0},
             ]
             (tmp_path / m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -141,6 +143,7 @@ def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp
     assert "| rto / ppo | 0.500 | 0.600 | 0.700 | 0.600 | 0.352 to 0.848 |" in text
     assert "| ppo_seed2 | 0.700 | 0.100 | 9.0 | 1.000 | 0.250 | 0.000 | 0.000 |" in text
     assert "| rto_seed0 | 60 | 0.700 | 0.550 |" in text
+    assert "| ppo_seed1 | 3 | 3.0 | 3.0 |" in text  # the median of 2, 6 and 3 seconds
     assert (tmp_path / "summary.md").read_text() == text and (tmp_path / "curves.png").exists()
 
 
