@@ -120,7 +120,11 @@ SMALL = {  # --small: every step, a few minutes
 # Student's t, 97.5% quantile, by degrees of freedom: the 95% interval of a mean over a few seeds
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 # (a, b): a's responses against b's, same seed
+SMOOTH = 4  # iterations in each point of the training-reward curve
 PAIRS = [("rto", "ppo"), ("rto", "dppo"), ("ppo", "dppo")]
+RUN = re.compile(
+    r"(rto|ppo|dppo)_seed\d+"
+)  # an RL run's folder (evaluate.py's eval_* folders also log metrics)
 EXCLAIM = re.compile(r"!")
 CAPS = re.compile(r"\b[A-Z]{2,}\b")
 
@@ -468,7 +472,9 @@ def summarise(out):
     policy's samples, the wall times; <out>/curves.png: gold against sqrt(KL)
     and, over the iterations, gold and the training reward. Returns the markdown."""
     wins, summary, gaming = read_evaluations(out)
-    runs = sorted(p.parent for p in out.glob("*_seed*/metrics.jsonl"))
+    runs = sorted(
+        p.parent for p in out.glob("*_seed*/metrics.jsonl") if RUN.fullmatch(p.parent.name)
+    )
     seeds = sorted({int(r.name.rsplit("_seed", 1)[1]) for r in runs})
     lines = ["| a against b (VADER win rate of a) | " + " | ".join(f"seed {k}" for k in seeds)]
     lines[0] += " | mean | 95% t-interval |"
@@ -553,10 +559,20 @@ def plot(out, runs):
         style = {"color": colours.get(method), "label": run.name}
         axes[0].plot(root_kl, gold, marker="o", **style)
         axes[1].plot([r["step"] for r in evals], gold, marker="o", **style)
-        axes[2].plot([r["step"] for r in its], [r["reward_total"] for r in its], **style)
+        reward = [
+            r["reward_total"] for r in its
+        ]  # 16 prompts an iteration: a mean of SMOOTH to see a trend
+        smooth = [
+            statistics.mean(reward[max(0, i - SMOOTH + 1) : i + 1]) for i in range(len(reward))
+        ]
+        axes[2].plot([r["step"] for r in its], smooth, **style)
     axes[0].set(title="gold against sqrt(KL)", xlabel="sqrt(KL per response)", ylabel="VADER")
     axes[1].set(title="gold over iterations", xlabel="iteration", ylabel="VADER")
-    axes[2].set(title="training reward over iterations", xlabel="iteration", ylabel="reward_total")
+    axes[2].set(
+        title=f"training reward over iterations (mean of the last {SMOOTH})",
+        xlabel="iteration",
+        ylabel="reward_total",
+    )
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)

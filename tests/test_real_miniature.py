@@ -136,6 +136,9 @@ def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp
                 {"step": 1, "phase": "eval", "eval_score": 0.2, "eval_kl_per_response": 4.0},
             ]
             (tmp_path / m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # an evaluation folder's own metrics are not a run's
+    (tmp_path / "eval_rto_seed0").mkdir(exist_ok=True)
+    (tmp_path / "eval_rto_seed0" / "metrics.jsonl").write_text('{"step": 0}\n')
     (tmp_path / "judge_accuracy").mkdir()
     record = {"pairs": 60, "dpo:d,s": 0.7, "rm:r": 0.55}
     (tmp_path / "judge_accuracy" / "rto_seed0.json").write_text(json.dumps(record))
@@ -144,6 +147,7 @@ def test_the_summary_gives_each_seeds_win_rate_and_the_t_interval_over_seeds(tmp
     assert "| ppo_seed2 | 0.700 | 0.100 | 9.0 | 1.000 | 0.250 | 0.000 | 0.000 |" in text
     assert "| rto_seed0 | 60 | 0.700 | 0.550 |" in text
     assert "| ppo_seed1 | 3 | 3.0 | 3.0 |" in text  # the median of 2, 6 and 3 seconds
+    assert "eval_rto_seed0 |" not in text
     assert (tmp_path / "summary.md").read_text() == text and (tmp_path / "curves.png").exists()
 
 
