@@ -56,7 +56,8 @@ SPLIT_SIZES = (1332, 336)
 # advises for its reward scale (docs/algorithm.md), the rest rto.py's real-model defaults where they fit a
 # 135M model on 2 CPU cores.
 SETTINGS = {
-    # tokens; longer prompts are skipped (at 128 only 215 of the 336 test prompts fit, at 384 all but one)
+    # tokens; longer prompts are skipped (at 128 only 215 of the 336 test prompts fit; at 384, 317, as evaluate.py
+    # counted them)
     "max_prompt_len": 384,
     "max_new_tokens": 48,
     "label": {"num_prompts": 512, "k": 4, "margin": 0.05, "temperature": 1.0},
