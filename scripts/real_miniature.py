@@ -56,8 +56,7 @@ SPLIT_SIZES = (1332, 336)
 # advises for its reward scale (docs/algorithm.md), the rest rto.py's real-model defaults where they fit a
 # 135M model on 2 CPU cores.
 SETTINGS = {
-    # tokens; longer prompts are skipped (at 128 only 215 of the 336 test prompts fit; at 384, 317, as evaluate.py
-    # counted them)
+    # tokens; longer prompts are skipped (of the 336 test prompts, 171 fit 128 tokens and 317 fit 384)
     "max_prompt_len": 384,
     "max_new_tokens": 48,
     "label": {"num_prompts": 512, "k": 4, "margin": 0.05, "temperature": 1.0},
