@@ -304,6 +304,7 @@ def whiten(accelerator, x, mask):
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     """Clipped surrogate; per-sequence token mean, then mean over sequences (authors' aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)  # (b, R)
+    # (b, R)
     surrogate = torch.max(-ratio * advantages, -ratio.clamp(1 - eps, 1 + eps) * advantages)
     loss = common.masked_mean(surrogate, mask, -1).mean()
     token_stats = {

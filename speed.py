@@ -381,12 +381,10 @@ def prefill(model, input_ids, attention_mask, max_new_tokens):
             "prompt_len": W - 1,
         }
     )["packed"]
-    packed = model(
-        **packed_kwargs(model, rows), use_cache=True, logits_to_keep=1
-    ).past_key_values  # (1, h, L, d)
-    index = rows[
-        "index"
-    ].flatten()  # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
+    # (1, h, L, d)
+    packed = model(**packed_kwargs(model, rows), use_cache=True, logits_to_keep=1).past_key_values
+    # (B * (W - 1),): each padded position's place in the row (padding: 0, masked)
+    index = rows["index"].flatten()
     for i, layer in enumerate(packed.layers):
         # (B, h, W - 1, d) each, left-padded as the prompts
         keys, values = (

@@ -119,12 +119,11 @@ SMALL = {  # --small: every step, a few minutes
 }
 # Student's t, 97.5% quantile, by degrees of freedom: the 95% interval of a mean over a few seeds
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
-# (a, b): a's responses against b's, same seed
 SMOOTH = 4  # iterations in each point of the training-reward curve
+# (a, b): a's responses against b's, same seed
 PAIRS = [("rto", "ppo"), ("rto", "dppo"), ("ppo", "dppo")]
-RUN = re.compile(
-    r"(rto|ppo|dppo)_seed\d+"
-)  # an RL run's folder (evaluate.py's eval_* folders also log metrics)
+# an RL run's folder (evaluate.py's eval_* folders also log metrics)
+RUN = re.compile(r"(rto|ppo|dppo)_seed\d+")
 EXCLAIM = re.compile(r"!")
 CAPS = re.compile(r"\b[A-Z]{2,}\b")
 
@@ -469,8 +468,8 @@ def read_evaluations(out):
 def summarise(out):
     """<out>/summary.md: each pair of methods' win rate per seed (final policies, then best) with the t-interval
     over seeds, each model's gold score and gaming rates, DPO's and the RM's accuracy against gold on each
-    policy's samples, the wall times; <out>/curves.png: gold against sqrt(KL)
-    and, over the iterations, gold and the training reward. Returns the markdown."""
+    policy's samples, the time an iteration and the wall times; <out>/curves.png: gold against sqrt(KL) and,
+    over the iterations, gold and the training reward. Returns the markdown."""
     wins, summary, gaming = read_evaluations(out)
     runs = sorted(
         p.parent for p in out.glob("*_seed*/metrics.jsonl") if RUN.fullmatch(p.parent.name)
@@ -511,7 +510,8 @@ def summarise(out):
         lines.append("|---" * 4 + "|")
     for path in accuracy:
         record = json.loads(path.read_text())
-        dpo, rm = (v for k, v in record.items() if k != "pairs")  # in the order judged: dpo, rm
+        dpo = next(v for k, v in record.items() if k.startswith("dpo:"))
+        rm = next(v for k, v in record.items() if k.startswith("rm:"))
         lines.append(f"| {path.stem} | {record['pairs']} | {dpo:.3f} | {rm:.3f} |")
     lines += timing(runs)
     log = out / "wall_seconds.json"
@@ -559,9 +559,8 @@ def plot(out, runs):
         style = {"color": colours.get(method), "label": run.name}
         axes[0].plot(root_kl, gold, marker="o", **style)
         axes[1].plot([r["step"] for r in evals], gold, marker="o", **style)
-        reward = [
-            r["reward_total"] for r in its
-        ]  # 16 prompts an iteration: a mean of SMOOTH to see a trend
+        # 16 prompts an iteration: a mean of SMOOTH to see a trend
+        reward = [r["reward_total"] for r in its]
         smooth = [
             statistics.mean(reward[max(0, i - SMOOTH + 1) : i + 1]) for i in range(len(reward))
         ]
